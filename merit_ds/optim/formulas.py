@@ -88,31 +88,35 @@ def update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: fl
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
 
 
-def update_direction(exp_avg: Tensor, exp_avg_sq: Tensor, param: Tensor, eps: float, weight_decay: float) -> Tensor:
-    """u = m / (sqrt(v) + eps) + wd * w, as a new tensor."""
-    denom = exp_avg_sq.sqrt().add_(eps)
-    u = torch.div(exp_avg, denom, out=denom)
+def update_direction(
+    exp_avg: Tensor, exp_avg_sq: Tensor, param: Tensor, eps: float, weight_decay: float, out: Tensor | None = None
+) -> Tensor:
+    """u = m / (sqrt(v) + eps) + wd * w, into ``out`` (a scratch buffer) or a new tensor."""
+    denom = exp_avg_sq.sqrt() if out is None else torch.sqrt(exp_avg_sq, out=out)
+    u = torch.div(exp_avg, denom.add_(eps), out=denom)
     if weight_decay != 0:
         u.add_(param, alpha=weight_decay)
     return u
 
 
-def _amax_abs(x: Tensor, dim: int | None = None) -> Tensor:
-    # max |x| without materialising |x|: the inf-norm is exactly max(|x|) (no rounding).
-    # It propagates NaN, so a non-finite u shows up in every statistic.
-    return torch.linalg.vector_norm(x, ord=float("inf"), dim=dim, keepdim=dim is not None)
+def matrix_maxima(w: Tensor, u: Tensor, scratch: Tensor | None = None) -> MatrixMaxima:
+    """Row maxima over dim 1 and column maxima over dim 0 of |w| and |u| (keepdim).
 
-
-def matrix_maxima(w: Tensor, u: Tensor) -> MatrixMaxima:
-    """Row maxima over dim 1 and column maxima over dim 0 of |w| and |u| (keepdim)."""
-    return MatrixMaxima(_amax_abs(w, 1), _amax_abs(u, 1), _amax_abs(w, 0), _amax_abs(u, 0))
+    ``scratch`` (same shape) receives |w| then |u|, so that nothing full-size is allocated.
+    ``amax`` propagates NaN, so a non-finite u shows up in every statistic.
+    """
+    abs_w = torch.abs(w, out=scratch) if scratch is not None else w.abs()
+    row_w, col_w = abs_w.amax(1, keepdim=True), abs_w.amax(0, keepdim=True)
+    abs_u = torch.abs(u, out=scratch) if scratch is not None else u.abs()
+    row_u, col_u = abs_u.amax(1, keepdim=True), abs_u.amax(0, keepdim=True)
+    return MatrixMaxima(row_w, row_u, col_w, col_u)
 
 
 def tensor_max(x: Tensor) -> Tensor:
     """max |x| over the whole tensor (0 for an empty tensor: the identity of max |.|)."""
     if x.numel() == 0:
         return x.new_zeros(())
-    return _amax_abs(x)
+    return x.abs().amax()
 
 
 def ratio_and_zero(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
@@ -121,17 +125,24 @@ def ratio_and_zero(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def matrix_trust_ratio(
-    row_w: Tensor, row_u: Tensor, col_w: Tensor, col_u: Tensor, max_w: Tensor, max_u: Tensor
+    row_w: Tensor,
+    row_u: Tensor,
+    col_w: Tensor,
+    col_u: Tensor,
+    max_w: Tensor,
+    max_u: Tensor,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Element-wise trust ratio s of a matrix from its row/column/tensor maxima.
 
     The arguments broadcast against each other: (R,1,*rest) rows with (1,C,*rest) columns give
     the full (R,C,*rest) ratio; the sharded step passes the per-element gathered maxima of a
-    slice instead (all 1-D of the slice's length) and gets the same floats.
+    slice instead (all 1-D of the slice's length) and gets the same floats. ``out`` may be a
+    scratch buffer of the full shape.
     """
     row_ratio, row_zero = ratio_and_zero(row_w, row_u)
     col_ratio, col_zero = ratio_and_zero(col_w, col_u)
-    s = torch.maximum(row_ratio, col_ratio)
+    s = torch.maximum(row_ratio, col_ratio) if out is None else torch.maximum(row_ratio, col_ratio, out=out)
     # Clamp below by the tensor-level ratio. Where max_w or max_u is 0 every row is masked
     # below, so a nan/inf here never survives.
     s = s.clamp_(min=max_w / max_u)
