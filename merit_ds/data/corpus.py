@@ -175,7 +175,8 @@ def load_documents(spec: CorpusSpec, *, streaming: bool = False, text_column: st
     except StopIteration:
         raise DataError(f"corpus {spec.root} is empty") from None
     except Exception as exc:
-        raise DataError(f"cannot read corpus {_culprit(spec, kwargs, exc)}: {exc}") from exc
+        reason = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)
+        raise DataError(f"cannot read corpus {_culprit(spec, kwargs, exc)}: {reason}") from exc
     if text_column not in column_names:
         raise DataError(f"corpus {spec.root} has no column {text_column!r} (columns: {column_names}); "
                         f"pass --text-column")
