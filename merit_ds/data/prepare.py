@@ -13,9 +13,11 @@ Validation split: document ``i`` (0-based, corpus order) goes to ``val`` iff
 without knowing ``n`` (so it works when streaming).
 
 Resume: after each shard is renamed into place, ``.progress.json`` records its
-size, sha256 and *end cursor* ``(document index, token offset in that document)``.
-A re-run with the same settings checks the recorded shards, skips documents
-before the earliest cursor without tokenizing them, and continues; the output
+size and sha256, and, for every split, its *cursor* ``(document index, token
+offset)`` (the next token it expects) and its tokens not yet in a shard (saved
+as ``.pending_<split>_<n>.bin``). A re-run with the same settings checks those
+files, skips the documents before the earliest cursor without tokenizing them
+(at most the document in progress is tokenized again), and continues; the output
 is byte-identical to an uninterrupted run. The manifest is written last, so a
 directory without one is visibly unfinished.
 """
@@ -78,20 +80,20 @@ def _pool_encode(texts):
 
 
 class _SplitWriter:
-    """Cuts one split's token stream into shards; resumes from the last recorded end cursor.
+    """Cuts one split's token stream into shards.
 
     Tokens arrive as pieces ``(doc, ids, start)``: tokens ``[start, start+len(ids))``
-    of document ``doc``. A shard's end cursor is the (doc, offset) of the first token
-    not in it; pieces before the resume cursor are dropped.
+    of document ``doc``, documents in increasing order. ``cursor`` is the first
+    (doc, offset) not yet received; on resume, pieces before it are dropped and the
+    tokens received but not yet in a shard (``buf``) are reloaded from the journal.
     """
 
-    def __init__(self, out: Path, split: str, shard_tokens: int, records: list[dict], on_shard):
-        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+    def __init__(self, out: Path, split: str, shard_tokens: int, eos_id: int, records: list[dict], on_shard):
+        self.out, self.split, self.shard_tokens, self.eos_id = out, split, shard_tokens, eos_id
         self.records, self.on_shard = records, on_shard
-        self.cursor = tuple(records[-1]["end"]) if records else (0, 0)
+        self.cursor = (0, 0)
         self.buf: list[np.ndarray] = []
         self.buf_len = 0
-        self.doc, self.doc_end = -1, 0
 
     def add(self, doc: int, ids: np.ndarray, start: int = 0) -> None:
         cdoc, coff = self.cursor
@@ -103,7 +105,7 @@ class _SplitWriter:
             return
         self.buf.append(ids)
         self.buf_len += len(ids)
-        self.doc, self.doc_end = doc, start + len(ids)
+        self.cursor = (doc, start + len(ids))
         while self.buf_len >= self.shard_tokens:
             self._cut(self.shard_tokens)
 
@@ -115,17 +117,38 @@ class _SplitWriter:
         data = self.buf[0] if len(self.buf) == 1 else np.concatenate(self.buf)
         shard, rest = data[:n], data[n:]
         self.buf, self.buf_len = ([rest] if len(rest) else []), len(rest)
-        end = [self.doc, self.doc_end - len(rest)]
         name = shard_name(self.split, len(self.records))
         payload = np.ascontiguousarray(shard, dtype=DTYPE).tobytes()
         atomic_write_bytes(self.out / name, payload)
-        eos_count = int(np.count_nonzero(shard == self.eos_id))
         self.records.append({"file": name, "tokens": int(n), "sha256": sha256_bytes(payload),
-                             "documents": eos_count, "end": end})
-        self.cursor = tuple(end)
-        self.on_shard()
+                             "documents": int(np.count_nonzero(shard == self.eos_id))})
+        self.on_shard(self)
 
-    eos_id = -1
+    # --- resume state: the cursor and the tokens not yet in a shard ---------------------------
+    def save_pending(self, cursor: tuple[int, int], seq: int) -> dict:
+        """Persist the buffer to a new file (atomically) and return its journal entry with ``cursor``.
+
+        A new name per checkpoint: the file the current journal names stays intact
+        until the next journal has replaced it.
+        """
+        self.cursor = cursor
+        entry = {"cursor": list(cursor), "tokens": int(self.buf_len), "file": None, "sha256": None}
+        if self.buf_len:
+            data = np.ascontiguousarray(np.concatenate(self.buf), dtype=DTYPE)
+            self.buf = [data]
+            payload = data.tobytes()
+            entry["file"] = f".pending_{self.split}_{seq:06d}.bin"
+            atomic_write_bytes(self.out / entry["file"], payload)
+            entry["sha256"] = sha256_bytes(payload)
+        return entry
+
+    def load_pending(self, entry: dict) -> None:
+        if entry["tokens"]:
+            path = self.out / entry["file"]
+            check_shard_file(path, entry["tokens"], entry["sha256"])
+            self.buf = [np.fromfile(path, dtype=DTYPE)]
+            self.buf_len = entry["tokens"]
+        self.cursor = tuple(entry["cursor"])
 
 
 def _settings(spec: CorpusSpec, tok, tokenizer_arg, val_fraction, shard_tokens, text_column, text_unit) -> dict:
@@ -274,12 +297,36 @@ def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: f
                             f"refusing to overwrite them")
         journal = {"settings": settings, "splits": {s: [] for s in SPLITS}}
 
-    def save_journal():
-        atomic_write_json(journal_path, journal)
+    def checkpoint(cut: _SplitWriter) -> None:
+        """After a shard: persist every split's pending tokens and cursor, then the journal.
 
-    writers = {s: _SplitWriter(out, s, int(shard_tokens), journal["splits"][s], save_journal) for s in SPLITS}
-    for w in writers.values():
-        w.eos_id = tok.eos_token_id
+        The split just cut has received up to its cursor; every other split has
+        received all documents up to and including the current one, which was not
+        theirs. So a resume restarts at the current document, re-tokenizing nothing
+        else.
+        """
+        doc = cut.cursor[0]
+        seq = sum(len(journal["splits"][s]) for s in SPLITS)
+        journal["pending"] = {s: w.save_pending(w.cursor if w is cut else max(tuple(w.cursor), (doc + 1, 0)), seq)
+                              for s, w in writers.items()}
+        atomic_write_json(journal_path, journal)
+        remove_unreferenced_pending()
+
+    def remove_unreferenced_pending() -> None:
+        keep = {e["file"] for e in journal.get("pending", {}).values()}
+        for f in out.glob(".pending_*.bin"):
+            if f.name not in keep:
+                f.unlink()
+
+    writers = {s: _SplitWriter(out, s, int(shard_tokens), tok.eos_token_id, journal["splits"][s], checkpoint)
+               for s in SPLITS}
+    try:
+        for s, w in writers.items():
+            if "pending" in journal:
+                w.load_pending(journal["pending"][s])
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"corrupt preparation journal {journal_path}: {exc}") from exc
+    remove_unreferenced_pending()
     if num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # Rust threads do not survive fork
 
@@ -312,4 +359,6 @@ def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: f
                 "vocab_size": len(tok), "settings": settings, "splits": splits}
     atomic_write_json(out / MANIFEST, manifest)
     journal_path.unlink()
+    journal.pop("pending", None)
+    remove_unreferenced_pending()
     return manifest
