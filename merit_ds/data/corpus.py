@@ -172,8 +172,10 @@ def load_documents(spec: CorpusSpec, *, streaming: bool = False, text_column: st
     try:
         ds = datasets.load_dataset(spec.kind, data_files=files, split="train", streaming=streaming, **kwargs)
         column_names = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+        if not streaming and len(ds) == 0:
+            raise StopIteration
     except StopIteration:
-        raise DataError(f"corpus {spec.root} is empty") from None
+        raise DataError(f"corpus {spec.root} is empty (no documents)") from None
     except Exception as exc:
         reason = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)
         raise DataError(f"cannot read corpus {_culprit(spec, kwargs, exc)}: {reason}") from exc

@@ -23,6 +23,7 @@ directory without one is visibly unfinished.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import multiprocessing as mp
@@ -173,7 +174,7 @@ def _iter_tokenized(spec, tok, start_doc, *, num_proc, streaming, text_column, t
 
     ds = load_documents(spec, streaming=streaming, text_column=text_column, text_unit=text_unit)
     total = None if streaming else len(ds)
-    bar = tqdm(total=total, initial=start_doc, unit="doc", desc="tokenize+pack", disable=not progress,
+    bar = tqdm(total=total, initial=start_doc, unit="doc", desc="pack" if not streaming else "tokenize+pack", disable=not progress,
                dynamic_ncols=True)
     doc, tokens = start_doc, 0
     try:
@@ -242,6 +243,21 @@ def _iter_bin(spec: CorpusSpec, vocab_size: int) -> Iterator[tuple[str, int, np.
             yield split, i, chunk, a
 
 
+@contextlib.contextmanager
+def _datasets_progress(enabled: bool):
+    """datasets draws its own bars (file loading, map); follow our ``progress`` flag, then restore."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    if not enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            datasets.enable_progress_bars()
+
+
 def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = DEFAULT_VAL_FRACTION,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, num_proc: int = 1, tokenizer: str | None = None,
             streaming: bool = False, text_column: str = "text", text_unit: str = "document",
@@ -253,6 +269,14 @@ def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: f
     manifest) made with the same settings is continued. Anything else already in
     ``out`` is never overwritten: a mismatch raises :class:`DataError`.
     """
+    with _datasets_progress(progress):
+        return _prepare(input, out, val_fraction=val_fraction, shard_tokens=shard_tokens, num_proc=num_proc,
+                        tokenizer=tokenizer, streaming=streaming, text_column=text_column, text_unit=text_unit,
+                        batch_docs=batch_docs, progress=progress)
+
+
+def _prepare(input, out, *, val_fraction, shard_tokens, num_proc, tokenizer, streaming, text_column, text_unit,
+             batch_docs, progress) -> dict:
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if int(shard_tokens) != shard_tokens or shard_tokens < 1:
