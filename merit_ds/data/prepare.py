@@ -167,7 +167,7 @@ def _settings(spec: CorpusSpec, tok, tokenizer_arg, val_fraction, shard_tokens, 
     return s
 
 
-def _iter_tokenized(spec, tok, start_doc, *, num_proc, streaming, text_column, text_unit, batch_docs,
+def _iter_tokenized(spec, tok, tok_fingerprint, start_doc, *, num_proc, streaming, text_column, text_unit, batch_docs,
                     progress) -> Iterator[tuple[int, np.ndarray]]:
     """(document index, ids + EOS) for documents ``start_doc, start_doc+1, ...`` in corpus order."""
     from tqdm.auto import tqdm
@@ -181,7 +181,7 @@ def _iter_tokenized(spec, tok, start_doc, *, num_proc, streaming, text_column, t
         if not streaming:
             if start_doc:
                 ds = ds.select(range(start_doc, len(ds)))
-            fp = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|encode-v1".encode()).hexdigest()[:32]
+            fp = hashlib.sha256(f"{ds._fingerprint}|{tok_fingerprint}|encode-v1".encode()).hexdigest()[:32]
             import datasets
             tokd = ds.map(_map_encode, batched=True, batch_size=batch_docs, num_proc=num_proc if num_proc > 1 else None,
                           remove_columns=ds.column_names, fn_kwargs={"tokenizer": tok}, new_fingerprint=fp,
@@ -360,7 +360,7 @@ def _prepare(input, out, *, val_fraction, shard_tokens, num_proc, tokenizer, str
     else:
         frac = Fraction(str(val_fraction))
         start_doc = min(w.cursor[0] for w in writers.values())
-        for doc, ids in _iter_tokenized(spec, tok, start_doc, num_proc=num_proc, streaming=streaming,
+        for doc, ids in _iter_tokenized(spec, tok, settings["tokenizer"]["sha256"], start_doc, num_proc=num_proc, streaming=streaming,
                                         text_column=text_column, text_unit=text_unit, batch_docs=batch_docs,
                                         progress=progress):
             writers["val" if is_val_document(doc, frac) else "train"].add(doc, ids)
