@@ -185,7 +185,7 @@ def _iter_tokenized(spec, tok, tok_fingerprint, start_doc, *, num_proc, streamin
             import datasets
             tokd = ds.map(_map_encode, batched=True, batch_size=batch_docs, num_proc=num_proc if num_proc > 1 else None,
                           remove_columns=ds.column_names, fn_kwargs={"tokenizer": tok}, new_fingerprint=fp,
-                          features=datasets.Features({"ids": datasets.List(datasets.Value("uint16"))}),
+                          features=datasets.Features({"ids": datasets.Sequence(datasets.Value("uint16"))}),
                           desc="tokenize")
             for table in tokd.with_format("arrow").iter(batch_size=batch_docs):
                 col = table.column("ids").combine_chunks()
@@ -223,7 +223,8 @@ def _iter_tokenized(spec, tok, tok_fingerprint, start_doc, *, num_proc, streamin
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"failed while reading/tokenizing corpus {spec.root}: {exc}") from exc
+        reason = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)
+        raise DataError(f"failed while reading/tokenizing corpus {spec.root}: {reason}") from exc
     finally:
         bar.close()
 
