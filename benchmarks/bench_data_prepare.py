@@ -128,7 +128,9 @@ def main() -> None:
     for k, v in ratios.items():
         print(f"{k}: {v:.2f}x")
     print(f"48B tokens on a {NODE_CORES}-core node at {per_core:,} tok/cpu-s/core (linear scaling): {hours:.1f} h")
-    print(f"main process (streaming, num_proc 2): {main_tpc:,.0f} tokens per CPU-second -> feeds ~{feedable:.0f} workers")
+    bound_hours = TARGET_TOKENS / main_tpc / 3600
+    print(f"main process (streaming, num_proc 2): {main_tpc:,.0f} tokens per CPU-second -> feeds ~{feedable:.0f} workers; "
+          f"one prepare of 48B tokens takes at least {bound_hours:.1f} h however many cores")
 
     machine = {"cpu": platform.processor() or platform.machine(), "os_cpu_count": os.cpu_count(),
                "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "python": platform.python_version()}
@@ -136,7 +138,8 @@ def main() -> None:
     (RESULTS / "data_prepare.json").write_text(json.dumps(
         {"rows": rows, "ratios": ratios, "extrapolation": {"tokens": TARGET_TOKENS, "cores": NODE_CORES,
          "tokens_per_cpu_s_per_core": per_core, "hours": hours,
-         "main_process_tokens_per_cpu_s": round(main_tpc), "workers_one_main_process_feeds": round(feedable, 1)},
+         "main_process_tokens_per_cpu_s": round(main_tpc), "workers_one_main_process_feeds": round(feedable, 1),
+         "hours_bound_by_main_process": bound_hours},
          "machine": machine}, indent=1) + "\n")
     lines = ["Wall-clock columns depend on what else ran on the shared machine; tokens per CPU-second "
              "(all processes) does not, and is the per-core rate used below.", "",
@@ -147,7 +150,9 @@ def main() -> None:
               f"{r['tokens_per_cpu_s']:,} |" for r in rows]
     lines += [""] + [f"- {k}: **{v:.2f}x**" for k, v in ratios.items()]
     lines += [f"- main process (reads, routes, writes shards) with streaming num_proc 2: {main_tpc:,.0f} tokens per "
-              f"CPU-second, enough to feed ~{feedable:.0f} tokenizer workers"]
+              f"CPU-second (fixed start-up costs included, so a lower bound), enough to feed ~{feedable:.0f} "
+              f"tokenizer workers: one prepare of 48B tokens takes at least **{bound_hours:.1f} h** however many "
+              f"cores it gets"]
     lines += [f"- 48B tokens on a {NODE_CORES}-core node, assuming linear scaling per core at the measured "
               f"{per_core:,} tokens per CPU-second (jsonl, map; the lower of num_proc 1 and 2): **{hours:.1f} h**",
               f"- machine: {machine['os_cpu_count']} logical CPUs (shared; 1-min load {machine['load_avg_1m_at_end']} "

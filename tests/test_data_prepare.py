@@ -141,7 +141,10 @@ def test_txt_dir_and_parquet_and_nanogpt_inputs(tmp_path, tok):
 
 
 def test_parallel_and_streaming_are_byte_identical_and_reruns_are_noops(tmp_path):
-    src = write_jsonl(tmp_path / "c.jsonl", DOCS * 20)
+    src = tmp_path / "corpus"  # three files: parallel Arrow conversion over files, too
+    src.mkdir()
+    for k in range(3):
+        write_jsonl(src / f"part{k}.jsonl", (DOCS * 20)[60 * k:60 * (k + 1)])
     kw = dict(val_fraction=0.1, shard_tokens=97, progress=False, batch_docs=16)
     prepare(src, tmp_path / "a", **kw)
     prepare(src, tmp_path / "b", num_proc=2, **kw)

@@ -152,9 +152,10 @@ def resolve_input(path: str | os.PathLike) -> CorpusSpec:
 
 
 def load_documents(spec: CorpusSpec, *, streaming: bool = False, text_column: str = "text",
-                   text_unit: str = "document"):
+                   text_unit: str = "document", num_proc: int = 1):
     """A ``datasets`` Dataset (or IterableDataset when ``streaming``) with one ``text`` column.
 
+    ``num_proc`` > 1 converts several files to Arrow in parallel (not when streaming).
     ``text_unit`` applies to .txt files: 'document' (a file is one document, the
     usual layout of web-text exports), 'paragraph' (blank-line separated) or 'line'.
     """
@@ -169,8 +170,11 @@ def load_documents(spec: CorpusSpec, *, streaming: bool = False, text_column: st
         raise DataError(f"text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
     files = [str(f) for f in spec.files]
     kwargs = {"sample_by": text_unit, "keep_linebreaks": True} if spec.kind == "text" else {}
+    # Converting many files to Arrow is parallel over files (datasets' num_proc), not in our main process.
+    parallel = {"num_proc": min(num_proc, len(files))} if not streaming and min(num_proc, len(files)) > 1 else {}
     try:
-        ds = datasets.load_dataset(spec.kind, data_files=files, split="train", streaming=streaming, **kwargs)
+        ds = datasets.load_dataset(spec.kind, data_files=files, split="train", streaming=streaming, **kwargs,
+                                   **parallel)
         column_names = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
         if not streaming and len(ds) == 0:
             raise StopIteration

@@ -172,7 +172,7 @@ def _iter_tokenized(spec, tok, tok_fingerprint, start_doc, *, num_proc, streamin
     """(document index, ids + EOS) for documents ``start_doc, start_doc+1, ...`` in corpus order."""
     from tqdm.auto import tqdm
 
-    ds = load_documents(spec, streaming=streaming, text_column=text_column, text_unit=text_unit)
+    ds = load_documents(spec, streaming=streaming, text_column=text_column, text_unit=text_unit, num_proc=num_proc)
     total = None if streaming else len(ds)
     bar = tqdm(total=total, initial=start_doc, unit="doc", desc="pack" if not streaming else "tokenize+pack", disable=not progress,
                dynamic_ncols=True)
