@@ -130,7 +130,7 @@ def main() -> None:
     print(f"48B tokens on a {NODE_CORES}-core node at {per_core:,} tok/cpu-s/core (linear scaling): {hours:.1f} h")
     bound_hours = TARGET_TOKENS / main_tpc / 3600
     print(f"main process (streaming, num_proc 2): {main_tpc:,.0f} tokens per CPU-second -> feeds ~{feedable:.0f} workers; "
-          f"one prepare of 48B tokens takes at least {bound_hours:.1f} h however many cores")
+          f"one prepare of 48B tokens takes about {bound_hours:.1f} h however many cores")
 
     machine = {"cpu": platform.processor() or platform.machine(), "os_cpu_count": os.cpu_count(),
                "load_avg_1m_at_end": round(os.getloadavg()[0], 2), "python": platform.python_version()}
@@ -150,8 +150,8 @@ def main() -> None:
               f"{r['tokens_per_cpu_s']:,} |" for r in rows]
     lines += [""] + [f"- {k}: **{v:.2f}x**" for k, v in ratios.items()]
     lines += [f"- main process (reads, routes, writes shards) with streaming num_proc 2: {main_tpc:,.0f} tokens per "
-              f"CPU-second (fixed start-up costs included, so a lower bound), enough to feed ~{feedable:.0f} "
-              f"tokenizer workers: one prepare of 48B tokens takes at least **{bound_hours:.1f} h** however many "
+              f"CPU-second (start-up costs included, so a pessimistic rate), enough to feed ~{feedable:.0f} "
+              f"tokenizer workers: one prepare of 48B tokens takes about **{bound_hours:.1f} h** however many "
               f"cores it gets"]
     lines += [f"- 48B tokens on a {NODE_CORES}-core node, assuming linear scaling per core at the measured "
               f"{per_core:,} tokens per CPU-second (jsonl, map; the lower of num_proc 1 and 2): **{hours:.1f} h**",

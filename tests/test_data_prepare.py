@@ -220,3 +220,17 @@ def test_kjv_builtin_corpus(tmp_path):
     assert cli(["prepare", "--input", "kjv", "--out", str(tmp_path / "kjv"), "--shard-tokens", "300000",
                 "--quiet"]) == 0
     assert cli(["info", str(tmp_path / "kjv"), "--verify"]) == 0
+
+
+def test_loader_reads_prepared_splits(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", DOCS * 4)
+    prepare(src, tmp_path / "out", val_fraction=0.25, shard_tokens=50, progress=False)
+    val = read_split(tmp_path / "out", "val")
+    L = TokenBlockLoader(tmp_path / "out", split="val", block_size=8, global_batch=2, shuffle=False)
+    assert L.num_blocks == (len(val) - 1) // 8
+    for k in range(L.steps_per_epoch):
+        x, y = L.get_batch(k)
+        assert x.flatten().tolist() == val[16 * k:16 * k + 16].tolist()
+        assert y[:, -1].tolist() == [val[16 * k + 8], val[16 * k + 16]]
+    train = TokenBlockLoader(tmp_path / "out", block_size=8, global_batch=2, verify=True)
+    assert train.num_blocks == (len(read_split(tmp_path / "out", "train")) - 1) // 8
