@@ -45,9 +45,10 @@ def test_empty_corpus(tmp_path):
         prepare(d, tmp_path / "out", progress=False)
     (d / "a.txt").write_text("")
     (d / "b.txt").write_text("")
-    with pytest.raises(DataError, match=f"corpus {d} contains no text"):
-        prepare(d, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()  # nothing left behind
+    for streaming in (False, True):
+        with pytest.raises(DataError, match=f"corpus {d} contains no text"):
+            prepare(d, tmp_path / "out", progress=False, streaming=streaming)
+        assert not (tmp_path / "out").exists()  # nothing left behind
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(DataError, match="e.jsonl"):
         prepare(tmp_path / "e.jsonl", tmp_path / "out2", progress=False)
@@ -58,8 +59,10 @@ def test_unreadable_or_malformed_file_is_named(tmp_path):
     d.mkdir()
     (d / "a.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
     (d / "b.jsonl").write_text('{"text": "broken\n')
-    with pytest.raises(DataError, match="b.jsonl"):
-        prepare(d, tmp_path / "out", progress=False)
+    for streaming in (False, True):
+        with pytest.raises(DataError, match="b.jsonl"):
+            prepare(d, tmp_path / "out", progress=False, streaming=streaming)
+        assert not (tmp_path / "out").exists()  # a run that failed before its first shard leaves nothing
     (tmp_path / "x.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="x.parquet"):
         prepare(tmp_path / "x.parquet", tmp_path / "out", progress=False)

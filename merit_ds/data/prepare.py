@@ -34,7 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .corpus import CorpusSpec, load_documents, resolve_input
+from .corpus import CorpusSpec, iter_text_batches, load_documents, resolve_input
 from .errors import DataError
 from .shards import (DTYPE, FORMAT, FORMAT_VERSION, JOURNAL, MANIFEST, SPLITS, atomic_write_bytes,
                      atomic_write_json, check_shard_file, read_json, read_manifest, sha256_bytes,
@@ -172,10 +172,10 @@ def _iter_tokenized(spec, tok, tok_fingerprint, start_doc, *, num_proc, streamin
     """(document index, ids + EOS) for documents ``start_doc, start_doc+1, ...`` in corpus order."""
     from tqdm.auto import tqdm
 
-    ds = load_documents(spec, streaming=streaming, text_column=text_column, text_unit=text_unit, num_proc=num_proc)
+    ds = None if streaming else load_documents(spec, text_column=text_column, text_unit=text_unit, num_proc=num_proc)
     total = None if streaming else len(ds)
-    bar = tqdm(total=total, initial=start_doc, unit="doc", desc="pack" if not streaming else "tokenize+pack", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start_doc, unit="doc", desc="pack" if not streaming else "tokenize+pack",
+               disable=not progress, dynamic_ncols=True)
     doc, tokens = start_doc, 0
     try:
         if not streaming:
@@ -199,9 +199,8 @@ def _iter_tokenized(spec, tok, tok_fingerprint, start_doc, *, num_proc, streamin
                 bar.update(len(col))
                 bar.set_postfix(tokens=f"{tokens:,}")
         else:
-            if start_doc:
-                ds = ds.skip(start_doc)
-            batches = (b["text"] for b in ds.iter(batch_size=batch_docs))
+            batches = iter_text_batches(spec, batch_docs=batch_docs, start_doc=start_doc, text_column=text_column,
+                                        text_unit=text_unit)
             if num_proc > 1:
                 pool = mp.get_context("fork").Pool(num_proc, initializer=_pool_init, initargs=(tok,))
                 results = pool.imap(_pool_encode, batches, chunksize=1)
@@ -301,6 +300,17 @@ def _prepare(input, out, *, val_fraction, shard_tokens, num_proc, tokenizer, str
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare_into(spec, tok, settings, out, num_proc=num_proc, streaming=streaming,
+                             text_column=text_column, text_unit=text_unit, batch_docs=batch_docs,
+                             val_fraction=val_fraction, shard_tokens=shard_tokens, progress=progress)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before its first shard leaves nothing behind
+
+
+def _prepare_into(spec, tok, settings, out: Path, *, num_proc, streaming, text_column, text_unit, batch_docs,
+                  val_fraction, shard_tokens, progress) -> dict:
     for stale in out.glob(".*.tmp.*"):
         stale.unlink()
     journal_path = out / JOURNAL
@@ -376,8 +386,6 @@ def _prepare(input, out, *, val_fraction, shard_tokens, num_proc, tokenizer, str
     if splits["train"]["tokens"] == 0:
         if not splits["val"]["tokens"]:
             journal_path.unlink(missing_ok=True)
-            if created and not any(out.iterdir()):
-                out.rmdir()
             raise DataError(f"corpus {spec.root} contains no text (0 non-empty documents)")
         raise DataError(f"corpus {spec.root}: every document went to the validation split; lower val_fraction")
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": "uint16", "eos_id": tok.eos_token_id,
