@@ -155,3 +155,13 @@ def test_bad_arguments(tmp_path):
     np.array([1, 2, 60000], dtype="<u2").tofile(nano / "train.bin")
     with pytest.raises(DataError, match="train.bin holds id 60000"):
         prepare(nano, tmp_path / "o", progress=False)
+
+
+def test_single_document_corpus_all_in_val(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("First paragraph.\n\nSecond paragraph.\n")
+    with pytest.raises(DataError, match="only 1 document.*text_unit 'paragraph'"):
+        prepare(book, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    m = prepare(book, tmp_path / "out", text_unit="paragraph", val_fraction=0.5, progress=False)
+    assert (m["splits"]["train"]["documents"], m["splits"]["val"]["documents"]) == (1, 1)

@@ -371,9 +371,9 @@ def _prepare_into(spec, tok, settings, out: Path, *, num_proc, streaming, text_c
     else:
         frac = Fraction(str(val_fraction))
         start_doc = min(w.cursor[0] for w in writers.values())
-        for doc, ids in _iter_tokenized(spec, tok, settings["tokenizer"]["sha256"], start_doc, num_proc=num_proc, streaming=streaming,
-                                        text_column=text_column, text_unit=text_unit, batch_docs=batch_docs,
-                                        progress=progress):
+        for doc, ids in _iter_tokenized(spec, tok, settings["tokenizer"]["sha256"], start_doc, num_proc=num_proc,
+                                        streaming=streaming, text_column=text_column, text_unit=text_unit,
+                                        batch_docs=batch_docs, progress=progress):
             writers["val" if is_val_document(doc, frac) else "train"].add(doc, ids)
     for w in writers.values():
         w.finish()
@@ -384,10 +384,16 @@ def _prepare_into(spec, tok, settings, out: Path, *, num_proc, streaming, text_c
         splits[s] = {"tokens": sum(r["tokens"] for r in recs), "documents": sum(r["documents"] for r in recs),
                      "shards": [{k: r[k] for k in ("file", "tokens", "sha256", "documents")} for r in recs]}
     if splits["train"]["tokens"] == 0:
+        # Nothing usable was made: remove this run's own unfinished files so a corrected re-run can start.
+        for rec in journal["splits"]["val"]:
+            (out / rec["file"]).unlink(missing_ok=True)
+        journal_path.unlink(missing_ok=True)
+        journal.pop("pending", None)
+        remove_unreferenced_pending()
         if not splits["val"]["tokens"]:
-            journal_path.unlink(missing_ok=True)
             raise DataError(f"corpus {spec.root} contains no text (0 non-empty documents)")
-        raise DataError(f"corpus {spec.root}: every document went to the validation split; lower val_fraction")
+        raise DataError(f"corpus {spec.root} has only {splits['val']['documents']} document(s) and all went to the "
+                        f"validation split; use val_fraction 0, or text_unit 'paragraph' or 'line' for .txt files")
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": "uint16", "eos_id": tok.eos_token_id,
                 "vocab_size": len(tok), "settings": settings, "splits": splits}
     atomic_write_json(out / MANIFEST, manifest)
