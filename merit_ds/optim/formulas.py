@@ -62,6 +62,7 @@ __all__ = [
     "apply_update_",
     "is_matrix",
     "updated_moments",
+    "updated_direction_",
     "fragment_maxima_",
 ]
 
@@ -100,9 +101,13 @@ def update_direction(exp_avg: Tensor, exp_avg_sq: Tensor, param: Tensor, eps: fl
 
 
 def _amax_abs(x: Tensor, dim: int | None = None) -> Tensor:
-    # max |x| without materialising |x|: the inf-norm is exactly max(|x|) (no rounding).
-    # It propagates NaN, so a non-finite u shows up in every statistic.
-    return torch.linalg.vector_norm(x, ord=float("inf"), dim=dim, keepdim=dim is not None)
+    # max |x| = max(max x, -min x), exactly (negation is exact), without materialising |x|:
+    # two read-only reductions, several times faster on CPU than abs().amax() or the
+    # inf-norm. Both propagate NaN, so a non-finite u shows up in every statistic. (Where
+    # all entries are zero the result may be -0.0; every consumer tests maxima with == 0.)
+    if dim is None:
+        return torch.maximum(x.amax(), x.amin().neg_())
+    return torch.maximum(x.amax(dim, keepdim=True), x.amin(dim, keepdim=True).neg_())
 
 
 def matrix_maxima(w: Tensor, u: Tensor) -> MatrixMaxima:
@@ -166,6 +171,35 @@ def updated_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: fl
     m = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
     v = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
     return m, v
+
+
+def updated_direction_(
+    out: Tensor,
+    scratch: Tensor,
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    grad: Tensor,
+    param: Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+) -> Tensor:
+    """Into ``out``: the u that :func:`update_moments_` then :func:`update_direction` would
+    give, leaving the moments untouched (``scratch``: same-size work space).
+
+    The same operations in the same order as those two functions, so every element rounds
+    identically; the sharded step commits the moments (``update_moments_``) only once all
+    ranks agree the gradient is finite. Preallocated ``out``/``scratch`` keep large
+    temporaries off the allocator's path on every step.
+    """
+    torch.mul(exp_avg, beta1, out=out).add_(grad, alpha=1 - beta1)  # m_t
+    torch.mul(exp_avg_sq, beta2, out=scratch).addcmul_(grad, grad, value=1 - beta2)  # v_t
+    scratch.sqrt_().add_(eps)
+    out.div_(scratch)
+    if weight_decay != 0:
+        out.add_(param, alpha=weight_decay)
+    return out
 
 
 def fragment_maxima_(x: Tensor, start: int, cols: int, inner: int, row_out: Tensor, col_out: Tensor) -> None:

@@ -55,9 +55,8 @@ class ShardedGroupStep:
     layout: PartitionLayout
     process_group: Any
     source: str  # "zero1/2", "zero3", "bf16": for error messages
-    # phase-1 scratch
-    _m: Optional[Tensor] = field(default=None, repr=False)
-    _v: Optional[Tensor] = field(default=None, repr=False)
+    # phase-1 results
+    _grad: Optional[Tensor] = field(default=None, repr=False)
     _u: Optional[Tensor] = field(default=None, repr=False)
     _stats: Optional[Tensor] = field(default=None, repr=False)
 
@@ -102,7 +101,7 @@ def _run_same_group(steps: list[ShardedGroupStep]) -> None:
         if bad and s.group["nonfinite_grads"] == "raise":
             shapes = [s.layout.slots[i].shape for i in sorted(bad)]
             for t in steps:
-                t._m = t._v = t._u = t._stats = None
+                t._grad = t._u = t._stats = None
             raise FloatingPointError(
                 f"MERIT ({s.source}): non-finite gradient in {len(bad)} parameter(s) (indices {sorted(bad)} in "
                 f"their group, shapes {shapes}) on some rank; nothing was modified on any rank. "
@@ -110,7 +109,7 @@ def _run_same_group(steps: list[ShardedGroupStep]) -> None:
             )
     for s, bad in zip(steps, flagged):
         _apply(s, bad)
-        s._m = s._v = s._u = s._stats = None
+        s._grad = s._u = s._stats = None
 
 
 def _state(s: ShardedGroupStep) -> dict:
@@ -122,20 +121,34 @@ def _state(s: ShardedGroupStep) -> dict:
     return state
 
 
+def _scratch(s: ShardedGroupStep) -> tuple[Tensor, Tensor]:
+    """Two partition-sized work buffers (u and a temporary), kept across steps.
+
+    Not optimizer state (not checkpointed). Reusing them keeps two large allocations per
+    step off the allocator's path, which on CPU costs more than the arithmetic.
+    """
+    cache = s.optimizer.__dict__.setdefault("_merit_scratch", {})
+    hit = cache.get(id(s.flat))
+    if hit is None or hit[0] is not s.flat:
+        hit = (s.flat, torch.empty_like(s.flat), torch.empty_like(s.flat))
+        cache[id(s.flat)] = hit
+    return hit[1], hit[2]
+
+
 def _local_statistics(s: ShardedGroupStep) -> None:
-    """Phase 1: moments and u over the partition, partial maxima into the stats buffer."""
+    """Phase 1: u over the partition, partial maxima into the stats buffer, flags."""
     flat, group, layout, buf = s.flat, s.group, s.layout, s._stats
     if flat.grad is None:
         return  # contributes zeros; phase 3 leaves the partition alone
     grad = flat.grad if flat.grad.dtype == flat.dtype else flat.grad.to(flat.dtype)
     beta1, beta2 = group["betas"]
     state = _state(s)
-    if group["nonfinite_grads"] == "propagate":
-        F.update_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
-        s._m, s._v = state["exp_avg"], state["exp_avg_sq"]
-    else:  # committed in phase 3, once all ranks agree that the gradient is finite
-        s._m, s._v = F.updated_moments(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
-    s._u = F.update_direction(s._m, s._v, flat, group["eps"], group["weight_decay"])
+    u_buf, tmp = _scratch(s)
+    # The moments are committed in phase 3, once all ranks agree the gradient is finite.
+    s._u = F.updated_direction_(
+        u_buf, tmp, state["exp_avg"], state["exp_avg_sq"], grad, flat, beta1, beta2, group["eps"], group["weight_decay"]
+    )
+    s._grad = grad
 
     for frag in layout.fragments:
         slot = layout.slots[frag.param_index]
@@ -150,10 +163,13 @@ def _local_statistics(s: ShardedGroupStep) -> None:
             pair = buf.narrow(0, slot.offset, 2)
             torch.maximum(pair, torch.stack([F.tensor_max(w), F.tensor_max(u)]), out=pair)
 
-    if group["nonfinite_grads"] != "propagate" and not bool(torch.isfinite(grad).all()):
+    # A non-finite gradient element makes that u element NaN (inf/inf or NaN), and a NaN
+    # reaches every maximum over it: finite statistics prove finite gradients, so the exact
+    # per-fragment check runs only when some statistic is not finite.
+    if group["nonfinite_grads"] != "propagate" and not bool(torch.isfinite(buf).all()):
         for frag in layout.fragments:
             g = grad.narrow(0, frag.partition_offset, frag.numel)
-            if not bool(torch.isfinite(g).all()):
+            if not bool(torch.isfinite(F.tensor_max(g))):
                 buf[layout.slots[frag.param_index].flag] = 1.0
 
 
@@ -185,14 +201,14 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
     state = s.optimizer.state[flat]
     lr = _as_float(group["lr"])
     live = [f for f in layout.fragments if f.param_index not in bad]
-    if group["nonfinite_grads"] != "propagate":
-        if not bad:
-            state["exp_avg"].copy_(s._m)
-            state["exp_avg_sq"].copy_(s._v)
-        else:
-            for f in live:
-                for key, new in (("exp_avg", s._m), ("exp_avg_sq", s._v)):
-                    state[key].narrow(0, f.partition_offset, f.numel).copy_(new.narrow(0, f.partition_offset, f.numel))
+    beta1, beta2 = group["betas"]
+    # Commit the moments with the very operations phase 1 used (same floats).
+    if not bad:
+        F.update_moments_(state["exp_avg"], state["exp_avg_sq"], s._grad, beta1, beta2)
+    else:
+        for f in live:
+            m, v, g = (t.narrow(0, f.partition_offset, f.numel) for t in (state["exp_avg"], state["exp_avg_sq"], s._grad))
+            F.update_moments_(m, v, g, beta1, beta2)
     if bad:
         s.optimizer.nonfinite_skips += len(bad)
         warnings.warn(
