@@ -53,6 +53,7 @@ CONFIGS = {
     "z2_bf16": dict(stage=2, dtype="bf16"),
     "z3_bf16": dict(stage=3, dtype="bf16"),
     "bf16opt": dict(stage=1, dtype="bf16", grad_accum_fp32=True),
+    "z1_fp16": dict(stage=1, dtype="fp16", overflow_at=1),
     "z2_fp16": dict(stage=2, dtype="fp16", overflow_at=1),
     "z3_fp16": dict(stage=3, dtype="fp16", overflow_at=1),
     "z2_rr": dict(stage=2, dtype="fp32", round_robin=True),
