@@ -24,7 +24,7 @@ from _dist import TESTS_DIR, launch
 WORLD2 = [
     "z1_fp32", "z2_fp32", "z3_fp32", "z1_bf16", "z2_bf16", "z3_bf16", "bf16opt", "z2_fp16", "z3_fp16",
     "z2_rr", "z2_align", "z3_subgroups", "z2_offload_rr", "z3_offload", "z2_groups", "bf16opt_groups",
-    "z3_groups", "z2_bf16_offload", "z2_attach", "z2_bf16_nan", "z1_fp16",
+    "z3_groups", "z2_bf16_offload", "z2_attach", "z2_bf16_nan", "z1_fp16", "z1_offload",
 ]
 # No ZeRO: DeepSpeed's FP16_UnfusedOptimizer gives MERIT same-shaped fp32 master copies;
 # MERIT's ordinary step runs (no layout, no collective).

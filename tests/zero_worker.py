@@ -62,6 +62,7 @@ CONFIGS = {
     "z2_rr": dict(stage=2, dtype="fp32", round_robin=True),
     "z2_align": dict(stage=2, dtype="bf16", parameter_alignment=True),
     "z3_subgroups": dict(stage=3, dtype="fp32", sub_group_size=100),
+    "z1_offload": dict(stage=1, dtype="fp32", offload=True),
     "z2_offload_rr": dict(stage=2, dtype="fp32", offload=True, round_robin=True),
     "z3_offload": dict(stage=3, dtype="fp32", offload=True),
     "z2_groups": dict(stage=2, dtype="fp32", two_groups=True),
