@@ -61,6 +61,8 @@ __all__ = [
     "vector_trust_ratio",
     "apply_update_",
     "is_matrix",
+    "updated_moments",
+    "fragment_maxima_",
 ]
 
 
@@ -89,34 +91,36 @@ def update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: fl
 
 
 def update_direction(
-    exp_avg: Tensor, exp_avg_sq: Tensor, param: Tensor, eps: float, weight_decay: float, out: Tensor | None = None
+    exp_avg: Tensor, exp_avg_sq: Tensor, param: Tensor, eps: float, weight_decay: float, *, out: Tensor | None = None
 ) -> Tensor:
-    """u = m / (sqrt(v) + eps) + wd * w, into ``out`` (a scratch buffer) or a new tensor."""
-    denom = exp_avg_sq.sqrt() if out is None else torch.sqrt(exp_avg_sq, out=out)
-    u = torch.div(exp_avg, denom.add_(eps), out=denom)
+    """u = m / (sqrt(v) + eps) + wd * w, as a new tensor (or into ``out``)."""
+    denom = (exp_avg_sq.sqrt() if out is None else torch.sqrt(exp_avg_sq, out=out)).add_(eps)
+    u = torch.div(exp_avg, denom, out=denom)
     if weight_decay != 0:
         u.add_(param, alpha=weight_decay)
     return u
 
 
-def matrix_maxima(w: Tensor, u: Tensor, scratch: Tensor | None = None) -> MatrixMaxima:
-    """Row maxima over dim 1 and column maxima over dim 0 of |w| and |u| (keepdim).
+def _amax_abs(x: Tensor, dim: int | None = None) -> Tensor:
+    # max |x| = max(max x, -min x), exactly (negation is exact), without materialising |x|:
+    # two read-only reductions, several times faster on CPU than abs().amax() or the
+    # inf-norm. Both propagate NaN, so a non-finite u shows up in every statistic. (Where
+    # all entries are zero the result may be -0.0; every consumer tests maxima with == 0.)
+    if dim is None:
+        return torch.maximum(x.amax(), x.amin().neg_())
+    return torch.maximum(x.amax(dim, keepdim=True), x.amin(dim, keepdim=True).neg_())
 
-    ``scratch`` (same shape) receives |w| then |u|, so that nothing full-size is allocated.
-    ``amax`` propagates NaN, so a non-finite u shows up in every statistic.
-    """
-    abs_w = torch.abs(w, out=scratch) if scratch is not None else w.abs()
-    row_w, col_w = abs_w.amax(1, keepdim=True), abs_w.amax(0, keepdim=True)
-    abs_u = torch.abs(u, out=scratch) if scratch is not None else u.abs()
-    row_u, col_u = abs_u.amax(1, keepdim=True), abs_u.amax(0, keepdim=True)
-    return MatrixMaxima(row_w, row_u, col_w, col_u)
+
+def matrix_maxima(w: Tensor, u: Tensor) -> MatrixMaxima:
+    """Row maxima over dim 1 and column maxima over dim 0 of |w| and |u| (keepdim)."""
+    return MatrixMaxima(_amax_abs(w, 1), _amax_abs(u, 1), _amax_abs(w, 0), _amax_abs(u, 0))
 
 
 def tensor_max(x: Tensor) -> Tensor:
     """max |x| over the whole tensor (0 for an empty tensor: the identity of max |.|)."""
     if x.numel() == 0:
         return x.new_zeros(())
-    return x.abs().amax()
+    return _amax_abs(x)
 
 
 def ratio_and_zero(num: Tensor, den: Tensor) -> tuple[Tensor, Tensor]:
@@ -131,21 +135,26 @@ def matrix_trust_ratio(
     col_u: Tensor,
     max_w: Tensor,
     max_u: Tensor,
+    *,
     out: Tensor | None = None,
 ) -> Tensor:
     """Element-wise trust ratio s of a matrix from its row/column/tensor maxima.
 
     The arguments broadcast against each other: (R,1,*rest) rows with (1,C,*rest) columns give
     the full (R,C,*rest) ratio; the sharded step passes the per-element gathered maxima of a
-    slice instead (all 1-D of the slice's length) and gets the same floats. ``out`` may be a
-    scratch buffer of the full shape.
+    slice instead (all 1-D of the slice's length) and gets the same floats. ``out``: where
+    to write the full-size ratio (a preallocated buffer of the broadcast shape).
     """
     row_ratio, row_zero = ratio_and_zero(row_w, row_u)
     col_ratio, col_zero = ratio_and_zero(col_w, col_u)
+    # Clamp below by the tensor-level ratio on the small vectors: max is exact, so
+    # max(max(r, c), t) == max(max(r, t), max(c, t)) and the full-size ratio is written in
+    # one pass. Where max_w or max_u is 0 every row is masked below, so a nan/inf here never
+    # survives.
+    floor = max_w / max_u
+    row_ratio = row_ratio.clamp_(min=floor)
+    col_ratio = col_ratio.clamp_(min=floor)
     s = torch.maximum(row_ratio, col_ratio) if out is None else torch.maximum(row_ratio, col_ratio, out=out)
-    # Clamp below by the tensor-level ratio. Where max_w or max_u is 0 every row is masked
-    # below, so a nan/inf here never survives.
-    s = s.clamp_(min=max_w / max_u)
     # Zeros are rare (an all-zero row of w, say); test the small vectors before building a
     # full-size mask.
     if row_zero.any() or col_zero.any():
@@ -163,3 +172,80 @@ def apply_update_(param: Tensor, u: Tensor, trust: Tensor, lr: float) -> None:
     """w -= lr * clip(s * u, -1, 1), in place; ``u`` is overwritten as scratch."""
     u.mul_(trust).clamp_(-1.0, 1.0)
     param.add_(u, alpha=-lr)
+
+
+def updated_moments(
+    exp_avg: Tensor,
+    exp_avg_sq: Tensor,
+    grad: Tensor,
+    beta1: float,
+    beta2: float,
+    *,
+    out: tuple[Tensor, Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The moments :func:`update_moments_` would write, as new tensors or into ``out``
+    (state untouched).
+
+    Same operations in the same order (``mul`` then ``add_(alpha)`` / ``addcmul_``), so every
+    element rounds exactly as in the in-place form. The sharded step uses this when a
+    parameter's step may still be skipped after the ranks agree on non-finite gradients.
+    """
+    m_out, v_out = out if out is not None else (None, None)
+    m = (exp_avg.mul(beta1) if m_out is None else torch.mul(exp_avg, beta1, out=m_out)).add_(grad, alpha=1 - beta1)
+    v = (exp_avg_sq.mul(beta2) if v_out is None else torch.mul(exp_avg_sq, beta2, out=v_out)).addcmul_(
+        grad, grad, value=1 - beta2
+    )
+    return m, v
+
+
+def fragment_maxima_(x: Tensor, start: int, cols: int, inner: int, row_out: Tensor, col_out: Tensor) -> None:
+    """Partial row / column maxima of ``|x|``, where ``x`` is a flat slice of a matrix.
+
+    ``x`` holds the elements ``[start, start + x.numel())`` of a parameter of shape
+    ``(R, C, *rest)`` flattened in row-major order; ``cols = C`` and ``inner = prod(rest)``
+    (1 for a plain matrix). Element ``e`` sits in row ``i = e // (C*inner)``, column
+    ``j = (e // inner) % C`` and trailing position ``k = e % inner``; its row statistic is
+    ``row_out[i*inner + k]`` (``R*inner`` entries, the flattened ``(R, 1, *rest)`` maxima) and
+    its column statistic ``col_out[j*inner + k] = col_out[e % (C*inner)]`` (``C*inner``
+    entries). Both outputs must start at 0 (the identity of ``max |.|``); on return they hold
+    the maxima over the elements of ``x`` only, everything else stays 0::
+
+        parameter (R=4, C=5) flattened:       fragment x = elements [7, 18)
+             c0 c1 c2 c3 c4
+        r0 [  .  .  .  .  . ]                 head: r1, cols 2..4   (partial row)
+        r1 [  .  .  x  x  x ]   <- head       body: r2              (whole rows)
+        r2 [  x  x  x  x  x ]   <- body       tail: r3, cols 0..2   (partial row)
+        r3 [  x  x  x  .  . ]   <- tail
+                                              row_out = [0, max r1[2:], max r2, max r3[:3]]
+                                              col_out = column-wise max over the x's
+
+    Whole rows are reduced as a ``(rows, C, inner)`` block; a partial row contributes its
+    ``|x|`` element-wise to a contiguous slice of ``col_out`` and one maximum per trailing
+    position to its row. Maxima are exact, so combining these partial results with ``max``
+    (the sharded step's ``all_reduce(MAX)``) gives the whole matrix's maxima bit for bit.
+    """
+    row_len = cols * inner
+    n = x.numel()
+    pos = 0
+    while pos < n:
+        e = start + pos
+        row, col0 = divmod(e, row_len)
+        if col0 == 0 and n - pos >= row_len:
+            nrows = (n - pos) // row_len
+            block = x.narrow(0, pos, nrows * row_len).view(nrows, cols, inner)
+            row_out.narrow(0, row * inner, nrows * inner).copy_(_amax_abs(block, 1).view(-1))
+            col_part = _amax_abs(block, 0).view(-1)
+            torch.maximum(col_out, col_part, out=col_out)
+            pos += nrows * row_len
+            continue
+        length = min(row_len - col0, n - pos)
+        piece = x.narrow(0, pos, length)
+        col_slice = col_out.narrow(0, col0, length)
+        torch.maximum(col_slice, piece.abs(), out=col_slice)
+        row_slice = row_out.narrow(0, row * inner, inner)
+        if inner == 1:
+            torch.maximum(row_slice, _amax_abs(piece).view(1), out=row_slice)
+        else:
+            k = torch.arange(col0, col0 + length, device=x.device) % inner
+            row_slice.scatter_reduce_(0, k, piece.abs(), reduce="amax", include_self=True)
+        pos += length

@@ -141,6 +141,33 @@ class MERIT(Optimizer):
         ) else param_group
         _validate_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
         super().add_param_group(param_group)
+        # Remember the parameters each group was built with: a wrapper (DeepSpeed ZeRO) may
+        # later swap them for flat partitions, and the sharding layer finds the wrapper's
+        # per-parameter records (shapes, fragment addresses) through these originals.
+        if not hasattr(self, "_original_params"):
+            self._original_params = {}
+        group = self.param_groups[-1]
+        self._original_params[id(group)] = list(group["params"])
+
+    def original_params(self, group: dict) -> list[Tensor]:
+        """The parameters ``group`` held when it was added (before any wrapper replaced them)."""
+        try:
+            return self._original_params[id(group)]
+        except KeyError:
+            raise KeyError("this param group was not added through MERIT.add_param_group") from None
+
+    def is_original(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is one of the parameters MERIT was constructed with."""
+        ids = getattr(self, "_original_ids", None)
+        if ids is None or len(ids) != sum(len(v) for v in self._original_params.values()):
+            ids = self._original_ids = {id(p) for ps in self._original_params.values() for p in ps}
+        return id(tensor) in ids
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch rebuilds the group dicts; carry the originals over by position.
+        before = [self._original_params.get(id(g)) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        self._original_params = {id(g): ps for g, ps in zip(self.param_groups, before) if ps is not None}
 
     # ---- extension point for the sharding layer -------------------------------------------
     @classmethod
@@ -185,10 +212,11 @@ class MERIT(Optimizer):
                 loss = closure()
         if self.track_stats:
             self.last_stats = {}
+        sharded = []
         for group in self.param_groups:
             stepper = self._group_stepper(group)
             if stepper is not None:
-                stepper()
+                sharded.append(stepper)
                 continue
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
@@ -210,7 +238,25 @@ class MERIT(Optimizer):
                 workspace=self._workspace,
             )
             self.nonfinite_skips += result
+        _run_group_steppers(sharded)
         return loss
+
+
+def _run_group_steppers(steppers: list) -> None:
+    """Run the steppers resolvers returned; those exposing the same ``run_many`` run together.
+
+    The sharded step uses this to issue one collective for all groups of a ``step()`` call
+    (DeepSpeed's BF16_Optimizer steps every group in one call).
+    """
+    batches: dict = {}
+    for stepper in steppers:
+        key = getattr(stepper, "run_many", None)
+        if key is None:
+            stepper()
+        else:
+            batches.setdefault(key, []).append(stepper)
+    for run_many, batch in batches.items():
+        run_many(batch)
 
 
 def _validate_hyperparameters(lr, betas, eps, weight_decay) -> None:
@@ -346,10 +392,10 @@ def _record_stats(stats: Optional[dict], param: Tensor, u_clipped_input: Tensor,
 def _trust_ratio(w: Tensor, u: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
     """s for one whole tensor (matrix: element-wise; vector: tensor-level).
 
-    ``scratch`` (shaped like ``w``) receives the intermediates and the result.
+    ``scratch`` (shaped like ``w``) receives the full-size ratio of a matrix.
     """
     if F.is_matrix(w.shape):
-        mx = F.matrix_maxima(w, u, scratch=scratch)
+        mx = F.matrix_maxima(w, u)
         # max over the whole tensor equals the max of its row maxima, exactly.
         return F.matrix_trust_ratio(
             mx.row_w, mx.row_u, mx.col_w, mx.col_u, mx.row_w.max(), mx.row_u.max(), out=scratch
