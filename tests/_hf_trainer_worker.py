@@ -47,7 +47,10 @@ def main():
         # DDP over gloo needs cpu=True (MULTI_CPU); DeepSpeed needs ACCELERATE_USE_DEEPSPEED.
         AcceleratorState._reset_state(reset_partial_state=True)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true" if deepspeed else "false"
-        PartialState(cpu=not deepspeed, backend="gloo")
+        if "WORLD_SIZE" in os.environ:
+            PartialState(cpu=not deepspeed, backend="gloo")
+        else:  # plain `python worker.py`: one process, no process group
+            PartialState(cpu=True)
 
     configure_state(False)
 
