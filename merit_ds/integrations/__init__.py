@@ -1,5 +1,1 @@
-"""Integrations: DeepSpeed, HF Trainer, Accelerate. Glue only, no math.
-
-Submodules are imported on demand (``merit_ds.integrations.hf_trainer`` needs transformers,
-``merit_ds.integrations.accelerate`` needs accelerate); importing this package imports neither.
-"""
+"""Glue to the tools people launch with (DeepSpeed; HF Trainer and Accelerate elsewhere). No math."""
