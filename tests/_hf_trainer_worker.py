@@ -14,7 +14,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _hf_common import HP, WEIGHT_DECAY, LMDataset, full_weights, tiny_gpt2, token_data  # noqa: E402
+from _hf_common import HP, WEIGHT_DECAY, LMDataset, full_weights, split_matrices, tiny_gpt2, token_data  # noqa: E402
 
 STEPS, MICRO = 3, 2
 
@@ -78,6 +78,7 @@ def main():
             names = {id(p): n for n, p in model.named_parameters()}
             self.decay = [(float(wd), sorted(names[id(p)] for p in ps)) for wd, ps in decay_groups(optimizer)]
             self.opt_type = type(unwrap_optimizer(optimizer)).__name__
+            self.split = split_matrices(model)
 
         def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
             self.weights.append(full_weights(model))
@@ -122,7 +123,7 @@ def main():
             if os.environ.get("MERIT_DS_TEST_TRACEBACK"):
                 traceback.print_exc()
         result.update(weights=record.weights, lrs=record.lrs, decay=record.decay,
-                      opt_type=getattr(record, "opt_type", None))
+                      opt_type=getattr(record, "opt_type", None), split=getattr(record, "split", None))
         if rank == 0:
             torch.save(result, os.path.join(script.out, f"{name}.pt"))
 
