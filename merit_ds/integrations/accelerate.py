@@ -53,7 +53,7 @@ def merit_deepspeed_config(
     grad_accum: int | str = "auto",
     offload: bool = False,
     optimizer_params: Optional[dict] = None,
-    gradient_clipping: Optional[float] = None,
+    gradient_clipping: float | str = 1.0,
     **extra: Any,
 ) -> dict:
     """A DeepSpeed config dict for MERIT (for ``DeepSpeedPlugin(hf_ds_config=...)`` or a JSON file).
@@ -63,6 +63,9 @@ def merit_deepspeed_config(
     Always sets ``zero_allow_untested_optimizer`` (DeepSpeed refuses a non-Adam optimizer
     under ZeRO otherwise) and, with ``offload``, ``offload_optimizer: cpu`` plus
     ``zero_force_ds_cpu_optimizer: false`` (without it MERIT is swapped or refused).
+    ``gradient_clipping`` is always written: DeepSpeed 0.19.8 clips at 1.0 when the key is absent
+    (``runtime/constants.py:203``), which is easy to miss; ``0.0`` disables clipping, ``"auto"``
+    lets the HF Trainer fill in ``max_grad_norm``.
     """
     zero: dict[str, Any] = {"stage": int(stage)}
     if offload:
@@ -77,8 +80,7 @@ def merit_deepspeed_config(
         cfg["zero_force_ds_cpu_optimizer"] = False
     if optimizer_params is not None:
         cfg["optimizer"] = {"type": "MERIT", "params": dict(optimizer_params)}
-    if gradient_clipping is not None:
-        cfg["gradient_clipping"] = gradient_clipping
+    cfg["gradient_clipping"] = gradient_clipping
     cfg.update(extra)
     return cfg
 
