@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import warnings
 
 import torch
@@ -52,12 +53,12 @@ CONFIGS = {
     "z2_bf16": dict(stage=2, dtype="bf16"),
     "z3_bf16": dict(stage=3, dtype="bf16"),
     "bf16opt": dict(stage=1, dtype="bf16", grad_accum_fp32=True),
-    "z2_fp16": dict(stage=2, dtype="fp16"),
-    "z3_fp16": dict(stage=3, dtype="fp16"),
+    "z2_fp16": dict(stage=2, dtype="fp16", overflow_at=1),
+    "z3_fp16": dict(stage=3, dtype="fp16", overflow_at=1),
     "z2_rr": dict(stage=2, dtype="fp32", round_robin=True),
     "z2_align": dict(stage=2, dtype="bf16", parameter_alignment=True),
     "z3_subgroups": dict(stage=3, dtype="fp32", sub_group_size=100),
-    "z2_offload": dict(stage=2, dtype="fp32", offload=True),
+    "z2_offload_rr": dict(stage=2, dtype="fp32", offload=True, round_robin=True),
     "z3_offload": dict(stage=3, dtype="fp32", offload=True),
     "z2_groups": dict(stage=2, dtype="fp32", two_groups=True),
     "bf16opt_groups": dict(stage=1, dtype="bf16", grad_accum_fp32=True, two_groups=True),
@@ -65,8 +66,8 @@ CONFIGS = {
 
 
 class Tiny(nn.Module):
-    """Odd sizes so that flat partitions cut matrices mid-row; a 2-element vector that a
-    3-way ZeRO-3 split leaves one rank without."""
+    """Odd sizes so that flat partitions cut matrices mid-row; 1- and 2-element vectors
+    that ZeRO-3 splits leave some rank without."""
 
     def __init__(self):
         super().__init__()
@@ -75,11 +76,12 @@ class Tiny(nn.Module):
         self.l2 = nn.Linear(11, 7)
         self.head = nn.Linear(7, VOCAB, bias=False)
         self.gate = nn.Parameter(torch.tensor([1.0, 0.5]))
+        self.scale = nn.Parameter(torch.tensor([1.25]))  # ZeRO 3: only rank 0 holds it
 
     def forward(self, x, y):
         h = torch.tanh(self.l1(self.emb(x)))
         h = torch.tanh(self.l2(h)) * self.gate[0] + self.gate[1]
-        logits = self.head(h).float()
+        logits = self.head(h).float() * self.scale.float()
         return nn.functional.cross_entropy(logits.view(-1, VOCAB), y.view(-1))
 
 
@@ -175,6 +177,13 @@ class Oracle:
 
 
 def run_config(name, cfg, rank, world):
+    if cfg["dtype"] == "fp16":
+        # DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has fp16 kernels for this CPU
+        # (AVX512-FP16/AMX); torch runs fp16 on any CPU, slowly. The loss-scaling logic under
+        # test does not depend on the hardware.
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().is_fp16_supported = lambda: True
     torch.manual_seed(0)
     model = Tiny()
     if cfg.get("two_groups"):
@@ -244,6 +253,8 @@ def run_config(name, cfg, rank, world):
                       nonfinite_grads=grp["nonfinite_grads"], implementation="single_tensor")
                 diff = (w - after[p]).abs().max().item() if w.numel() else 0.0
                 res["max_diff"] = max(res["max_diff"], diff)
+                if diff > 0 and os.environ.get("MERIT_DEBUG"):
+                    print("DIFF", rank, tuple(w.shape), diff, (w - after[p]).abs().view(-1).nonzero().view(-1).tolist()[:20], flush=True)
                 res["compared"] += 1
         return out
 
@@ -259,6 +270,8 @@ def run_config(name, cfg, rank, world):
     for step in range(STEPS):
         x, y = batch(step, rank, world)
         loss = engine(x, y)
+        if cfg.get("overflow_at") == step and rank == 0:
+            loss = loss * float("inf")  # fp16 overflow on one rank: every rank must skip
         engine.backward(loss)
         engine.step()
         if full_ref is not None and step == 0:
@@ -288,6 +301,7 @@ def run_config(name, cfg, rank, world):
         res["safe_get_diff"] = dd
     res["skipped_steps"] = getattr(engine, "skipped_steps", 0)
     res["flavour"] = oracle.kind
+    res["adapters"] = sorted({v[3] for v in opt.__dict__.get("_merit_layouts", {}).values()})
     engine.destroy() if hasattr(engine, "destroy") else None
     return res
 
@@ -312,6 +326,12 @@ def main():
             json.dump({"world": world, "configs": results}, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+    # Skip interpreter teardown: with several engines built in one process, a native
+    # thread's destructor occasionally aborts at exit ("terminate called without an active
+    # exception") after all results are written. Everything is flushed and synchronised here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

@@ -106,12 +106,8 @@ def layout_of(optimizer, group: dict):
         layout, pg, _ = zero3_layout(owner, flat)
     elif kind == "zero1/2":
         layout, pg, _ = zero12_layout(owner, flat)
-    elif kind == "bf16":
-        layout, pg = hp_mapping_layout(optimizer, group, flat)
-    elif kind == "hp_mapping":
-        if any(getattr(p, "param_idx_in_group", None) is not None for p in optimizer.original_params(group)):
-            kind = "zero1/2"  # a ZeRO 1/2 rank that owns nothing has no _zero_optimizer link
-        layout, pg = hp_mapping_layout(optimizer, group, flat)
+    elif kind in ("bf16", "hp_mapping"):
+        layout, pg, kind = hp_mapping_layout(optimizer, group, flat)
     else:  # pragma: no cover
         raise ShardingLayoutError(f"MERIT: unsupported DeepSpeed wrapper {type(owner)}")
     cache[id(flat)] = (flat, layout, pg, kind)
