@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from _hf_common import HP, WEIGHT_DECAY, reference_check, token_data
-from _hf_launch import accelerate_launch, torchrun
+from _dist import launch
+from _hf_launch import accelerate_launch
 
 STEP_ATOL, CONTROL_MIN = 1e-6, 1e-3
 STEPS, MICRO, WARMUP, WORLD = 4, 2, 1, 2  # as in the worker
@@ -27,7 +28,7 @@ TRAPS = ["swap", "adamw", "flat_json"]
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("accelerate")
-    torchrun("tests/_hf_accelerate_worker.py", "--out", str(out), "--scenarios", ",".join(EXACT + TRAPS), timeout=400)
+    launch("tests/_hf_accelerate_worker.py", 2, ["--out", str(out), "--scenarios", ",".join(EXACT + TRAPS)], timeout=400)
     return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in EXACT + TRAPS}
 
 

@@ -11,14 +11,12 @@ negative control (everything decayed, as with one flat parameter list) differs b
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 import torch
 
 from _hf_common import HP, SEQ, WEIGHT_DECAY, reference_check, token_data
-from _hf_launch import REPO, run, torchrun
+from _dist import launch
+from _hf_launch import run_python
 
 STEP_ATOL = 1e-6
 CONTROL_MIN = 1e-3
@@ -47,9 +45,9 @@ def _launch(tmp_path_factory, scenarios, nproc):
     out = tmp_path_factory.mktemp("trainer")
     args = ["--out", str(out), "--scenarios", ",".join(scenarios), "--output_dir", str(out / "run"), *CLI]
     if nproc == 1:
-        run([sys.executable, os.path.join(REPO, "tests/_hf_trainer_worker.py"), *args])
+        run_python("tests/_hf_trainer_worker.py", *args)
     else:
-        torchrun("tests/_hf_trainer_worker.py", *args, nproc=nproc, timeout=400)
+        launch("tests/_hf_trainer_worker.py", nproc, args, timeout=400)
     return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in scenarios}
 
 
@@ -165,3 +163,35 @@ def test_deepspeed_zero_matches_reference(dist, name):
     # every parameter decayed; the guard hands DeepSpeed the Trainer's decay groups.
     _assert_decay_split(rec)
     _assert_matches_reference(rec, world=2)
+
+
+# ---- the guard is armed by `import merit_ds` alone ---------------------------------------------
+def test_import_merit_ds_arms_trainer_guard_in_either_order():
+    code = (
+        "import sys\n"
+        "{first}\n{second}\n"
+        "import transformers.trainer as tm\n"
+        "assert 'transformers' in sys.modules\n"
+        "print(getattr(tm.deepspeed_init, '__merit_ds_guard__', False))\n"
+    )
+    import subprocess
+    import sys
+
+    from _dist import dist_env
+
+    for first, second in [("import merit_ds", "from transformers import Trainer"),
+                          ("import transformers.trainer", "import merit_ds")]:
+        out = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], env=dist_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().endswith("True"), (first, out.stdout, out.stderr[-2000:])
+
+
+def test_import_merit_ds_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    from _dist import dist_env
+
+    code = "import sys, merit_ds; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=dist_env(), capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]

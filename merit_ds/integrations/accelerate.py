@@ -32,6 +32,7 @@ import torch
 
 from ..optim import MERIT
 from ._common import OffloadSwapError, ds_names_merit, refuse_offload_swap
+from .deepspeed import check_config
 from .param_groups import merit_param_groups
 from .verify import NotMeritError, assert_merit_is_stepping
 
@@ -96,7 +97,9 @@ def check_before_prepare(accelerator, optimizer: Any) -> None:
     * client ``MERIT`` + ZeRO-Offload without ``zero_force_ds_cpu_optimizer: false``
       (Accelerate would swap in DeepSpeedCPUAdam): :class:`OffloadSwapError`;
     * ``DummyOptim`` with a DeepSpeed config that does not name MERIT, or without DeepSpeed:
-      :class:`NotMeritError`.
+      :class:`NotMeritError`;
+    * anything :func:`merit_ds.integrations.deepspeed.check_config` refuses (missing
+      ``zero_allow_untested_optimizer``, nvme offload, ``"type": "merit"`` misspelled...).
     """
     from accelerate.utils import DummyOptim
 
@@ -109,8 +112,11 @@ def check_before_prepare(accelerator, optimizer: Any) -> None:
                 "Remove the section or name MERIT there and pass DummyOptim(merit_param_groups(model))."
             )
         if cfg is not None:
-            refuse_offload_swap(cfg)
+            refuse_offload_swap(cfg)  # the Accelerate-specific silent swap, named as such
+            check_config(cfg, client_optimizer=True)
     elif isinstance(optimizer, DummyOptim):
+        if cfg is not None:
+            check_config(cfg)  # spelling of the name, ZeRO/offload keys (merit_ds.integrations.deepspeed)
         if cfg is None or not ds_names_merit(cfg):
             named = None if cfg is None else (cfg.get("optimizer") or {}).get("type")
             raise NotMeritError(f"DummyOptim given but the DeepSpeed config names optimizer {named!r}, not 'MERIT'")
