@@ -89,7 +89,7 @@ def main():
 
     def scenario(name):
         args = cli_args
-        kwargs, check = {}, True
+        kwargs = {}
         configured = dict(accelerator_config={"use_configured_state": True})
         configure_state(name.startswith("ds"))
         if name == "cls":
@@ -99,19 +99,19 @@ def main():
             # ds<stage>_<cls|json|dropped|offload|swap>
             stage, kind = int(name[2]), name.split("_", 1)[1]
             cfg = ds_config(stage, offload=kind in ("offload", "swap"), force_flag=kind != "swap", json_merit=kind == "json")
-            optim = "merit" if kind == "json" else "adamw_torch"
+            optim = "merit" if kind in ("json", "cli") else "adamw_torch"
             args = dataclasses.replace(cli_args, deepspeed=cfg, optim=optim, use_cpu=False, **configured)
             if kind == "dropped":
                 model = tiny_gpt2()
                 kwargs["optimizers"] = (MERIT(model.parameters(), **HP), None)
-            elif kind == "nocheck_json":
-                check = False
+            elif kind == "cli":
+                pass  # optim="merit" from the command line, DeepSpeed config without "optimizer"
             else:
                 kwargs["optimizer_cls_and_kwargs"] = (MERIT, dict(HP))
             if kind == "json":
                 kwargs.pop("optimizer_cls_and_kwargs", None)
         record = Record()
-        callbacks = [record] + ([MeritCheckCallback()] if check else [])
+        callbacks = [record, MeritCheckCallback()]
         model = tiny_gpt2()
         trainer = Trainer(model=model, args=args, train_dataset=LMDataset(tokens), callbacks=callbacks, **kwargs)
         result = {"name": name, "world": world, "error": None}

@@ -35,9 +35,9 @@ CLI = [
     "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu",
     "--accelerator_config", '{"use_configured_state": true}',
 ]
-# ds<stage>_<kind>: cls = optimizer_cls_and_kwargs, json = "optimizer": {"type": "MERIT"} in the
+# ds<stage>_<kind>: cls = optimizer_cls_and_kwargs, cli = optim="merit", json = "optimizer": {"type": "MERIT"} in the
 # DeepSpeed config, offload = cls + offload_optimizer cpu (+ zero_force_ds_cpu_optimizer: false)
-ZERO_SCENARIOS = ["ds1_cls", "ds2_cls", "ds3_cls", "ds2_offload", "ds2_json", "ds3_json"]
+ZERO_SCENARIOS = ["ds1_cls", "ds2_cls", "ds3_cls", "ds2_offload", "ds2_json", "ds3_json", "ds3_cli"]
 DIST_SCENARIOS = ["cli", "cls", "ds2_dropped", "ds2_swap", *ZERO_SCENARIOS]
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 from ..optim import MERIT
@@ -227,7 +228,17 @@ class MeritCheckCallback(_trainer_callback_base()):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         from .verify import assert_merit_is_stepping
 
-        assert_merit_is_stepping(optimizer, model)
+        merit = assert_merit_is_stepping(optimizer, model)
+        # optimizer_cls_and_kwargs=(MERIT, {...}) ignores args.learning_rate: say so.
+        initial = {float(g.get("initial_lr", g["lr"])) for g in merit.param_groups}
+        if initial and initial != {float(args.learning_rate)}:
+            warnings.warn(
+                f"MERIT's initial lr {sorted(initial)} differs from TrainingArguments.learning_rate="
+                f"{args.learning_rate}: with optimizer_cls_and_kwargs the Trainer uses the lr in the "
+                "kwargs and ignores learning_rate.",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 __all__.append("MeritCheckCallback")
