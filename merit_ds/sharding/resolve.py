@@ -9,8 +9,10 @@ sharded MERIT needs no extra user call on any entry path (the user's own
 - a group holding something else (DeepSpeed swapped in a flat fp32 partition) -> a
   :class:`~merit_ds.sharding.step.ShardedGroupStep` whose layout comes from the wrapper that
   owns the partition, found through the original parameters' back-links
-  (``_z3_optimizer`` for ZeRO 3, ``_zero_optimizer`` for ZeRO 1/2, ``_hp_mapping`` for
-  BF16_Optimizer) or given explicitly with :func:`attach`;
+  (``_z3_optimizer`` for ZeRO 3; ``_zero_optimizer`` for ZeRO 1/2 under CPU offload), or
+  given explicitly with :func:`attach`; otherwise (ZeRO 1/2 without offload,
+  BF16_Optimizer) read from the parameters themselves: their ``_hp_mapping`` and their
+  place in DeepSpeed's flat buffer (:func:`merit_ds.sharding.zero12.flat_group_layout`);
 - anything else -> :class:`ShardingLayoutError`. Never a silent fallback to treating the
   partition as one vector.
 
