@@ -184,6 +184,10 @@ def _guarded_deepspeed_init(original, trainer, num_training_steps, inference=Fal
             "MERIT in the DeepSpeed JSON ('optimizer': {'type': 'MERIT'})."
         )
     json_merit = ds_names_merit(config)
+    if json_merit:
+        from .deepspeed import check_config
+
+        check_config(config)  # "MERIT" spelled as DeepSpeed looks it up, ZeRO/offload keys present
     if "optimizer" not in config and _asks_for_merit_client(trainer):
         refuse_offload_swap(config)  # the client path is the one Accelerate swaps
     optimizer, lr_scheduler = original(trainer, num_training_steps, inference=inference, **kwargs)
