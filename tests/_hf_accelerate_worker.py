@@ -52,7 +52,7 @@ def main():
         stage = int(name[1]) if name[0] == "z" else 2
         json = name.endswith("json")
         cfg = merit_deepspeed_config(
-            stage, micro_batch=MICRO, grad_accum=1, offload=name in ("z2_offload", "swap"),
+            stage, micro_batch=MICRO, grad_accum=1, offload=name.endswith("offload") or name == "swap",
             optimizer_params=dict(HP, weight_decay=WEIGHT_DECAY) if json else None,
             train_batch_size=MICRO * world, gradient_clipping=0.0,  # the reference does not clip
         )

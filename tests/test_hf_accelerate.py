@@ -21,7 +21,7 @@ from _hf_launch import accelerate_launch
 
 STEP_ATOL, CONTROL_MIN = 1e-6, 1e-3
 STEPS, MICRO, WARMUP, WORLD = 4, 2, 1, 2  # as in the worker
-EXACT = ["ddp_client", "z1_client", "z2_client", "z3_client", "z2_json", "z3_json", "z2_offload"]
+EXACT = ["ddp_client", "z1_client", "z2_client", "z3_client", "z2_json", "z3_json", "z2_offload", "z3_offload"]
 TRAPS = ["swap", "adamw", "flat_json"]
 
 

@@ -53,3 +53,59 @@ def test_verify_unwraps_wrappers():
     assert unwrap_optimizer(Wrapper(Wrapper(opt))) is opt
     with pytest.raises(NotMeritError, match="Wrapper -> Wrapper -> SGD"):
         assert_merit_is_stepping(Wrapper(Wrapper(torch.optim.SGD(model.parameters(), lr=0.1))))
+
+
+# ---- the Trainer guard's decisions, on a stand-in Trainer (no DeepSpeed started) ---------------
+def _fake_trainer(config, *, optimizer=None, cls_and_kwargs=None, optim="adamw_torch"):
+    from types import SimpleNamespace
+
+    plugin = SimpleNamespace(hf_ds_config=SimpleNamespace(config=config))
+    return SimpleNamespace(
+        accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin)),
+        optimizer=optimizer, optimizer_cls_and_kwargs=cls_and_kwargs, args=SimpleNamespace(optim=optim),
+    )
+
+
+def _guard(trainer):
+    from merit_ds.integrations.hf_trainer import _guarded_deepspeed_init
+
+    def original(*a, **k):
+        raise AssertionError("the guard let this through")
+
+    return _guarded_deepspeed_init(original, trainer, 10)
+
+
+ZERO2 = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+
+
+def test_guard_refuses_what_the_trainer_would_silently_change():
+    from merit_ds.integrations.hf_trainer import DroppedOptimizerError, OffloadSwapError
+
+    model = tiny_gpt2()
+    with pytest.raises(DroppedOptimizerError):
+        _guard(_fake_trainer(ZERO2, optimizer=MERIT(model.parameters())))
+    offload = {**ZERO2, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(OffloadSwapError):
+        _guard(_fake_trainer(offload, cls_and_kwargs=(MERIT, {})))
+    with pytest.raises(OffloadSwapError):
+        _guard(_fake_trainer(offload, optim="merit"))
+    adamw_json = {**ZERO2, "optimizer": {"type": "AdamW", "params": {}}}
+    with pytest.raises(ValueError, match="'AdamW'.*optimizer_cls_and_kwargs"):
+        _guard(_fake_trainer(adamw_json, cls_and_kwargs=(MERIT, {"lr": 1e-2})))
+    with pytest.raises(ValueError, match="'AdamW'.*optim=merit"):
+        _guard(_fake_trainer(adamw_json, optim="merit"))
+    merit_json = {**ZERO2, "optimizer": {"type": "MERIT", "params": {}}}
+    with pytest.raises(ValueError, match="kwargs"):
+        _guard(_fake_trainer(merit_json, cls_and_kwargs=(MERIT, {"lr": 1e-2})))
+    from merit_ds.integrations.deepspeed import MeritConfigError
+
+    with pytest.raises(MeritConfigError):  # the JSON path runs check_config
+        _guard(_fake_trainer({"zero_optimization": {"stage": 2}, "optimizer": {"type": "MERIT"}}))
+
+
+def test_guard_leaves_non_merit_runs_alone():
+    from merit_ds.integrations.hf_trainer import _guarded_deepspeed_init
+
+    sentinel = (object(), object())
+    trainer = _fake_trainer({**ZERO2, "optimizer": {"type": "AdamW"}}, optimizer=torch.optim.SGD(tiny_gpt2().parameters(), lr=1))
+    assert _guarded_deepspeed_init(lambda *a, **k: sentinel, trainer, 10) == sentinel

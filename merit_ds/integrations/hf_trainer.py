@@ -19,6 +19,10 @@ up DeepSpeed (``transformers.trainer.deepspeed_init``):
   Trainer's own decay/no-decay groups instead.
 * ZeRO-Offload without ``"zero_force_ds_cpu_optimizer": false`` makes Accelerate swap MERIT
   for DeepSpeedCPUAdam: the guard raises :class:`OffloadSwapError`.
+* a DeepSpeed JSON ``"optimizer"`` section wins over ``optimizer_cls_and_kwargs`` and
+  ``optim="merit"``, silently: the guard raises when MERIT was asked for and the JSON names
+  another optimizer, or when both the JSON and ``optimizer_cls_and_kwargs`` name MERIT (the
+  kwargs would be ignored).
 
 The Trainer's optimizer names are a closed enum (``OptimizerNames``) with private dispatch
 (``trainer_optimizer._OPTIMIZER_HANDLERS``). :func:`register_trainer_optim` checks both before
@@ -184,6 +188,19 @@ def _guarded_deepspeed_init(original, trainer, num_training_steps, inference=Fal
             "MERIT in the DeepSpeed JSON ('optimizer': {'type': 'MERIT'})."
         )
     json_merit = ds_names_merit(config)
+    if "optimizer" in config and _asks_for_merit_client(trainer):
+        named = (config.get("optimizer") or {}).get("type")
+        explicit = getattr(trainer, "optimizer_cls_and_kwargs", None) is not None
+        if not json_merit or explicit:
+            # The JSON's optimizer wins (DummyOptim); the Trainer would silently ignore the request.
+            raise ValueError(
+                f"the DeepSpeed config names optimizer {named!r} and the Trainer was asked for MERIT "
+                f"({'optimizer_cls_and_kwargs' if explicit else 'optim=merit'}): DeepSpeed builds the "
+                "JSON's optimizer and the Trainer silently ignores "
+                f"{'the class and its kwargs' if explicit else 'optim'}. Remove the 'optimizer' section "
+                "from the DeepSpeed config, or name MERIT there (with its params) and drop "
+                "optimizer_cls_and_kwargs."
+            )
     if json_merit:
         from .deepspeed import check_config
 
