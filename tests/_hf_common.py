@@ -83,7 +83,7 @@ def save_json(path, obj):
 
 
 def reference_check(rec: dict, tokens: torch.Tensor, global_batch: int, *, weight_decay: float, hp: dict,
-                    all_decayed: bool = False, loss_scale: float = 15 / 16) -> list[float]:
+                    all_decayed: bool = False, loss_scale: float = 15 / 16, clip: float = 0.0) -> list[float]:
     """Replay ``rec`` (``{"weights": [...], "lrs": [...]}``) with plain MERIT; return per step the
     max |difference| between the recorded and the reference weights after the step."""
     from merit_ds import MERIT
@@ -105,6 +105,8 @@ def reference_check(rec: dict, tokens: torch.Tensor, global_batch: int, *, weigh
             g["lr"] = lr
         batch = tokens[k * global_batch:(k + 1) * global_batch]
         (model(input_ids=batch, labels=batch).loss * loss_scale).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
         after = rec["weights"][k + 1]

@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from _hf_common import HP, WEIGHT_DECAY, LMDataset, full_weights, split_matrices, tiny_gpt2, token_data  # noqa: E402
 
 STEPS, MICRO = 3, 2
+CLIP = 0.05  # small enough that every step clips
 
 
 @dataclasses.dataclass
@@ -92,15 +93,19 @@ def main():
         kwargs = {}
         configured = dict(accelerator_config={"use_configured_state": True})
         configure_state(name.startswith("ds"))
-        if name == "cls":
+        if name in ("cls", "clip"):
             args = dataclasses.replace(cli_args, optim="adamw_torch", use_cpu=True, **configured)
+            if name == "clip":
+                args = dataclasses.replace(args, max_grad_norm=CLIP, **configured)
             kwargs["optimizer_cls_and_kwargs"] = (MERIT, dict(HP))
         elif name.startswith("ds"):
             # ds<stage>_<cls|json|dropped|offload|swap>
             stage, kind = int(name[2]), name.split("_", 1)[1]
             cfg = ds_config(stage, offload=kind in ("offload", "swap"), force_flag=kind != "swap", json_merit=kind == "json")
             optim = "merit" if kind in ("json", "cli") else "adamw_torch"
-            args = dataclasses.replace(cli_args, deepspeed=cfg, optim=optim, use_cpu=False, **configured)
+            clip = CLIP if kind == "clip" else cli_args.max_grad_norm  # "auto" -> gradient_clipping
+            args = dataclasses.replace(cli_args, deepspeed=cfg, optim=optim, use_cpu=False, max_grad_norm=clip,
+                                       **configured)
             if kind == "dropped":
                 model = tiny_gpt2()
                 kwargs["optimizers"] = (MERIT(model.parameters(), **HP), None)

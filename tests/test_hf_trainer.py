@@ -38,7 +38,8 @@ CLI = [
 # ds<stage>_<kind>: cls = optimizer_cls_and_kwargs, cli = optim="merit", json = "optimizer": {"type": "MERIT"} in the
 # DeepSpeed config, offload = cls + offload_optimizer cpu (+ zero_force_ds_cpu_optimizer: false)
 ZERO_SCENARIOS = ["ds1_cls", "ds2_cls", "ds3_cls", "ds2_offload", "ds2_json", "ds3_json", "ds3_cli"]
-DIST_SCENARIOS = ["cli", "cls", "ds2_dropped", "ds2_swap", *ZERO_SCENARIOS]
+DIST_SCENARIOS = ["cli", "cls", "clip", "ds2_clip", "ds2_dropped", "ds2_swap", *ZERO_SCENARIOS]
+CLIP = 0.05  # as in the worker: max_grad_norm small enough that every step clips
 
 
 def _launch(tmp_path_factory, scenarios, nproc):
@@ -61,12 +62,12 @@ def dist(tmp_path_factory):
     return _launch(tmp_path_factory, DIST_SCENARIOS, 2)
 
 
-def _assert_matches_reference(rec, world):
+def _assert_matches_reference(rec, world, clip=0.0):
     assert rec["error"] is None, rec.get("message")
     assert rec["opt_type"] == "MERIT"
     assert len(rec["lrs"]) == STEPS and len(rec["weights"]) == STEPS + 1
     tokens = token_data(STEPS * MICRO * world)
-    kw = dict(weight_decay=WEIGHT_DECAY, hp=dict(HP), loss_scale=TRAINER_LOSS_SCALE)
+    kw = dict(weight_decay=WEIGHT_DECAY, hp=dict(HP), loss_scale=TRAINER_LOSS_SCALE, clip=clip)
     diffs = reference_check(rec, tokens, MICRO * world, **kw)
     assert max(diffs) <= STEP_ATOL, diffs
     control = reference_check(rec, tokens, MICRO * world, all_decayed=True, **kw)
@@ -195,3 +196,13 @@ def test_import_merit_ds_does_not_import_transformers():
     code = "import sys, merit_ds; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], env=dist_env(), capture_output=True, text=True, timeout=120)
     assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["clip", "ds2_clip"])
+def test_gradient_clipping_matches_reference(dist, name):
+    # DDP: the Trainer's clip_grad_norm_; ZeRO 2: DeepSpeed's gradient_clipping ("auto" <- max_grad_norm).
+    rec = dist[name]
+    _assert_matches_reference(rec, world=2, clip=CLIP)
+    unclipped = reference_check(rec, token_data(STEPS * MICRO * 2), MICRO * 2, weight_decay=WEIGHT_DECAY, hp=dict(HP),
+                                loss_scale=TRAINER_LOSS_SCALE)
+    assert max(unclipped) > 10 * STEP_ATOL, unclipped  # clipping really changed the steps
