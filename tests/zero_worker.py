@@ -62,6 +62,13 @@ CONFIGS = {
     "z3_offload": dict(stage=3, dtype="fp32", offload=True),
     "z2_groups": dict(stage=2, dtype="fp32", two_groups=True),
     "bf16opt_groups": dict(stage=1, dtype="bf16", grad_accum_fp32=True, two_groups=True),
+    "z3_groups": dict(stage=3, dtype="bf16", two_groups=True),
+    "z2_bf16_offload": dict(stage=2, dtype="bf16", offload=True),
+    "z2_attach": dict(stage=2, dtype="fp32", attach=True),
+    # one NaN in one gradient element on one rank; with bf16 "check_grad_overflow": false
+    # DeepSpeed does not skip the step itself, so MERIT must skip that parameter on every
+    # rank (its policy "skip")
+    "z2_bf16_nan": dict(stage=2, dtype="bf16", nan_at=1),
 }
 
 
@@ -114,6 +121,8 @@ def ds_config(cfg, world):
     }
     if cfg["dtype"] == "bf16":
         c["bf16"] = {"enabled": True}
+        if cfg.get("nan_at") is not None:
+            c["bf16"]["check_grad_overflow"] = False  # let the NaN reach the optimizer
         if cfg.get("grad_accum_fp32"):
             c["data_types"] = {"grad_accum_dtype": "fp32"}
     if cfg["dtype"] == "fp16":
@@ -194,6 +203,8 @@ def run_config(name, cfg, rank, world):
         params = model.parameters()
     opt = MERIT(params, **HP)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(cfg, world))
+    if cfg.get("attach"):
+        merit_ds.attach(opt, engine)  # explicit: layout from the ZeRO optimizer's own records
     oracle = Oracle(engine)
     ref_state = {}  # param -> (exp_avg, exp_avg_sq, step) of the single-device reference
     hp_of = {}  # param -> its group's hyperparameters
@@ -252,6 +263,8 @@ def run_config(name, cfg, rank, world):
                       beta2=grp["betas"][1], eps=grp["eps"], weight_decay=grp["weight_decay"],
                       nonfinite_grads=grp["nonfinite_grads"], implementation="single_tensor")
                 diff = (w - after[p]).abs().max().item() if w.numel() else 0.0
+                if math.isnan(diff):  # max() would silently drop a NaN
+                    diff = float("inf")
                 res["max_diff"] = max(res["max_diff"], diff)
                 if diff > 0 and os.environ.get("MERIT_DEBUG"):
                     print("DIFF", rank, tuple(w.shape), diff, (w - after[p]).abs().view(-1).nonzero().view(-1).tolist()[:20], flush=True)
@@ -269,10 +282,20 @@ def run_config(name, cfg, rank, world):
         full_opt = MERIT(full_ref.parameters(), **HP)
     for step in range(STEPS):
         x, y = batch(step, rank, world)
+        hook = None
+        if cfg.get("nan_at") == step and rank == world - 1:
+            def poison(g):
+                g = g.clone()
+                g.view(-1)[-1] = float("nan")
+                return g
+
+            hook = model.l1.weight.register_hook(poison)
         loss = engine(x, y)
         if cfg.get("overflow_at") == step and rank == 0:
             loss = loss * float("inf")  # fp16 overflow on one rank: every rank must skip
         engine.backward(loss)
+        if hook is not None:
+            hook.remove()
         engine.step()
         if full_ref is not None and step == 0:
             xs, ys = zip(*[batch(step, r, world) for r in range(world)])
@@ -300,6 +323,9 @@ def run_config(name, cfg, rank, world):
                 dd = max(dd, (deepspeed.utils.safe_get_full_fp32_param(p).view(w.shape) - w).abs().max().item())
         res["safe_get_diff"] = dd
     res["skipped_steps"] = getattr(engine, "skipped_steps", 0)
+    skips = [None] * world
+    dist.all_gather_object(skips, opt.nonfinite_skips)
+    res["nonfinite_skips"] = skips
     res["flavour"] = oracle.kind
     res["adapters"] = sorted({v[3] for v in opt.__dict__.get("_merit_layouts", {}).values()})
     engine.destroy() if hasattr(engine, "destroy") else None
