@@ -37,11 +37,11 @@ def make_ds_config(stage: int, precision: str, *, offload: bool = False, optim: 
         cfg["train_batch_size"] = int(global_batch)
     if micro_batch is not None:
         cfg["train_micro_batch_size_per_gpu"] = int(micro_batch)
-    cfg["optimizer"] = {
-        "type": "MERIT",
-        "params": {"lr": float(lr if lr is not None else optim.lr_ref), "betas": list(optim.betas),
-                   "eps": optim.eps, "weight_decay": optim.weight_decay},
-    }
+    # No lr in a generic config: merit_ds.train sets the preset's batch-scaled lr (a fixed lr here
+    # would silently apply GPT-2's value to every model); recipe configs carry theirs.
+    params = {"lr": float(lr)} if lr is not None else {}
+    params.update({"betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay})
+    cfg["optimizer"] = {"type": "MERIT", "params": params}
     cfg["gradient_clipping"] = optim.grad_clip
     cfg["bf16"] = {"enabled": precision == "bf16"}
     zero: dict = {"stage": stage}

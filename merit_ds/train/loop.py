@@ -324,6 +324,11 @@ def run(args) -> int:
     if zero_stage > 0 and not _sharding_available():
         raise UsageError(f"ZeRO stage {zero_stage} needs merit_ds.sharding (exact MERIT on flat partitions), which "
                          f"is not installed in this build; use --zero-stage 0")
+    # Until merit_ds.integrations.deepspeed registers the JSON name "MERIT", MERIT is built here
+    # with exactly the JSON's hyperparameters and handed over as a client optimizer.
+    client_optimizer = "optimizer" not in cfg or not _merit_json_name_registered()
+    if client_optimizer:
+        cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
     if launcher == "accelerate":
         runner.init_accelerator(cfg)
         if runner.world != plan.world:
@@ -359,14 +364,11 @@ def run(args) -> int:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     groups = _param_groups(model, float(opt_params.get("weight_decay", optim.weight_decay)))
     client = None
-    if "optimizer" in cfg and not _merit_json_name_registered():
-        # Until merit_ds.integrations.deepspeed registers the JSON name, build MERIT here with
-        # exactly the JSON's hyperparameters and hand it to DeepSpeed as a client optimizer.
+    if client_optimizer:
         from merit_ds.optim import MERIT
 
         client = MERIT(groups, lr=opt_params["lr"], betas=tuple(opt_params.get("betas", optim.betas)),
                        eps=opt_params.get("eps", optim.eps), weight_decay=opt_params.get("weight_decay", 0.0))
-        cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
     engine = runner.build(model, groups, cfg, client)
     how = verify_merit_is_stepping(engine)
     basic = engine.basic_optimizer
