@@ -1,9 +1,17 @@
 """merit_ds: the MERIT optimizer, exact under DeepSpeed ZeRO, for large-batch LM training.
 
-``from merit_ds import MERIT`` gives the optimizer.
+``from merit_ds import MERIT`` gives the optimizer. Importing ``merit_ds`` also
+
+- registers the sharded step (:mod:`merit_ds.sharding`): a MERIT wrapped by DeepSpeed ZeRO
+  1/2/3 or BF16_Optimizer computes the single-device update from its flat partitions;
+- makes ``"optimizer": {"type": "MERIT"}`` work in DeepSpeed's JSON config by setting
+  ``torch.optim.MERIT`` (:mod:`merit_ds.integrations.deepspeed`).
 """
 
 from .optim import MERIT, MeritStats, merit
+from . import sharding  # noqa: E402  (registers the group resolver)
+from .integrations.deepspeed import check_config
+from .sharding import ShardingLayoutError, attach
 
 __version__ = "0.1.0"
-__all__ = ["MERIT", "MeritStats", "merit", "__version__"]
+__all__ = ["MERIT", "MeritStats", "merit", "attach", "check_config", "ShardingLayoutError", "__version__"]

@@ -61,6 +61,8 @@ __all__ = [
     "vector_trust_ratio",
     "apply_update_",
     "is_matrix",
+    "updated_moments",
+    "fragment_maxima_",
 ]
 
 
@@ -152,3 +154,68 @@ def apply_update_(param: Tensor, u: Tensor, trust: Tensor, lr: float) -> None:
     """w -= lr * clip(s * u, -1, 1), in place; ``u`` is overwritten as scratch."""
     u.mul_(trust).clamp_(-1.0, 1.0)
     param.add_(u, alpha=-lr)
+
+
+def updated_moments(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: float, beta2: float) -> tuple[Tensor, Tensor]:
+    """The moments :func:`update_moments_` would write, as new tensors (state untouched).
+
+    Same operations in the same order (``mul`` then ``add_(alpha)`` / ``addcmul_``), so every
+    element rounds exactly as in the in-place form. The sharded step uses this when a
+    parameter's step may still be skipped after the ranks agree on non-finite gradients.
+    """
+    m = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1)
+    v = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    return m, v
+
+
+def fragment_maxima_(x: Tensor, start: int, cols: int, inner: int, row_out: Tensor, col_out: Tensor) -> None:
+    """Partial row / column maxima of ``|x|``, where ``x`` is a flat slice of a matrix.
+
+    ``x`` holds the elements ``[start, start + x.numel())`` of a parameter of shape
+    ``(R, C, *rest)`` flattened in row-major order; ``cols = C`` and ``inner = prod(rest)``
+    (1 for a plain matrix). Element ``e`` sits in row ``i = e // (C*inner)``, column
+    ``j = (e // inner) % C`` and trailing position ``k = e % inner``; its row statistic is
+    ``row_out[i*inner + k]`` (``R*inner`` entries, the flattened ``(R, 1, *rest)`` maxima) and
+    its column statistic ``col_out[j*inner + k] = col_out[e % (C*inner)]`` (``C*inner``
+    entries). Both outputs must start at 0 (the identity of ``max |.|``); on return they hold
+    the maxima over the elements of ``x`` only, everything else stays 0::
+
+        parameter (R=4, C=5) flattened:       fragment x = elements [7, 18)
+             c0 c1 c2 c3 c4
+        r0 [  .  .  .  .  . ]                 head: r1, cols 2..4   (partial row)
+        r1 [  .  .  x  x  x ]   <- head       body: r2              (whole rows)
+        r2 [  x  x  x  x  x ]   <- body       tail: r3, cols 0..2   (partial row)
+        r3 [  x  x  x  .  . ]   <- tail
+                                              row_out = [0, max r1[2:], max r2, max r3[:3]]
+                                              col_out = column-wise max over the x's
+
+    Whole rows are reduced as a ``(rows, C, inner)`` block; a partial row contributes its
+    ``|x|`` element-wise to a contiguous slice of ``col_out`` and one maximum per trailing
+    position to its row. Maxima are exact, so combining these partial results with ``max``
+    (the sharded step's ``all_reduce(MAX)``) gives the whole matrix's maxima bit for bit.
+    """
+    row_len = cols * inner
+    n = x.numel()
+    pos = 0
+    while pos < n:
+        e = start + pos
+        row, col0 = divmod(e, row_len)
+        if col0 == 0 and n - pos >= row_len:
+            nrows = (n - pos) // row_len
+            block = x.narrow(0, pos, nrows * row_len).view(nrows, cols, inner)
+            row_out.narrow(0, row * inner, nrows * inner).copy_(_amax_abs(block, 1).view(-1))
+            col_part = _amax_abs(block, 0).view(-1)
+            torch.maximum(col_out, col_part, out=col_out)
+            pos += nrows * row_len
+            continue
+        length = min(row_len - col0, n - pos)
+        piece = x.narrow(0, pos, length)
+        col_slice = col_out.narrow(0, col0, length)
+        torch.maximum(col_slice, piece.abs(), out=col_slice)
+        row_slice = row_out.narrow(0, row * inner, inner)
+        if inner == 1:
+            torch.maximum(row_slice, _amax_abs(piece).view(1), out=row_slice)
+        else:
+            k = torch.arange(col0, col0 + length, device=x.device) % inner
+            row_slice.scatter_reduce_(0, k, piece.abs(), reduce="amax", include_self=True)
+        pos += length

@@ -139,6 +139,33 @@ class MERIT(Optimizer):
         ) else param_group
         _validate_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
         super().add_param_group(param_group)
+        # Remember the parameters each group was built with: a wrapper (DeepSpeed ZeRO) may
+        # later swap them for flat partitions, and the sharding layer finds the wrapper's
+        # per-parameter records (shapes, fragment addresses) through these originals.
+        if not hasattr(self, "_original_params"):
+            self._original_params = {}
+        group = self.param_groups[-1]
+        self._original_params[id(group)] = list(group["params"])
+
+    def original_params(self, group: dict) -> list[Tensor]:
+        """The parameters ``group`` held when it was added (before any wrapper replaced them)."""
+        try:
+            return self._original_params[id(group)]
+        except KeyError:
+            raise KeyError("this param group was not added through MERIT.add_param_group") from None
+
+    def is_original(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is one of the parameters MERIT was constructed with."""
+        ids = getattr(self, "_original_ids", None)
+        if ids is None or len(ids) != sum(len(v) for v in self._original_params.values()):
+            ids = self._original_ids = {id(p) for ps in self._original_params.values() for p in ps}
+        return id(tensor) in ids
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch rebuilds the group dicts; carry the originals over by position.
+        before = [self._original_params.get(id(g)) for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        self._original_params = {id(g): ps for g, ps in zip(self.param_groups, before) if ps is not None}
 
     # ---- extension point for the sharding layer -------------------------------------------
     @classmethod
@@ -183,10 +210,11 @@ class MERIT(Optimizer):
                 loss = closure()
         if self.track_stats:
             self.last_stats = {}
+        sharded = []
         for group in self.param_groups:
             stepper = self._group_stepper(group)
             if stepper is not None:
-                stepper()
+                sharded.append(stepper)
                 continue
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
@@ -207,7 +235,25 @@ class MERIT(Optimizer):
                 stats=self.last_stats if self.track_stats else None,
             )
             self.nonfinite_skips += result
+        _run_group_steppers(sharded)
         return loss
+
+
+def _run_group_steppers(steppers: list) -> None:
+    """Run the steppers resolvers returned; those exposing the same ``run_many`` run together.
+
+    The sharded step uses this to issue one collective for all groups of a ``step()`` call
+    (DeepSpeed's BF16_Optimizer steps every group in one call).
+    """
+    batches: dict = {}
+    for stepper in steppers:
+        key = getattr(stepper, "run_many", None)
+        if key is None:
+            stepper()
+        else:
+            batches.setdefault(key, []).append(stepper)
+    for run_many, batch in batches.items():
+        run_many(batch)
 
 
 def _validate_hyperparameters(lr, betas, eps, weight_decay) -> None:

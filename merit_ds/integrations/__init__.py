@@ -1,0 +1,1 @@
+"""Glue to the tools people launch with (DeepSpeed; HF Trainer and Accelerate elsewhere). No math."""

@@ -1,0 +1,159 @@
+"""MERIT with Hugging Face Accelerate (1.15), with or without its DeepSpeed plugin.
+
+Two ways to use MERIT under ``Accelerator(deepspeed_plugin=...)``::
+
+    # client optimizer
+    opt = MERIT(merit_param_groups(model, weight_decay=0.1), lr=1e-2)
+    model, opt, dl, sched = prepare_with_merit(accelerator, model, opt, dl, sched)
+
+    # named in the DeepSpeed JSON: "optimizer": {"type": "MERIT", "params": {...}}
+    opt = DummyOptim(merit_param_groups(model))     # groups, NOT model.parameters()
+    sched = DummyScheduler(opt, lr_scheduler_callable=make_sched)
+    model, opt, dl, sched = prepare_with_merit(accelerator, model, opt, dl, sched)
+
+:func:`prepare_with_merit` is ``accelerator.prepare`` between two checks: before, it refuses
+the configuration in which Accelerate silently swaps MERIT for DeepSpeedCPUAdam
+(``accelerator.py:2374-2383``: ZeRO-Offload without ``"zero_force_ds_cpu_optimizer": false``);
+after, :func:`merit_ds.integrations.verify.assert_merit_is_stepping` confirms MERIT steps the
+weights, sharded, with biases and norms undecayed.
+
+Schedules: Accelerate wraps a plain torch scheduler in ``AcceleratedScheduler``, which steps it
+``num_processes`` times per optimizer update (``scheduler.py``, unless ``split_batches``).
+Build such a scheduler with :func:`scheduler_steps` (warmup and total multiplied by that
+factor). A ``DummyScheduler(lr_scheduler_callable=...)`` is stepped by DeepSpeed once per
+update: build it with the plain step counts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..optim import MERIT
+from ._common import OffloadSwapError, ds_names_merit, refuse_offload_swap
+from .param_groups import merit_param_groups
+from .verify import NotMeritError, assert_merit_is_stepping
+
+__all__ = [
+    "prepare_with_merit",
+    "check_before_prepare",
+    "scheduler_step_factor",
+    "scheduler_steps",
+    "merit_deepspeed_config",
+    "merit_param_groups",
+    "OffloadSwapError",
+]
+
+
+def merit_deepspeed_config(
+    stage: int,
+    *,
+    micro_batch: int | str = "auto",
+    grad_accum: int | str = "auto",
+    offload: bool = False,
+    optimizer_params: Optional[dict] = None,
+    gradient_clipping: Optional[float] = None,
+    **extra: Any,
+) -> dict:
+    """A DeepSpeed config dict for MERIT (for ``DeepSpeedPlugin(hf_ds_config=...)`` or a JSON file).
+
+    ``optimizer_params`` given: the config names MERIT (``"optimizer": {"type": "MERIT",
+    "params": optimizer_params}``; use ``DummyOptim``); None: the client-optimizer form.
+    Always sets ``zero_allow_untested_optimizer`` (DeepSpeed refuses a non-Adam optimizer
+    under ZeRO otherwise) and, with ``offload``, ``offload_optimizer: cpu`` plus
+    ``zero_force_ds_cpu_optimizer: false`` (without it MERIT is swapped or refused).
+    """
+    zero: dict[str, Any] = {"stage": int(stage)}
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,
+    }
+    if offload:
+        cfg["zero_force_ds_cpu_optimizer"] = False
+    if optimizer_params is not None:
+        cfg["optimizer"] = {"type": "MERIT", "params": dict(optimizer_params)}
+    if gradient_clipping is not None:
+        cfg["gradient_clipping"] = gradient_clipping
+    cfg.update(extra)
+    return cfg
+
+
+def _ds_config(accelerator) -> Optional[dict]:
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    return None if plugin is None else plugin.deepspeed_config
+
+
+def check_before_prepare(accelerator, optimizer: Any) -> None:
+    """Refuse, before ``prepare``, what would make something other than MERIT train.
+
+    * client ``MERIT`` + ZeRO-Offload without ``zero_force_ds_cpu_optimizer: false``
+      (Accelerate would swap in DeepSpeedCPUAdam): :class:`OffloadSwapError`;
+    * ``DummyOptim`` with a DeepSpeed config that does not name MERIT, or without DeepSpeed:
+      :class:`NotMeritError`.
+    """
+    from accelerate.utils import DummyOptim
+
+    cfg = _ds_config(accelerator)
+    if isinstance(optimizer, MERIT):
+        if cfg is not None and "optimizer" in cfg:
+            raise NotMeritError(
+                "a client MERIT optimizer was passed but the DeepSpeed config has an 'optimizer' "
+                f"section ({cfg['optimizer'].get('type')}); Accelerate requires DummyOptim then. "
+                "Remove the section or name MERIT there and pass DummyOptim(merit_param_groups(model))."
+            )
+        if cfg is not None:
+            refuse_offload_swap(cfg)
+    elif isinstance(optimizer, DummyOptim):
+        if cfg is None or not ds_names_merit(cfg):
+            named = None if cfg is None else (cfg.get("optimizer") or {}).get("type")
+            raise NotMeritError(f"DummyOptim given but the DeepSpeed config names optimizer {named!r}, not 'MERIT'")
+    else:
+        raise NotMeritError(f"expected a merit_ds.MERIT or accelerate DummyOptim, got {type(optimizer).__name__}")
+
+
+def prepare_with_merit(accelerator, *objects: Any, check_decay: bool = True):
+    """``accelerator.prepare(*objects)`` with MERIT checked before and after (see module doc).
+
+    Exactly one of ``objects`` must be a MERIT or a DummyOptim; the model (an ``nn.Module``)
+    is used for the weight-decay check when ``check_decay``. Returns what ``prepare`` returns.
+    """
+    from accelerate.utils import DummyOptim
+
+    optimizers = [o for o in objects if isinstance(o, (torch.optim.Optimizer, DummyOptim))]
+    if len(optimizers) != 1:
+        raise ValueError(f"prepare_with_merit needs exactly one optimizer among the objects, got {len(optimizers)}")
+    models = [o for o in objects if isinstance(o, torch.nn.Module)]
+    check_before_prepare(accelerator, optimizers[0])
+    prepared = accelerator.prepare(*objects)
+    prepared_tuple = prepared if isinstance(prepared, tuple) else (prepared,)
+    prepared_opt = prepared_tuple[[i for i, o in enumerate(objects) if o is optimizers[0]][0]]
+    assert_merit_is_stepping(prepared_opt, models[0] if (check_decay and models) else None)
+    return prepared
+
+
+def scheduler_step_factor(accelerator, *, deepspeed_scheduler: bool = False) -> int:
+    """How many times Accelerate steps a prepared scheduler per optimizer update.
+
+    ``num_processes`` for a plain torch scheduler (``AcceleratedScheduler`` without
+    ``split_batches``), 1 with ``split_batches``, when the scheduler is not stepped with the
+    optimizer, or for a scheduler DeepSpeed steps itself (``deepspeed_scheduler=True``:
+    ``DummyScheduler`` or a DeepSpeed ``lr_schedules`` class).
+    """
+    if deepspeed_scheduler or accelerator.split_batches or not accelerator.step_scheduler_with_optimizer:
+        return 1
+    return accelerator.num_processes
+
+
+def scheduler_steps(accelerator, *steps: int, deepspeed_scheduler: bool = False) -> tuple[int, ...]:
+    """``steps`` (warmup, total, ...) in the scheduler's own count under Accelerate.
+
+    ``get_cosine_schedule_with_warmup(opt, *scheduler_steps(acc, warmup, total))`` then gives
+    the intended lr at every optimizer update on any number of processes.
+    """
+    factor = scheduler_step_factor(accelerator, deepspeed_scheduler=deepspeed_scheduler)
+    return tuple(int(s) * factor for s in steps)

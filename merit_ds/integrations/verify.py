@@ -1,0 +1,130 @@
+"""Confirm, after ``accelerator.prepare`` / ``deepspeed.initialize`` / ``Trainer.train`` setup,
+that the optimizer actually stepping the weights is MERIT, sharded correctly, with the
+intended weight-decay split.
+
+The wrappers between a user's handle and the optimizer that steps the weights::
+
+    Trainer.optimizer / Accelerate's AcceleratedOptimizer / DeepSpeedOptimizerWrapper
+        .optimizer -> DeepSpeedEngine.optimizer (or a ZeRO optimizer directly)
+            ZeRO 1/2: DeepSpeedZeroOptimizer   groups: bit16_groups[i]          (flat partitions)
+            ZeRO 3:   DeepSpeedZeroOptimizer_Stage3  fp16_groups[sub] -> sub_group_to_group_id
+            bf16:     BF16_Optimizer           groups: bf16_groups[i]
+                .optimizer -> the basic optimizer (must be merit_ds.MERIT)
+
+Each of these holds the next one in ``.optimizer``. The original (model) parameters of each
+basic-optimizer group are read from the ZeRO optimizer's records, never recomputed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..optim import MERIT
+from .param_groups import check_decay_split
+
+__all__ = ["unwrap_optimizer", "assert_merit_is_stepping", "decay_groups", "NotMeritError"]
+
+
+class NotMeritError(RuntimeError):
+    """The optimizer that steps the weights is not (a correctly sharded) MERIT."""
+
+
+def _chain(obj: Any) -> list:
+    """``obj`` and everything reachable through ``.optimizer`` (engine -> ZeRO -> basic)."""
+    chain, seen = [obj], {id(obj)}
+    while True:
+        nxt = getattr(chain[-1], "optimizer", None)
+        if nxt is None or id(nxt) in seen or isinstance(chain[-1], MERIT):
+            return chain
+        chain.append(nxt)
+        seen.add(id(nxt))
+
+
+def unwrap_optimizer(engine_or_optimizer: Any) -> torch.optim.Optimizer:
+    """The innermost optimizer: the one whose ``step()`` changes the weights."""
+    return _chain(engine_or_optimizer)[-1]
+
+
+def _describe(chain: list) -> str:
+    return " -> ".join(type(x).__name__ for x in chain)
+
+
+def _zero_wrapper(chain: list) -> Optional[Any]:
+    for obj in chain:
+        if any(hasattr(obj, a) for a in ("bit16_groups", "bf16_groups", "sub_group_to_group_id")):
+            return obj
+    return None
+
+
+def decay_groups(engine_or_optimizer: Any) -> list[tuple[float, list[torch.nn.Parameter]]]:
+    """``(weight_decay, original model parameters)`` for every group of the stepping optimizer."""
+    chain = _chain(engine_or_optimizer)
+    basic, wrapper = chain[-1], _zero_wrapper(chain)
+    groups = basic.param_groups
+    if wrapper is None:
+        return [(g["weight_decay"], list(g["params"])) for g in groups]
+    if hasattr(wrapper, "sub_group_to_group_id"):  # ZeRO 3: sub-groups of original groups
+        per_group: dict[int, list] = {}
+        for sub, params in enumerate(wrapper.fp16_groups):
+            per_group.setdefault(wrapper.sub_group_to_group_id[sub], []).extend(params)
+        return [(groups[gid]["weight_decay"], ps) for gid, ps in sorted(per_group.items())]
+    originals = getattr(wrapper, "bit16_groups", None) or getattr(wrapper, "bf16_groups")
+    if len(originals) != len(groups):
+        raise NotMeritError(
+            f"cannot match {len(groups)} optimizer groups to {len(originals)} ZeRO groups in {type(wrapper).__name__}"
+        )
+    return [(g["weight_decay"], list(ps)) for g, ps in zip(groups, originals)]
+
+
+def _check_sharding(wrapper: Any, basic: MERIT) -> None:
+    """Every flat-partition group must be claimed by the sharding layer (merit_ds.sharding)."""
+    try:
+        from .. import sharding  # noqa: F401  (registers MERIT's group resolver)
+    except ImportError as exc:
+        raise NotMeritError(
+            f"MERIT runs under {type(wrapper).__name__} (ZeRO flat partitions) but merit_ds.sharding "
+            "is not available: MERIT would treat each flat partition as one vector and compute "
+            "wrong trust ratios."
+        ) from exc
+    if not MERIT._group_resolvers:
+        raise NotMeritError("merit_ds.sharding registered no group resolver with MERIT")
+    verify = getattr(sharding, "verify_layouts", None)
+    if verify is not None:  # the sharding layer's own, complete check (all ZeRO flavours)
+        verify(wrapper, basic)
+        return
+    for i, group in enumerate(basic.param_groups):
+        if group["params"] and basic._group_stepper(group) is None:
+            raise NotMeritError(
+                f"group {i} of MERIT under {type(wrapper).__name__} has no sharding layout: its "
+                "flat partition would be stepped as one vector."
+            )
+
+
+def assert_merit_is_stepping(engine_or_optimizer: Any, model: Optional[torch.nn.Module] = None, *, trainer=None) -> MERIT:
+    """Raise :class:`NotMeritError` unless MERIT is the optimizer stepping ``model``'s weights.
+
+    Accepts a ``DeepSpeedEngine``, a ZeRO optimizer, Accelerate's wrapped optimizer, a Trainer's
+    ``optimizer`` or a plain optimizer. Checks, in order:
+
+    1. the innermost optimizer is a :class:`merit_ds.MERIT` (not AdamW, not DeepSpeedCPUAdam);
+    2. under ZeRO, every flat-partition group has a layout from :mod:`merit_ds.sharding`;
+    3. with ``model``: no bias or norm parameter sits in a group with ``weight_decay > 0``
+       (Hugging Face's grouping, see :mod:`merit_ds.integrations.param_groups`).
+
+    Returns the MERIT instance.
+    """
+    chain = _chain(engine_or_optimizer)
+    basic = chain[-1]
+    if not isinstance(basic, MERIT):
+        raise NotMeritError(
+            f"the optimizer stepping the weights is {type(basic).__module__}.{type(basic).__qualname__}, "
+            f"not merit_ds.MERIT (wrappers: {_describe(chain)}). See docs/README_hf.md, 'Traps'."
+        )
+    wrapper = _zero_wrapper(chain)
+    if wrapper is not None:
+        _check_sharding(wrapper, basic)
+    if model is not None:
+        check_decay_split(decay_groups(engine_or_optimizer), model, trainer=trainer)
+    return basic

@@ -1,0 +1,21 @@
+"""MERIT under DeepSpeed ZeRO: partition layouts, the statistics buffer, the one collective.
+
+Importing this package registers :func:`resolve_group` with
+:meth:`merit_ds.optim.MERIT.register_group_resolver`; from then on a MERIT whose groups
+DeepSpeed replaced with flat partitions runs the sharded step (:mod:`.step`) automatically.
+
+Modules: :mod:`.layout` (pure: fragments, stats-buffer slots), :mod:`.zero12`,
+:mod:`.zero3`, :mod:`.bf16` (one adapter per DeepSpeed flavour, reading its records),
+:mod:`.resolve` (chooses the adapter), :mod:`.collective` (the all-reduce), :mod:`.step`.
+"""
+
+from merit_ds.optim import MERIT
+
+from . import collective
+from .errors import ShardingLayoutError
+from .layout import Fragment, ParamSlots, PartitionLayout
+from .resolve import attach, layout_of, resolve_group
+
+MERIT.register_group_resolver(resolve_group)
+
+__all__ = ["attach", "layout_of", "resolve_group", "collective", "ShardingLayoutError", "Fragment", "ParamSlots", "PartitionLayout"]

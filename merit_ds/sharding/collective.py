@@ -1,0 +1,56 @@
+"""The one collective of the sharded step: ``all_reduce(MAX)`` of the statistics buffer.
+
+Kept in one place so that the count is easy to see (and to assert: :data:`counter`), and so
+that the device rule lives once: the buffer is built next to the optimizer's flat partition
+(CPU under ZeRO-Offload) and must meet the collective on the device its backend serves
+(NCCL: the accelerator; gloo: the CPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["all_reduce_max", "collective_device", "counter", "CollectiveCounter"]
+
+
+@dataclass
+class CollectiveCounter:
+    """How many statistics all-reduces ran in this process (tests assert one per step())."""
+
+    calls: int = 0
+    floats: int = 0
+
+
+counter = CollectiveCounter()
+
+
+def collective_device(group=None) -> torch.device:
+    """The device a tensor must be on for a collective over ``group``."""
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "gloo":
+        return torch.device("cpu")
+    try:  # DeepSpeed knows the accelerator (cuda, xpu, hpu, npu, ...)
+        from deepspeed.accelerator import get_accelerator
+
+        return torch.device(get_accelerator().current_device_name())
+    except Exception:  # pragma: no cover - DeepSpeed is a hard dependency in practice
+        return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_reduce_max(buffer: torch.Tensor, group=None) -> torch.Tensor:
+    """Element-wise max of ``buffer`` over ``group``; returns it on ``buffer``'s device.
+
+    With a world of one this is still a (trivial) collective; it is never skipped, so every
+    rank issues exactly the same sequence of collectives.
+    """
+    device = collective_device(group)
+    work = buffer if buffer.device == device else buffer.to(device)
+    dist.all_reduce(work, op=dist.ReduceOp.MAX, group=group)
+    counter.calls += 1
+    counter.floats += work.numel()
+    if work is not buffer:
+        buffer.copy_(work)
+    return buffer

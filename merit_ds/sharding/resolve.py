@@ -1,0 +1,127 @@
+"""The one place that decides how a MERIT param group is stepped under DeepSpeed.
+
+Registered with :meth:`MERIT.register_group_resolver` when :mod:`merit_ds` is imported, so
+sharded MERIT needs no extra user call on any entry path (the user's own
+``deepspeed.initialize``, the JSON config name, accelerate, the HF Trainer):
+
+- a group holding the parameters MERIT was built with (or nothing) -> ``None``: MERIT's
+  ordinary step;
+- a group holding something else (DeepSpeed swapped in a flat fp32 partition) -> a
+  :class:`~merit_ds.sharding.step.ShardedGroupStep` whose layout comes from the wrapper that
+  owns the partition, found through the original parameters' back-links
+  (``_z3_optimizer`` for ZeRO 3, ``_zero_optimizer`` for ZeRO 1/2, ``_hp_mapping`` for
+  BF16_Optimizer) or given explicitly with :func:`attach`;
+- anything else -> :class:`ShardingLayoutError`. Never a silent fallback to treating the
+  partition as one vector.
+
+Layouts are computed once per partition tensor and cached on the optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from .bf16 import hp_mapping_layout
+from .errors import ShardingLayoutError
+from .step import ShardedGroupStep
+from .zero3 import zero3_layout
+from .zero12 import zero12_layout
+
+__all__ = ["resolve_group", "attach", "layout_of"]
+
+
+def attach(optimizer, owner) -> None:
+    """Tell ``optimizer`` (a MERIT) which DeepSpeed wrapper partitions it.
+
+    ``owner`` is a ``DeepSpeedEngine`` or its ``engine.optimizer`` (ZeRO 1/2/3 optimizer or
+    BF16_Optimizer). Rarely needed: the wrapper is found automatically through the
+    parameters; the one case it is not is a ZeRO 1/2 rank that owns no element of any
+    parameter of any group (a pathologically small model) under ``round_robin_gradients``.
+    """
+    wrapper = getattr(owner, "optimizer", None) if _kind(owner) is None else owner
+    if wrapper is None or _kind(wrapper) is None:
+        raise TypeError(f"merit_ds.attach: expected a DeepSpeedEngine or its ZeRO/BF16 optimizer, got {type(owner)}")
+    if getattr(wrapper, "optimizer", None) is not optimizer:
+        raise ValueError("merit_ds.attach: that DeepSpeed optimizer does not wrap this MERIT instance")
+    optimizer._merit_ds_owner = wrapper
+    optimizer.__dict__.pop("_merit_layouts", None)
+
+
+def _kind(obj) -> Optional[str]:
+    """Which adapter serves a DeepSpeed wrapper (by class, imported lazily)."""
+    try:
+        from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError:  # pragma: no cover
+        return None
+    if isinstance(obj, DeepSpeedZeroOptimizer_Stage3):
+        return "zero3"
+    if isinstance(obj, DeepSpeedZeroOptimizer):
+        return "zero1/2"
+    if isinstance(obj, BF16_Optimizer):
+        return "bf16"
+    return None
+
+
+def _find_owner(optimizer) -> tuple[str, Any]:
+    owner = getattr(optimizer, "_merit_ds_owner", None)
+    if owner is not None:
+        return _kind(owner), owner
+    originals = [p for ps in optimizer._original_params.values() for p in ps]
+    for p in originals:
+        z3 = getattr(p, "_z3_optimizer", None)
+        if z3 is not None and getattr(z3, "optimizer", None) is optimizer:
+            return "zero3", z3
+    for p in originals:
+        z12 = getattr(p, "_zero_optimizer", None)
+        if z12 is not None and getattr(z12, "optimizer", None) is optimizer:
+            return "zero1/2", z12
+    if any(hasattr(p, "_hp_mapping") for p in originals):
+        return "hp_mapping", None
+    raise ShardingLayoutError(
+        "MERIT was handed tensors it was not constructed with (DeepSpeed flat partitions?) and "
+        "cannot find the DeepSpeed optimizer that made them. Construct MERIT with the model's "
+        "parameters and pass it to deepspeed.initialize(optimizer=...), or call "
+        "merit_ds.attach(optimizer, engine) after deepspeed.initialize. MERIT never treats a "
+        "flat partition as one vector: that would compute wrong trust ratios."
+    )
+
+
+def layout_of(optimizer, group: dict):
+    """(layout, process group, source) of a group holding one flat partition (cached)."""
+    params = group["params"]
+    if len(params) != 1 or params[0].dim() != 1:
+        raise ShardingLayoutError(
+            f"MERIT: param group holds {len(params)} tensor(s) it was not constructed with "
+            f"(shapes {[tuple(p.shape) for p in params][:4]}); expected one flat DeepSpeed partition."
+        )
+    flat = params[0]
+    cache = optimizer.__dict__.setdefault("_merit_layouts", {})
+    hit = cache.get(id(flat))
+    if hit is not None and hit[0] is flat:
+        return hit[1:]
+    kind, owner = _find_owner(optimizer)
+    if kind == "zero3":
+        layout, pg, _ = zero3_layout(owner, flat)
+    elif kind == "zero1/2":
+        layout, pg, _ = zero12_layout(owner, flat)
+    elif kind == "bf16":
+        layout, pg = hp_mapping_layout(optimizer, group, flat)
+    elif kind == "hp_mapping":
+        if any(getattr(p, "param_idx_in_group", None) is not None for p in optimizer.original_params(group)):
+            kind = "zero1/2"  # a ZeRO 1/2 rank that owns nothing has no _zero_optimizer link
+        layout, pg = hp_mapping_layout(optimizer, group, flat)
+    else:  # pragma: no cover
+        raise ShardingLayoutError(f"MERIT: unsupported DeepSpeed wrapper {type(owner)}")
+    cache[id(flat)] = (flat, layout, pg, kind)
+    return layout, pg, kind
+
+
+def resolve_group(optimizer, group: dict) -> Optional[ShardedGroupStep]:
+    """MERIT group resolver: a sharded stepper for flat partitions, else ``None``."""
+    params = group["params"]
+    if not params or all(optimizer.is_original(p) for p in params):
+        return None
+    layout, pg, kind = layout_of(optimizer, group)
+    return ShardedGroupStep(optimizer, group, params[0], layout, pg, kind)

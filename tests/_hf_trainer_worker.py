@@ -1,0 +1,137 @@
+"""Trainer worker: run with torchrun (2 processes, gloo). Scenarios run one after the other in
+the same process group; rank 0 saves ``<out>/<scenario>.pt``. The first scenario, ``cli``,
+trains with the TrainingArguments parsed from this command line (``--optim merit``).
+
+    torchrun --nproc_per_node 2 tests/_hf_trainer_worker.py --out DIR --scenarios cli,cls \
+        --output_dir DIR/run --optim merit --optim_args eps=1e-6 ... (see test_hf_trainer.py)
+"""
+
+import dataclasses
+import os
+import sys
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _hf_common import HP, WEIGHT_DECAY, LMDataset, full_weights, tiny_gpt2, token_data  # noqa: E402
+
+STEPS, MICRO = 3, 2
+
+
+@dataclasses.dataclass
+class ScriptArgs:
+    out: str
+    scenarios: str
+
+
+def ds_config(stage, *, offload=False, force_flag=True, json_merit=False):
+    from merit_ds.integrations.accelerate import merit_deepspeed_config
+
+    cfg = merit_deepspeed_config(
+        stage, offload=offload, gradient_clipping="auto",
+        optimizer_params=dict(lr="auto", betas="auto", eps="auto", weight_decay="auto") if json_merit else None,
+    )
+    cfg["train_batch_size"] = "auto"
+    if offload and not force_flag:
+        cfg.pop("zero_force_ds_cpu_optimizer")
+    return cfg
+
+
+def main():
+    from accelerate import PartialState
+    from accelerate.state import AcceleratorState
+
+    def configure_state(deepspeed: bool):
+        # One configured state per scenario, before its TrainingArguments (FIELD_NOTES):
+        # DDP over gloo needs cpu=True (MULTI_CPU); DeepSpeed needs ACCELERATE_USE_DEEPSPEED.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true" if deepspeed else "false"
+        if "WORLD_SIZE" in os.environ:
+            PartialState(cpu=not deepspeed, backend="gloo")
+        else:  # plain `python worker.py`: one process, no process group
+            PartialState(cpu=True)
+
+    configure_state(False)
+
+    from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
+
+    from merit_ds import MERIT
+    from merit_ds.integrations.hf_trainer import MeritCheckCallback, register_trainer_optim
+    from merit_ds.integrations.verify import decay_groups, unwrap_optimizer
+
+    if not hasattr(torch.optim, "MERIT"):
+        # Test-only stand-in until merit_ds.integrations.deepspeed (branch zero) registers the
+        # JSON name at `import merit_ds`.
+        torch.optim.MERIT = MERIT
+    register_trainer_optim()  # before the parser: it lists the enum's values
+    script, cli_args = HfArgumentParser((ScriptArgs, TrainingArguments)).parse_args_into_dataclasses()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    tokens = token_data(STEPS * MICRO * world)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    class Record(TrainerCallback):
+        def __init__(self):
+            self.weights, self.lrs, self.decay = [], [], None
+
+        def on_train_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            names = {id(p): n for n, p in model.named_parameters()}
+            self.decay = [(float(wd), sorted(names[id(p)] for p in ps)) for wd, ps in decay_groups(optimizer)]
+            self.opt_type = type(unwrap_optimizer(optimizer)).__name__
+
+        def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
+            self.weights.append(full_weights(model))
+            self.lrs.append(float(unwrap_optimizer(optimizer).param_groups[0]["lr"]))
+
+        def on_train_end(self, args, state, control, model=None, **kw):
+            self.weights.append(full_weights(model))
+
+    def scenario(name):
+        args = cli_args
+        kwargs, check = {}, True
+        configured = dict(accelerator_config={"use_configured_state": True})
+        configure_state(name.startswith("ds"))
+        if name == "cls":
+            args = dataclasses.replace(cli_args, optim="adamw_torch", use_cpu=True, **configured)
+            kwargs["optimizer_cls_and_kwargs"] = (MERIT, dict(HP))
+        elif name.startswith("ds"):
+            # ds<stage>_<cls|json|dropped|offload|swap>
+            stage, kind = int(name[2]), name.split("_", 1)[1]
+            cfg = ds_config(stage, offload=kind in ("offload", "swap"), force_flag=kind != "swap", json_merit=kind == "json")
+            optim = "merit" if kind == "json" else "adamw_torch"
+            args = dataclasses.replace(cli_args, deepspeed=cfg, optim=optim, use_cpu=False, **configured)
+            if kind == "dropped":
+                model = tiny_gpt2()
+                kwargs["optimizers"] = (MERIT(model.parameters(), **HP), None)
+            elif kind == "nocheck_json":
+                check = False
+            else:
+                kwargs["optimizer_cls_and_kwargs"] = (MERIT, dict(HP))
+            if kind == "json":
+                kwargs.pop("optimizer_cls_and_kwargs", None)
+        record = Record()
+        callbacks = [record] + ([MeritCheckCallback()] if check else [])
+        model = tiny_gpt2()
+        trainer = Trainer(model=model, args=args, train_dataset=LMDataset(tokens), callbacks=callbacks, **kwargs)
+        result = {"name": name, "world": world, "error": None}
+        try:
+            trainer.train()
+        except Exception as exc:  # recorded for the test to assert on
+            result["error"] = type(exc).__name__
+            result["message"] = str(exc)
+            if os.environ.get("MERIT_DS_TEST_TRACEBACK"):
+                traceback.print_exc()
+        result.update(weights=record.weights, lrs=record.lrs, decay=record.decay,
+                      opt_type=getattr(record, "opt_type", None))
+        if rank == 0:
+            torch.save(result, os.path.join(script.out, f"{name}.pt"))
+
+    for name in script.scenarios.split(","):
+        scenario(name)
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

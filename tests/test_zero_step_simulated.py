@@ -1,0 +1,205 @@
+"""The sharded step on simulated ranks (threads in one process), against one-device MERIT.
+
+Each simulated rank holds a flat fp32 partition cut from a flattened group exactly as ZeRO
+1/2 (equal slices, per-parameter offsets with padding and reordering) or ZeRO 3
+(per-parameter pieces) would; the one ``all_reduce(MAX)`` is replaced by a thread barrier
+that takes the element-wise max of all ranks' buffers. Cheap, so it sweeps shapes (conv
+weights, 0-d, 1-row matrices), worlds and the non-finite policies. The real multi-process
+DeepSpeed runs are in test_zero_deepspeed.py.
+"""
+
+import math
+import threading
+
+import pytest
+import torch
+
+import merit_ds  # noqa: F401  (registers the resolver)
+from merit_ds.optim import MERIT
+from merit_ds.sharding import collective
+from merit_ds.sharding.layout import layout_from_offsets, layout_from_param_partitions
+from merit_ds.sharding.step import ShardedGroupStep, run_sharded_steps
+
+SHAPES = [(5, 7), (7,), (3, 4, 2), (), (6, 5), (1, 3), (2,)]
+HP = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
+
+
+class SimWorld:
+    """``world`` ranks as threads; ``all_reduce_max`` meets at a barrier."""
+
+    def __init__(self, world):
+        self.world = world
+        self.barrier = threading.Barrier(world, timeout=30)
+        self.buffers = [None] * world
+        self.local = threading.local()
+        self.calls = [0] * world
+
+    def all_reduce_max(self, buffer, group=None):
+        rank = self.local.rank
+        self.buffers[rank] = buffer.clone()
+        self.calls[rank] += 1
+        self.barrier.wait()
+        reduced = torch.stack(self.buffers).amax(0)
+        self.barrier.wait()
+        buffer.copy_(reduced)
+        return buffer
+
+    def run(self, fn):
+        errors = [None] * self.world
+
+        def body(rank):
+            self.local.rank = rank
+            try:
+                fn(rank)
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                errors[rank] = e
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        real = [e for e in errors if e is not None and not isinstance(e, threading.BrokenBarrierError)]
+        if real:
+            raise real[0]
+        return errors
+
+
+def _zero12_cut(shapes, world, perm, align):
+    """Flatten in order ``perm`` with ``align``-element padding after each param (ZeRO 1/2)."""
+    offsets = [0] * len(shapes)
+    pos = 0
+    for k, i in enumerate(perm):
+        offsets[i] = pos
+        pos += math.prod(shapes[i])
+        if k != len(perm) - 1:
+            pos += (-pos) % align
+    total = pos + (-pos) % (2 * world)
+    size = total // world
+    layouts = [layout_from_offsets(shapes, offsets, r * size, size) for r in range(world)]
+    return layouts, offsets, size
+
+
+def _split(full, offsets, shapes, layouts, size, world):
+    """Full per-param tensors -> per-rank flat partitions (zeros in padding)."""
+    flat = torch.zeros(size * world)
+    for t, off in zip(full, offsets):
+        flat[off : off + t.numel()] = t.reshape(-1)
+    return [flat[r * size : (r + 1) * size].clone() for r in range(world)]
+
+
+def _split_z3(full, shapes, pns, world):
+    parts = []
+    for r in range(world):
+        pieces = []
+        for t, pn in zip(full, pns):
+            piece = torch.zeros(pn)
+            flat = t.reshape(-1)[r * pn : (r + 1) * pn]
+            piece[: flat.numel()] = flat
+            pieces.append(piece)
+        parts.append(torch.cat(pieces))
+    return parts
+
+
+def _gather(parts, layouts, shapes):
+    out = [torch.full((math.prod(s),), float("nan")) for s in shapes]
+    for part, lay in zip(parts, layouts):
+        for f in lay.fragments:
+            out[f.param_index][f.param_start : f.param_start + f.numel] = part[f.partition_offset : f.partition_offset + f.numel]
+    return [o.reshape(s) for o, s in zip(out, shapes)]
+
+
+def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=None, align=1):
+    g = torch.Generator().manual_seed(world * 7 + len(flavour))
+    shapes = SHAPES
+    full = [torch.randn(s, generator=g) for s in shapes]
+    if flavour == "zero12":
+        layouts, offsets, size = _zero12_cut(shapes, world, perm or list(range(len(shapes))), align)
+        parts = _split(full, offsets, shapes, layouts, size, world)
+    else:
+        pns = [math.ceil(math.prod(s) / world) for s in shapes]
+        layouts = [layout_from_param_partitions(shapes, pns, r) for r in range(world)]
+        parts = _split_z3(full, shapes, pns, world)
+    # every config must really cut a matrix mid-row and leave a rank without some parameter
+    assert any(len(f.row_pieces()) > 1 or f.row_pieces()[0][3] != 0 for l in layouts for f in l.fragments if f.is_matrix)
+    assert any(not lay.fragments_of(i) for lay in layouts for i in range(len(shapes)))
+
+    ref_params = [t.clone() for t in full]
+    ref = MERIT(ref_params, **HP, nonfinite_grads=policy, implementation="single_tensor")
+    opts = [MERIT([p], **HP, nonfinite_grads=policy) for p in parts]
+    sim = SimWorld(world)
+    monkeypatch.setattr(collective, "all_reduce_max", sim.all_reduce_max)
+    for step in range(steps):
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        if nan_at == step:
+            grads[0].view(-1)[-1] = float("nan")  # lives on the last rank holding param 0
+        for p, gr in zip(ref_params, grads):
+            p.grad = gr.clone()
+        if flavour == "zero12":
+            gparts = _split(grads, offsets, shapes, layouts, size, world)
+        else:
+            gparts = _split_z3(grads, shapes, pns, world)
+        for p, gp in zip(parts, gparts):
+            p.grad = gp
+        ref_error = None
+        try:
+            ref.step()
+        except FloatingPointError as e:
+            ref_error = e
+
+        def rank_step(r):
+            s = ShardedGroupStep(opts[r], opts[r].param_groups[0], parts[r], layouts[r], None, "sim")
+            run_sharded_steps([s])
+
+        if ref_error is not None:
+            with pytest.raises(FloatingPointError):
+                sim.run(rank_step)
+            return ref, opts, sim
+        sim.run(rank_step)
+        got = _gather(parts, layouts, shapes)
+        for a, b in zip(got, ref_params):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert sim.calls == [steps] * world
+    return ref, opts, sim
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("flavour", ["zero12", "zero3"])
+def test_sharded_step_equals_one_device_bitwise(monkeypatch, world, flavour):
+    _run(monkeypatch, world, flavour)
+
+
+def test_reordered_and_padded_flatten(monkeypatch):
+    _run(monkeypatch, 3, "zero12", perm=[6, 2, 0, 5, 1, 4, 3], align=4)
+
+
+@pytest.mark.parametrize("flavour", ["zero12", "zero3"])
+def test_nonfinite_gradient_skips_parameter_on_every_rank(monkeypatch, flavour):
+    ref, opts, _ = _run(monkeypatch, 3, flavour, nan_at=1)
+    assert ref.nonfinite_skips == 1
+    assert [o.nonfinite_skips for o in opts] == [1, 1, 1]
+
+
+def test_nonfinite_gradient_raises_on_every_rank_before_modifying(monkeypatch):
+    _run(monkeypatch, 3, "zero12", policy="raise", nan_at=0)
+
+
+def test_naive_flat_partition_step_differs(monkeypatch):
+    """Negative control: MERIT treating each flat partition as one vector is wrong."""
+    shapes = SHAPES
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(s, generator=g) for s in shapes]
+    grads = [torch.randn(s, generator=g) for s in shapes]
+    layouts, offsets, size = _zero12_cut(shapes, 3, list(range(len(shapes))), 1)
+    parts = _split(full, offsets, shapes, layouts, size, 3)
+    gparts = _split(grads, offsets, shapes, layouts, size, 3)
+    for p, gp in zip(parts, gparts):
+        p.grad = gp
+        MERIT([p], **HP).step()  # its own params: resolver steps them as one vector
+    ref_params = [t.clone() for t in full]
+    for p, gr in zip(ref_params, grads):
+        p.grad = gr
+    MERIT(ref_params, **HP).step()
+    diff = max((a - b).abs().max().item() for a, b in zip(_gather(parts, layouts, shapes), ref_params))
+    assert diff > 1e-3
