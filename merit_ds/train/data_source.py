@@ -8,11 +8,8 @@ from __future__ import annotations
 
 __all__ = ["make_train_loader", "make_val_loader", "DataError"]
 
-try:
-    from merit_ds.data.errors import DataError
-    from merit_ds.data.sampler import TokenBlockLoader
-except ImportError:  # until the data branch is merged: a compatible minimal loader
-    from ._interim_data import DataError, TokenBlockLoader
+from merit_ds.data.errors import DataError
+from merit_ds.data.sampler import TokenBlockLoader
 
 
 def make_train_loader(data_dir, *, seq_len: int, global_batch: int, micro_batch: int, rank: int, world: int,

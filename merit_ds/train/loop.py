@@ -34,6 +34,9 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from merit_ds.integrations.deepspeed import MeritConfigError, check_config
+from merit_ds.integrations.param_groups import merit_param_groups
+
 from .batch import BatchConfigError, plan_batch
 from .data_source import DataError, make_train_loader, make_val_loader
 from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss, trust_ratio_summary
@@ -185,43 +188,15 @@ class Runner:
 
 
 # ----------------------------------------------------------------------------------------------
-# integration points with the ZeRO and HF branches (thin on purpose)
+# MERIT's guarantees come from the integration layer: the JSON name and the exact ZeRO step
+# are registered by ``import merit_ds``; the config check and the stepping check are its own.
 
-def _sharding_available() -> bool:
-    try:
-        import merit_ds.sharding  # noqa: F401  (registers MERIT's ZeRO layouts on import)
-        return True
-    except ImportError:
-        return False
+def verify_merit_is_stepping(engine) -> None:
+    """Fail fast unless the optimizer DeepSpeed/Accelerate actually step is MERIT, sharded
+    correctly, with no bias/norm parameter decayed."""
+    from merit_ds.integrations.verify import assert_merit_is_stepping
 
-
-def _merit_json_name_registered() -> bool:
-    try:
-        import merit_ds.integrations.deepspeed  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
-def verify_merit_is_stepping(engine) -> str:
-    """Fail fast unless the optimizer DeepSpeed/Accelerate actually step is MERIT."""
-    try:
-        from merit_ds.integrations.verify import assert_merit_is_stepping
-    except ImportError:
-        assert_merit_is_stepping = None
-    if assert_merit_is_stepping is not None:
-        assert_merit_is_stepping(engine)
-        return "merit_ds.integrations.verify"
-    from merit_ds.optim import MERIT
-
-    opt, chain = engine.optimizer, []
-    while opt is not None and not isinstance(opt, MERIT):
-        chain.append(type(opt).__name__)
-        opt = getattr(opt, "optimizer", None)
-    if not isinstance(getattr(engine, "basic_optimizer", None), MERIT) or opt is None:
-        raise RuntimeError(f"the optimizer that steps is not MERIT (wrappers: {' -> '.join(chain) or 'none'}, "
-                           f"basic optimizer {type(getattr(engine, 'basic_optimizer', None)).__name__})")
-    return "isinstance check"
+    assert_merit_is_stepping(engine, engine.module)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -248,13 +223,6 @@ def _agree(runner, error: str | None) -> str | None:
     box = [error]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _param_groups(model, weight_decay: float):
-    """Decay on matrices only (not biases, LayerNorm gains): the lineage's convention."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _rng_state() -> dict:
@@ -321,14 +289,12 @@ def run(args) -> int:
         cfg = dict(cfg, optimizer={"type": "MERIT", "params": opt_params})
     else:
         opt_params = {"lr": lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
-    if zero_stage > 0 and not _sharding_available():
-        raise UsageError(f"ZeRO stage {zero_stage} needs merit_ds.sharding (exact MERIT on flat partitions), which "
-                         f"is not installed in this build; use --zero-stage 0")
-    # Until merit_ds.integrations.deepspeed registers the JSON name "MERIT", MERIT is built here
-    # with exactly the JSON's hyperparameters and handed over as a client optimizer.
-    client_optimizer = "optimizer" not in cfg or not _merit_json_name_registered()
-    if client_optimizer:
-        cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
+    # A config without an "optimizer" section gets MERIT as a client optimizer built here.
+    client_optimizer = "optimizer" not in cfg
+    try:
+        check_config(cfg, client_optimizer=client_optimizer)
+    except MeritConfigError as exc:
+        raise UsageError(f"DeepSpeed config: {exc}") from None
     if launcher == "accelerate":
         runner.init_accelerator(cfg)
         if runner.world != plan.world:
@@ -362,7 +328,8 @@ def run(args) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    groups = _param_groups(model, float(opt_params.get("weight_decay", optim.weight_decay)))
+    # Hugging Face's decay grouping (no decay on biases and LayerNorms), read, not recomputed.
+    groups = merit_param_groups(model, float(opt_params.get("weight_decay", optim.weight_decay)))
     client = None
     if client_optimizer:
         from merit_ds.optim import MERIT
@@ -370,9 +337,10 @@ def run(args) -> int:
         client = MERIT(groups, lr=opt_params["lr"], betas=tuple(opt_params.get("betas", optim.betas)),
                        eps=opt_params.get("eps", optim.eps), weight_decay=opt_params.get("weight_decay", 0.0))
     engine = runner.build(model, groups, cfg, client)
-    how = verify_merit_is_stepping(engine)
+    verify_merit_is_stepping(engine)
     basic = engine.basic_optimizer
-    _rank0_print(runner, f"optimizer: MERIT verified ({how}); {n_params:,} parameters")
+    _rank0_print(runner, f"optimizer: {type(engine.optimizer).__name__} -> MERIT verified stepping "
+                         f"(merit_ds.integrations.verify); {n_params:,} parameters")
     if args.compile:
         engine.compile()
     scheduler = warmup_cosine(basic, warmup, plan.steps, floor)
@@ -557,9 +525,9 @@ def main(argv=None) -> int:
     try:
         return run(args)
     except (UsageError, BatchConfigError) as exc:
+        # Every rank reports (a launcher may stop rank 0 before it prints a peer's error).
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        if rank == 0:
-            print(f"merit_ds.train: error: {exc}", file=sys.stderr, flush=True)
+        print(f"merit_ds.train: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)
         if dist.is_initialized():
             dist.destroy_process_group()
         return 2
