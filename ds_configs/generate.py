@@ -51,7 +51,7 @@ def build_all() -> dict[str, dict]:
         optim = OPTIM_PRESETS[model]
         for batch in BATCH_PRESETS.values():
             files[f"{model}_b{batch}_zero2_bf16.json"] = make_ds_config(
-                2, "bf16", optim=optim, lr=round(scaled_lr(optim, batch), 8), global_batch=batch,
+                2, "bf16", optim=optim, lr=float(f"{scaled_lr(optim, batch):.6g}"), global_batch=batch,
                 micro_batch=recipe_micro_batch(model, batch))
     tiny = OPTIM_PRESETS["tiny"]
     files["tiny_b16_zero2_fp32.json"] = make_ds_config(2, "fp32", optim=tiny, lr=scaled_lr(tiny, 16),

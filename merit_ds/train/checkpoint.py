@@ -35,7 +35,7 @@ META = "merit_ds_checkpoint.json"
 LATEST = "latest"
 FORMAT = "merit_ds.train.checkpoint/1"
 #: Keys of the run description that must match to resume.
-COMPATIBLE_KEYS = ("model_config", "seq_len", "global_batch", "precision", "zero_stage")
+COMPATIBLE_KEYS = ("model_config", "seq_len", "global_batch", "precision", "zero_stage", "schedule")
 
 
 class CheckpointError(RuntimeError):

@@ -354,6 +354,9 @@ def run(args) -> int:
                                                       if k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
                 "seq_len": seq_len, "global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
                 "world": world, "zero_stage": zero_stage, "precision": precision, "launcher": launcher,
+                # the lr schedule is part of the trajectory: a different length/peak would silently
+                # continue under the checkpoint's schedule (LambdaLR restores its factor object)
+                "schedule": {"steps": plan.steps, "warmup": warmup, "floor": floor, "lr": lr},
                 "data": getattr(getattr(train_loader, "tokens", None), "fingerprint", None) or
                 train_loader.state_dict().get("data")}
     error, resume_from = None, None
