@@ -9,13 +9,14 @@
 #     DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module merit_ds.train --model tiny \
 #         --ds-config ds_configs/tiny_b16_zero2_fp32.json --steps 100 --data data_cache/kjv --out runs/cpu_demo
 # batch: micro_batch 4 x grad_accum 2 x world 2 = 16 sequences x 128 = 2,048 tokens/step; 100 steps -> 204,800 tokens
-# Takes a few minutes on 2 cores. Environment overrides: STEPS, OUT, DATA, MASTER_PORT.
+# Takes a few minutes on 2 cores. Environment overrides: STEPS, OUT, DATA, MASTER_PORT, VENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
-bash setup.sh
-py="$root/.venv/bin/python"
-export PATH="$root/.venv/bin:$PATH"
+# VENV: an existing environment to use instead of this checkout's .venv (then setup.sh is skipped).
+if [ -z "${VENV:-}" ]; then bash setup.sh; VENV="$root/.venv"; fi
+py="$VENV/bin/python"
+export PATH="$VENV/bin:$PATH"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"   # the checkout, also for the launcher's children
 export DS_ACCELERATOR=cpu HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 DATA=${DATA:-data_cache/kjv}
@@ -30,4 +31,4 @@ deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29561}" --module merit_ds.t
 mkdir -p docs
 cp "$OUT/loss.png" docs/demo_loss.png
 echo "demo done: $OUT (metrics.jsonl, tensorboard/, checkpoints/), plot docs/demo_loss.png"
-echo "TensorBoard: $root/.venv/bin/tensorboard --logdir $OUT/tensorboard"
+echo "TensorBoard: $VENV/bin/tensorboard --logdir $OUT/tensorboard"

@@ -251,3 +251,18 @@ def test_resume_never_refuses_to_overwrite(reference, data_dir, tmp_path):
     r = single(_args(data_dir, out, "--resume", "never", "--zero-stage", "0"))
     assert r.returncode == 2 and "refusing to overwrite" in r.stderr
     assert snapshot(out) == before
+
+
+def test_single_process_cli_activation_checkpointing_is_exact(data_dir, tmp_path):
+    """`merit-ds train` without a launcher (world of one); activation checkpointing recomputes the
+    same forward, so the losses are bitwise those of the plain run."""
+    runs = {}
+    for name, extra in (("plain", []), ("ckpt", ["--activation-checkpointing"])):
+        out = tmp_path / name
+        args = [*TINY, "--steps", "3", "--data", str(data_dir), "--out", str(out), "--zero-stage", "0", *extra]
+        r = run([sys.executable, "-m", "merit_ds", "train", *args], timeout=180)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "launcher deepspeed, 1 ranks, ZeRO 0" in r.stdout
+        runs[name] = losses(out)["train"]
+    assert sorted(runs["plain"]) == [1, 2, 3]
+    assert runs["plain"] == runs["ckpt"]

@@ -237,6 +237,13 @@ def _set_rng_state(s: dict) -> None:
 
 def run(args) -> int:
     launcher = _detect_launcher(args.launcher)
+    import importlib.util
+
+    for kind in args.tracker.split(","):
+        if kind not in ("tensorboard", "wandb", "none"):
+            raise UsageError(f"unknown tracker {kind!r}: use tensorboard, wandb, tensorboard,wandb or none")
+        if kind != "none" and importlib.util.find_spec(kind) is None:
+            raise UsageError(f"--tracker {kind} needs the {kind} package (pip install {kind}), or use --tracker none")
     runner = Runner(launcher)
     preset = get_model_preset(args.model)
     optim = get_optim_preset(args.model)
@@ -381,7 +388,7 @@ def run(args) -> int:
     if world > 1:
         dist.broadcast_object_list(box, src=0)
     resume_from = Path(box[0]) if box[0] else None
-    start_step, history = 0, {}
+    start_step = 0
     if resume_from is not None:
         load_path, client_state = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name,
                                                          load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -395,7 +402,6 @@ def run(args) -> int:
             raise UsageError(f"checkpoint {resume_from} does not match the data: {exc}") from None
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
-        history = state.get("history", {})
         _rank0_print(runner, f"resumed from {resume_from} at step {start_step}")
 
     # --- outputs (only now: every check above passed) --------------------------------------------
@@ -428,9 +434,12 @@ def run(args) -> int:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def save(step: int) -> None:
+        # client_state lands in rank 0's model-states file: the loader position and scheduler are
+        # the same on every rank; the RNG state is rank 0's (the recipes use no dropout and a
+        # deterministic data order, so nothing in the loop draws random numbers).
         tag = ckpt.tag_for(step)
         state = {"step": step, "loader": train_loader.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _rng_state(), "history": history}
+                 "rng": _rng_state()}
         if rank == 0:
             ckpt_root.mkdir(parents=True, exist_ok=True)
         if world > 1:

@@ -196,6 +196,23 @@ def format_plan(p: dict) -> str:
     return "\n".join(out)
 
 
+def recipes_table(nodes: int = 4, gpus_per_node: int = 8, gpu: str = "h100") -> str:
+    """Markdown table of every model x batch preset on one cluster shape (micro-batch from the
+    committed recipe config when it divides evenly, else the planner's ZeRO-2 choice)."""
+    from .presets import BATCH_PRESETS
+
+    world = nodes * gpus_per_node
+    rows = ["| model | batch (seq) | tokens/step | micro x accum x world | steps (48B) | peak lr | warmup | wall time |",
+            "|---|---|---|---|---|---|---|---|"]
+    for model in ("gpt2-small", "gpt2-medium"):
+        for batch in BATCH_PRESETS.values():
+            p = make_plan(model, batch, TOKEN_BUDGET, nodes, gpus_per_node, gpu)
+            z2 = next(r for r in p["stages"] if r["stage"] == 2 and not r["offload"])
+            rows.append(f"| {model} | {batch:,} | {p['tokens_per_step']:,} | {z2['micro_batch']} x {z2['grad_accum']} x {world} "
+                        f"| {p['steps']:,} | {p['lr']:.3g} | {p['warmup_steps']:,} | {p['wall_time_s'] / 3600:.1f} h |")
+    return "\n".join(rows)
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="gpt2-small", help="tiny | gpt2-small | gpt2-medium")
     parser.add_argument("--batch", default="480", help="global batch in sequences, or a preset: 480 1k 2k 4k 6k")
@@ -209,9 +226,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed model FLOPs utilisation")
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--recipes", action="store_true",
+                        help="markdown table of all model x batch presets on --nodes x --gpus-per-node --gpu")
 
 
 def run(args) -> int:
+    if args.recipes:
+        print(recipes_table(args.nodes, args.gpus_per_node, args.gpu))
+        return 0
     p = make_plan(args.model, args.batch, args.tokens, args.nodes, args.gpus_per_node, args.gpu,
                   precision=args.precision, micro_batch=args.micro_batch,
                   activation_checkpointing=args.activation_checkpointing, mfu=args.mfu, seq_len=args.seq_len)
