@@ -45,9 +45,10 @@ def test_empty_corpus(tmp_path):
         prepare(d, tmp_path / "out", progress=False)
     (d / "a.txt").write_text("")
     (d / "b.txt").write_text("")
-    with pytest.raises(DataError, match=f"corpus {d} contains no text"):
-        prepare(d, tmp_path / "out", progress=False)
-    assert not (tmp_path / "out").exists()  # nothing left behind
+    for streaming in (False, True):
+        with pytest.raises(DataError, match=f"corpus {d} contains no text"):
+            prepare(d, tmp_path / "out", progress=False, streaming=streaming)
+        assert not (tmp_path / "out").exists()  # nothing left behind
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(DataError, match="e.jsonl"):
         prepare(tmp_path / "e.jsonl", tmp_path / "out2", progress=False)
@@ -58,8 +59,10 @@ def test_unreadable_or_malformed_file_is_named(tmp_path):
     d.mkdir()
     (d / "a.jsonl").write_text(json.dumps({"text": "fine"}) + "\n")
     (d / "b.jsonl").write_text('{"text": "broken\n')
-    with pytest.raises(DataError, match="b.jsonl"):
-        prepare(d, tmp_path / "out", progress=False)
+    for streaming in (False, True):
+        with pytest.raises(DataError, match="b.jsonl"):
+            prepare(d, tmp_path / "out", progress=False, streaming=streaming)
+        assert not (tmp_path / "out").exists()  # a run that failed before its first shard leaves nothing
     (tmp_path / "x.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(DataError, match="x.parquet"):
         prepare(tmp_path / "x.parquet", tmp_path / "out", progress=False)
@@ -152,3 +155,13 @@ def test_bad_arguments(tmp_path):
     np.array([1, 2, 60000], dtype="<u2").tofile(nano / "train.bin")
     with pytest.raises(DataError, match="train.bin holds id 60000"):
         prepare(nano, tmp_path / "o", progress=False)
+
+
+def test_single_document_corpus_all_in_val(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("First paragraph.\n\nSecond paragraph.\n")
+    with pytest.raises(DataError, match="only 1 document.*text_unit 'paragraph'"):
+        prepare(book, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+    m = prepare(book, tmp_path / "out", text_unit="paragraph", val_fraction=0.5, progress=False)
+    assert (m["splits"]["train"]["documents"], m["splits"]["val"]["documents"]) == (1, 1)

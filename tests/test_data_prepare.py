@@ -141,7 +141,10 @@ def test_txt_dir_and_parquet_and_nanogpt_inputs(tmp_path, tok):
 
 
 def test_parallel_and_streaming_are_byte_identical_and_reruns_are_noops(tmp_path):
-    src = write_jsonl(tmp_path / "c.jsonl", DOCS * 20)
+    src = tmp_path / "corpus"  # three files: parallel Arrow conversion over files, too
+    src.mkdir()
+    for k in range(3):
+        write_jsonl(src / f"part{k}.jsonl", (DOCS * 20)[60 * k:60 * (k + 1)])
     kw = dict(val_fraction=0.1, shard_tokens=97, progress=False, batch_docs=16)
     prepare(src, tmp_path / "a", **kw)
     prepare(src, tmp_path / "b", num_proc=2, **kw)
@@ -158,18 +161,21 @@ def test_parallel_and_streaming_are_byte_identical_and_reruns_are_noops(tmp_path
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_resume_after_interruption(tmp_path, monkeypatch, streaming):
+@pytest.mark.parametrize("crash_at", [1, 9, "last"])
+def test_resume_after_interruption(tmp_path, monkeypatch, streaming, crash_at):
     src = write_jsonl(tmp_path / "c.jsonl", DOCS * 20)
     kw = dict(val_fraction=0.1, shard_tokens=97, progress=False, batch_docs=16, streaming=streaming)
     prepare(src, tmp_path / "clean", **kw)
-    n_train = len(read_manifest(tmp_path / "clean")["splits"]["train"]["shards"])
+    clean = read_manifest(tmp_path / "clean")
+    n_shards = sum(len(clean["splits"][s]["shards"]) for s in ("train", "val"))
+    crash_at = n_shards - 1 if crash_at == "last" else crash_at  # "last": val's final shard, after the stream
 
     real_cut = prepare_module._SplitWriter._cut
     cuts = []
 
     def crashing_cut(self, n):
-        if len(cuts) == 9:
-            # die half-way through writing shard 10: a temp file is left behind
+        if len(cuts) == crash_at:
+            # die half-way through writing a shard: a temp file is left behind
             (self.out / f".{self.split}_half.bin.tmp.999").write_bytes(b"\0" * 10)
             raise KeyboardInterrupt
         cuts.append(n)
@@ -182,10 +188,11 @@ def test_resume_after_interruption(tmp_path, monkeypatch, streaming):
     assert not (out / "manifest.json").exists()
     journal = json.loads((out / ".progress.json").read_text())
     finished = journal["splits"]["train"] + journal["splits"]["val"]
-    assert len(finished) == 9
-    assert sorted(p.name for p in out.glob("*.bin")) == sorted(r["file"] for r in finished)
+    assert len(finished) == crash_at
+    assert sorted(p.name for p in out.glob("*_*.bin") if not p.name.startswith(".")) == sorted(r["file"] for r in finished)
     with pytest.raises(Exception, match="unfinished preparation"):
         open_split(out)
+    start = min(e["cursor"][0] for e in journal["pending"].values())
 
     monkeypatch.setattr(prepare_module._SplitWriter, "_cut", real_cut)
     tokenized = []
@@ -193,10 +200,10 @@ def test_resume_after_interruption(tmp_path, monkeypatch, streaming):
     monkeypatch.setattr(prepare_module, "encode_documents",
                         lambda texts, t: tokenized.append(len(texts)) or real_encode(texts, t))
     prepare(src, out, **kw)
-    assert dir_bytes(out) == dir_bytes(tmp_path / "clean")
-    assert len(read_manifest(out)["splits"]["train"]["shards"]) == n_train
-    # the resumed run skipped the documents already packed instead of re-tokenizing them
-    assert 0 < sum(tokenized) < len(DOCS) * 20
+    assert dir_bytes(out) == dir_bytes(tmp_path / "clean")  # no journal, pending or temp files left
+    # the resumed run tokenized only from the document in progress on
+    assert sum(tokenized) == len(DOCS) * 20 - start
+    assert start > 0
 
 
 def test_kjv_builtin_corpus(tmp_path):
@@ -213,3 +220,17 @@ def test_kjv_builtin_corpus(tmp_path):
     assert cli(["prepare", "--input", "kjv", "--out", str(tmp_path / "kjv"), "--shard-tokens", "300000",
                 "--quiet"]) == 0
     assert cli(["info", str(tmp_path / "kjv"), "--verify"]) == 0
+
+
+def test_loader_reads_prepared_splits(tmp_path):
+    src = write_jsonl(tmp_path / "c.jsonl", DOCS * 4)
+    prepare(src, tmp_path / "out", val_fraction=0.25, shard_tokens=50, progress=False)
+    val = read_split(tmp_path / "out", "val")
+    L = TokenBlockLoader(tmp_path / "out", split="val", block_size=8, global_batch=2, shuffle=False)
+    assert L.num_blocks == (len(val) - 1) // 8
+    for k in range(L.steps_per_epoch):
+        x, y = L.get_batch(k)
+        assert x.flatten().tolist() == val[16 * k:16 * k + 16].tolist()
+        assert y[:, -1].tolist() == [val[16 * k + 8], val[16 * k + 16]]
+    train = TokenBlockLoader(tmp_path / "out", block_size=8, global_batch=2, verify=True)
+    assert train.num_blocks == (len(read_split(tmp_path / "out", "train")) - 1) // 8

@@ -11,14 +11,14 @@ Command line: ``python -m merit_ds.data prepare --input kjv --out data/kjv`` and
 ``python -m merit_ds.data info data/kjv``.
 """
 from .corpus import KJV_NAME, kjv_documents, load_documents, resolve_input
-from .errors import CorruptDataError, DataError
+from .errors import CorruptDataError, DataError, EmptyCorpusError
 from .prepare import DEFAULT_SHARD_TOKENS, DEFAULT_VAL_FRACTION, encode_documents, is_val_document, prepare
 from .sampler import BlockOrder, TokenBlockLoader
 from .shards import TokenShards, open_split, read_manifest, verify_prepared
 from .tokenizer import GPT2_EOS_ID, gpt2_tokenizer_dir, load_tokenizer
 
 __all__ = [
-    "BlockOrder", "CorruptDataError", "DataError", "DEFAULT_SHARD_TOKENS", "DEFAULT_VAL_FRACTION",
+    "BlockOrder", "CorruptDataError", "DataError", "DEFAULT_SHARD_TOKENS", "DEFAULT_VAL_FRACTION", "EmptyCorpusError",
     "GPT2_EOS_ID", "KJV_NAME", "TokenBlockLoader", "TokenShards", "encode_documents", "gpt2_tokenizer_dir",
     "is_val_document", "kjv_documents", "load_documents", "load_tokenizer", "open_split", "prepare",
     "read_manifest", "resolve_input", "verify_prepared",

@@ -26,7 +26,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import DataError
+from .errors import DataError, EmptyCorpusError
 
 KJV_NAME = "kjv"
 
@@ -152,9 +152,10 @@ def resolve_input(path: str | os.PathLike) -> CorpusSpec:
 
 
 def load_documents(spec: CorpusSpec, *, streaming: bool = False, text_column: str = "text",
-                   text_unit: str = "document"):
+                   text_unit: str = "document", num_proc: int = 1):
     """A ``datasets`` Dataset (or IterableDataset when ``streaming``) with one ``text`` column.
 
+    ``num_proc`` > 1 converts several files to Arrow in parallel (not when streaming).
     ``text_unit`` applies to .txt files: 'document' (a file is one document, the
     usual layout of web-text exports), 'paragraph' (blank-line separated) or 'line'.
     """
@@ -169,11 +170,16 @@ def load_documents(spec: CorpusSpec, *, streaming: bool = False, text_column: st
         raise DataError(f"text_unit must be one of {TEXT_UNITS}, got {text_unit!r}")
     files = [str(f) for f in spec.files]
     kwargs = {"sample_by": text_unit, "keep_linebreaks": True} if spec.kind == "text" else {}
+    # Converting many files to Arrow is parallel over files (datasets' num_proc), not in our main process.
+    parallel = {"num_proc": min(num_proc, len(files))} if not streaming and min(num_proc, len(files)) > 1 else {}
     try:
-        ds = datasets.load_dataset(spec.kind, data_files=files, split="train", streaming=streaming, **kwargs)
+        ds = datasets.load_dataset(spec.kind, data_files=files, split="train", streaming=streaming, **kwargs,
+                                   **parallel)
         column_names = ds.column_names if ds.column_names is not None else list(next(iter(ds)).keys())
+        if not streaming and len(ds) == 0:
+            raise StopIteration
     except StopIteration:
-        raise DataError(f"corpus {spec.root} is empty") from None
+        raise EmptyCorpusError(f"corpus {spec.root} is empty (no documents)") from None
     except Exception as exc:
         reason = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)
         raise DataError(f"cannot read corpus {_culprit(spec, kwargs, exc)}: {reason}") from exc
@@ -184,6 +190,39 @@ def load_documents(spec: CorpusSpec, *, streaming: bool = False, text_column: st
     if text_column != "text":
         ds = ds.rename_column(text_column, "text")
     return ds
+
+
+def iter_text_batches(spec: CorpusSpec, *, batch_docs: int, start_doc: int = 0, text_column: str = "text",
+                      text_unit: str = "document"):
+    """Stream lists of document texts in corpus order, from document ``start_doc`` on.
+
+    Each file is its own streaming dataset, read in turn, so a file that fails to
+    parse is named exactly, without re-reading anything.
+    """
+    if spec.kind in (KJV_NAME, "bin"):
+        ds = load_documents(spec, streaming=True)
+        parts = [(spec.root, ds)]
+    else:
+        parts = [(str(f), None) for f in spec.files]
+    seen = 0
+    for name, ds in parts:
+        try:
+            if ds is None:
+                ds = load_documents(CorpusSpec(spec.kind, name, [Path(name)]), streaming=True,
+                                    text_column=text_column, text_unit=text_unit)
+            for batch in ds.iter(batch_size=batch_docs):
+                texts = batch["text"]
+                skip = min(max(start_doc - seen, 0), len(texts))
+                seen += len(texts)
+                if skip < len(texts):
+                    yield texts[skip:]
+        except EmptyCorpusError:
+            continue  # an empty file holds no documents; an all-empty corpus is reported by the caller
+        except DataError:
+            raise
+        except Exception as exc:
+            reason = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)
+            raise DataError(f"cannot read corpus file {name}: {reason}") from exc
 
 
 def _culprit(spec: CorpusSpec, kwargs: dict, exc: Exception) -> str:

@@ -11,3 +11,7 @@ class DataError(ValueError):
 
 class CorruptDataError(DataError):
     """A prepared file (shard, manifest, progress journal) is not what it claims to be."""
+
+
+class EmptyCorpusError(DataError):
+    """The corpus (or one of its files) holds no documents."""

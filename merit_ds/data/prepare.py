@@ -13,14 +13,17 @@ Validation split: document ``i`` (0-based, corpus order) goes to ``val`` iff
 without knowing ``n`` (so it works when streaming).
 
 Resume: after each shard is renamed into place, ``.progress.json`` records its
-size, sha256 and *end cursor* ``(document index, token offset in that document)``.
-A re-run with the same settings checks the recorded shards, skips documents
-before the earliest cursor without tokenizing them, and continues; the output
+size and sha256, and, for every split, its *cursor* ``(document index, token
+offset)`` (the next token it expects) and its tokens not yet in a shard (saved
+as ``.pending_<split>_<n>.bin``). A re-run with the same settings checks those
+files, skips the documents before the earliest cursor without tokenizing them
+(at most the document in progress is tokenized again), and continues; the output
 is byte-identical to an uninterrupted run. The manifest is written last, so a
 directory without one is visibly unfinished.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import multiprocessing as mp
@@ -31,7 +34,7 @@ from typing import Iterator
 
 import numpy as np
 
-from .corpus import CorpusSpec, load_documents, resolve_input
+from .corpus import CorpusSpec, iter_text_batches, load_documents, resolve_input
 from .errors import DataError
 from .shards import (DTYPE, FORMAT, FORMAT_VERSION, JOURNAL, MANIFEST, SPLITS, atomic_write_bytes,
                      atomic_write_json, check_shard_file, read_json, read_manifest, sha256_bytes,
@@ -78,20 +81,20 @@ def _pool_encode(texts):
 
 
 class _SplitWriter:
-    """Cuts one split's token stream into shards; resumes from the last recorded end cursor.
+    """Cuts one split's token stream into shards.
 
     Tokens arrive as pieces ``(doc, ids, start)``: tokens ``[start, start+len(ids))``
-    of document ``doc``. A shard's end cursor is the (doc, offset) of the first token
-    not in it; pieces before the resume cursor are dropped.
+    of document ``doc``, documents in increasing order. ``cursor`` is the first
+    (doc, offset) not yet received; on resume, pieces before it are dropped and the
+    tokens received but not yet in a shard (``buf``) are reloaded from the journal.
     """
 
-    def __init__(self, out: Path, split: str, shard_tokens: int, records: list[dict], on_shard):
-        self.out, self.split, self.shard_tokens = out, split, shard_tokens
+    def __init__(self, out: Path, split: str, shard_tokens: int, eos_id: int, records: list[dict], on_shard):
+        self.out, self.split, self.shard_tokens, self.eos_id = out, split, shard_tokens, eos_id
         self.records, self.on_shard = records, on_shard
-        self.cursor = tuple(records[-1]["end"]) if records else (0, 0)
+        self.cursor = (0, 0)
         self.buf: list[np.ndarray] = []
         self.buf_len = 0
-        self.doc, self.doc_end = -1, 0
 
     def add(self, doc: int, ids: np.ndarray, start: int = 0) -> None:
         cdoc, coff = self.cursor
@@ -103,7 +106,7 @@ class _SplitWriter:
             return
         self.buf.append(ids)
         self.buf_len += len(ids)
-        self.doc, self.doc_end = doc, start + len(ids)
+        self.cursor = (doc, start + len(ids))
         while self.buf_len >= self.shard_tokens:
             self._cut(self.shard_tokens)
 
@@ -115,17 +118,38 @@ class _SplitWriter:
         data = self.buf[0] if len(self.buf) == 1 else np.concatenate(self.buf)
         shard, rest = data[:n], data[n:]
         self.buf, self.buf_len = ([rest] if len(rest) else []), len(rest)
-        end = [self.doc, self.doc_end - len(rest)]
         name = shard_name(self.split, len(self.records))
         payload = np.ascontiguousarray(shard, dtype=DTYPE).tobytes()
         atomic_write_bytes(self.out / name, payload)
-        eos_count = int(np.count_nonzero(shard == self.eos_id))
         self.records.append({"file": name, "tokens": int(n), "sha256": sha256_bytes(payload),
-                             "documents": eos_count, "end": end})
-        self.cursor = tuple(end)
-        self.on_shard()
+                             "documents": int(np.count_nonzero(shard == self.eos_id))})
+        self.on_shard(self)
 
-    eos_id = -1
+    # --- resume state: the cursor and the tokens not yet in a shard ---------------------------
+    def save_pending(self, cursor: tuple[int, int], seq: int) -> dict:
+        """Persist the buffer to a new file (atomically) and return its journal entry with ``cursor``.
+
+        A new name per checkpoint: the file the current journal names stays intact
+        until the next journal has replaced it.
+        """
+        self.cursor = cursor
+        entry = {"cursor": list(cursor), "tokens": int(self.buf_len), "file": None, "sha256": None}
+        if self.buf_len:
+            data = np.ascontiguousarray(np.concatenate(self.buf), dtype=DTYPE)
+            self.buf = [data]
+            payload = data.tobytes()
+            entry["file"] = f".pending_{self.split}_{seq:06d}.bin"
+            atomic_write_bytes(self.out / entry["file"], payload)
+            entry["sha256"] = sha256_bytes(payload)
+        return entry
+
+    def load_pending(self, entry: dict) -> None:
+        if entry["tokens"]:
+            path = self.out / entry["file"]
+            check_shard_file(path, entry["tokens"], entry["sha256"])
+            self.buf = [np.fromfile(path, dtype=DTYPE)]
+            self.buf_len = entry["tokens"]
+        self.cursor = tuple(entry["cursor"])
 
 
 def _settings(spec: CorpusSpec, tok, tokenizer_arg, val_fraction, shard_tokens, text_column, text_unit) -> dict:
@@ -143,25 +167,25 @@ def _settings(spec: CorpusSpec, tok, tokenizer_arg, val_fraction, shard_tokens, 
     return s
 
 
-def _iter_tokenized(spec, tok, start_doc, *, num_proc, streaming, text_column, text_unit, batch_docs,
+def _iter_tokenized(spec, tok, tok_fingerprint, start_doc, *, num_proc, streaming, text_column, text_unit, batch_docs,
                     progress) -> Iterator[tuple[int, np.ndarray]]:
     """(document index, ids + EOS) for documents ``start_doc, start_doc+1, ...`` in corpus order."""
     from tqdm.auto import tqdm
 
-    ds = load_documents(spec, streaming=streaming, text_column=text_column, text_unit=text_unit)
+    ds = None if streaming else load_documents(spec, text_column=text_column, text_unit=text_unit, num_proc=num_proc)
     total = None if streaming else len(ds)
-    bar = tqdm(total=total, initial=start_doc, unit="doc", desc="tokenize+pack", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start_doc, unit="doc", desc="pack" if not streaming else "tokenize+pack",
+               disable=not progress, dynamic_ncols=True)
     doc, tokens = start_doc, 0
     try:
         if not streaming:
             if start_doc:
                 ds = ds.select(range(start_doc, len(ds)))
-            fp = hashlib.sha256(f"{ds._fingerprint}|{tokenizer_fingerprint(tok)}|encode-v1".encode()).hexdigest()[:32]
+            fp = hashlib.sha256(f"{ds._fingerprint}|{tok_fingerprint}|encode-v1".encode()).hexdigest()[:32]
             import datasets
             tokd = ds.map(_map_encode, batched=True, batch_size=batch_docs, num_proc=num_proc if num_proc > 1 else None,
                           remove_columns=ds.column_names, fn_kwargs={"tokenizer": tok}, new_fingerprint=fp,
-                          features=datasets.Features({"ids": datasets.List(datasets.Value("uint16"))}),
+                          features=datasets.Features({"ids": datasets.Sequence(datasets.Value("uint16"))}),
                           desc="tokenize")
             for table in tokd.with_format("arrow").iter(batch_size=batch_docs):
                 col = table.column("ids").combine_chunks()
@@ -175,9 +199,8 @@ def _iter_tokenized(spec, tok, start_doc, *, num_proc, streaming, text_column, t
                 bar.update(len(col))
                 bar.set_postfix(tokens=f"{tokens:,}")
         else:
-            if start_doc:
-                ds = ds.skip(start_doc)
-            batches = (b["text"] for b in ds.iter(batch_size=batch_docs))
+            batches = iter_text_batches(spec, batch_docs=batch_docs, start_doc=start_doc, text_column=text_column,
+                                        text_unit=text_unit)
             if num_proc > 1:
                 pool = mp.get_context("fork").Pool(num_proc, initializer=_pool_init, initargs=(tok,))
                 results = pool.imap(_pool_encode, batches, chunksize=1)
@@ -199,7 +222,8 @@ def _iter_tokenized(spec, tok, start_doc, *, num_proc, streaming, text_column, t
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"failed while reading/tokenizing corpus {spec.root}: {exc}") from exc
+        reason = f"{exc}: {exc.__cause__}" if exc.__cause__ is not None else str(exc)
+        raise DataError(f"failed while reading/tokenizing corpus {spec.root}: {reason}") from exc
     finally:
         bar.close()
 
@@ -219,6 +243,21 @@ def _iter_bin(spec: CorpusSpec, vocab_size: int) -> Iterator[tuple[str, int, np.
             yield split, i, chunk, a
 
 
+@contextlib.contextmanager
+def _datasets_progress(enabled: bool):
+    """datasets draws its own bars (file loading, map); follow our ``progress`` flag, then restore."""
+    import datasets
+
+    was = datasets.is_progress_bar_enabled()
+    if not enabled:
+        datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if was and not enabled:
+            datasets.enable_progress_bars()
+
+
 def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = DEFAULT_VAL_FRACTION,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, num_proc: int = 1, tokenizer: str | None = None,
             streaming: bool = False, text_column: str = "text", text_unit: str = "document",
@@ -230,6 +269,14 @@ def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: f
     manifest) made with the same settings is continued. Anything else already in
     ``out`` is never overwritten: a mismatch raises :class:`DataError`.
     """
+    with _datasets_progress(progress):
+        return _prepare(input, out, val_fraction=val_fraction, shard_tokens=shard_tokens, num_proc=num_proc,
+                        tokenizer=tokenizer, streaming=streaming, text_column=text_column, text_unit=text_unit,
+                        batch_docs=batch_docs, progress=progress)
+
+
+def _prepare(input, out, *, val_fraction, shard_tokens, num_proc, tokenizer, streaming, text_column, text_unit,
+             batch_docs, progress) -> dict:
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if int(shard_tokens) != shard_tokens or shard_tokens < 1:
@@ -253,6 +300,17 @@ def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: f
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _prepare_into(spec, tok, settings, out, num_proc=num_proc, streaming=streaming,
+                             text_column=text_column, text_unit=text_unit, batch_docs=batch_docs,
+                             val_fraction=val_fraction, shard_tokens=shard_tokens, progress=progress)
+    finally:
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()  # a run that failed before its first shard leaves nothing behind
+
+
+def _prepare_into(spec, tok, settings, out: Path, *, num_proc, streaming, text_column, text_unit, batch_docs,
+                  val_fraction, shard_tokens, progress) -> dict:
     for stale in out.glob(".*.tmp.*"):
         stale.unlink()
     journal_path = out / JOURNAL
@@ -274,12 +332,36 @@ def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: f
                             f"refusing to overwrite them")
         journal = {"settings": settings, "splits": {s: [] for s in SPLITS}}
 
-    def save_journal():
-        atomic_write_json(journal_path, journal)
+    def checkpoint(cut: _SplitWriter) -> None:
+        """After a shard: persist every split's pending tokens and cursor, then the journal.
 
-    writers = {s: _SplitWriter(out, s, int(shard_tokens), journal["splits"][s], save_journal) for s in SPLITS}
-    for w in writers.values():
-        w.eos_id = tok.eos_token_id
+        The split just cut has received up to its cursor; every other split has
+        received all documents up to and including the current one, which was not
+        theirs. So a resume restarts at the current document, re-tokenizing nothing
+        else.
+        """
+        doc = cut.cursor[0]
+        seq = sum(len(journal["splits"][s]) for s in SPLITS)
+        journal["pending"] = {s: w.save_pending(w.cursor if w is cut else max(tuple(w.cursor), (doc + 1, 0)), seq)
+                              for s, w in writers.items()}
+        atomic_write_json(journal_path, journal)
+        remove_unreferenced_pending()
+
+    def remove_unreferenced_pending() -> None:
+        keep = {e["file"] for e in journal.get("pending", {}).values()}
+        for f in out.glob(".pending_*.bin"):
+            if f.name not in keep:
+                f.unlink()
+
+    writers = {s: _SplitWriter(out, s, int(shard_tokens), tok.eos_token_id, journal["splits"][s], checkpoint)
+               for s in SPLITS}
+    try:
+        for s, w in writers.items():
+            if "pending" in journal:
+                w.load_pending(journal["pending"][s])
+    except (KeyError, TypeError) as exc:
+        raise DataError(f"corrupt preparation journal {journal_path}: {exc}") from exc
+    remove_unreferenced_pending()
     if num_proc > 1:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # Rust threads do not survive fork
 
@@ -289,9 +371,9 @@ def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: f
     else:
         frac = Fraction(str(val_fraction))
         start_doc = min(w.cursor[0] for w in writers.values())
-        for doc, ids in _iter_tokenized(spec, tok, start_doc, num_proc=num_proc, streaming=streaming,
-                                        text_column=text_column, text_unit=text_unit, batch_docs=batch_docs,
-                                        progress=progress):
+        for doc, ids in _iter_tokenized(spec, tok, settings["tokenizer"]["sha256"], start_doc, num_proc=num_proc,
+                                        streaming=streaming, text_column=text_column, text_unit=text_unit,
+                                        batch_docs=batch_docs, progress=progress):
             writers["val" if is_val_document(doc, frac) else "train"].add(doc, ids)
     for w in writers.values():
         w.finish()
@@ -302,14 +384,20 @@ def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: f
         splits[s] = {"tokens": sum(r["tokens"] for r in recs), "documents": sum(r["documents"] for r in recs),
                      "shards": [{k: r[k] for k in ("file", "tokens", "sha256", "documents")} for r in recs]}
     if splits["train"]["tokens"] == 0:
+        # Nothing usable was made: remove this run's own unfinished files so a corrected re-run can start.
+        for rec in journal["splits"]["val"]:
+            (out / rec["file"]).unlink(missing_ok=True)
+        journal_path.unlink(missing_ok=True)
+        journal.pop("pending", None)
+        remove_unreferenced_pending()
         if not splits["val"]["tokens"]:
-            journal_path.unlink(missing_ok=True)
-            if created and not any(out.iterdir()):
-                out.rmdir()
             raise DataError(f"corpus {spec.root} contains no text (0 non-empty documents)")
-        raise DataError(f"corpus {spec.root}: every document went to the validation split; lower val_fraction")
+        raise DataError(f"corpus {spec.root} has only {splits['val']['documents']} document(s) and all went to the "
+                        f"validation split; use val_fraction 0, or text_unit 'paragraph' or 'line' for .txt files")
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "dtype": "uint16", "eos_id": tok.eos_token_id,
                 "vocab_size": len(tok), "settings": settings, "splits": splits}
     atomic_write_json(out / MANIFEST, manifest)
     journal_path.unlink()
+    journal.pop("pending", None)
+    remove_unreferenced_pending()
     return manifest

@@ -95,6 +95,8 @@ def read_manifest(directory: str | os.PathLike) -> dict:
             info = m["splits"][split]
             total = 0
             for rec in info["shards"]:
+                if Path(rec["file"]).name != rec["file"] or rec["file"].startswith("."):
+                    raise CorruptDataError(f"{path}: shard file name {rec['file']!r} is not a plain file name")
                 if not isinstance(rec["tokens"], int) or rec["tokens"] <= 0 or len(rec["sha256"]) != 64:
                     raise CorruptDataError(f"{path}: bad shard record {rec}")
                 total += rec["tokens"]
