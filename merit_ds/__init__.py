@@ -5,13 +5,19 @@
 - registers the sharded step (:mod:`merit_ds.sharding`): a MERIT wrapped by DeepSpeed ZeRO
   1/2/3 or BF16_Optimizer computes the single-device update from its flat partitions;
 - makes ``"optimizer": {"type": "MERIT"}`` work in DeepSpeed's JSON config by setting
-  ``torch.optim.MERIT`` (:mod:`merit_ds.integrations.deepspeed`).
+  ``torch.optim.MERIT`` (:mod:`merit_ds.integrations.deepspeed`);
+- arms the HF Trainer guard (:mod:`merit_ds.integrations.trainer_guard_hook`): a Trainer that
+  would silently drop or swap MERIT under DeepSpeed raises instead (transformers is not
+  imported by this).
 """
 
 from .optim import MERIT, MeritStats, merit
 from . import sharding  # noqa: E402  (registers the group resolver)
 from .integrations.deepspeed import check_config
 from .sharding import ShardingLayoutError, attach
+from .integrations import trainer_guard_hook as _trainer_guard_hook
+
+_trainer_guard_hook.arm()
 
 __version__ = "0.1.0"
 __all__ = ["MERIT", "MeritStats", "merit", "attach", "check_config", "ShardingLayoutError", "__version__"]

@@ -60,6 +60,21 @@ def full_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().float().clone() for n, p in params}
 
 
+def split_matrices(model) -> list[str]:
+    """Names of matrices that this rank holds only part of (ZeRO 1/2 ``_hp_mapping`` fragment
+    or ZeRO 3 partition strictly inside the parameter): evidence that a test really shards."""
+    out = []
+    for n, p in model.named_parameters():
+        if hasattr(p, "ds_tensor"):
+            if len(p.ds_shape) == 2 and 0 < p.ds_tensor.numel() < p.ds_numel:
+                out.append(n)
+        elif p.dim() == 2 and getattr(p, "_hp_mapping", None) is not None:
+            numel = p._hp_mapping.lp_fragment_address.numel
+            if 0 < numel < p.numel():
+                out.append(n)
+    return out
+
+
 def save_json(path, obj):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -68,7 +83,7 @@ def save_json(path, obj):
 
 
 def reference_check(rec: dict, tokens: torch.Tensor, global_batch: int, *, weight_decay: float, hp: dict,
-                    all_decayed: bool = False, loss_scale: float = 1.0) -> list[float]:
+                    all_decayed: bool = False, loss_scale: float = 15 / 16, clip: float = 0.0) -> list[float]:
     """Replay ``rec`` (``{"weights": [...], "lrs": [...]}``) with plain MERIT; return per step the
     max |difference| between the recorded and the reference weights after the step."""
     from merit_ds import MERIT
@@ -90,6 +105,8 @@ def reference_check(rec: dict, tokens: torch.Tensor, global_batch: int, *, weigh
             g["lr"] = lr
         batch = tokens[k * global_batch:(k + 1) * global_batch]
         (model(input_ids=batch, labels=batch).loss * loss_scale).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         opt.zero_grad()
         after = rec["weights"][k + 1]

@@ -14,9 +14,10 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _hf_common import HP, WEIGHT_DECAY, LMDataset, full_weights, tiny_gpt2, token_data  # noqa: E402
+from _hf_common import HP, WEIGHT_DECAY, LMDataset, full_weights, split_matrices, tiny_gpt2, token_data  # noqa: E402
 
 STEPS, MICRO = 3, 2
+CLIP = 0.05  # small enough that every step clips
 
 
 @dataclasses.dataclass
@@ -78,6 +79,7 @@ def main():
             names = {id(p): n for n, p in model.named_parameters()}
             self.decay = [(float(wd), sorted(names[id(p)] for p in ps)) for wd, ps in decay_groups(optimizer)]
             self.opt_type = type(unwrap_optimizer(optimizer)).__name__
+            self.split = split_matrices(model)
 
         def on_step_begin(self, args, state, control, model=None, optimizer=None, **kw):
             self.weights.append(full_weights(model))
@@ -88,29 +90,33 @@ def main():
 
     def scenario(name):
         args = cli_args
-        kwargs, check = {}, True
+        kwargs = {}
         configured = dict(accelerator_config={"use_configured_state": True})
         configure_state(name.startswith("ds"))
-        if name == "cls":
+        if name in ("cls", "clip"):
             args = dataclasses.replace(cli_args, optim="adamw_torch", use_cpu=True, **configured)
+            if name == "clip":
+                args = dataclasses.replace(args, max_grad_norm=CLIP, **configured)
             kwargs["optimizer_cls_and_kwargs"] = (MERIT, dict(HP))
         elif name.startswith("ds"):
             # ds<stage>_<cls|json|dropped|offload|swap>
             stage, kind = int(name[2]), name.split("_", 1)[1]
             cfg = ds_config(stage, offload=kind in ("offload", "swap"), force_flag=kind != "swap", json_merit=kind == "json")
-            optim = "merit" if kind == "json" else "adamw_torch"
-            args = dataclasses.replace(cli_args, deepspeed=cfg, optim=optim, use_cpu=False, **configured)
+            optim = "merit" if kind in ("json", "cli") else "adamw_torch"
+            clip = CLIP if kind == "clip" else cli_args.max_grad_norm  # "auto" -> gradient_clipping
+            args = dataclasses.replace(cli_args, deepspeed=cfg, optim=optim, use_cpu=False, max_grad_norm=clip,
+                                       **configured)
             if kind == "dropped":
                 model = tiny_gpt2()
                 kwargs["optimizers"] = (MERIT(model.parameters(), **HP), None)
-            elif kind == "nocheck_json":
-                check = False
+            elif kind == "cli":
+                pass  # optim="merit" from the command line, DeepSpeed config without "optimizer"
             else:
                 kwargs["optimizer_cls_and_kwargs"] = (MERIT, dict(HP))
             if kind == "json":
                 kwargs.pop("optimizer_cls_and_kwargs", None)
         record = Record()
-        callbacks = [record] + ([MeritCheckCallback()] if check else [])
+        callbacks = [record, MeritCheckCallback()]
         model = tiny_gpt2()
         trainer = Trainer(model=model, args=args, train_dataset=LMDataset(tokens), callbacks=callbacks, **kwargs)
         result = {"name": name, "world": world, "error": None}
@@ -122,12 +128,17 @@ def main():
             if os.environ.get("MERIT_DS_TEST_TRACEBACK"):
                 traceback.print_exc()
         result.update(weights=record.weights, lrs=record.lrs, decay=record.decay,
-                      opt_type=getattr(record, "opt_type", None))
+                      opt_type=getattr(record, "opt_type", None), split=getattr(record, "split", None))
         if rank == 0:
             torch.save(result, os.path.join(script.out, f"{name}.pt"))
 
     for name in script.scenarios.split(","):
         scenario(name)
+    if os.environ.get("MERIT_TEST_RESULT") and int(os.environ.get("RANK", "0")) == 0:
+        import json  # tests/_dist.py reads this; the records themselves are <out>/<scenario>.pt
+
+        with open(os.environ["MERIT_TEST_RESULT"], "w") as f:
+            json.dump({"scenarios": script.scenarios.split(",")}, f)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

@@ -11,15 +11,12 @@ negative control (everything decayed, as with one flat parameter list) differs b
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import sys
-
 import pytest
 import torch
 
 from _hf_common import HP, SEQ, WEIGHT_DECAY, reference_check, token_data
-from _hf_launch import REPO, run, torchrun
+from _dist import launch
+from _hf_launch import run_python
 
 STEP_ATOL = 1e-6
 CONTROL_MIN = 1e-3
@@ -28,28 +25,30 @@ STEPS, MICRO = 3, 2  # as in the worker
 # model's own mean runs over the B*(L-1) shifted targets: its gradient is (L-1)/L of the mean
 # loss's. The reference uses the same convention.
 TRAINER_LOSS_SCALE = (SEQ - 1) / SEQ
-HAVE_SHARDING = importlib.util.find_spec("merit_ds.sharding") is not None
-NEEDS_SHARDING = "needs merit_ds.sharding (branch zero): MERIT is not exact on ZeRO flat partitions without it"
 
 CLI = [
     "--optim", "merit", "--optim_args", "eps=1e-6",  # the command-line opt-in under test
+    "--adam_epsilon", str(HP["eps"]),  # what "eps": "auto" becomes in the DeepSpeed JSON
     "--learning_rate", str(HP["lr"]), "--adam_beta2", str(HP["betas"][1]), "--weight_decay", str(WEIGHT_DECAY),
     "--per_device_train_batch_size", str(MICRO), "--max_steps", str(STEPS), "--max_grad_norm", "0",
     "--train_sampling_strategy", "sequential", "--lr_scheduler_type", "cosine",
     "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true", "--use_cpu",
     "--accelerator_config", '{"use_configured_state": true}',
 ]
-DIST_SCENARIOS = ["cli", "cls", "ds2_dropped", "ds2_swap", "ds2_json"]
-ZERO_SCENARIOS = ["ds1_cls", "ds2_cls", "ds3_cls", "ds2_offload", "ds3_json"]
+# ds<stage>_<kind>: cls = optimizer_cls_and_kwargs, cli = optim="merit", json = "optimizer": {"type": "MERIT"} in the
+# DeepSpeed config, offload = cls + offload_optimizer cpu (+ zero_force_ds_cpu_optimizer: false)
+ZERO_SCENARIOS = ["ds1_cls", "ds2_cls", "ds3_cls", "ds2_offload", "ds2_json", "ds3_json", "ds3_cli"]
+DIST_SCENARIOS = ["cli", "cls", "clip", "ds2_clip", "ds2_dropped", "ds2_swap", *ZERO_SCENARIOS]
+CLIP = 0.05  # as in the worker: max_grad_norm small enough that every step clips
 
 
 def _launch(tmp_path_factory, scenarios, nproc):
     out = tmp_path_factory.mktemp("trainer")
     args = ["--out", str(out), "--scenarios", ",".join(scenarios), "--output_dir", str(out / "run"), *CLI]
     if nproc == 1:
-        run([sys.executable, os.path.join(REPO, "tests/_hf_trainer_worker.py"), *args])
+        run_python("tests/_hf_trainer_worker.py", *args)
     else:
-        torchrun("tests/_hf_trainer_worker.py", *args, nproc=nproc, timeout=400)
+        launch("tests/_hf_trainer_worker.py", nproc, args, timeout=400)
     return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in scenarios}
 
 
@@ -63,19 +62,12 @@ def dist(tmp_path_factory):
     return _launch(tmp_path_factory, DIST_SCENARIOS, 2)
 
 
-@pytest.fixture(scope="module")
-def zero(tmp_path_factory):
-    if not HAVE_SHARDING:
-        pytest.skip(NEEDS_SHARDING)
-    return _launch(tmp_path_factory, ZERO_SCENARIOS, 2)
-
-
-def _assert_matches_reference(rec, world):
+def _assert_matches_reference(rec, world, clip=0.0):
     assert rec["error"] is None, rec.get("message")
     assert rec["opt_type"] == "MERIT"
     assert len(rec["lrs"]) == STEPS and len(rec["weights"]) == STEPS + 1
     tokens = token_data(STEPS * MICRO * world)
-    kw = dict(weight_decay=WEIGHT_DECAY, hp=dict(HP), loss_scale=TRAINER_LOSS_SCALE)
+    kw = dict(weight_decay=WEIGHT_DECAY, hp=dict(HP), loss_scale=TRAINER_LOSS_SCALE, clip=clip)
     diffs = reference_check(rec, tokens, MICRO * world, **kw)
     assert max(diffs) <= STEP_ATOL, diffs
     control = reference_check(rec, tokens, MICRO * world, all_decayed=True, **kw)
@@ -141,7 +133,7 @@ def test_ddp_matches_reference(dist, name):
     _assert_decay_split(dist[name])
 
 
-@pytest.mark.parametrize("name", ["cli", "cls"])
+@pytest.mark.parametrize("name", ["cli", "cls", "ds2_cls", "ds3_json"])
 def test_lr_schedule_under_two_processes(dist, name):
     # cosine, no warmup, 3 steps: lr_k = lr * (1 + cos(pi k / 3)) / 2, read from the optimizer
     # that steps, at the start of each step.
@@ -151,7 +143,7 @@ def test_lr_schedule_under_two_processes(dist, name):
     torch.testing.assert_close(dist[name]["lrs"], expected, rtol=1e-12, atol=0)
 
 
-# ---- DeepSpeed traps (no sharding needed) ----------------------------------------------------
+# ---- DeepSpeed: the traps, then ZeRO 1/2/3 exactness -----------------------------------------
 def test_deepspeed_dropped_optimizer_raises(dist):
     rec = dist["ds2_dropped"]
     assert rec["error"] == "DroppedOptimizerError"
@@ -164,20 +156,53 @@ def test_deepspeed_offload_swap_raises(dist):
     assert "zero_force_ds_cpu_optimizer" in rec["message"] and rec["weights"] == []
 
 
-def test_deepspeed_json_optimizer_gets_decay_groups(dist):
-    # Without the guard the Trainer passes DummyOptim(model.parameters()): one group, all decayed.
-    rec = dist["ds2_json"]
-    assert rec["opt_type"] == "MERIT"
-    _assert_decay_split(rec)
-    if not HAVE_SHARDING:  # the verification callback refuses unsharded MERIT before step 1
-        assert rec["error"] == "NotMeritError" and "merit_ds.sharding" in rec["message"]
-        assert rec["weights"] == []
-    else:
-        _assert_matches_reference(rec, world=2)
-
-
-# ---- DeepSpeed ZeRO exactness (needs the sharding layer) -------------------------------------
 @pytest.mark.parametrize("name", ZERO_SCENARIOS)
-def test_deepspeed_zero_matches_reference(zero, name):
-    _assert_matches_reference(zero[name], world=2)
-    _assert_decay_split(zero[name])
+def test_deepspeed_zero_matches_reference(dist, name):
+    rec = dist[name]
+    assert rec["split"], "no matrix is split across the ranks: the test would not exercise sharding"
+    # The JSON cases also check the trap fix: the Trainer alone passes DummyOptim(flat list),
+    # every parameter decayed; the guard hands DeepSpeed the Trainer's decay groups.
+    _assert_decay_split(rec)
+    _assert_matches_reference(rec, world=2)
+
+
+# ---- the guard is armed by `import merit_ds` alone ---------------------------------------------
+def test_import_merit_ds_arms_trainer_guard_in_either_order():
+    code = (
+        "import sys\n"
+        "{first}\n{second}\n"
+        "import transformers.trainer as tm\n"
+        "assert 'transformers' in sys.modules\n"
+        "print(getattr(tm.deepspeed_init, '__merit_ds_guard__', False))\n"
+    )
+    import subprocess
+    import sys
+
+    from _dist import dist_env
+
+    for first, second in [("import merit_ds", "from transformers import Trainer"),
+                          ("import transformers.trainer", "import merit_ds")]:
+        out = subprocess.run([sys.executable, "-c", code.format(first=first, second=second)], env=dist_env(),
+                             capture_output=True, text=True, timeout=120)
+        assert out.stdout.strip().endswith("True"), (first, out.stdout, out.stderr[-2000:])
+
+
+def test_import_merit_ds_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    from _dist import dist_env
+
+    code = "import sys, merit_ds; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=dist_env(), capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["clip", "ds2_clip"])
+def test_gradient_clipping_matches_reference(dist, name):
+    # DDP: the Trainer's clip_grad_norm_; ZeRO 2: DeepSpeed's gradient_clipping ("auto" <- max_grad_norm).
+    rec = dist[name]
+    _assert_matches_reference(rec, world=2, clip=CLIP)
+    unclipped = reference_check(rec, token_data(STEPS * MICRO * 2), MICRO * 2, weight_decay=WEIGHT_DECAY, hp=dict(HP),
+                                loss_scale=TRAINER_LOSS_SCALE)
+    assert max(unclipped) > 10 * STEP_ATOL, unclipped  # clipping really changed the steps

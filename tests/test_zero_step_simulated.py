@@ -203,3 +203,8 @@ def test_naive_flat_partition_step_differs(monkeypatch):
     MERIT(ref_params, **HP).step()
     diff = max((a - b).abs().max().item() for a, b in zip(_gather(parts, layouts, shapes), ref_params))
     assert diff > 1e-3
+
+
+@pytest.mark.parametrize("flavour", ["zero12", "zero3"])
+def test_propagate_policy_updates_moments_in_place(monkeypatch, flavour):
+    _run(monkeypatch, 3, flavour, policy="propagate")

@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import warnings
 
 import torch
@@ -52,21 +53,28 @@ CONFIGS = {
     "z2_bf16": dict(stage=2, dtype="bf16"),
     "z3_bf16": dict(stage=3, dtype="bf16"),
     "bf16opt": dict(stage=1, dtype="bf16", grad_accum_fp32=True),
-    "z2_fp16": dict(stage=2, dtype="fp16"),
-    "z3_fp16": dict(stage=3, dtype="fp16"),
+    "z2_fp16": dict(stage=2, dtype="fp16", overflow_at=1),
+    "z3_fp16": dict(stage=3, dtype="fp16", overflow_at=1),
     "z2_rr": dict(stage=2, dtype="fp32", round_robin=True),
     "z2_align": dict(stage=2, dtype="bf16", parameter_alignment=True),
     "z3_subgroups": dict(stage=3, dtype="fp32", sub_group_size=100),
-    "z2_offload": dict(stage=2, dtype="fp32", offload=True),
+    "z2_offload_rr": dict(stage=2, dtype="fp32", offload=True, round_robin=True),
     "z3_offload": dict(stage=3, dtype="fp32", offload=True),
     "z2_groups": dict(stage=2, dtype="fp32", two_groups=True),
     "bf16opt_groups": dict(stage=1, dtype="bf16", grad_accum_fp32=True, two_groups=True),
+    "z3_groups": dict(stage=3, dtype="bf16", two_groups=True),
+    "z2_bf16_offload": dict(stage=2, dtype="bf16", offload=True),
+    "z2_attach": dict(stage=2, dtype="fp32", attach=True),
+    # one NaN in one gradient element on one rank; with bf16 "check_grad_overflow": false
+    # DeepSpeed does not skip the step itself, so MERIT must skip that parameter on every
+    # rank (its policy "skip")
+    "z2_bf16_nan": dict(stage=2, dtype="bf16", nan_at=1),
 }
 
 
 class Tiny(nn.Module):
-    """Odd sizes so that flat partitions cut matrices mid-row; a 2-element vector that a
-    3-way ZeRO-3 split leaves one rank without."""
+    """Odd sizes so that flat partitions cut matrices mid-row; 1- and 2-element vectors
+    that ZeRO-3 splits leave some rank without."""
 
     def __init__(self):
         super().__init__()
@@ -75,11 +83,12 @@ class Tiny(nn.Module):
         self.l2 = nn.Linear(11, 7)
         self.head = nn.Linear(7, VOCAB, bias=False)
         self.gate = nn.Parameter(torch.tensor([1.0, 0.5]))
+        self.scale = nn.Parameter(torch.tensor([1.25]))  # ZeRO 3: only rank 0 holds it
 
     def forward(self, x, y):
         h = torch.tanh(self.l1(self.emb(x)))
         h = torch.tanh(self.l2(h)) * self.gate[0] + self.gate[1]
-        logits = self.head(h).float()
+        logits = self.head(h).float() * self.scale.float()
         return nn.functional.cross_entropy(logits.view(-1, VOCAB), y.view(-1))
 
 
@@ -112,6 +121,8 @@ def ds_config(cfg, world):
     }
     if cfg["dtype"] == "bf16":
         c["bf16"] = {"enabled": True}
+        if cfg.get("nan_at") is not None:
+            c["bf16"]["check_grad_overflow"] = False  # let the NaN reach the optimizer
         if cfg.get("grad_accum_fp32"):
             c["data_types"] = {"grad_accum_dtype": "fp32"}
     if cfg["dtype"] == "fp16":
@@ -175,6 +186,13 @@ class Oracle:
 
 
 def run_config(name, cfg, rank, world):
+    if cfg["dtype"] == "fp16":
+        # DeepSpeed's CPU accelerator refuses fp16 unless oneDNN has fp16 kernels for this CPU
+        # (AVX512-FP16/AMX); torch runs fp16 on any CPU, slowly. The loss-scaling logic under
+        # test does not depend on the hardware.
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().is_fp16_supported = lambda: True
     torch.manual_seed(0)
     model = Tiny()
     if cfg.get("two_groups"):
@@ -185,6 +203,8 @@ def run_config(name, cfg, rank, world):
         params = model.parameters()
     opt = MERIT(params, **HP)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(cfg, world))
+    if cfg.get("attach"):
+        merit_ds.attach(opt, engine)  # explicit: layout from the ZeRO optimizer's own records
     oracle = Oracle(engine)
     ref_state = {}  # param -> (exp_avg, exp_avg_sq, step) of the single-device reference
     hp_of = {}  # param -> its group's hyperparameters
@@ -243,7 +263,11 @@ def run_config(name, cfg, rank, world):
                       beta2=grp["betas"][1], eps=grp["eps"], weight_decay=grp["weight_decay"],
                       nonfinite_grads=grp["nonfinite_grads"], implementation="single_tensor")
                 diff = (w - after[p]).abs().max().item() if w.numel() else 0.0
+                if math.isnan(diff):  # max() would silently drop a NaN
+                    diff = float("inf")
                 res["max_diff"] = max(res["max_diff"], diff)
+                if diff > 0 and os.environ.get("MERIT_DEBUG"):
+                    print("DIFF", rank, tuple(w.shape), diff, (w - after[p]).abs().view(-1).nonzero().view(-1).tolist()[:20], flush=True)
                 res["compared"] += 1
         return out
 
@@ -258,8 +282,20 @@ def run_config(name, cfg, rank, world):
         full_opt = MERIT(full_ref.parameters(), **HP)
     for step in range(STEPS):
         x, y = batch(step, rank, world)
+        hook = None
+        if cfg.get("nan_at") == step and rank == world - 1:
+            def poison(g):
+                g = g.clone()
+                g.view(-1)[-1] = float("nan")
+                return g
+
+            hook = model.l1.weight.register_hook(poison)
         loss = engine(x, y)
+        if cfg.get("overflow_at") == step and rank == 0:
+            loss = loss * float("inf")  # fp16 overflow on one rank: every rank must skip
         engine.backward(loss)
+        if hook is not None:
+            hook.remove()
         engine.step()
         if full_ref is not None and step == 0:
             xs, ys = zip(*[batch(step, r, world) for r in range(world)])
@@ -287,7 +323,11 @@ def run_config(name, cfg, rank, world):
                 dd = max(dd, (deepspeed.utils.safe_get_full_fp32_param(p).view(w.shape) - w).abs().max().item())
         res["safe_get_diff"] = dd
     res["skipped_steps"] = getattr(engine, "skipped_steps", 0)
+    skips = [None] * world
+    dist.all_gather_object(skips, opt.nonfinite_skips)
+    res["nonfinite_skips"] = skips
     res["flavour"] = oracle.kind
+    res["adapters"] = sorted({v[3] for v in opt.__dict__.get("_merit_layouts", {}).values()})
     engine.destroy() if hasattr(engine, "destroy") else None
     return res
 
@@ -312,6 +352,12 @@ def main():
             json.dump({"world": world, "configs": results}, f, indent=1)
     dist.barrier()
     dist.destroy_process_group()
+    # Skip interpreter teardown: with several engines built in one process, a native
+    # thread's destructor occasionally aborts at exit ("terminate called without an active
+    # exception") after all results are written. Everything is flushed and synchronised here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":

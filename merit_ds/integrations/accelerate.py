@@ -32,6 +32,7 @@ import torch
 
 from ..optim import MERIT
 from ._common import OffloadSwapError, ds_names_merit, refuse_offload_swap
+from .deepspeed import check_config
 from .param_groups import merit_param_groups
 from .verify import NotMeritError, assert_merit_is_stepping
 
@@ -53,7 +54,7 @@ def merit_deepspeed_config(
     grad_accum: int | str = "auto",
     offload: bool = False,
     optimizer_params: Optional[dict] = None,
-    gradient_clipping: Optional[float] = None,
+    gradient_clipping: float | str = 1.0,
     **extra: Any,
 ) -> dict:
     """A DeepSpeed config dict for MERIT (for ``DeepSpeedPlugin(hf_ds_config=...)`` or a JSON file).
@@ -63,6 +64,9 @@ def merit_deepspeed_config(
     Always sets ``zero_allow_untested_optimizer`` (DeepSpeed refuses a non-Adam optimizer
     under ZeRO otherwise) and, with ``offload``, ``offload_optimizer: cpu`` plus
     ``zero_force_ds_cpu_optimizer: false`` (without it MERIT is swapped or refused).
+    ``gradient_clipping`` is always written: DeepSpeed 0.19.8 clips at 1.0 when the key is absent
+    (``runtime/constants.py:203``), which is easy to miss; ``0.0`` disables clipping, ``"auto"``
+    lets the HF Trainer fill in ``max_grad_norm``.
     """
     zero: dict[str, Any] = {"stage": int(stage)}
     if offload:
@@ -77,8 +81,7 @@ def merit_deepspeed_config(
         cfg["zero_force_ds_cpu_optimizer"] = False
     if optimizer_params is not None:
         cfg["optimizer"] = {"type": "MERIT", "params": dict(optimizer_params)}
-    if gradient_clipping is not None:
-        cfg["gradient_clipping"] = gradient_clipping
+    cfg["gradient_clipping"] = gradient_clipping
     cfg.update(extra)
     return cfg
 
@@ -94,7 +97,9 @@ def check_before_prepare(accelerator, optimizer: Any) -> None:
     * client ``MERIT`` + ZeRO-Offload without ``zero_force_ds_cpu_optimizer: false``
       (Accelerate would swap in DeepSpeedCPUAdam): :class:`OffloadSwapError`;
     * ``DummyOptim`` with a DeepSpeed config that does not name MERIT, or without DeepSpeed:
-      :class:`NotMeritError`.
+      :class:`NotMeritError`;
+    * anything :func:`merit_ds.integrations.deepspeed.check_config` refuses (missing
+      ``zero_allow_untested_optimizer``, nvme offload, ``"type": "merit"`` misspelled...).
     """
     from accelerate.utils import DummyOptim
 
@@ -107,8 +112,11 @@ def check_before_prepare(accelerator, optimizer: Any) -> None:
                 "Remove the section or name MERIT there and pass DummyOptim(merit_param_groups(model))."
             )
         if cfg is not None:
-            refuse_offload_swap(cfg)
+            refuse_offload_swap(cfg)  # the Accelerate-specific silent swap, named as such
+            check_config(cfg, client_optimizer=True)
     elif isinstance(optimizer, DummyOptim):
+        if cfg is not None:
+            check_config(cfg)  # spelling of the name, ZeRO/offload keys (merit_ds.integrations.deepspeed)
         if cfg is None or not ds_names_merit(cfg):
             named = None if cfg is None else (cfg.get("optimizer") or {}).get("type")
             raise NotMeritError(f"DummyOptim given but the DeepSpeed config names optimizer {named!r}, not 'MERIT'")

@@ -39,7 +39,7 @@ class MeritConfigError(ValueError):
 def register_json_name() -> None:
     """Make ``"type": "MERIT"`` resolvable by DeepSpeed (``getattr(torch.optim, "MERIT")``)."""
     existing = getattr(torch.optim, JSON_NAME, None)
-    if existing is not None and existing is not MERIT:
+    if existing is not None and existing is not MERIT and getattr(existing, "__module__", "") != MERIT.__module__:
         raise RuntimeError(f"torch.optim.{JSON_NAME} is already taken by {existing!r}")
     setattr(torch.optim, JSON_NAME, MERIT)
 

@@ -19,6 +19,10 @@ up DeepSpeed (``transformers.trainer.deepspeed_init``):
   Trainer's own decay/no-decay groups instead.
 * ZeRO-Offload without ``"zero_force_ds_cpu_optimizer": false`` makes Accelerate swap MERIT
   for DeepSpeedCPUAdam: the guard raises :class:`OffloadSwapError`.
+* a DeepSpeed JSON ``"optimizer"`` section wins over ``optimizer_cls_and_kwargs`` and
+  ``optim="merit"``, silently: the guard raises when MERIT was asked for and the JSON names
+  another optimizer, or when both the JSON and ``optimizer_cls_and_kwargs`` name MERIT (the
+  kwargs would be ignored).
 
 The Trainer's optimizer names are a closed enum (``OptimizerNames``) with private dispatch
 (``trainer_optimizer._OPTIMIZER_HANDLERS``). :func:`register_trainer_optim` checks both before
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any
 
 from ..optim import MERIT
@@ -183,6 +188,23 @@ def _guarded_deepspeed_init(original, trainer, num_training_steps, inference=Fal
             "MERIT in the DeepSpeed JSON ('optimizer': {'type': 'MERIT'})."
         )
     json_merit = ds_names_merit(config)
+    if "optimizer" in config and _asks_for_merit_client(trainer):
+        named = (config.get("optimizer") or {}).get("type")
+        explicit = getattr(trainer, "optimizer_cls_and_kwargs", None) is not None
+        if not json_merit or explicit:
+            # The JSON's optimizer wins (DummyOptim); the Trainer would silently ignore the request.
+            raise ValueError(
+                f"the DeepSpeed config names optimizer {named!r} and the Trainer was asked for MERIT "
+                f"({'optimizer_cls_and_kwargs' if explicit else 'optim=merit'}): DeepSpeed builds the "
+                "JSON's optimizer and the Trainer silently ignores "
+                f"{'the class and its kwargs' if explicit else 'optim'}. Remove the 'optimizer' section "
+                "from the DeepSpeed config, or name MERIT there (with its params) and drop "
+                "optimizer_cls_and_kwargs."
+            )
+    if json_merit:
+        from .deepspeed import check_config
+
+        check_config(config)  # "MERIT" spelled as DeepSpeed looks it up, ZeRO/offload keys present
     if "optimizer" not in config and _asks_for_merit_client(trainer):
         refuse_offload_swap(config)  # the client path is the one Accelerate swaps
     optimizer, lr_scheduler = original(trainer, num_training_steps, inference=inference, **kwargs)
@@ -227,7 +249,17 @@ class MeritCheckCallback(_trainer_callback_base()):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         from .verify import assert_merit_is_stepping
 
-        assert_merit_is_stepping(optimizer, model)
+        merit = assert_merit_is_stepping(optimizer, model)
+        # optimizer_cls_and_kwargs=(MERIT, {...}) ignores args.learning_rate: say so.
+        initial = {float(g.get("initial_lr", g["lr"])) for g in merit.param_groups}
+        if initial and initial != {float(args.learning_rate)}:
+            warnings.warn(
+                f"MERIT's initial lr {sorted(initial)} differs from TrainingArguments.learning_rate="
+                f"{args.learning_rate}: with optimizer_cls_and_kwargs the Trainer uses the lr in the "
+                "kwargs and ignores learning_rate.",
+                UserWarning,
+                stacklevel=2,
+            )
 
 
 __all__.append("MeritCheckCallback")

@@ -78,28 +78,38 @@ def decay_groups(engine_or_optimizer: Any) -> list[tuple[float, list[torch.nn.Pa
     return [(g["weight_decay"], list(ps)) for g, ps in zip(groups, originals)]
 
 
+def _flat_groups(wrapper: Any, basic: MERIT) -> list[dict]:
+    """The groups the basic optimizer will step, each holding one flat partition.
+
+    ZeRO 1/2 and BF16_Optimizer keep them in ``basic.param_groups`` at all times; ZeRO 3 puts
+    one sub-group's ``fp32_partitioned_groups_flat[s]`` into its group only during ``step()``,
+    so those are rebuilt here from the same records.
+    """
+    if hasattr(wrapper, "sub_group_to_group_id"):
+        return [
+            {**basic.param_groups[wrapper.sub_group_to_group_id[s]], "params": [flat]}
+            for s, flat in enumerate(wrapper.fp32_partitioned_groups_flat)
+        ]
+    return [g for g in basic.param_groups if g["params"]]
+
+
 def _check_sharding(wrapper: Any, basic: MERIT) -> None:
-    """Every flat-partition group must be claimed by the sharding layer (merit_ds.sharding)."""
+    """Every flat-partition group must have a layout from :mod:`merit_ds.sharding`."""
     try:
-        from .. import sharding  # noqa: F401  (registers MERIT's group resolver)
+        from ..sharding import ShardingLayoutError, layout_of
     except ImportError as exc:
         raise NotMeritError(
             f"MERIT runs under {type(wrapper).__name__} (ZeRO flat partitions) but merit_ds.sharding "
             "is not available: MERIT would treat each flat partition as one vector and compute "
             "wrong trust ratios."
         ) from exc
-    if not MERIT._group_resolvers:
-        raise NotMeritError("merit_ds.sharding registered no group resolver with MERIT")
-    verify = getattr(sharding, "verify_layouts", None)
-    if verify is not None:  # the sharding layer's own, complete check (all ZeRO flavours)
-        verify(wrapper, basic)
-        return
-    for i, group in enumerate(basic.param_groups):
-        if group["params"] and basic._group_stepper(group) is None:
+    for i, group in enumerate(_flat_groups(wrapper, basic)):
+        try:
+            layout_of(basic, group)
+        except ShardingLayoutError as exc:
             raise NotMeritError(
-                f"group {i} of MERIT under {type(wrapper).__name__} has no sharding layout: its "
-                "flat partition would be stepped as one vector."
-            )
+                f"flat partition {i} of MERIT under {type(wrapper).__name__} has no sharding layout: {exc}"
+            ) from exc
 
 
 def assert_merit_is_stepping(engine_or_optimizer: Any, model: Optional[torch.nn.Module] = None, *, trainer=None) -> MERIT:

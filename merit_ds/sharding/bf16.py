@@ -14,7 +14,8 @@ MERIT was built with, in order (``is_optimized_parameter``); DeepSpeed swaps eac
 from __future__ import annotations
 
 from .errors import ShardingLayoutError
-from .layout import PartitionLayout, layout_from_fragments
+from .layout import PartitionLayout
+from .zero12 import flat_group_layout
 
 __all__ = ["hp_mapping_layout"]
 
@@ -28,23 +29,20 @@ def _is_optimized(p) -> bool:
         return p.requires_grad and p.numel() > 0
 
 
-def hp_mapping_layout(optimizer, group, flat) -> tuple[PartitionLayout, object]:
-    """(layout, process group) of ``flat`` from the ``_hp_mapping`` of ``group``'s originals."""
+def hp_mapping_layout(optimizer, group, flat) -> tuple[PartitionLayout, object, str]:
+    """(layout, process group, flavour) of ``flat`` from ``group``'s original parameters.
+
+    Serves BF16_Optimizer, and ZeRO 1/2 when the ZeRO optimizer left no back-link (no CPU
+    offload): both flatten the group into one buffer the parameters are views of, and cut
+    equal slices. ZeRO 1/2 parameters carry ``param_idx_in_group`` (stage_1_and_2.py:430);
+    only there can the flatten order differ from the group order (round robin).
+    """
     params = [p for p in optimizer.original_params(group) if _is_optimized(p)]
     if not params or not all(hasattr(p, "_hp_mapping") for p in params):
-        raise ShardingLayoutError("MERIT (bf16): the group's parameters carry no DeepSpeed _hp_mapping")
-    storage = flat.untyped_storage().data_ptr()
-    frags = []
-    for i, p in enumerate(params):
-        mapping = p._hp_mapping
-        if mapping is None:
-            continue
-        if mapping.hp_fragment.untyped_storage().data_ptr() != storage:
-            raise ShardingLayoutError(
-                "MERIT (bf16): a parameter's _hp_mapping points into another partition than the one "
-                "being stepped; cannot determine the layout (pass the engine to merit_ds.attach)."
-            )
-        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-        frags.append((i, int(lp.start), int(lp.numel), int(hp.start)))
-    layout = layout_from_fragments([tuple(p.shape) for p in params], frags, flat.numel())
-    return layout, params[0]._dp_group
+        raise ShardingLayoutError(
+            "MERIT: the group's parameters carry no DeepSpeed _hp_mapping; cannot determine the layout of its "
+            "flat partition. Call merit_ds.attach(optimizer, engine)."
+        )
+    zero12 = all(getattr(p, "param_idx_in_group", None) is not None for p in params)
+    layout = flat_group_layout(params, flat, params[0]._dp_group, reordered_ok=zero12)
+    return layout, params[0]._dp_group, "zero1/2" if zero12 else "bf16"

@@ -9,8 +9,10 @@ sharded MERIT needs no extra user call on any entry path (the user's own
 - a group holding something else (DeepSpeed swapped in a flat fp32 partition) -> a
   :class:`~merit_ds.sharding.step.ShardedGroupStep` whose layout comes from the wrapper that
   owns the partition, found through the original parameters' back-links
-  (``_z3_optimizer`` for ZeRO 3, ``_zero_optimizer`` for ZeRO 1/2, ``_hp_mapping`` for
-  BF16_Optimizer) or given explicitly with :func:`attach`;
+  (``_z3_optimizer`` for ZeRO 3; ``_zero_optimizer`` for ZeRO 1/2 under CPU offload), or
+  given explicitly with :func:`attach`; otherwise (ZeRO 1/2 without offload,
+  BF16_Optimizer) read from the parameters themselves: their ``_hp_mapping`` and their
+  place in DeepSpeed's flat buffer (:func:`merit_ds.sharding.zero12.flat_group_layout`);
 - anything else -> :class:`ShardingLayoutError`. Never a silent fallback to treating the
   partition as one vector.
 
@@ -106,12 +108,8 @@ def layout_of(optimizer, group: dict):
         layout, pg, _ = zero3_layout(owner, flat)
     elif kind == "zero1/2":
         layout, pg, _ = zero12_layout(owner, flat)
-    elif kind == "bf16":
-        layout, pg = hp_mapping_layout(optimizer, group, flat)
-    elif kind == "hp_mapping":
-        if any(getattr(p, "param_idx_in_group", None) is not None for p in optimizer.original_params(group)):
-            kind = "zero1/2"  # a ZeRO 1/2 rank that owns nothing has no _zero_optimizer link
-        layout, pg = hp_mapping_layout(optimizer, group, flat)
+    elif kind in ("bf16", "hp_mapping"):
+        layout, pg, kind = hp_mapping_layout(optimizer, group, flat)
     else:  # pragma: no cover
         raise ShardingLayoutError(f"MERIT: unsupported DeepSpeed wrapper {type(owner)}")
     cache[id(flat)] = (flat, layout, pg, kind)

@@ -55,9 +55,9 @@ class ShardedGroupStep:
     layout: PartitionLayout
     process_group: Any
     source: str  # "zero1/2", "zero3", "bf16": for error messages
-    # phase-1 scratch
-    _m: Optional[Tensor] = field(default=None, repr=False)
-    _v: Optional[Tensor] = field(default=None, repr=False)
+    # phase-1 results
+    _grad: Optional[Tensor] = field(default=None, repr=False)
+    _new_moments: Optional[tuple] = field(default=None, repr=False)
     _u: Optional[Tensor] = field(default=None, repr=False)
     _stats: Optional[Tensor] = field(default=None, repr=False)
 
@@ -102,7 +102,7 @@ def _run_same_group(steps: list[ShardedGroupStep]) -> None:
         if bad and s.group["nonfinite_grads"] == "raise":
             shapes = [s.layout.slots[i].shape for i in sorted(bad)]
             for t in steps:
-                t._m = t._v = t._u = t._stats = None
+                t._grad = t._u = t._stats = t._new_moments = None
             raise FloatingPointError(
                 f"MERIT ({s.source}): non-finite gradient in {len(bad)} parameter(s) (indices {sorted(bad)} in "
                 f"their group, shapes {shapes}) on some rank; nothing was modified on any rank. "
@@ -110,7 +110,7 @@ def _run_same_group(steps: list[ShardedGroupStep]) -> None:
             )
     for s, bad in zip(steps, flagged):
         _apply(s, bad)
-        s._m = s._v = s._u = s._stats = None
+        s._grad = s._u = s._stats = s._new_moments = None
 
 
 def _state(s: ShardedGroupStep) -> dict:
@@ -122,20 +122,39 @@ def _state(s: ShardedGroupStep) -> dict:
     return state
 
 
+def _scratch(s: ShardedGroupStep, count: int) -> list[Tensor]:
+    """``count`` partition-sized work buffers, kept across steps.
+
+    Not optimizer state (not checkpointed). Reusing them keeps large allocations off the
+    allocator's path on every step, which on CPU costs more than the arithmetic.
+    """
+    cache = s.optimizer.__dict__.setdefault("_merit_scratch", {})
+    hit = cache.get(id(s.flat))
+    if hit is None or hit[0] is not s.flat or len(hit[1]) != count:
+        hit = (s.flat, [torch.empty_like(s.flat) for _ in range(count)])
+        cache[id(s.flat)] = hit
+    return hit[1]
+
+
 def _local_statistics(s: ShardedGroupStep) -> None:
-    """Phase 1: moments and u over the partition, partial maxima into the stats buffer."""
+    """Phase 1: u over the partition, partial maxima into the stats buffer, flags."""
     flat, group, layout, buf = s.flat, s.group, s.layout, s._stats
     if flat.grad is None:
         return  # contributes zeros; phase 3 leaves the partition alone
     grad = flat.grad if flat.grad.dtype == flat.dtype else flat.grad.to(flat.dtype)
     beta1, beta2 = group["betas"]
     state = _state(s)
-    if group["nonfinite_grads"] == "propagate":
+    if group["nonfinite_grads"] == "propagate":  # nothing can be skipped: update in place
+        (u_buf,) = _scratch(s, 1)
         F.update_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
-        s._m, s._v = state["exp_avg"], state["exp_avg_sq"]
-    else:  # committed in phase 3, once all ranks agree that the gradient is finite
-        s._m, s._v = F.updated_moments(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
-    s._u = F.update_direction(s._m, s._v, flat, group["eps"], group["weight_decay"])
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        s._new_moments = None
+    else:  # committed in phase 3, once all ranks agree the gradient is finite
+        m_buf, v_buf, u_buf = _scratch(s, 3)
+        m, v = F.updated_moments(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2, out=(m_buf, v_buf))
+        s._new_moments = (m, v)
+    s._u = F.update_direction(m, v, flat, group["eps"], group["weight_decay"], out=u_buf)
+    s._grad = grad
 
     for frag in layout.fragments:
         slot = layout.slots[frag.param_index]
@@ -150,10 +169,13 @@ def _local_statistics(s: ShardedGroupStep) -> None:
             pair = buf.narrow(0, slot.offset, 2)
             torch.maximum(pair, torch.stack([F.tensor_max(w), F.tensor_max(u)]), out=pair)
 
-    if group["nonfinite_grads"] != "propagate" and not bool(torch.isfinite(grad).all()):
+    # A non-finite gradient element makes that u element NaN (inf/inf or NaN), and a NaN
+    # reaches every maximum over it: finite statistics prove finite gradients, so the exact
+    # per-fragment check runs only when some statistic is not finite.
+    if group["nonfinite_grads"] != "propagate" and not bool(torch.isfinite(buf).all()):
         for frag in layout.fragments:
             g = grad.narrow(0, frag.partition_offset, frag.numel)
-            if not bool(torch.isfinite(g).all()):
+            if not bool(torch.isfinite(F.tensor_max(g))):
                 buf[layout.slots[frag.param_index].flag] = 1.0
 
 
@@ -185,13 +207,16 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
     state = s.optimizer.state[flat]
     lr = _as_float(group["lr"])
     live = [f for f in layout.fragments if f.param_index not in bad]
-    if group["nonfinite_grads"] != "propagate":
+    work = None  # a free partition-sized buffer for the full-size trust ratios
+    if s._new_moments is not None:  # commit the moments phase 1 computed
+        m_new, v_new = s._new_moments
         if not bad:
-            state["exp_avg"].copy_(s._m)
-            state["exp_avg_sq"].copy_(s._v)
+            state["exp_avg"].copy_(m_new)
+            state["exp_avg_sq"].copy_(v_new)
+            work = m_new
         else:
             for f in live:
-                for key, new in (("exp_avg", s._m), ("exp_avg_sq", s._v)):
+                for key, new in (("exp_avg", m_new), ("exp_avg_sq", v_new)):
                     state[key].narrow(0, f.partition_offset, f.numel).copy_(new.narrow(0, f.partition_offset, f.numel))
     if bad:
         s.optimizer.nonfinite_skips += len(bad)
@@ -225,6 +250,9 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
             if col0 == 0 and length % row_len == 0:  # whole rows: broadcast like one device
                 n = length // row_len
                 shape3 = (n, cols, inner)
+                out = None
+                if work is not None:
+                    out = work.narrow(0, frag.partition_offset + pos, length).view(shape3)
                 trust = F.matrix_trust_ratio(
                     row_w.narrow(0, row * inner, n * inner).view(n, 1, inner),
                     row_u.narrow(0, row * inner, n * inner).view(n, 1, inner),
@@ -232,6 +260,7 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
                     col_u.view(1, cols, inner),
                     max_w,
                     max_u,
+                    out=out,
                 )
                 F.apply_update_(wp.view(shape3), up.view(shape3), trust, lr)
             else:  # part of one row: per-element row/column maxima of the slice (all 1-D)

@@ -31,6 +31,11 @@ def zero3_layout(owner, flat) -> tuple[PartitionLayout, object, int]:
             "MERIT (ZeRO 3): the flat partition is not one of the optimizer's "
             "fp32_partitioned_groups_flat; cannot determine its layout."
         )
+    if getattr(owner, "swap_optimizer", False):
+        raise ShardingLayoutError(
+            "MERIT (ZeRO 3): offload_optimizer.device=nvme (optimizer-state swapping) is not supported; "
+            "use device=cpu."
+        )
     groups = getattr(owner, "sub_group_process_groups", None)
     group = groups[index] if groups else owner.dp_process_group
     params = owner.fp16_groups[index]

@@ -1,0 +1,67 @@
+"""MERIT by name in DeepSpeed's JSON config, through the real ``deepspeed`` launcher; config checks."""
+
+import pytest
+import torch
+
+import merit_ds
+from _dist import REPO_ROOT, TESTS_DIR, launch
+from merit_ds.integrations.deepspeed import MeritConfigError, check_config
+
+
+def test_json_config_name_through_deepspeed_launcher():
+    res = launch(TESTS_DIR / "zero_json_script.py", 2, ["--ds_config", str(REPO_ROOT / "ds_configs/zero2_merit_fp32.json")],
+                 launcher="deepspeed", timeout=300)
+    assert res["world"] == 2
+    assert res["basic_optimizer"] == "MERIT" and res["wrapper"] == "DeepSpeedZeroOptimizer"
+    assert res["sharded_groups"] == 1
+    assert res["stats_all_reduces"] == 4  # one per step() call, 4 steps
+    assert res["hyperparameters"] == {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}
+    assert all(0 < l < 10 for l in res["losses"])
+
+
+def test_import_registers_json_name():
+    assert torch.optim.MERIT is merit_ds.MERIT
+
+
+BASE = {"optimizer": {"type": "MERIT", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}}
+
+
+def test_check_config_requires_untested_optimizer_flag():
+    with pytest.raises(MeritConfigError, match='"zero_allow_untested_optimizer": true'):
+        check_config(BASE)
+    check_config({**BASE, "zero_allow_untested_optimizer": True})
+    check_config({**BASE, "zero_optimization": {"stage": 0}})  # no ZeRO: nothing to allow
+
+
+def test_check_config_offload_needs_force_ds_cpu_optimizer_false():
+    cfg = {**BASE, "zero_allow_untested_optimizer": True,
+           "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(MeritConfigError, match='"zero_force_ds_cpu_optimizer": false'):
+        check_config(cfg)
+    check_config({**cfg, "zero_force_ds_cpu_optimizer": False})
+    with pytest.raises(MeritConfigError, match="nvme"):
+        check_config({**cfg, "zero_force_ds_cpu_optimizer": False,
+                      "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}})
+
+
+def test_check_config_case_and_client_optimizer():
+    with pytest.raises(MeritConfigError, match='"type": "MERIT"'):
+        check_config({"optimizer": {"type": "merit"}})
+    check_config({"optimizer": {"type": "AdamW"}, "zero_optimization": {"stage": 2}})  # not ours
+    with pytest.raises(MeritConfigError):
+        check_config({"zero_optimization": {"stage": 1}}, client_optimizer=True)
+
+
+def test_shipped_configs_pass_the_check():
+    for path in sorted((REPO_ROOT / "ds_configs").glob("*merit*.json")):
+        check_config(path)
+
+
+def test_flat_tensor_without_deepspeed_raises_instead_of_falling_back():
+    w = torch.nn.Parameter(torch.randn(3, 4))
+    opt = merit_ds.MERIT([w], lr=0.1)
+    flat = torch.nn.Parameter(torch.randn(12))
+    flat.grad = torch.randn(12)
+    opt.param_groups[0]["params"] = [flat]  # what a sharding wrapper does
+    with pytest.raises(merit_ds.ShardingLayoutError, match="never treats a flat partition as one vector"):
+        opt.step()
