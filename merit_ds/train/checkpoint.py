@@ -125,7 +125,7 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     return path
 
 
-def validate(path: Path, run_info: dict, *, checksums: bool = True) -> dict:
+def validate(path: Path, run_info: dict, *, checksums: bool = True, allow_world_change: bool = False) -> dict:
     """Return the checkpoint's metadata, or raise :class:`CheckpointError` saying what is wrong."""
     path = Path(path)
     if not path.is_dir():
@@ -153,9 +153,34 @@ def validate(path: Path, run_info: dict, *, checksums: bool = True) -> dict:
         if saved.get(key) != run_info.get(key):
             raise CheckpointError(f"incompatible checkpoint {path}: it was trained with {key}={saved.get(key)!r}, "
                                   f"this run has {key}={run_info.get(key)!r}")
-    if saved.get("world") != run_info.get("world") and run_info.get("zero_stage", 0) > 0:
+    if not allow_world_change and saved.get("world") != run_info.get("world") and run_info.get("zero_stage", 0) > 0:
         raise CheckpointError(
             f"incompatible checkpoint {path}: saved with {saved.get('world')} data-parallel ranks, this run has "
-            f"{run_info.get('world')}. ZeRO checkpoints are per rank: resume with {saved.get('world')} ranks (changing the "
-            f"world size needs DeepSpeed's universal conversion, ds_to_universal, which merit_ds.train does not load yet)")
+            f"{run_info.get('world')}. ZeRO checkpoints are per rank: resume with {saved.get('world')} ranks or through "
+            f"DeepSpeed's universal format (universal_copy)")
     return meta
+
+
+def universal_copy(path: Path, universal_root: Path) -> Path:
+    """DeepSpeed universal (world-size independent) copy of a validated ZeRO checkpoint, made once.
+
+    ``python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state`` writes into a
+    temporary directory renamed into place when complete; the source is only read.
+    """
+    import subprocess
+    import sys
+
+    final = Path(universal_root) / Path(path).name
+    if final.is_dir():
+        return final
+    tmp = Path(universal_root) / f".tmp-{Path(path).name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(tmp), "--inject_missing_state"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"converting {path} to DeepSpeed's universal format failed:\n{r.stderr[-2000:]}")
+    os.rename(tmp, final)
+    return final

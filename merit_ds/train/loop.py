@@ -160,6 +160,8 @@ class Runner:
         else:
             from accelerate.utils import DummyOptim
 
+            # the plugin was built before the checkpoint was resolved; only "checkpoint" may change
+            self.accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = ds_cfg.get("checkpoint", {})
             opt = client_optimizer if client_optimizer is not None else DummyOptim(groups)
             engine, optimizer = self.accelerator.prepare(model, opt)
             self.engine, self.optimizer = engine, optimizer
@@ -326,11 +328,55 @@ def run(args) -> int:
     except DataError as exc:
         raise UsageError(f"data: {exc}") from None
 
+    # --- resume ------------------------------------------------------------------------------------
+    out = Path(args.out)
+    ckpt_root = out / "checkpoints"
+    overrides.setdefault("n_positions", seq_len)
+    run_info = {"model": args.model, "model_config": {k: v for k, v in sorted(gpt2_config(preset, **overrides).to_dict().items())
+                                                      if k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
+                "seq_len": seq_len, "global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
+                "world": world, "zero_stage": zero_stage, "precision": precision, "launcher": launcher,
+                # the lr schedule is part of the trajectory: a different length/peak would silently
+                # continue under the checkpoint's schedule (LambdaLR restores its factor object)
+                "schedule": {"steps": plan.steps, "warmup": warmup, "floor": floor, "lr": lr},
+                "data": getattr(getattr(train_loader, "tokens", None), "fingerprint", None) or
+                train_loader.state_dict().get("data")}
+    error, resume_from, load_from = None, None, None
+    if rank == 0:
+        try:
+            if args.resume == "never":
+                if ckpt_root.exists() and any(ckpt_root.glob("step_*")):
+                    raise ckpt.CheckpointError(f"{ckpt_root} already holds checkpoints and --resume never was given: "
+                                               f"refusing to overwrite them; use another --out or --resume auto")
+            elif args.resume == "auto":
+                resume_from = ckpt.latest_checkpoint(ckpt_root)
+            else:
+                resume_from = Path(args.resume)
+            if resume_from is not None:
+                saved_world = ckpt.validate(resume_from, run_info, allow_world_change=True)["run"]["world"]
+                if saved_world != world and zero_stage > 0:
+                    # ZeRO files are per rank: re-shard through DeepSpeed's universal format (MERIT
+                    # keeps the state keys it needs), converted once into this run's directory.
+                    load_from = ckpt.universal_copy(resume_from, ckpt_root / "universal")
+                    _rank0_print(runner, f"world size {saved_world} -> {world}: resuming through the universal "
+                                         f"checkpoint {load_from}")
+        except ckpt.CheckpointError as exc:
+            error = str(exc)
+    error = _agree(runner, error)
+    if error:
+        raise UsageError(error)
+    box = [str(resume_from) if resume_from else None, str(load_from) if load_from else None]
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    resume_from = Path(box[0]) if box[0] else None
+    load_from = Path(box[1]) if box[1] else resume_from
+    if load_from is not None and load_from != resume_from:
+        cfg = dict(cfg, checkpoint=dict(cfg.get("checkpoint", {}), load_universal=True))
+
     # --- model, engine, MERIT --------------------------------------------------------------------
     torch.manual_seed(args.seed)
     from transformers import GPT2LMHeadModel
 
-    overrides.setdefault("n_positions", seq_len)
     model = GPT2LMHeadModel(gpt2_config(preset, **overrides))
     n_params = sum(p.numel() for p in model.parameters())
     if args.activation_checkpointing:
@@ -354,46 +400,12 @@ def run(args) -> int:
     probe = AttentionLogitProbe(engine.module)
     gns = GradientNoiseScale()
 
-    # --- resume ------------------------------------------------------------------------------------
-    out = Path(args.out)
-    ckpt_root = out / "checkpoints"
-    run_info = {"model": args.model, "model_config": {k: v for k, v in sorted(gpt2_config(preset, **overrides).to_dict().items())
-                                                      if k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
-                "seq_len": seq_len, "global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
-                "world": world, "zero_stage": zero_stage, "precision": precision, "launcher": launcher,
-                # the lr schedule is part of the trajectory: a different length/peak would silently
-                # continue under the checkpoint's schedule (LambdaLR restores its factor object)
-                "schedule": {"steps": plan.steps, "warmup": warmup, "floor": floor, "lr": lr},
-                "data": getattr(getattr(train_loader, "tokens", None), "fingerprint", None) or
-                train_loader.state_dict().get("data")}
-    error, resume_from = None, None
-    if rank == 0:
-        try:
-            if args.resume == "never":
-                if ckpt_root.exists() and any(ckpt_root.glob("step_*")):
-                    raise ckpt.CheckpointError(f"{ckpt_root} already holds checkpoints and --resume never was given: "
-                                               f"refusing to overwrite them; use another --out or --resume auto")
-            elif args.resume == "auto":
-                resume_from = ckpt.latest_checkpoint(ckpt_root)
-            else:
-                resume_from = Path(args.resume)
-            if resume_from is not None:
-                ckpt.validate(resume_from, run_info)
-        except ckpt.CheckpointError as exc:
-            error = str(exc)
-    error = _agree(runner, error)
-    if error:
-        raise UsageError(error)
-    box = [str(resume_from) if resume_from else None]
-    if world > 1:
-        dist.broadcast_object_list(box, src=0)
-    resume_from = Path(box[0]) if box[0] else None
     start_step = 0
     if resume_from is not None:
-        load_path, client_state = engine.load_checkpoint(str(resume_from.parent), tag=resume_from.name,
+        load_path, client_state = engine.load_checkpoint(str(load_from.parent), tag=load_from.name,
                                                          load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None or "merit_ds" not in (client_state or {}):
-            raise UsageError(f"DeepSpeed could not load {resume_from}")
+            raise UsageError(f"DeepSpeed could not load {load_from}")
         state = client_state["merit_ds"]
         start_step = int(state["step"])
         try:
