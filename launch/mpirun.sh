@@ -8,7 +8,7 @@
 # batch: micro_batch 32 x grad_accum 2 x world 16 = 1024 sequences x 1024 = 1,048,576 tokens/step; 48e9 tokens -> 45,777 steps
 # Rank, world size and master address come from MPI: deepspeed.init_distributed's mpi4py discovery
 # (pip install mpi4py; OpenMPI's libmpi-dev). launch/mpi_hosts: "node0 slots=8" per node.
-# Checked on CPU with 2 ranks: mpirun --allow-run-as-root -np 2 -x PYTHONPATH -x DS_ACCELERATOR=cpu python -m merit_ds.train ...
+# Tested on CPU with 2 ranks (tests/test_recipes_train.py): same losses as the deepspeed launcher, bit for bit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"

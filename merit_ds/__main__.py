@@ -1,11 +1,10 @@
-import os
 import sys
 
 from .cli import main
 
 rc = main()
-if sys.argv[1:2] == ["train"]:  # see merit_ds/train/__main__.py
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(rc)
+if sys.argv[1:2] == ["train"]:
+    from .train.loop import exit_process
+
+    exit_process(rc)
 sys.exit(rc)

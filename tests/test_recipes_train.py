@@ -177,6 +177,22 @@ def test_two_nodes_on_loopback_match_one_node(reference, data_dir, tmp_path):
     assert got["train"] == want["train"] and got["val"] == want["val"]
 
 
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed")
+def test_mpirun_two_ranks_matches_deepspeed_launcher(reference, data_dir, tmp_path):
+    """OpenMPI starts the ranks; deepspeed.init_distributed discovers rank/world through mpi4py."""
+    out = tmp_path / "run"
+    env = dist_env()
+    fwd = [x for k in ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "OMP_NUM_THREADS") if k in env
+           for x in ("-x", k)]
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    r = run(["mpirun", *root, "--oversubscribe", "-np", "2", *fwd, sys.executable, "-m", "merit_ds.train",
+             *_args(data_dir, out)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "launcher deepspeed, 2 ranks, ZeRO 2" in r.stdout
+    got, want = losses(out), losses(reference)
+    assert got["train"] == want["train"] and got["val"] == want["val"]
+
+
 # ---------------------------------------------------------------------------------------------
 # bad input: a clear error, exit code 2, nothing written or overwritten
 
@@ -292,3 +308,15 @@ def test_resume_on_another_world_size_through_universal_checkpoint(reference, da
     assert got[9] == want[9]
     for step in (10, 11, 12):
         assert got[step] == pytest.approx(want[step], rel=1e-4)
+
+
+def test_missing_data_and_wrong_optimizer_are_clear_errors(data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = single(_args(tmp_path / "no-such-data", out))
+    assert r.returncode == 2 and "merit_ds.train: error: data:" in r.stderr and "not found" in r.stderr
+    cfg = json.loads((REPO_ROOT / "ds_configs" / "zero2_fp32.json").read_text())
+    cfg["optimizer"]["type"] = "AdamW"
+    (tmp_path / "adamw.json").write_text(json.dumps(cfg))
+    r = single(_args(data_dir, out, "--ds-config", str(tmp_path / "adamw.json")))
+    assert r.returncode == 2 and "names optimizer 'AdamW'; merit_ds.train trains with MERIT" in r.stderr
+    assert not out.exists()
