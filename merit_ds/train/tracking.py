@@ -21,8 +21,10 @@ class MetricsLog:
     def truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        def kept(rec: dict) -> bool:  # the final evaluation (a val-only record) is redone on resume
+            return rec.get("step", 0) < step or (rec.get("step", 0) == step and "loss" in rec)
+
+        keep = [line for line in self.path.read_text().splitlines() if line.strip() and kept(json.loads(line))]
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text("".join(line + "\n" for line in keep))
         os.replace(tmp, self.path)
