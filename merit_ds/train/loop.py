@@ -1,4 +1,4 @@
-"""One training loop for GPT-2 with MERIT, started by the deepspeed launcher or ``accelerate launch``.
+r"""One training loop for GPT-2 with MERIT, started by the deepspeed launcher or ``accelerate launch``.
 
     deepspeed [--num_gpus N | --hostfile H] --module merit_ds.train --model gpt2-small --global-batch 6k \
         --data DIR --out RUN --ds-config ds_configs/gpt2-small_b6144_zero2_bf16.json
@@ -7,12 +7,12 @@
 Both launchers meet in :class:`Runner`: the model is wrapped by a DeepSpeed engine either way
 (Accelerate builds it from its DeepSpeed plugin), so forward, checkpoints and diagnostics are
 one code path; only backward/step goes through ``accelerator.backward`` under Accelerate.
-A checkpoint written under one launcher resumes under the other.
+Checkpoints are DeepSpeed's format under both.
 
 Order of a run: process group -> batch arithmetic (printed; impossible combinations stop here)
--> data -> model and engine -> MERIT verified as the optimizer that steps -> checkpoint found,
-validated and loaded (a corrupt or incompatible one stops here, before anything is written)
--> train: every step logs loss/lr/grad-norm; every ``--eval-every`` validation loss and
+-> data -> checkpoint found and validated (a corrupt or incompatible one stops here, before
+anything is written; another world size goes through DeepSpeed's universal format) -> model
+and engine -> MERIT verified as the optimizer that steps -> checkpoint loaded -> train: every step logs loss/lr/grad-norm; every ``--eval-every`` validation loss and
 perplexity; every ``--diag-every`` the large-batch diagnostics; every ``--ckpt-every`` an
 atomic checkpoint (keep-last-K) -> final eval, checkpoint, ``loss.png``.
 """

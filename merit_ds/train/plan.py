@@ -17,9 +17,10 @@ SDPA (flash / memory-efficient kernels) stores no ``s x s`` attention matrix, so
 ``5 a s^2 b`` term is dropped. With full activation checkpointing each layer keeps only its
 input (``2 s b h`` bytes) and one layer is live again during backward. The LM head adds
 ``s b V`` logits in the compute dtype plus the fp32 upcast and its gradient in the loss
-(``(e + 8) s b V`` bytes). fp32 doubles the per-element sizes. Allocator overhead, DeepSpeed's
-communication buckets and CUDA context are not modelled: the planner fills at most
-``HEADROOM`` of the GPU.
+(``(e + 8) s b V`` bytes). fp32 doubles the per-element sizes. Not modelled: allocator
+overhead, DeepSpeed's communication buckets, ZeRO 1/2's fp32 gradient partition handed to the
+optimizer (4 Psi / Nd), MERIT's per-step work buffers, the CUDA context; hence the planner fills
+at most ``HEADROOM`` of the GPU.
 
 Wall time: ``6 N D`` FLOPs (Kaplan et al. 2020, forward + backward, N parameters, D tokens)
 divided by ``GPUs x peak bf16 dense FLOP/s x MFU``. MFU (model FLOPs utilisation) is an
