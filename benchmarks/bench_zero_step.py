@@ -146,7 +146,9 @@ def main():
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}", __file__,
            "--worker", *sys.argv[1:]]
     print("running:", " ".join(cmd), flush=True)
+    load_before = os.getloadavg()[0]
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None)
+    load_after = os.getloadavg()[0]
     data = json.loads(raw.read_text())
     raw.unlink()
     r = data["results"]
@@ -160,6 +162,7 @@ def main():
         adam=r["adam"], merit=r["merit"],
         engine_step_ratio=ratio_engine, optimizer_step_ratio=ratio_inner,
         stats_buffer_fraction=frac,
+        load_average_1min=dict(before=load_before, after=load_after, cores=os.cpu_count()),
         theory={k: dict(params=p, stats_floats=f, fraction=f / p) for k, (p, f) in theory.items()},
     )
     (out / "zero_step.json").write_text(json.dumps(summary, indent=1))
@@ -170,7 +173,9 @@ def main():
         f"fp32, GPT-2-shaped model ({args.layers} layers x {args.embd}, vocab 50257, {r['merit']['params'] / 1e6:.1f}M params), "
         f"micro-batch {args.micro} x {args.seq} tokens, median of {args.steps} steps after {args.warmup} warm-up steps, "
         "the two engines interleaved step by step. "
-        "torch.optim.Adam (default implementation) is the client-optimizer baseline.",
+        "torch.optim.Adam (default implementation) is the client-optimizer baseline. "
+        f"Machine load (1-min average) {load_before:.1f} before / {load_after:.1f} after on {os.cpu_count()} cores: "
+        "absolute times are inflated by other processes; the ratio is the number to read.",
         "",
         "| | torch Adam | MERIT (sharded) | MERIT / Adam |",
         "|---|---|---|---|",

@@ -24,8 +24,11 @@ from _dist import TESTS_DIR, launch
 WORLD2 = [
     "z1_fp32", "z2_fp32", "z3_fp32", "z1_bf16", "z2_bf16", "z3_bf16", "bf16opt", "z2_fp16", "z3_fp16",
     "z2_rr", "z2_align", "z3_subgroups", "z2_offload_rr", "z3_offload", "z2_groups", "bf16opt_groups",
-    "z3_groups", "z2_bf16_offload", "z2_attach", "z2_bf16_nan",
+    "z3_groups", "z2_bf16_offload", "z2_attach", "z2_bf16_nan", "z1_fp16", "z1_offload",
 ]
+# No ZeRO: DeepSpeed's FP16_UnfusedOptimizer gives MERIT same-shaped fp32 master copies;
+# MERIT's ordinary step runs (no layout, no collective).
+UNSHARDED = ["z0_bf16", "z0_fp16"]
 WORLD3 = ["z1_fp32", "z2_fp32", "z3_fp32", "z2_bf16", "z3_bf16", "bf16opt", "z2_rr", "z3_subgroups", "z3_fp16"]
 STEPS = 3
 
@@ -72,7 +75,15 @@ def _check(res, name):
 
 @pytest.mark.parametrize("name", WORLD2)
 def test_world2(name):
-    _check(_results(2, WORLD2)["configs"][name], name)
+    _check(_results(2, WORLD2 + UNSHARDED)["configs"][name], name)
+
+
+@pytest.mark.parametrize("name", UNSHARDED)
+def test_without_zero_uses_the_ordinary_step(name):
+    res = _results(2, WORLD2 + UNSHARDED)["configs"][name]
+    assert res["wrapper"] == "FP16_UnfusedOptimizer" and res["master_shapes_match"]
+    assert res["sharded_groups"] == 0 and res["stats_all_reduces"] == 0
+    assert res["moved"] > 1e-3
 
 
 @pytest.mark.parametrize("name", WORLD3)

@@ -8,11 +8,15 @@ from _dist import REPO_ROOT, TESTS_DIR, launch
 from merit_ds.integrations.deepspeed import MeritConfigError, check_config
 
 
-def test_json_config_name_through_deepspeed_launcher():
-    res = launch(TESTS_DIR / "zero_json_script.py", 2, ["--ds_config", str(REPO_ROOT / "ds_configs/zero2_merit_fp32.json")],
+@pytest.mark.parametrize(
+    "config, wrapper",
+    [("zero2_merit_fp32.json", "DeepSpeedZeroOptimizer"), ("zero3_merit_bf16_offload.json", "DeepSpeedZeroOptimizer_Stage3")],
+)
+def test_json_config_name_through_deepspeed_launcher(config, wrapper):
+    res = launch(TESTS_DIR / "zero_json_script.py", 2, ["--ds_config", str(REPO_ROOT / "ds_configs" / config)],
                  launcher="deepspeed", timeout=300)
     assert res["world"] == 2
-    assert res["basic_optimizer"] == "MERIT" and res["wrapper"] == "DeepSpeedZeroOptimizer"
+    assert res["basic_optimizer"] == "MERIT" and res["wrapper"] == wrapper
     assert res["sharded_groups"] == 1
     assert res["stats_all_reduces"] == 4  # one per step() call, 4 steps
     assert res["hyperparameters"] == {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}
@@ -65,3 +69,9 @@ def test_flat_tensor_without_deepspeed_raises_instead_of_falling_back():
     opt.param_groups[0]["params"] = [flat]  # what a sharding wrapper does
     with pytest.raises(merit_ds.ShardingLayoutError, match="never treats a flat partition as one vector"):
         opt.step()
+
+
+def test_attach_rejects_what_it_cannot_use():
+    opt = merit_ds.MERIT([torch.nn.Parameter(torch.randn(2, 2))])
+    with pytest.raises(TypeError, match="DeepSpeedEngine"):
+        merit_ds.attach(opt, object())

@@ -53,11 +53,16 @@ CONFIGS = {
     "z2_bf16": dict(stage=2, dtype="bf16"),
     "z3_bf16": dict(stage=3, dtype="bf16"),
     "bf16opt": dict(stage=1, dtype="bf16", grad_accum_fp32=True),
+    "z1_fp16": dict(stage=1, dtype="fp16", overflow_at=1),
+    # no ZeRO: DeepSpeed's FP16_UnfusedOptimizer hands MERIT same-shaped fp32 copies
+    "z0_bf16": dict(stage=0, dtype="bf16", unsharded=True),
+    "z0_fp16": dict(stage=0, dtype="fp16", unsharded=True),
     "z2_fp16": dict(stage=2, dtype="fp16", overflow_at=1),
     "z3_fp16": dict(stage=3, dtype="fp16", overflow_at=1),
     "z2_rr": dict(stage=2, dtype="fp32", round_robin=True),
     "z2_align": dict(stage=2, dtype="bf16", parameter_alignment=True),
     "z3_subgroups": dict(stage=3, dtype="fp32", sub_group_size=100),
+    "z1_offload": dict(stage=1, dtype="fp32", offload=True),
     "z2_offload_rr": dict(stage=2, dtype="fp32", offload=True, round_robin=True),
     "z3_offload": dict(stage=3, dtype="fp32", offload=True),
     "z2_groups": dict(stage=2, dtype="fp32", two_groups=True),
@@ -203,6 +208,21 @@ def run_config(name, cfg, rank, world):
         params = model.parameters()
     opt = MERIT(params, **HP)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(cfg, world))
+    if cfg.get("unsharded"):  # ordinary MERIT step on each fp32 master copy, no collective
+        c0 = collective.counter.calls
+        masters = [p for g in opt.param_groups for p in g["params"]]
+        before = [p.detach().clone() for p in masters]
+        for step in range(STEPS):
+            x, y = batch(step, rank, world)
+            engine.backward(engine(x, y))
+            engine.step()
+        return {
+            "wrapper": type(engine.optimizer).__name__,
+            "master_shapes_match": [tuple(p.shape) for p in masters] == [tuple(p.shape) for p in model.parameters()],
+            "moved": max((p - b).abs().max().item() for p, b in zip(masters, before)),
+            "stats_all_reduces": collective.counter.calls - c0,
+            "sharded_groups": len(opt.__dict__.get("_merit_layouts", {})),
+        }
     if cfg.get("attach"):
         merit_ds.attach(opt, engine)  # explicit: layout from the ZeRO optimizer's own records
     oracle = Oracle(engine)

@@ -116,10 +116,28 @@ def layout_of(optimizer, group: dict):
     return layout, pg, kind
 
 
+def _shape_preserving_copies(optimizer, group: dict) -> bool:
+    """Whether the group holds one same-shaped copy per original parameter, in order.
+
+    DeepSpeed without ZeRO (fp16 / bf16, ``FP16_UnfusedOptimizer``) hands the optimizer fp32
+    master copies of each parameter with its shape: MERIT's ordinary step is exact there.
+    """
+    try:
+        originals = optimizer.original_params(group)
+    except KeyError:
+        return False
+    params = group["params"]
+    return len(params) == len(originals) and all(
+        tuple(p.shape) == tuple(o.shape) and p.numel() > 0 for p, o in zip(params, originals)
+    )
+
+
 def resolve_group(optimizer, group: dict) -> Optional[ShardedGroupStep]:
     """MERIT group resolver: a sharded stepper for flat partitions, else ``None``."""
     params = group["params"]
     if not params or all(optimizer.is_original(p) for p in params):
+        return None
+    if _shape_preserving_copies(optimizer, group):
         return None
     layout, pg, kind = layout_of(optimizer, group)
     return ShardedGroupStep(optimizer, group, params[0], layout, pg, kind)

@@ -16,6 +16,11 @@ Every number is produced by :mod:`merit_ds.optim.formulas` on views of the parti
 fp32 result equals single-device MERIT bit for bit (the same element-wise operations on the
 same floats; maxima are exact).
 
+``nonfinite_grads="propagate"`` skips the checks: NaN statistics then meet the MAX
+all-reduce, whose NaN handling is the backend's (gloo and NCCL need not propagate it), so
+ranks may disagree about a NaN parameter where one device would simply produce NaN. Use
+``"skip"`` (default) or ``"raise"`` where gradients can be non-finite.
+
 The state lives on the flat partition tensor under MERIT's keys (``exp_avg``,
 ``exp_avg_sq``, ``step``): that is what DeepSpeed checkpoints and its universal converter
 read. ``step`` counts the step() calls in which at least one parameter of the group was
