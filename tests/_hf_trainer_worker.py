@@ -61,10 +61,6 @@ def main():
     from merit_ds.integrations.hf_trainer import MeritCheckCallback, register_trainer_optim
     from merit_ds.integrations.verify import decay_groups, unwrap_optimizer
 
-    if not hasattr(torch.optim, "MERIT"):
-        # Test-only stand-in until merit_ds.integrations.deepspeed (branch zero) registers the
-        # JSON name at `import merit_ds`.
-        torch.optim.MERIT = MERIT
     register_trainer_optim()  # before the parser: it lists the enum's values
     script, cli_args = HfArgumentParser((ScriptArgs, TrainingArguments)).parse_args_into_dataclasses()
     world = int(os.environ.get("WORLD_SIZE", "1"))
