@@ -270,10 +270,14 @@ def test_resume_never_refuses_to_overwrite(reference, data_dir, tmp_path):
     assert snapshot(out) == before
 
 
-def test_single_process_cli_activation_checkpointing_is_exact(data_dir, tmp_path):
+def test_single_process_cli_activation_checkpointing_is_exact(reference, data_dir, tmp_path):
     """`merit-ds train` without a launcher (world of one); activation checkpointing recomputes the
-    same forward, so the losses are bitwise those of the plain run."""
-    runs = {}
+    same forward, so the losses are bitwise those of the plain run.
+
+    Also the trust-ratio diagnostic two ways at step 1 (same initial weights): MERIT's own
+    ``track_stats`` here (ZeRO 0, 1 rank) and the gathered full tensors of the ZeRO-2 2-rank
+    reference; gradients are averaged in another order, hence 1e-5 relative."""
+    runs, records = {}, {}
     for name, extra in (("plain", []), ("ckpt", ["--activation-checkpointing"])):
         out = tmp_path / name
         args = [*TINY, "--steps", "3", "--data", str(data_dir), "--out", str(out), "--zero-stage", "0", *extra]
@@ -281,8 +285,15 @@ def test_single_process_cli_activation_checkpointing_is_exact(data_dir, tmp_path
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
         assert "launcher deepspeed, 1 ranks, ZeRO 0" in r.stdout
         runs[name] = losses(out)["train"]
+        records[name] = losses(out)["records"]
     assert sorted(runs["plain"]) == [1, 2, 3]
     assert runs["plain"] == runs["ckpt"]
+    mine = next(r for r in records["plain"] if r["step"] == 1)
+    zero2 = next(r for r in losses(reference)["records"] if r["step"] == 1)
+    for key in ("trust_ratio_min", "trust_ratio_mean", "trust_ratio_max"):
+        assert zero2[key] == pytest.approx(mine[key], rel=1e-5), key
+    assert 0 < mine["trust_ratio_min"] < mine["trust_ratio_mean"] < mine["trust_ratio_max"]
+    assert zero2["clip_fraction"] == pytest.approx(mine["clip_fraction"], abs=1e-6)
 
 
 def test_resume_on_another_world_size_through_universal_checkpoint(reference, data_dir, tmp_path):
