@@ -160,7 +160,6 @@ class ShardedTrustStats:
         self.params = [(p, float(g.get("weight_decay", 0.0))) for g in groups for p in g["params"]]
         self.eps = eps
         self.before: Optional[list] = None
-        self._relinked = False
 
     def snapshot(self, keep: bool) -> None:
         from deepspeed.utils import safe_get_full_fp32_param
@@ -179,11 +178,11 @@ class ShardedTrustStats:
             return None
         # ZeRO 1/2 link each parameter to its optimizer-state fragments once, right after the
         # first param group's first step (deepspeed/runtime/zero/stage_1_and_2.py:2987), when the
-        # later groups have no state yet; relinking after a whole step only refreshes those views.
-        if getattr(zero_optimizer, "_hp_optimizer_states_linked", None) is not None and not self._relinked:
+        # later groups have no state yet; relinking after a whole step only refreshes those views
+        # (every time: cheap, and safe should a state tensor ever be replaced).
+        if getattr(zero_optimizer, "_hp_optimizer_states_linked", None) is not None:
             zero_optimizer._hp_optimizer_states_linked = False
             zero_optimizer._lazy_init_hp_params_optimizer_state()
-            self._relinked = True
         lo, hi, total, n, clipped = math.inf, -math.inf, 0.0, 0, 0
         for (p, wd), w in zip(self.params, self.before):
             m = safe_get_full_optimizer_state(p, "exp_avg")
