@@ -1,0 +1,96 @@
+"""Writes every DeepSpeed JSON in ds_configs/ from merit_ds.train.presets (the one source of truth).
+
+    python ds_configs/generate.py           # (re)write the JSON files
+    python ds_configs/generate.py --check   # exit 1 if a committed file differs (CI / tests)
+
+Files:
+  zero{1,2,3}_{bf16,fp32}.json, zero{2,3}_offload_{bf16,fp32}.json
+      generic: MERIT with the GPT-2 lineage hyperparameters; no batch keys (merit_ds.train fills
+      train_batch_size / micro / grad-accum from its command line).
+  gpt2-{small,medium}_b{480,1024,2048,4096,6144}_zero2_bf16.json
+      the recipes: global batch and sqrt-scaled lr set; micro-batch = what `merit-ds plan` fits on
+      32 x 80 GiB GPUs at ZeRO-2 bf16, which also divides the per-GPU batch on 8 and 16 GPUs
+      (DeepSpeed derives grad-accum = train_batch_size / (micro x world)). Other cluster shapes:
+      pass --micro-batch, see `python -m merit_ds plan`.
+  tiny_b16_zero2_fp32.json
+      the CPU demo: 16 sequences = micro 4 x grad-accum 2 x 2 processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from merit_ds.train.ds_config import make_ds_config  # noqa: E402
+from merit_ds.train.plan import make_plan  # noqa: E402
+from merit_ds.train.presets import BATCH_PRESETS, OPTIM_PRESETS, scaled_lr  # noqa: E402
+
+REFERENCE_NODES, REFERENCE_GPUS = 4, 8   # 32 GPUs; see docstring
+
+#: Hand-written examples that live here but are not recipes (owned by the ZeRO integration's
+#: tests and docs/README_zero.md); the check leaves them alone.
+NOT_GENERATED = {"zero2_merit_fp32.json", "zero3_merit_bf16_offload.json"}
+
+
+def recipe_micro_batch(model: str, batch: int) -> int:
+    plan = make_plan(model, batch, nodes=REFERENCE_NODES, gpus_per_node=REFERENCE_GPUS, gpu="h100")
+    row = next(r for r in plan["stages"] if r["stage"] == 2 and not r["offload"])
+    return row["micro_batch"]
+
+
+def build_all() -> dict[str, dict]:
+    files: dict[str, dict] = {}
+    lineage = OPTIM_PRESETS["gpt2-small"]
+    for precision in ("bf16", "fp32"):
+        for stage in (1, 2, 3):
+            files[f"zero{stage}_{precision}.json"] = make_ds_config(stage, precision, optim=lineage)
+        for stage in (2, 3):
+            files[f"zero{stage}_offload_{precision}.json"] = make_ds_config(stage, precision, offload=True, optim=lineage)
+    for model in ("gpt2-small", "gpt2-medium"):
+        optim = OPTIM_PRESETS[model]
+        for batch in BATCH_PRESETS.values():
+            files[f"{model}_b{batch}_zero2_bf16.json"] = make_ds_config(
+                2, "bf16", optim=optim, lr=float(f"{scaled_lr(optim, batch):.6g}"), global_batch=batch,
+                micro_batch=recipe_micro_batch(model, batch))
+    tiny = OPTIM_PRESETS["tiny"]
+    files["tiny_b16_zero2_fp32.json"] = make_ds_config(2, "fp32", optim=tiny, lr=scaled_lr(tiny, 16),
+                                                       global_batch=16, micro_batch=4)
+    return files
+
+
+def render(cfg: dict) -> str:
+    return json.dumps(cfg, indent=2) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--check", action="store_true", help="compare instead of writing")
+    args = ap.parse_args(argv)
+    files = build_all()
+    stale = []
+    for name, cfg in files.items():
+        path = HERE / name
+        text = render(cfg)
+        if args.check:
+            if not path.exists() or path.read_text() != text:
+                stale.append(name)
+        else:
+            path.write_text(text)
+    extra = sorted(p.name for p in HERE.glob("*.json") if p.name not in files and p.name not in NOT_GENERATED)
+    if args.check:
+        if stale or extra:
+            print(f"stale: {stale}; not generated (delete them): {extra}", file=sys.stderr)
+            return 1
+        print(f"{len(files)} configs up to date")
+    else:
+        print(f"wrote {len(files)} configs to {HERE}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,186 @@
+"""Atomic, verified, keep-last-K checkpoints around ``engine.save_checkpoint``.
+
+Layout (one directory per optimizer step; DeepSpeed's per-rank files inside)::
+
+    OUT/checkpoints/
+      latest                      text: the tag of the newest complete checkpoint (atomic replace)
+      step_00000040/
+        mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed)
+        merit_ds_checkpoint.json  what was trained (model, batch, world, ZeRO stage, precision,
+                                  step) + every file's size and sha256; written last
+      .tmp-step_00000050/         a save in progress: never read, removed on the next save
+
+A save goes to ``.tmp-<tag>``; only after every rank finished and rank 0 wrote the metadata
+does the directory get its final name (``os.rename``, atomic on POSIX), and only then does
+``latest`` move. A run killed at any moment leaves the previous checkpoint intact and
+``latest`` pointing at it. Checkpoints must be on a filesystem every node sees (multi-node).
+
+Before anything is loaded (and before the run writes anything), :func:`validate` checks the
+metadata, the files against their sizes and checksums, and compatibility with the current run;
+a corrupt or incompatible checkpoint is a :class:`CheckpointError`, naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+__all__ = ["CheckpointError", "META", "tag_for", "latest_checkpoint", "validate", "finalize", "prune", "write_atomic"]
+
+META = "merit_ds_checkpoint.json"
+LATEST = "latest"
+FORMAT = "merit_ds.train.checkpoint/1"
+#: Keys of the run description that must match to resume.
+COMPATIBLE_KEYS = ("model_config", "seq_len", "global_batch", "precision", "zero_stage", "schedule")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from: missing, corrupt, or from a different run."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(directory: Path) -> dict:
+    out = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.name != META:
+            out[str(p.relative_to(directory))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return out
+
+
+def finalize(ckpt_root: Path, tmp_tag: str, tag: str, run_info: dict, step: int) -> Path:
+    """Rank 0, after every rank's save returned: metadata, rename to the final name, move ``latest``."""
+    tmp_dir, final = ckpt_root / tmp_tag, ckpt_root / tag
+    meta = {"format": FORMAT, "step": step, "tag": tag, "run": run_info, "files": _files(tmp_dir)}
+    write_atomic(tmp_dir / META, json.dumps(meta, indent=1, sort_keys=True))
+    if final.exists():  # re-saving a step after a resume: the old copy goes only once the new is named
+        trash = ckpt_root / f".old-{tag}"
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+        os.rename(tmp_dir, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp_dir, final)
+    write_atomic(ckpt_root / LATEST, tag)
+    _fsync_dir(ckpt_root)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def prune(ckpt_root: Path, keep_last: int) -> list[Path]:
+    """Remove complete checkpoints beyond the newest ``keep_last`` and stale temporaries."""
+    removed = []
+    for stale in ckpt_root.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+        removed.append(stale)
+    if keep_last > 0:
+        done = sorted(p for p in ckpt_root.glob("step_*") if (p / META).exists())
+        for old in done[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+            removed.append(old)
+    return removed
+
+
+def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
+    pointer = ckpt_root / LATEST
+    if not pointer.exists():
+        return None
+    tag = pointer.read_text().strip()
+    path = ckpt_root / tag
+    if not tag or not path.is_dir():
+        raise CheckpointError(f"{pointer} names {tag!r}, which is not a checkpoint directory in {ckpt_root}")
+    return path
+
+
+def validate(path: Path, run_info: dict, *, checksums: bool = True, allow_world_change: bool = False) -> dict:
+    """Return the checkpoint's metadata, or raise :class:`CheckpointError` saying what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} does not exist (or is not a directory)")
+    meta_file = path / META
+    if not meta_file.exists():
+        raise CheckpointError(f"{path} is not a complete merit_ds checkpoint: {META} is missing "
+                              f"(an interrupted save, or not written by merit_ds.train)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_file}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_file}: unknown checkpoint format {meta.get('format') if isinstance(meta, dict) else meta!r}")
+    for rel, rec in meta["files"].items():
+        f = path / rel
+        if not f.exists():
+            raise CheckpointError(f"corrupt checkpoint {path}: file {rel} is missing")
+        if f.stat().st_size != rec["bytes"]:
+            raise CheckpointError(f"corrupt checkpoint {path}: {rel} has {f.stat().st_size} bytes, expected {rec['bytes']}")
+        if checksums and _sha256(f) != rec["sha256"]:
+            raise CheckpointError(f"corrupt checkpoint {path}: {rel} fails its sha256 check")
+    saved = meta["run"]
+    for key in COMPATIBLE_KEYS:
+        if saved.get(key) != run_info.get(key):
+            raise CheckpointError(f"incompatible checkpoint {path}: it was trained with {key}={saved.get(key)!r}, "
+                                  f"this run has {key}={run_info.get(key)!r}")
+    if not allow_world_change and saved.get("world") != run_info.get("world") and run_info.get("zero_stage", 0) > 0:
+        raise CheckpointError(
+            f"incompatible checkpoint {path}: saved with {saved.get('world')} data-parallel ranks, this run has "
+            f"{run_info.get('world')}. ZeRO checkpoints are per rank: resume with {saved.get('world')} ranks or through "
+            f"DeepSpeed's universal format (universal_copy)")
+    return meta
+
+
+def universal_copy(path: Path, universal_root: Path) -> Path:
+    """DeepSpeed universal (world-size independent) copy of a validated ZeRO checkpoint, made once.
+
+    ``python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state`` writes into a
+    temporary directory renamed into place when complete; the source is only read.
+    """
+    import subprocess
+    import sys
+
+    final = Path(universal_root) / Path(path).name
+    if final.is_dir():
+        return final
+    tmp = Path(universal_root) / f".tmp-{Path(path).name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+           "--output_folder", str(tmp), "--inject_missing_state"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"converting {path} to DeepSpeed's universal format failed:\n{r.stderr[-2000:]}")
+    os.rename(tmp, final)
+    return final

@@ -1,0 +1,242 @@
+"""``merit-ds plan``: batch arithmetic, memory per GPU per ZeRO stage, and wall time.
+
+Memory (ZeRO paper accounting, Rajbhandari et al. 2020, section 3.1; Psi = parameters, Nd =
+data-parallel ranks). Mixed precision bf16 keeps 2-byte params and grads plus K = 12 bytes/param
+of optimizer state (fp32 master 4 + MERIT's m 4 + v 4; MERIT has Adam's state, nothing more).
+fp32 training: params 4, grads 4, K = 8 (m, v; the params are the master copy)::
+
+    stage 0 (DDP)   (p + g + K) Psi
+    stage 1         (p + g) Psi + K Psi / Nd
+    stage 2         p Psi + (g + K) Psi / Nd
+    stage 3         (p + g + K) Psi / Nd      (+ the layers gathered live, not counted)
+    offload         optimizer states (K Psi / Nd) live in CPU memory instead of the GPU
+
+Activations per micro-batch (an ESTIMATE after Korthikanti et al. 2022, "Reducing Activation
+Recomputation in Large Transformer Models", eq. 1): per layer ``34 s b h`` bytes at 16 bit;
+SDPA (flash / memory-efficient kernels) stores no ``s x s`` attention matrix, so their
+``5 a s^2 b`` term is dropped. With full activation checkpointing each layer keeps only its
+input (``2 s b h`` bytes) and one layer is live again during backward. The LM head adds
+``s b V`` logits in the compute dtype plus the fp32 upcast and its gradient in the loss
+(``(e + 8) s b V`` bytes). fp32 doubles the per-element sizes. Not modelled: allocator
+overhead, DeepSpeed's communication buckets, ZeRO 1/2's fp32 gradient partition handed to the
+optimizer (4 Psi / Nd), MERIT's per-step work buffers, the CUDA context; hence the planner fills
+at most ``HEADROOM`` of the GPU.
+
+Wall time: ``6 N D`` FLOPs (Kaplan et al. 2020, forward + backward, N parameters, D tokens)
+divided by ``GPUs x peak bf16 dense FLOP/s x MFU``. MFU (model FLOPs utilisation) is an
+assumption you state (default 0.40; GPT-2-sized models with SDPA typically reach 0.3-0.5).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+from .batch import BatchConfigError, BatchPlan, divisors, plan_batch
+from .presets import TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset, parse_batch, scaled_lr, warmup_steps
+
+__all__ = ["GPUS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "wall_time_seconds", "make_plan", "format_plan"]
+
+GiB = 1024 ** 3
+HEADROOM = 0.90
+DEFAULT_MFU = 0.40
+
+#: Peak dense bf16 tensor-core FLOP/s (no sparsity) and nominal memory, from NVIDIA datasheets.
+GPUS: dict[str, dict] = {
+    "a100-40gb": {"peak_flops": 312e12, "mem_gib": 40},
+    "a100": {"peak_flops": 312e12, "mem_gib": 80},
+    "h100": {"peak_flops": 989e12, "mem_gib": 80},        # H100 SXM
+    "h100-pcie": {"peak_flops": 756e12, "mem_gib": 80},
+    "h200": {"peak_flops": 989e12, "mem_gib": 141},       # H200 SXM: H100's compute, more memory
+}
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    stage: int
+    offload: bool
+    params: float          # bytes per GPU
+    grads: float
+    optimizer: float       # on the GPU (0 with offload)
+    optimizer_cpu: float   # per GPU, in host memory (offload only)
+    activations: float
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def _bytes_per_param(precision: str) -> tuple[int, int, int]:
+    if precision == "bf16":
+        return 2, 2, 12
+    if precision == "fp32":
+        return 4, 4, 8
+    raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
+
+
+def activation_bytes(model: ModelPreset, micro_batch: int, seq_len: int, *, precision: str = "bf16",
+                     activation_checkpointing: bool = False) -> float:
+    """Activation memory estimate of one micro-batch (see module docstring)."""
+    e = 2 if precision == "bf16" else 4
+    sbh = seq_len * micro_batch * model.n_embd
+    per_layer_full = 34 * sbh * e / 2
+    if activation_checkpointing:
+        layers = model.n_layer * e * sbh + per_layer_full
+    else:
+        layers = model.n_layer * per_layer_full
+    logits = (e + 8) * seq_len * micro_batch * model.vocab_size
+    return layers + logits
+
+
+def memory_per_gpu(n_params: int, world: int, stage: int, *, precision: str = "bf16",
+                   offload: bool = False, activations: float = 0.0) -> MemoryEstimate:
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
+    if offload and stage == 0:
+        raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")
+    p, g, k = _bytes_per_param(precision)
+    psi = float(n_params)
+    params = p * psi / (world if stage >= 3 else 1)
+    grads = g * psi / (world if stage >= 2 else 1)
+    opt = k * psi / (world if stage >= 1 else 1)
+    return MemoryEstimate(stage, offload, params, grads, 0.0 if offload else opt, opt if offload else 0.0, activations)
+
+
+def wall_time_seconds(n_params: int, tokens: float, gpus: int, peak_flops: float, mfu: float) -> float:
+    if not 0 < mfu <= 1:
+        raise ValueError(f"MFU must be in (0, 1], got {mfu}")
+    return 6.0 * n_params * tokens / (gpus * peak_flops * mfu)
+
+
+def _pick_micro_batch(per_rank: int, fits) -> Optional[int]:
+    for m in sorted(divisors(per_rank), reverse=True):
+        if fits(m):
+            return m
+    return None
+
+
+def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDGET, nodes: int = 1,
+              gpus_per_node: int = 8, gpu: str = "h100", *, precision: str = "bf16",
+              micro_batch: Optional[int] = None, activation_checkpointing: bool = False,
+              mfu: float = DEFAULT_MFU, seq_len: Optional[int] = None) -> dict:
+    preset = get_model_preset(model)
+    if gpu not in GPUS:
+        raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}")
+    if nodes <= 0 or gpus_per_node <= 0:
+        raise BatchConfigError(f"nodes and GPUs per node must be positive, got {nodes} x {gpus_per_node}")
+    global_batch = parse_batch(batch)
+    world = nodes * gpus_per_node
+    seq_len = seq_len or preset.seq_len
+    tokens = int(tokens)
+    base = plan_batch(global_batch, world, seq_len, token_budget=tokens)  # validates divisibility/budget
+    per_rank = global_batch // world
+    budget = GPUS[gpu]["mem_gib"] * GiB * HEADROOM
+    n = preset.n_params
+    optim = get_optim_preset(model)
+    steps = base.steps
+    rows = []
+    for stage, offload in ((0, False), (1, False), (2, False), (3, False), (2, True), (3, True)):
+        def est(m):
+            act = activation_bytes(preset, m, seq_len, precision=precision,
+                                   activation_checkpointing=activation_checkpointing)
+            return memory_per_gpu(n, world, stage, precision=precision, offload=offload, activations=act)
+        if micro_batch is not None:
+            if per_rank % micro_batch:
+                raise BatchConfigError(f"micro batch {micro_batch} does not divide the {per_rank} sequences per GPU; "
+                                       f"valid: {divisors(per_rank)}")
+            m = micro_batch
+        else:
+            m = _pick_micro_batch(per_rank, lambda mm: est(mm).total <= budget)
+        e = est(m if m else 1)
+        rows.append({
+            "stage": stage, "offload": offload, "micro_batch": m,
+            "grad_accum": per_rank // m if m else None, "fits": bool(m) and e.total <= budget,
+            "params_gib": e.params / GiB, "grads_gib": e.grads / GiB, "optimizer_gib": e.optimizer / GiB,
+            "optimizer_cpu_gib": e.optimizer_cpu / GiB, "activations_gib": e.activations / GiB,
+            "total_gib": e.total / GiB,
+        })
+    seconds = wall_time_seconds(n, steps * base.tokens_per_step, world, GPUS[gpu]["peak_flops"], mfu)
+    lr = scaled_lr(optim, global_batch)
+    return {
+        "model": model, "n_params": n, "seq_len": seq_len, "global_batch": global_batch,
+        "tokens_per_step": base.tokens_per_step, "token_budget": tokens, "steps": steps,
+        "nodes": nodes, "gpus_per_node": gpus_per_node, "world": world, "per_gpu_batch": per_rank,
+        "gpu": gpu, "gpu_mem_gib": GPUS[gpu]["mem_gib"], "peak_flops": GPUS[gpu]["peak_flops"], "mfu": mfu,
+        "precision": precision, "activation_checkpointing": activation_checkpointing,
+        "flops": 6.0 * n * steps * base.tokens_per_step, "wall_time_s": seconds,
+        "lr": lr, "lr_source": optim.lr_source, "warmup_steps": warmup_steps(steps, optim.warmup_fraction),
+        "stages": rows,
+    }
+
+
+def format_plan(p: dict) -> str:
+    out = [
+        f"model {p['model']}: {p['n_params']:,} parameters, seq_len {p['seq_len']}",
+        f"cluster: {p['nodes']} nodes x {p['gpus_per_node']} {p['gpu']} ({p['gpu_mem_gib']} GiB) = {p['world']} data-parallel ranks",
+        f"batch: {p['global_batch']:,} sequences = {p['tokens_per_step']:,} tokens/step; "
+        f"{p['per_gpu_batch']} sequences per GPU per step",
+        f"steps: ceil({p['token_budget']:,} / {p['tokens_per_step']:,}) = {p['steps']:,}",
+        f"schedule: MERIT peak lr {p['lr']:.3g} (sqrt-scaled; {p['lr_source']}), warmup {p['warmup_steps']:,} steps, cosine to 0.1x",
+        f"memory per GPU ({p['precision']}, activation checkpointing {'on' if p['activation_checkpointing'] else 'off'}; GiB; "
+        f"micro-batch = largest divisor of {p['per_gpu_batch']} fitting {int(HEADROOM * 100)}% of the GPU):",
+        f"  {'ZeRO':<11}{'params':>8}{'grads':>8}{'optim':>8}{'optim@CPU':>10}{'activ.':>8}{'total':>8}{'micro':>7}{'accum':>7}",
+    ]
+    for r in p["stages"]:
+        name = f"{r['stage']}{' +offload' if r['offload'] else ''}"
+        micro = r["micro_batch"] if r["micro_batch"] else "-"
+        accum = r["grad_accum"] if r["grad_accum"] else "-"
+        note = "" if r["fits"] else "  does not fit even at micro-batch 1"
+        out.append(f"  {name:<11}{r['params_gib']:>8.2f}{r['grads_gib']:>8.2f}{r['optimizer_gib']:>8.2f}"
+                   f"{r['optimizer_cpu_gib']:>10.2f}{r['activations_gib']:>8.2f}{r['total_gib']:>8.2f}{micro!s:>7}{accum!s:>7}{note}")
+    h = p["wall_time_s"] / 3600
+    out.append(f"compute: 6 x {p['n_params']:,} x {p['steps'] * p['tokens_per_step']:,} tokens = {p['flops']:.3e} FLOPs")
+    out.append(f"wall time: {p['flops']:.3e} / ({p['world']} x {p['peak_flops'] / 1e12:.0f} TFLOP/s x MFU {p['mfu']:.2f}) "
+               f"= {h:.2f} h ({h / 24:.2f} days)")
+    return "\n".join(out)
+
+
+def recipes_table(nodes: int = 4, gpus_per_node: int = 8, gpu: str = "h100") -> str:
+    """Markdown table of every model x batch preset on one cluster shape (micro-batch from the
+    committed recipe config when it divides evenly, else the planner's ZeRO-2 choice)."""
+    from .presets import BATCH_PRESETS
+
+    world = nodes * gpus_per_node
+    rows = ["| model | batch (seq) | tokens/step | micro x accum x world | steps (48B) | peak lr | warmup | wall time |",
+            "|---|---|---|---|---|---|---|---|"]
+    for model in ("gpt2-small", "gpt2-medium"):
+        for batch in BATCH_PRESETS.values():
+            p = make_plan(model, batch, TOKEN_BUDGET, nodes, gpus_per_node, gpu)
+            z2 = next(r for r in p["stages"] if r["stage"] == 2 and not r["offload"])
+            rows.append(f"| {model} | {batch:,} | {p['tokens_per_step']:,} | {z2['micro_batch']} x {z2['grad_accum']} x {world} "
+                        f"| {p['steps']:,} | {p['lr']:.3g} | {p['warmup_steps']:,} | {p['wall_time_s'] / 3600:.1f} h |")
+    return "\n".join(rows)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="gpt2-small", help="tiny | gpt2-small | gpt2-medium")
+    parser.add_argument("--batch", default="480", help="global batch in sequences, or a preset: 480 1k 2k 4k 6k")
+    parser.add_argument("--tokens", type=float, default=TOKEN_BUDGET, help="token budget (default 48e9)")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8)
+    parser.add_argument("--gpu", default="h100", choices=sorted(GPUS))
+    parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
+    parser.add_argument("--micro-batch", type=int, default=None, help="fix the micro-batch instead of fitting it")
+    parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed model FLOPs utilisation")
+    parser.add_argument("--seq-len", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--recipes", action="store_true",
+                        help="markdown table of all model x batch presets on --nodes x --gpus-per-node --gpu")
+
+
+def run(args) -> int:
+    if args.recipes:
+        print(recipes_table(args.nodes, args.gpus_per_node, args.gpu))
+        return 0
+    p = make_plan(args.model, args.batch, args.tokens, args.nodes, args.gpus_per_node, args.gpu,
+                  precision=args.precision, micro_batch=args.micro_batch,
+                  activation_checkpointing=args.activation_checkpointing, mfu=args.mfu, seq_len=args.seq_len)
+    print(json.dumps(p, indent=2) if args.json else format_plan(p))
+    return 0

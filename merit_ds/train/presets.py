@@ -1,0 +1,179 @@
+"""Recipe presets: the one source of truth for models, batch sizes and MERIT hyperparameters.
+
+Everything else (``ds_configs/generate.py``, the ``plan`` command, ``launch/`` headers, the
+README's recipe table, the training loop's defaults) reads these tables; nothing is
+hand-copied.
+
+Sources, and what is an estimate
+--------------------------------
+* Models: GPT-2 Small (124M: 12 layers, 768 wide, 12 heads) and Medium (355M: 24 layers, 1024
+  wide, 16 heads), context 1024, vocabulary 50257 (Radford et al. 2019). Dropout 0 as in
+  nanoGPT/Sophia-style pretraining (the GPT-2 lineage the MERIT paper trains in). Attention
+  through PyTorch SDPA (``attn_implementation="sdpa"``).
+* Optimizer (GPT-2 lineage of the MERIT paper, which follows the Sophia/nanoGPT setup on
+  OpenWebText): betas (0.9, 0.95), weight decay 0.1 on matrices only (not on biases,
+  LayerNorms), gradient clipping 1.0, linear warmup then cosine decay to a floor of 0.1 x
+  peak. Reference batch 480 x 1024 tokens (491,520 tokens/step, ~100k steps for 48B tokens).
+* MERIT peak lr: **estimates** for GPT-2 Small/Medium (no GPU sweep has been run by this
+  project). MERIT's update is scaled to the size of the weights, so its best lr is not AdamW's:
+  a CPU sweep (GPT-2 4x128, KJV text; FIELD_NOTES) found MERIT's best lr 1e-2 at batch 16 and
+  3e-2 at batch 128, against AdamW's 3e-3/2e-3, and a sharp failure just above the best lr.
+  We therefore start from the lineage's AdamW values at batch 480 (6e-4 Small, 3e-4 Medium),
+  which sit on the safe side of that cliff; the published MERIT code's README example uses 2e-4.
+  Sweep before a 48B-token run (see docs/README_recipes.md). The ``tiny`` preset's lr (1e-2 at
+  batch 16) is measured (same 4x128 model as the sweep).
+* Scaling rule with batch size B (sequences): ``lr(B) = lr_ref * sqrt(B / B_ref)`` (square-root
+  scaling for Adam-type methods, Malladi et al. 2022, "On the SDEs and Scaling Rules for
+  Adaptive Gradient Algorithms"; the CPU sweep above moved 3x for 8x batch, sqrt(8)=2.8), and
+  warmup is a fixed share of the token budget (2%: 960M tokens of 48B, i.e. ~1950 steps at
+  480 -- the lineage's 2000 -- and ~153 steps at 6144), so it stays the same number of tokens
+  whatever the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ModelPreset", "OptimPreset", "MODEL_PRESETS", "BATCH_PRESETS", "OPTIM_PRESETS",
+    "TOKEN_BUDGET", "WARMUP_FRACTION", "MIN_LR_RATIO", "scaled_lr", "warmup_steps",
+    "get_model_preset", "gpt2_config", "count_parameters",
+]
+
+#: The mission's token budget for GPT-2 Small/Medium.
+TOKEN_BUDGET = 48_000_000_000
+
+#: Batch presets in sequences: "480, 1k, 2k, 4k, 6k" are exactly these numbers.
+BATCH_PRESETS: dict[str, int] = {"480": 480, "1k": 1024, "2k": 2048, "4k": 4096, "6k": 6144}
+
+#: Warmup as a share of the token budget (so it is a fixed number of tokens at any batch).
+WARMUP_FRACTION = 0.02
+#: Cosine decays from the peak lr to this fraction of it (nanoGPT's min_lr = lr/10).
+MIN_LR_RATIO = 0.1
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """A GPT-2 shape. ``config_kwargs`` go to ``transformers.GPT2Config``."""
+
+    name: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    seq_len: int
+    vocab_size: int = 50257
+    description: str = ""
+
+    def config_kwargs(self, **overrides) -> dict:
+        kw = dict(
+            n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
+            n_positions=self.seq_len, vocab_size=self.vocab_size,
+            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            bos_token_id=50256, eos_token_id=50256,
+            tie_word_embeddings=True,
+        )
+        kw.update(overrides)
+        return kw
+
+    def with_overrides(self, **overrides) -> "ModelPreset":
+        return dataclasses.replace(self, **overrides)
+
+    @property
+    def n_params(self) -> int:
+        return count_parameters(self.n_layer, self.n_embd, self.seq_len, self.vocab_size)
+
+
+@dataclass(frozen=True)
+class OptimPreset:
+    """MERIT hyperparameters of a model preset, at its reference batch (sequences)."""
+
+    lr_ref: float
+    batch_ref: int
+    lr_source: str
+    betas: tuple = (0.9, 0.95)
+    eps: float = 1e-6
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    min_lr_ratio: float = MIN_LR_RATIO
+    warmup_fraction: float = WARMUP_FRACTION
+
+
+MODEL_PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset("tiny", n_layer=4, n_embd=128, n_head=4, seq_len=128,
+                        description="CPU demo/test model (7.2M params, 6.4M of them the embedding)"),
+    "gpt2-small": ModelPreset("gpt2-small", n_layer=12, n_embd=768, n_head=12, seq_len=1024,
+                              description="GPT-2 Small, 124M"),
+    "gpt2-medium": ModelPreset("gpt2-medium", n_layer=24, n_embd=1024, n_head=16, seq_len=1024,
+                               description="GPT-2 Medium, 355M"),
+}
+
+OPTIM_PRESETS: dict[str, OptimPreset] = {
+    "tiny": OptimPreset(lr_ref=1e-2, batch_ref=16,
+                        lr_source="measured: CPU sweep, GPT-2 4x128 on KJV, batch 16 (FIELD_NOTES)"),
+    "gpt2-small": OptimPreset(lr_ref=6e-4, batch_ref=480,
+                              lr_source="ESTIMATE: lineage AdamW lr at batch 480; sweep before use"),
+    "gpt2-medium": OptimPreset(lr_ref=3e-4, batch_ref=480,
+                               lr_source="ESTIMATE: lineage AdamW lr at batch 480; sweep before use"),
+}
+
+
+def get_model_preset(name: str) -> ModelPreset:
+    try:
+        return MODEL_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}") from None
+
+
+def get_optim_preset(name: str) -> OptimPreset:
+    try:
+        return OPTIM_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(OPTIM_PRESETS)}") from None
+
+
+def parse_batch(batch) -> int:
+    """'6k' -> 6144, '480' -> 480, 1000 -> 1000 (any positive integer is allowed)."""
+    if isinstance(batch, int):
+        value = batch
+    elif str(batch) in BATCH_PRESETS:
+        value = BATCH_PRESETS[str(batch)]
+    else:
+        try:
+            value = int(batch)
+        except ValueError:
+            raise ValueError(f"global batch {batch!r} is neither an integer nor one of the presets "
+                             f"{ {k: v for k, v in BATCH_PRESETS.items()} }") from None
+    if value <= 0:
+        raise ValueError(f"global batch must be a positive number of sequences, got {value}")
+    return value
+
+
+def scaled_lr(optim: OptimPreset, global_batch: int) -> float:
+    """Square-root scaling from the preset's reference batch: lr_ref * sqrt(B / B_ref)."""
+    return optim.lr_ref * math.sqrt(global_batch / optim.batch_ref)
+
+
+def warmup_steps(total_steps: int, fraction: float = WARMUP_FRACTION) -> int:
+    """Warmup is a fixed share of the run (hence of the token budget): ceil(fraction * steps)."""
+    return max(1, math.ceil(fraction * total_steps)) if total_steps > 1 else 0
+
+
+def count_parameters(n_layer: int, n_embd: int, n_positions: int, vocab_size: int) -> int:
+    """Parameters of HF's GPT2LMHeadModel with tied embeddings.
+
+    wte V*d + wpe P*d + per layer (ln_1 2d, c_attn 3d^2+3d, attn c_proj d^2+d, ln_2 2d,
+    c_fc 4d^2+4d, mlp c_proj 4d^2+d = 12d^2+13d) + ln_f 2d. GPT-2 Small: 124,439,808.
+    """
+    d = n_embd
+    return vocab_size * d + n_positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d
+
+
+def gpt2_config(preset: ModelPreset, **overrides):
+    """A ``transformers.GPT2Config`` for the preset, SDPA attention."""
+    from transformers import GPT2Config
+
+    cfg = GPT2Config(**preset.config_kwargs(**overrides))
+    cfg._attn_implementation = "sdpa"
+    return cfg

@@ -1,0 +1,118 @@
+"""Batch arithmetic, presets, memory and wall-time accounting of `merit-ds plan` (hand-computed)."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from merit_ds.train import presets
+from merit_ds.train.batch import BatchConfigError, plan_batch
+from merit_ds.train.plan import GiB, activation_bytes, make_plan, memory_per_gpu, wall_time_seconds
+
+
+def test_batch_presets_are_the_documented_numbers():
+    assert presets.BATCH_PRESETS == {"480": 480, "1k": 1024, "2k": 2048, "4k": 4096, "6k": 6144}
+    assert presets.parse_batch("6k") == 6144 and presets.parse_batch(1000) == 1000
+    with pytest.raises(ValueError, match="presets"):
+        presets.parse_batch("6kb")
+
+
+@pytest.mark.parametrize("name,expected", [("gpt2-small", 124_439_808), ("gpt2-medium", 354_823_168), ("tiny", 7_242_624)])
+def test_parameter_count_matches_transformers(name, expected):
+    from transformers import GPT2LMHeadModel
+    preset = presets.get_model_preset(name)
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(presets.gpt2_config(preset))
+    assert preset.n_params == expected == sum(p.numel() for p in model.parameters())
+    assert model.config._attn_implementation == "sdpa"
+    shape = (preset.n_layer, preset.n_embd, preset.n_head)
+    assert shape == {"gpt2-small": (12, 768, 12), "gpt2-medium": (24, 1024, 16), "tiny": (4, 128, 4)}[name]
+
+
+def test_steps_for_48b_tokens():
+    p = plan_batch(6144, 32, 1024, micro_batch=16, token_budget=48_000_000_000)
+    assert p.tokens_per_step == 6_291_456
+    assert p.steps == math.ceil(48e9 / (6144 * 1024)) == 7630
+    assert p.grad_accum == 6144 // (16 * 32) == 12
+    p = plan_batch(480, 16, 1024, grad_accum=2, token_budget=48_000_000_000)
+    assert (p.micro_batch, p.steps) == (15, 97_657)
+    assert "micro_batch 15 x grad_accum 2 x world 16 = global batch 480" in p.describe()
+
+
+def test_batch_errors_are_clear():
+    with pytest.raises(BatchConfigError, match="not divisible by the data-parallel world size 24.*1008, 1032"):
+        plan_batch(1024, 24, 1024, token_budget=48e9)
+    with pytest.raises(BatchConfigError, match="smaller than one optimizer step"):
+        plan_batch(480, 8, 1024, token_budget=480 * 1024 - 1)
+    with pytest.raises(BatchConfigError, match="not divisible by micro batch 7"):
+        plan_batch(480, 8, 1024, micro_batch=7, token_budget=48e9)
+    with pytest.raises(BatchConfigError, match="not the global batch"):
+        plan_batch(480, 8, 1024, micro_batch=6, grad_accum=2, token_budget=48e9)
+
+
+def test_lr_scaling_rule_and_warmup():
+    small = presets.OPTIM_PRESETS["gpt2-small"]
+    assert presets.scaled_lr(small, 480) == small.lr_ref
+    assert presets.scaled_lr(small, 6144) == pytest.approx(6e-4 * math.sqrt(6144 / 480))
+    assert presets.warmup_steps(97_657) == math.ceil(0.02 * 97_657) == 1954  # ~the lineage's 2000
+    assert presets.warmup_steps(7630) == 153
+    assert (small.betas, small.weight_decay, small.grad_clip, small.min_lr_ratio) == ((0.9, 0.95), 0.1, 1.0, 0.1)
+
+
+def test_memory_accounting_zero_paper():
+    psi = 124_439_808
+    # bf16: 2 + 2 + 12 bytes/param, split per stage over Nd = 8
+    m0 = memory_per_gpu(psi, 8, 0)
+    assert (m0.params, m0.grads, m0.optimizer) == (2 * psi, 2 * psi, 12 * psi)
+    m1 = memory_per_gpu(psi, 8, 1)
+    assert (m1.params, m1.grads, m1.optimizer) == (2 * psi, 2 * psi, 12 * psi / 8)
+    m2 = memory_per_gpu(psi, 8, 2)
+    assert (m2.params, m2.grads, m2.optimizer) == (2 * psi, 2 * psi / 8, 12 * psi / 8)
+    m3 = memory_per_gpu(psi, 8, 3)
+    assert (m3.params, m3.grads, m3.optimizer) == (2 * psi / 8, 2 * psi / 8, 12 * psi / 8)
+    off = memory_per_gpu(psi, 8, 2, offload=True)
+    assert (off.optimizer, off.optimizer_cpu) == (0.0, 12 * psi / 8)
+    f = memory_per_gpu(psi, 4, 0, precision="fp32")
+    assert (f.params, f.grads, f.optimizer) == (4 * psi, 4 * psi, 8 * psi)
+    with pytest.raises(ValueError, match="offload needs ZeRO stage"):
+        memory_per_gpu(psi, 8, 0, offload=True)
+
+
+def test_activation_estimate_by_hand():
+    small = presets.get_model_preset("gpt2-small")
+    s, b, h, L, V = 1024, 8, 768, 12, 50257
+    assert activation_bytes(small, b, s) == 34 * s * b * h * L + (2 + 8) * s * b * V
+    assert activation_bytes(small, b, s, activation_checkpointing=True) == L * 2 * s * b * h + 34 * s * b * h + 10 * s * b * V
+    assert activation_bytes(small, b, s, precision="fp32") == 68 * s * b * h * L + 12 * s * b * V
+
+
+def test_wall_time_and_plan():
+    # 6 N D / (gpus * peak * mfu): GPT-2 Small, 7630 steps of 6k x 1024, 32 H100 at 40%
+    flops = 6 * 124_439_808 * 7630 * 6144 * 1024
+    assert wall_time_seconds(124_439_808, 7630 * 6144 * 1024, 32, 989e12, 0.4) == pytest.approx(flops / (32 * 989e12 * 0.4))
+    p = make_plan("gpt2-small", "6k", 48e9, 4, 8, "h100")
+    assert (p["steps"], p["per_gpu_batch"], p["world"]) == (7630, 192, 32)
+    assert p["wall_time_s"] == pytest.approx(flops / (32 * 989e12 * 0.4))
+    for row in p["stages"]:
+        assert row["fits"] and 192 % row["micro_batch"] == 0
+        assert row["micro_batch"] * row["grad_accum"] * 32 == 6144
+        assert row["total_gib"] <= 80 * 0.9
+        assert row["total_gib"] * GiB == pytest.approx(
+            (row["params_gib"] + row["grads_gib"] + row["optimizer_gib"] + row["activations_gib"]) * GiB)
+    # the next larger divisor of 192 (96) must not fit at stage 0, or the planner is not maximal
+    small = presets.get_model_preset("gpt2-small")
+    stage0 = p["stages"][0]
+    bigger = [d for d in range(stage0["micro_batch"] + 1, 193) if 192 % d == 0][0]
+    assert memory_per_gpu(small.n_params, 32, 0, activations=activation_bytes(small, bigger, 1024)).total > 80 * GiB * 0.9
+
+
+def test_plan_cli(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--model", "gpt2-medium", "--batch", "4k",
+                          "--nodes", "2", "--gpus-per-node", "8", "--gpu", "h200"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "ceil(48,000,000,000 / 4,194,304) = 11,445" in out.stdout and "memory per GPU" in out.stdout
+    bad = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--batch", "1k", "--nodes", "3"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not divisible by the data-parallel world size 24" in bad.stderr

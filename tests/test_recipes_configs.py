@@ -1,0 +1,73 @@
+"""ds_configs/ is generated from the presets (never hand-edited); launch/ headers state their
+exact command and batch arithmetic, and the arithmetic is right."""
+
+import json
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from merit_ds.integrations.deepspeed import check_config
+from merit_ds.train import presets
+from merit_ds.train.batch import plan_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_committed_configs_equal_generated():
+    r = subprocess.run([sys.executable, str(ROOT / "ds_configs" / "generate.py"), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "21 configs up to date" in r.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_config_names_merit_and_passes_the_check(path):
+    cfg = json.loads(path.read_text())
+    assert cfg["optimizer"]["type"] == "MERIT"
+    check_config(cfg)  # zero_allow_untested_optimizer, zero_force_ds_cpu_optimizer=false with offload
+    if path.name in {"zero2_merit_fp32.json", "zero3_merit_bf16_offload.json"}:
+        return  # the ZeRO integration's hand-written examples, not recipes
+    assert cfg["gradient_clipping"] == 1.0 and cfg["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    if "offload" in path.name:
+        assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+        assert cfg["zero_force_ds_cpu_optimizer"] is False
+    assert cfg["bf16"]["enabled"] == ("bf16" in path.name)
+
+
+@pytest.mark.parametrize("model", ["gpt2-small", "gpt2-medium"])
+@pytest.mark.parametrize("batch", [480, 1024, 2048, 4096, 6144])
+def test_recipe_configs(model, batch):
+    cfg = json.loads((ROOT / "ds_configs" / f"{model}_b{batch}_zero2_bf16.json").read_text())
+    assert cfg["train_batch_size"] == batch
+    micro = cfg["train_micro_batch_size_per_gpu"]
+    for world in (8, 16, 32):  # the documented cluster shapes all divide evenly
+        plan = plan_batch(batch, world, 1024, micro_batch=micro, token_budget=48_000_000_000)
+        assert plan.micro_batch * plan.grad_accum * world == batch
+    assert cfg["optimizer"]["params"]["lr"] == pytest.approx(
+        presets.OPTIM_PRESETS[model].lr_ref * math.sqrt(batch / 480), rel=1e-5)
+
+
+LAUNCH_FILES = sorted(p for p in (ROOT / "launch").iterdir() if p.suffix in (".sh", ".sbatch", ".yaml"))
+BATCH_LINE = re.compile(r"# batch: micro_batch (\d+) x grad_accum (\d+) x world (\d+) = (\d+) sequences x (\d+) = "
+                        r"([\d,]+) tokens/step; (?:48e9 tokens -> ([\d,]+) steps|(\d+) steps -> ([\d,]+) tokens)")
+
+
+@pytest.mark.parametrize("path", LAUNCH_FILES, ids=lambda p: p.name)
+def test_launch_headers_state_command_and_correct_arithmetic(path):
+    head = "\n".join(path.read_text().splitlines()[:20])
+    assert re.search(r"# Command", head), f"{path.name}: no command in the header"
+    m = BATCH_LINE.search(head)
+    assert m, f"{path.name}: no batch arithmetic line in the header"
+    micro, accum, world, batch, seq = map(int, m.groups()[:5])
+    tokens = int(m.group(6).replace(",", ""))
+    assert micro * accum * world == batch and batch * seq == tokens
+    if m.group(7):
+        assert math.ceil(48e9 / tokens) == int(m.group(7).replace(",", ""))
+    # the header's numbers match the config the file launches
+    cfgs = re.findall(r"ds_configs/([\w.-]+\.json)", head)
+    if cfgs:
+        cfg = json.loads((ROOT / "ds_configs" / cfgs[0]).read_text())
+        assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"]) == (batch, micro)

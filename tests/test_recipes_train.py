@@ -1,0 +1,333 @@
+"""The training loop as users start it: deepspeed launcher, accelerate launch, two "nodes" on
+loopback, SIGKILL + resume, and bad input. Real multi-process CPU runs of a tiny GPT-2
+(2 layers x 32 wide, sequences of 32 tokens, batch 8 = micro 2 x grad-accum 2 x 2 ranks),
+MERIT under ZeRO-2, fp32.
+
+Equality is exact (``==`` on the logged float losses): on CPU in fp32 every run below does the
+same arithmetic in the same order (same data blocks, same ranks, gloo reductions in a fixed
+order), so a resumed or differently launched run that is correct reproduces every bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _dist import REPO_ROOT, dist_env, free_port
+
+BIN = Path(sys.executable).parent
+STEPS = 12
+TINY = ["--model", "tiny", "--model-override", "n_layer=2", "--model-override", "n_embd=32",
+        "--model-override", "n_head=2", "--seq-len", "32", "--global-batch", "8", "--micro-batch", "2",
+        "--zero-stage", "2", "--precision", "fp32", "--eval-every", "4", "--ckpt-every", "4", "--keep-last", "2",
+        "--diag-every", "4", "--tracker", "none", "--no-progress", "--no-plot"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    """nanoGPT-style train.bin/val.bin: a noisy order-1 chain over 256 token ids (learnable)."""
+    d = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(0)
+    nxt = rng.integers(0, 256, size=256)
+
+    def chain(n):
+        t = np.empty(n, dtype=np.uint16)
+        t[0] = 0
+        noise, jumps = rng.random(n), rng.integers(0, 256, size=n)
+        for i in range(1, n):
+            t[i] = nxt[t[i - 1]] if noise[i] < 0.8 else jumps[i]
+        return t
+
+    chain(60_000).tofile(d / "train.bin")
+    chain(8_000).tofile(d / "val.bin")
+    return d
+
+
+def _args(data: Path, out: Path, *extra) -> list[str]:
+    return [*TINY, "--steps", str(STEPS), "--data", str(data), "--out", str(out), *extra]
+
+
+def deepspeed_cmd(args, *, port, launcher_args=()) -> list[str]:
+    return [str(BIN / "deepspeed"), *launcher_args, "--master_port", str(port), "--module", "merit_ds.train", *args]
+
+
+def run(cmd, timeout=240) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=dist_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(out: Path) -> dict:
+    recs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = {r["step"]: r["loss"] for r in recs if "loss" in r}
+    val = {r["step"]: r["val_loss"] for r in recs if "val_loss" in r}
+    return {"train": train, "val": val, "records": recs}
+
+
+def snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(data_dir, tmp_path_factory) -> Path:
+    """Uninterrupted run: deepspeed launcher, 2 ranks on one node."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    r = run(deepspeed_cmd(_args(data_dir, out), port=free_port(), launcher_args=["--num_gpus", "2"]))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "batch: micro_batch 2 x grad_accum 2 x world 2 = global batch 8 sequences" in r.stdout
+    assert "DeepSpeedZeroOptimizer -> MERIT verified stepping" in r.stdout
+    return out
+
+
+def test_deepspeed_launcher_two_ranks(reference):
+    m = losses(reference)
+    assert sorted(m["train"]) == list(range(1, STEPS + 1))
+    assert all(np.isfinite(v) for v in m["train"].values())
+    assert sorted(m["val"]) == [4, 8, 12]
+    assert m["train"][STEPS] < m["train"][1]  # sanity only; the equalities below are the tests
+    diag = [r for r in m["records"] if "max_attn_logit" in r]
+    assert [r["step"] for r in diag] == [1, 4, 8, 12]
+    for r in diag:  # GNS from B_small = 1 (half a micro-batch) and B_big = 2 x 2 sequences
+        assert (r["gns_b_small"], r["gns_b_big"]) == (1.0, 4.0) and np.isfinite(r["gns_b_noise"])
+    ck = reference / "checkpoints"
+    assert (ck / "latest").read_text() == "step_00000012"
+    assert sorted(p.name for p in ck.glob("step_*")) == ["step_00000008", "step_00000012"]  # keep-last 2
+    assert not list(ck.glob(".tmp-*"))
+    meta = json.loads((ck / "step_00000012" / "merit_ds_checkpoint.json").read_text())
+    assert meta["run"]["world"] == 2 and meta["run"]["zero_stage"] == 2
+    assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(meta["files"])
+
+
+def test_sigkill_mid_run_then_resume_continues_the_same_losses(reference, data_dir, tmp_path):
+    out = tmp_path / "run"
+    cmd = deepspeed_cmd(_args(data_dir, out), port=free_port(), launcher_args=["--num_gpus", "2"])
+    proc = subprocess.Popen(cmd, env=dist_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics, killed_after = out / "metrics.jsonl", None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists():
+                done = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
+                if done and max(done) >= 6:
+                    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, no chance to clean up
+                    killed_after = max(done)
+                    break
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed_after is not None and killed_after < STEPS, "the run was not killed mid-way"
+    latest = (out / "checkpoints" / "latest").read_text()
+    resumed_at = int(latest.split("_")[1])
+    assert resumed_at <= killed_after
+
+    r = run(deepspeed_cmd(_args(data_dir, out), port=free_port(), launcher_args=["--num_gpus", "2"]))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {out / 'checkpoints' / latest} at step {resumed_at}" in r.stdout
+    got, want = losses(out), losses(reference)
+    assert got["train"] == want["train"]  # bitwise, every step, including the ones redone after the kill
+    assert got["val"] == want["val"]
+    steps_logged = [rec["step"] for rec in got["records"] if "loss" in rec]
+    assert steps_logged == list(range(1, STEPS + 1))  # records after the checkpoint were replaced, not duplicated
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_accelerate_launch_two_ranks_matches_deepspeed_launcher(reference, data_dir, tmp_path):
+    out = tmp_path / "run"
+    yaml = tmp_path / "accelerate.yaml"
+    yaml.write_text("\n".join([
+        "compute_environment: LOCAL_MACHINE", "distributed_type: DEEPSPEED",
+        "deepspeed_config:", f"  deepspeed_config_file: {REPO_ROOT / 'ds_configs' / 'zero2_fp32.json'}",
+        "  zero3_init_flag: false", "num_machines: 1", "num_processes: 2", "machine_rank: 0",
+        "main_process_ip: 127.0.0.1", f"main_process_port: {free_port()}", "use_cpu: true", ""]))
+    r = run([str(BIN / "accelerate"), "launch", "--config_file", str(yaml), "-m", "merit_ds.train",
+             *_args(data_dir, out)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "launcher accelerate, 2 ranks, ZeRO 2" in r.stdout
+    got, want = losses(out), losses(reference)
+    assert got["train"] == want["train"] and got["val"] == want["val"]
+
+
+def test_two_nodes_on_loopback_match_one_node(reference, data_dir, tmp_path):
+    """Two deepspeed launcher invocations, --no_ssh, node ranks 0 and 1, one process each."""
+    out = tmp_path / "run"
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("127.0.0.1 slots=1\nlocalhost slots=1\n")
+    port = free_port()
+    procs = [subprocess.Popen(
+        deepspeed_cmd(_args(data_dir, out), port=port, launcher_args=[
+            "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k), "--master_addr", "127.0.0.1"]),
+        env=dist_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for k in (0, 1)]
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert "2 ranks" in outputs[0]
+    got, want = losses(out), losses(reference)
+    assert got["train"] == want["train"] and got["val"] == want["val"]
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="OpenMPI's mpirun is not installed")
+def test_mpirun_two_ranks_matches_deepspeed_launcher(reference, data_dir, tmp_path):
+    """OpenMPI starts the ranks; deepspeed.init_distributed discovers rank/world through mpi4py."""
+    out = tmp_path / "run"
+    env = dist_env()
+    fwd = [x for k in ("PYTHONPATH", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "OMP_NUM_THREADS") if k in env
+           for x in ("-x", k)]
+    root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    r = run(["mpirun", *root, "--oversubscribe", "-np", "2", *fwd, sys.executable, "-m", "merit_ds.train",
+             *_args(data_dir, out)])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "launcher deepspeed, 2 ranks, ZeRO 2" in r.stdout
+    got, want = losses(out), losses(reference)
+    assert got["train"] == want["train"] and got["val"] == want["val"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input: a clear error, exit code 2, nothing written or overwritten
+
+def single(args) -> subprocess.CompletedProcess:
+    return run([sys.executable, "-m", "merit_ds.train", *args], timeout=180)
+
+
+def test_batch_not_divisible_by_world(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [a if a != "8" else "7" for a in _args(data_dir, out)]  # global batch 7 on 2 ranks
+    args[args.index("--micro-batch") + 1] = "1"
+    r = run(deepspeed_cmd(args, port=free_port(), launcher_args=["--num_gpus", "2"]))
+    assert r.returncode != 0
+    assert "global batch 7 sequences is not divisible by the data-parallel world size 2" in r.stderr + r.stdout
+    assert not out.exists()
+
+
+def test_token_budget_smaller_than_one_step(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = [a for a in _args(data_dir, out)]
+    i = args.index("--steps")
+    args[i:i + 2] = ["--tokens", "255"]  # one step is 8 x 32 = 256 tokens
+    r = single(args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "token budget 255 is smaller than one optimizer step (8 sequences x 32 tokens = 256 tokens)" in r.stderr
+    assert not out.exists()
+
+
+def _copy_reference(reference, tmp_path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    return out
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(reference, data_dir, tmp_path):
+    out = _copy_reference(reference, tmp_path)
+    victim = out / "checkpoints" / "step_00000012" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    blob = bytearray(victim.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF  # same size, one flipped byte
+    victim.write_bytes(bytes(blob))
+    before = snapshot(out)
+    r = single(_args(data_dir, out, "--steps", "16"))
+    assert r.returncode == 2
+    assert "corrupt checkpoint" in r.stderr and "zero_pp_rank_1_mp_rank_00_optim_states.pt fails its sha256 check" in r.stderr
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("change,message", [
+    (["--global-batch", "16"], "incompatible checkpoint .* global_batch=8, this run has global_batch=16"),
+    (["--model-override", "n_layer=3"], "incompatible checkpoint .* model_config="),
+    (["--steps", "16"], "incompatible checkpoint .* schedule="),
+    (["--precision", "bf16"], "incompatible checkpoint .* precision='fp32', this run has precision='bf16'"),
+])
+def test_incompatible_checkpoint_is_refused_and_kept(reference, data_dir, tmp_path, change, message):
+    import re
+
+    out = _copy_reference(reference, tmp_path)
+    before = snapshot(out)
+    args = _args(data_dir, out)
+    if change[0] in args and change[0] != "--model-override":
+        args[args.index(change[0]) + 1] = change[1]
+    else:
+        args += change
+    r = single(args)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert re.search(message, r.stderr), r.stderr[-2000:]
+    assert snapshot(out) == before
+
+
+def test_resume_never_refuses_to_overwrite(reference, data_dir, tmp_path):
+    out = _copy_reference(reference, tmp_path)
+    before = snapshot(out)
+    r = single(_args(data_dir, out, "--resume", "never", "--zero-stage", "0"))
+    assert r.returncode == 2 and "refusing to overwrite" in r.stderr
+    assert snapshot(out) == before
+
+
+def test_single_process_cli_activation_checkpointing_is_exact(reference, data_dir, tmp_path):
+    """`merit-ds train` without a launcher (world of one); activation checkpointing recomputes the
+    same forward, so the losses are bitwise those of the plain run.
+
+    Also the trust-ratio diagnostic two ways at step 1 (same initial weights): MERIT's own
+    ``track_stats`` here (ZeRO 0, 1 rank) and the gathered full tensors of the ZeRO-2 2-rank
+    reference; gradients are averaged in another order, hence 1e-5 relative."""
+    runs, records = {}, {}
+    for name, extra in (("plain", []), ("ckpt", ["--activation-checkpointing"])):
+        out = tmp_path / name
+        args = [*TINY, "--steps", "3", "--data", str(data_dir), "--out", str(out), "--zero-stage", "0", *extra]
+        r = run([sys.executable, "-m", "merit_ds", "train", *args], timeout=180)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "launcher deepspeed, 1 ranks, ZeRO 0" in r.stdout
+        runs[name] = losses(out)["train"]
+        records[name] = losses(out)["records"]
+    assert sorted(runs["plain"]) == [1, 2, 3]
+    assert runs["plain"] == runs["ckpt"]
+    mine = next(r for r in records["plain"] if r["step"] == 1)
+    zero2 = next(r for r in losses(reference)["records"] if r["step"] == 1)
+    for key in ("trust_ratio_min", "trust_ratio_mean", "trust_ratio_max"):
+        assert zero2[key] == pytest.approx(mine[key], rel=1e-5), key
+    assert 0 < mine["trust_ratio_min"] < mine["trust_ratio_mean"] < mine["trust_ratio_max"]
+    assert zero2["clip_fraction"] == pytest.approx(mine["clip_fraction"], abs=1e-6)
+
+
+def test_resume_on_another_world_size_through_universal_checkpoint(reference, data_dir, tmp_path):
+    """Saved by 2 ranks at step 8, resumed by 1 process: DeepSpeed's universal conversion, made
+    once into OUT/checkpoints/universal, re-shards the fp32 weights and MERIT's moments exactly;
+    the sampler continues at the same global block. Step 9 sees the same weights and the same
+    micro-batches (2 ranks x 2 micro-batches of 2 = 1 rank x 4), so its loss is bitwise the
+    reference's; later steps average gradients in another order (last-bit differences that MERIT
+    may amplify), compared at 1e-4 relative."""
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    ck = out / "checkpoints"
+    (ck / "latest").write_text("step_00000008")
+    shutil.rmtree(ck / "step_00000012")
+    source = snapshot(ck / "step_00000008")
+    r = single(_args(data_dir, out))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "world size 2 -> 1: resuming through the universal checkpoint" in r.stdout
+    assert (ck / "universal" / "step_00000008").is_dir()
+    assert snapshot(ck / "step_00000008") == source  # the source checkpoint was only read
+    got, want = losses(out)["train"], losses(reference)["train"]
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert got[9] == want[9]
+    for step in (10, 11, 12):
+        assert got[step] == pytest.approx(want[step], rel=1e-4)
+
+
+def test_missing_data_and_wrong_optimizer_are_clear_errors(data_dir, tmp_path):
+    out = tmp_path / "run"
+    r = single(_args(tmp_path / "no-such-data", out))
+    assert r.returncode == 2 and "merit_ds.train: error: data:" in r.stderr and "not found" in r.stderr
+    cfg = json.loads((REPO_ROOT / "ds_configs" / "zero2_fp32.json").read_text())
+    cfg["optimizer"]["type"] = "AdamW"
+    (tmp_path / "adamw.json").write_text(json.dumps(cfg))
+    r = single(_args(data_dir, out, "--ds-config", str(tmp_path / "adamw.json")))
+    assert r.returncode == 2 and "names optimizer 'AdamW'; merit_ds.train trains with MERIT" in r.stderr
+    assert not out.exists()
