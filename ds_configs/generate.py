@@ -32,9 +32,6 @@ from merit_ds.train.presets import BATCH_PRESETS, OPTIM_PRESETS, scaled_lr  # no
 
 REFERENCE_NODES, REFERENCE_GPUS = 4, 8   # 32 GPUs; see docstring
 
-#: Hand-written examples that live here but are not recipes (owned by the ZeRO integration's
-#: tests and docs/README_zero.md); the check leaves them alone.
-NOT_GENERATED = {"zero2_merit_fp32.json", "zero3_merit_bf16_offload.json"}
 
 
 def recipe_micro_batch(model: str, batch: int) -> int:
@@ -81,7 +78,7 @@ def main(argv=None) -> int:
                 stale.append(name)
         else:
             path.write_text(text)
-    extra = sorted(p.name for p in HERE.glob("*.json") if p.name not in files and p.name not in NOT_GENERATED)
+    extra = sorted(p.name for p in HERE.glob("*.json") if p.name not in files)
     if args.check:
         if stale or extra:
             print(f"stale: {stale}; not generated (delete them): {extra}", file=sys.stderr)

@@ -13,7 +13,7 @@ from merit_ds.integrations.deepspeed import MeritConfigError, check_config
     [("zero2_merit_fp32.json", "DeepSpeedZeroOptimizer"), ("zero3_merit_bf16_offload.json", "DeepSpeedZeroOptimizer_Stage3")],
 )
 def test_json_config_name_through_deepspeed_launcher(config, wrapper):
-    res = launch(TESTS_DIR / "zero_json_script.py", 2, ["--ds_config", str(REPO_ROOT / "ds_configs" / config)],
+    res = launch(TESTS_DIR / "zero_json_script.py", 2, ["--ds_config", str(REPO_ROOT / "ds_configs" / "examples" / config)],
                  launcher="deepspeed", timeout=300)
     assert res["world"] == 2
     assert res["basic_optimizer"] == "MERIT" and res["wrapper"] == wrapper

@@ -1,7 +1,7 @@
 """A user's own training script: MERIT comes from the JSON config's name, nothing else.
 
 Launched by test_zero_json.py as ``deepspeed --num_gpus 2 zero_json_script.py --ds_config
-ds_configs/zero2_merit_fp32.json``. The only merit_ds line a user writes is ``import merit_ds``.
+ds_configs/examples/zero2_merit_fp32.json``. The only merit_ds line a user writes is ``import merit_ds``.
 """
 
 import argparse
