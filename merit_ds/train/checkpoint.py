@@ -22,14 +22,15 @@ a corrupt or incompatible checkpoint is a :class:`CheckpointError`, naming what 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["CheckpointError", "META", "tag_for", "latest_checkpoint", "validate", "finalize", "prune", "write_atomic"]
+from merit_ds.fileio import atomic_write_text, fsync_dir, sha256_file
+
+__all__ = ["CheckpointError", "META", "tag_for", "latest_checkpoint", "validate", "finalize", "prune"]
 
 META = "merit_ds_checkpoint.json"
 LATEST = "latest"
@@ -46,28 +47,11 @@ def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _files(directory: Path) -> dict:
     out = {}
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != META:
-            out[str(p.relative_to(directory))] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+            out[str(p.relative_to(directory))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
     return out
 
 
@@ -75,7 +59,7 @@ def finalize(ckpt_root: Path, tmp_tag: str, tag: str, run_info: dict, step: int)
     """Rank 0, after every rank's save returned: metadata, rename to the final name, move ``latest``."""
     tmp_dir, final = ckpt_root / tmp_tag, ckpt_root / tag
     meta = {"format": FORMAT, "step": step, "tag": tag, "run": run_info, "files": _files(tmp_dir)}
-    write_atomic(tmp_dir / META, json.dumps(meta, indent=1, sort_keys=True))
+    atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1, sort_keys=True))
     if final.exists():  # re-saving a step after a resume: the old copy goes only once the new is named
         trash = ckpt_root / f".old-{tag}"
         shutil.rmtree(trash, ignore_errors=True)
@@ -84,20 +68,9 @@ def finalize(ckpt_root: Path, tmp_tag: str, tag: str, run_info: dict, step: int)
         shutil.rmtree(trash, ignore_errors=True)
     else:
         os.rename(tmp_dir, final)
-    write_atomic(ckpt_root / LATEST, tag)
-    _fsync_dir(ckpt_root)
+    atomic_write_text(ckpt_root / LATEST, tag)
+    fsync_dir(ckpt_root)
     return final
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
 
 
 def prune(ckpt_root: Path, keep_last: int) -> list[Path]:
@@ -146,7 +119,7 @@ def validate(path: Path, run_info: dict, *, checksums: bool = True, allow_world_
             raise CheckpointError(f"corrupt checkpoint {path}: file {rel} is missing")
         if f.stat().st_size != rec["bytes"]:
             raise CheckpointError(f"corrupt checkpoint {path}: {rel} has {f.stat().st_size} bytes, expected {rec['bytes']}")
-        if checksums and _sha256(f) != rec["sha256"]:
+        if checksums and sha256_file(f) != rec["sha256"]:
             raise CheckpointError(f"corrupt checkpoint {path}: {rel} fails its sha256 check")
     saved = meta["run"]
     for key in COMPATIBLE_KEYS:
