@@ -293,3 +293,40 @@ def test_fused_matches_reference_within_rounding():
         for k in ref:
             assert_close(fused[k].detach(), ref[k].detach(), atol=1e-6, rtol=1e-6)
             assert_close(opt_fused.state[fused[k]]["exp_avg_sq"], opt_ref.state[ref[k]]["exp_avg_sq"], atol=1e-9, rtol=1e-6)
+
+
+def test_partial_trust_stats_merge_over_any_split_equals_whole():
+    """PartialTrustStats of pieces merge into the whole's: count, clipped, min, max exactly."""
+    from merit_ds.optim import merge_trust_stats, partial_trust_stats
+
+    g = torch.Generator().manual_seed(3)
+    trust = torch.rand(7, 9, generator=g) * 3
+    u = torch.randn(7, 9, generator=g)
+    whole = partial_trust_stats(trust, u)
+    assert int(whole.clipped) == int(((trust * u).abs() > 1).sum()) and int(whole.count) == 63
+    flat_t, flat_u = trust.reshape(-1), u.reshape(-1)
+    cuts = [0, 5, 5, 30, 31, 63]  # includes an empty piece (the identity)
+    parts = [partial_trust_stats(flat_t[a:b], flat_u[a:b]) for a, b in zip(cuts, cuts[1:])]
+    merged = merge_trust_stats(parts)
+    for i in (0, 4):
+        assert int(merged[i]) == int(whole[i])
+    assert float(merged.ratio_min) == float(trust.min()) and float(merged.ratio_max) == float(trust.max())
+    assert_close(merged.ratio_sum, trust.double().sum(), atol=0, rtol=1e-12)
+    # a vector's scalar ratio broadcasts over its elements
+    vec = partial_trust_stats(torch.tensor(2.0), torch.tensor([0.1, 0.6, -0.7]))
+    assert (int(vec.count), int(vec.clipped), float(vec.ratio_sum)) == (3, 2, 6.0)
+
+
+def test_track_stats_entries_follow_the_parameters_stepped():
+    """A parameter without a gradient loses its entry; switching track_stats off keeps the last."""
+    a, b = torch.ones(3, 2, requires_grad=True), torch.ones(4, requires_grad=True)
+    opt = MERIT([a, b], track_stats=True)
+    a.grad, b.grad = torch.ones(3, 2), torch.ones(4)
+    opt.step()
+    assert set(opt.partial_stats) == {a, b} and int(opt.partial_stats[a].count) == 6
+    b.grad = None
+    opt.step()
+    assert set(opt.partial_stats) == {a} and set(opt.last_stats) == {a}
+    opt.track_stats = False
+    opt.step()
+    assert set(opt.partial_stats) == {a}

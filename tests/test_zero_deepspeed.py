@@ -5,7 +5,10 @@ zero_worker.py); each configuration then gets its own test here, asserting on nu
 
 - the fp32 master weights after every step() equal single-device MERIT fed the same full
   weights and averaged gradient, bit for bit (atol=rtol=0);
-- exactly one all_reduce per step() call, and it is the statistics all-reduce;
+- exactly one all_reduce per step() call, and it is the statistics all-reduce, with
+  ``track_stats`` on;
+- the trust-ratio statistics recorded by the sharded step, reduced over ranks, equal the
+  single-device reference's (min, max, clipped count exactly; mean to 1e-6 relative);
 - the split is real: some matrix cut mid-row, some rank without some parameter;
 - negative control: MERIT on the flat partition as one vector lands >= 1e-3 away;
 - deepspeed.utils.safe_get_full_fp32_param agrees with the reference (except under
@@ -49,6 +52,8 @@ def _check(res, name):
     assert res["max_diff"] == 0.0, f"{name}: sharded MERIT differs from one device by {res['max_diff']}"
     assert res["allreduce_per_step"] and all(c == [1, 1] for c in res["allreduce_per_step"])
     assert res["naive_diff"] > 1e-3
+    assert res["trust_checked"] == res["calls"] and res["trust_exact"], name
+    assert res["trust_mean_rel"] < 1e-6, res["trust_mean_rel"]
     if "safe_get_diff" in res:
         assert res["safe_get_diff"] == 0.0
     if "full_batch_diff" in res:

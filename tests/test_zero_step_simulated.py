@@ -16,7 +16,9 @@ import torch
 
 import merit_ds  # noqa: F401  (registers the resolver)
 from merit_ds.optim import MERIT
+from merit_ds.optim import merge_trust_stats, summarize_trust_stats
 from merit_ds.sharding import collective
+from merit_ds.sharding import stats as sharded_stats
 from merit_ds.sharding.layout import layout_from_offsets, layout_from_param_partitions
 from merit_ds.sharding.step import ShardedGroupStep, run_sharded_steps
 
@@ -43,6 +45,14 @@ class SimWorld:
         self.barrier.wait()
         buffer.copy_(reduced)
         return buffer
+
+    def all_gather(self, packed, group=None):
+        rank = self.local.rank
+        self.buffers[rank] = packed.clone()
+        self.barrier.wait()
+        out = [b.clone() for b in self.buffers]
+        self.barrier.wait()
+        return out
 
     def run(self, fn):
         errors = [None] * self.world
@@ -110,7 +120,7 @@ def _gather(parts, layouts, shapes):
     return [o.reshape(s) for o, s in zip(out, shapes)]
 
 
-def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=None, align=1):
+def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=None, align=1, track=False):
     g = torch.Generator().manual_seed(world * 7 + len(flavour))
     shapes = SHAPES
     full = [torch.randn(s, generator=g) for s in shapes]
@@ -128,8 +138,13 @@ def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=
     ref_params = [t.clone() for t in full]
     ref = MERIT(ref_params, **HP, nonfinite_grads=policy, implementation="single_tensor")
     opts = [MERIT([p], **HP, nonfinite_grads=policy) for p in parts]
+    ref.track_stats = track
+    for o in opts:
+        o.track_stats = track
     sim = SimWorld(world)
     monkeypatch.setattr(collective, "all_reduce_max", sim.all_reduce_max)
+    monkeypatch.setattr(sharded_stats, "_all_gather", sim.all_gather)
+    summaries = [None] * world
     for step in range(steps):
         grads = [torch.randn(s, generator=g) for s in shapes]
         if nan_at == step:
@@ -160,8 +175,49 @@ def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=
         got = _gather(parts, layouts, shapes)
         for a, b in zip(got, ref_params):
             torch.testing.assert_close(a, b, atol=0, rtol=0)
+        if track:
+            _check_trust_stats(ref, opts, sim, summaries, skipped=nan_at == step)
     assert sim.calls == [steps] * world
     return ref, opts, sim
+
+
+def _check_trust_stats(ref, opts, sim, summaries, skipped):
+    """Ranks' fragment statistics, merged (and reduced by reduce_trust_stats over the simulated
+    ranks), against single-device MERIT's per-parameter statistics of the same step."""
+    want = merge_trust_stats(ref.partial_stats.values())
+    got = merge_trust_stats(sharded_stats.local_trust_stats(o) for o in opts)
+    n_elements = sum(math.prod(s) for s in SHAPES)
+    assert int(want.count) == n_elements - (math.prod(SHAPES[0]) if skipped else 0)
+    assert int(got.count) == int(want.count)
+    assert int(got.clipped) == int(want.clipped)
+    assert 0 < int(want.clipped) < int(want.count)  # some, not all, elements clipped: teeth
+    torch.testing.assert_close(got.ratio_min, want.ratio_min, atol=0, rtol=0)
+    torch.testing.assert_close(got.ratio_max, want.ratio_max, atol=0, rtol=0)
+    torch.testing.assert_close(got.ratio_sum, want.ratio_sum, atol=0, rtol=1e-6)
+    assert want.ratio_min < want.ratio_max
+
+    def reduce(r):
+        summaries[r] = sharded_stats.reduce_trust_stats(opts[r])
+
+    sim.run(reduce)
+    ref_summary = summarize_trust_stats(want)
+    for summary in summaries:
+        assert summary == summaries[0]  # every rank gets the same numbers
+        for key in ("trust_ratio_min", "trust_ratio_max", "clip_fraction"):
+            assert summary[key] == ref_summary[key], key
+        assert summary["trust_ratio_mean"] == pytest.approx(ref_summary["trust_ratio_mean"], rel=1e-6, abs=0)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("flavour", ["zero12", "zero3"])
+def test_trust_stats_reduced_over_ranks_equal_one_device(monkeypatch, world, flavour):
+    """track_stats on: still exactly one all_reduce(MAX) per step() (asserted in _run), and the
+    five scalars per rank combine into single-device MERIT's statistics."""
+    _run(monkeypatch, world, flavour, track=True)
+
+
+def test_trust_stats_skip_nonfinite_parameter_on_every_rank(monkeypatch):
+    _run(monkeypatch, 3, "zero12", nan_at=1, track=True, perm=[6, 2, 0, 5, 1, 4, 3], align=4)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -10,7 +10,11 @@ sub-group / all groups). Around each call the hook
   ``partition_numel`` pieces) -- independently of merit_ds's layout code;
 - runs single-device MERIT (functional, single_tensor) on exactly those full weights and
   averaged gradient, with its own moments, and compares with the sharded result (atol=rtol=0);
-- counts ``torch.distributed.all_reduce`` calls inside the step (must be exactly 1);
+- counts ``torch.distributed.all_reduce`` calls inside the step (must be exactly 1, with
+  ``track_stats`` on);
+- compares the trust-ratio summary the sharded step recorded per fragment, combined over
+  ranks by ``reduce_trust_stats`` (outside the step), with the reference's own statistics:
+  min, max and clipped count exactly, mean to 1e-6 relative;
 - at the first call, runs the naive MERIT on the flat partition as one vector (negative
   control) and records how far it lands from the correct update.
 
@@ -37,8 +41,8 @@ import torch.nn as nn
 
 import deepspeed
 import merit_ds
-from merit_ds.optim import MERIT, merit
-from merit_ds.sharding import collective
+from merit_ds.optim import MERIT, merge_trust_stats, merit, summarize_trust_stats
+from merit_ds.sharding import collective, reduce_trust_stats
 
 warnings.filterwarnings("ignore")
 HP = dict(lr=0.02, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
@@ -231,8 +235,10 @@ def run_config(name, cfg, rank, world):
     for g in opt.param_groups:
         for p in opt.original_params(g):
             hp_of[p] = g
-    res = dict(max_diff=0.0, compared=0, allreduce_per_step=[], naive_diff=None, calls=0)
+    res = dict(max_diff=0.0, compared=0, allreduce_per_step=[], naive_diff=None, calls=0, trust_checked=0,
+               trust_exact=True, trust_mean_rel=0.0)
     real_step = opt.step
+    opt.track_stats = True
 
     def hooked_step(*a, **k):
         active = [(opt.param_groups.index(g) if False else None, g["params"][0]) for g in opt.param_groups if g["params"]]
@@ -260,11 +266,14 @@ def run_config(name, cfg, rank, world):
             return orig_all_reduce(*aa, **kk)
 
         c0 = collective.counter.calls
+        opt.partial_stats.clear()
         dist.all_reduce = counting_all_reduce
         try:
             out = real_step(*a, **k)
         finally:
             dist.all_reduce = orig_all_reduce
+        summary = reduce_trust_stats(opt)  # outside the step: 5 scalars per rank
+        ref_stats = {}
         res["allreduce_per_step"].append([calls[0], collective.counter.calls - c0])
         res["calls"] += 1
         if res["naive_diff"] is None:
@@ -281,7 +290,7 @@ def run_config(name, cfg, rank, world):
                 st = ref_state.setdefault(p, (torch.zeros_like(w), torch.zeros_like(w), torch.tensor(0.0)))
                 merit([w], [g_full[p]], [st[0]], [st[1]], [st[2]], lr=float(grp["lr"]), beta1=grp["betas"][0],
                       beta2=grp["betas"][1], eps=grp["eps"], weight_decay=grp["weight_decay"],
-                      nonfinite_grads=grp["nonfinite_grads"], implementation="single_tensor")
+                      nonfinite_grads=grp["nonfinite_grads"], implementation="single_tensor", stats=ref_stats)
                 diff = (w - after[p]).abs().max().item() if w.numel() else 0.0
                 if math.isnan(diff):  # max() would silently drop a NaN
                     diff = float("inf")
@@ -289,6 +298,17 @@ def run_config(name, cfg, rank, world):
                 if diff > 0 and os.environ.get("MERIT_DEBUG"):
                     print("DIFF", rank, tuple(w.shape), diff, (w - after[p]).abs().view(-1).nonzero().view(-1).tolist()[:20], flush=True)
                 res["compared"] += 1
+        want = summarize_trust_stats(merge_trust_stats(ref_stats.values()))
+        if want is not None or summary is not None:
+            res["trust_checked"] += 1
+            exact = want is not None and summary is not None and all(
+                summary[k] == want[k] for k in ("trust_ratio_min", "trust_ratio_max", "clip_fraction"))
+            res["trust_exact"] = res["trust_exact"] and exact
+            if exact:
+                rel = abs(summary["trust_ratio_mean"] - want["trust_ratio_mean"]) / abs(want["trust_ratio_mean"])
+                res["trust_mean_rel"] = max(res["trust_mean_rel"], rel)
+            elif os.environ.get("MERIT_DEBUG"):
+                print("TRUST", rank, summary, want, flush=True)
         return out
 
     opt.step = hooked_step

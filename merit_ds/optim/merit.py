@@ -23,8 +23,9 @@ from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import formulas as F
+from .trust_stats import PartialTrustStats, partial_trust_stats
 
-__all__ = ["MERIT", "merit", "MeritStats", "NONFINITE_POLICIES", "IMPLEMENTATIONS"]
+__all__ = ["MERIT", "merit", "MeritStats", "PartialTrustStats", "NONFINITE_POLICIES", "IMPLEMENTATIONS"]
 
 NONFINITE_POLICIES = ("skip", "raise", "propagate")
 IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
@@ -89,8 +90,14 @@ class MERIT(Optimizer):
         implementation: ``None`` (auto: ``"foreach"`` when all tensors are on a supported
             device, else ``"single_tensor"``), ``"single_tensor"``, ``"foreach"`` or
             ``"fused"`` (``torch.compile``d kernels; compiles once per shape class).
-        track_stats: collect :class:`MeritStats` per parameter into :attr:`last_stats`
-            after each step (costs extra passes; off by default).
+        track_stats: record trust-ratio statistics of each step (costs extra passes; off by
+            default; may be switched on and off between steps, e.g. for diagnostics steps).
+            :attr:`partial_stats` maps each stepped parameter to its
+            :class:`~merit_ds.optim.trust_stats.PartialTrustStats` (mergeable across
+            parameters and ranks); :attr:`last_stats` shows them as :class:`MeritStats`.
+            Under ZeRO the sharded step records this rank's fragments, keyed
+            ``(flat_partition, index_in_group)``; :func:`merit_ds.sharding.reduce_trust_stats`
+            combines them (and the unsharded ones) over ranks.
 
     State per parameter: ``exp_avg`` (m), ``exp_avg_sq`` (v), ``step`` (a float32 0-d
     tensor), the keys DeepSpeed's (universal) checkpoints expect. Parameters in bf16/fp16
@@ -129,10 +136,19 @@ class MERIT(Optimizer):
         #: Parameters whose step was skipped for a non-finite gradient, counted over the
         #: optimizer's life (not checkpointed).
         self.nonfinite_skips = 0
-        #: ``{param: MeritStats}`` of the last step when ``track_stats`` is on.
-        self.last_stats: dict[Tensor, MeritStats] = {}
+        #: ``{param: PartialTrustStats}`` of the last step each parameter took while
+        #: ``track_stats`` was on (a parameter skipped for a non-finite or missing gradient
+        #: loses its entry). Sharded steps key it by ``(flat_partition, index_in_group)``.
+        #: Clear it to start a fresh measurement.
+        self.partial_stats: dict = {}
         # Scratch buffers of the fast paths, reused across steps; not part of the state.
         self._workspace: dict = {}
+
+    @property
+    def last_stats(self) -> dict:
+        """``{key: MeritStats}``, a view of :attr:`partial_stats` (under ZeRO: of this rank's
+        fragments; use :func:`merit_ds.sharding.reduce_trust_stats` for whole parameters)."""
+        return {k: v.to_merit_stats() for k, v in self.partial_stats.items()}
 
     def add_param_group(self, param_group: dict) -> None:
         # Validate per-group overrides with the same rules as the defaults.
@@ -210,8 +226,6 @@ class MERIT(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self.track_stats:
-            self.last_stats = {}
         sharded = []
         for group in self.param_groups:
             stepper = self._group_stepper(group)
@@ -220,6 +234,9 @@ class MERIT(Optimizer):
                 continue
             params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+            if self.track_stats:  # stepped parameters record afresh; the others lose theirs
+                for p in group["params"]:
+                    self.partial_stats.pop(p, None)
             beta1, beta2 = group["betas"]
             result = merit(
                 params,
@@ -234,7 +251,7 @@ class MERIT(Optimizer):
                 weight_decay=group["weight_decay"],
                 nonfinite_grads=group["nonfinite_grads"],
                 implementation=group["implementation"],
-                stats=self.last_stats if self.track_stats else None,
+                stats=self.partial_stats if self.track_stats else None,
                 workspace=self._workspace,
             )
             self.nonfinite_skips += result
@@ -309,7 +326,8 @@ def merit(
 ) -> int:
     """Functional MERIT step over lists of tensors (see :class:`MERIT` for the math).
 
-    Returns the number of parameters whose step was skipped for a non-finite gradient.
+    ``stats``: a dict that receives ``{param: PartialTrustStats}`` for every parameter
+    stepped (not with ``implementation="fused"``). Returns the number of parameters whose step was skipped for a non-finite gradient.
     """
     if implementation is None:
         implementation = "foreach" if _foreach_supported(params) else "single_tensor"
@@ -377,16 +395,10 @@ def _finite_filter(params, grads, policy: str) -> Optional[list[bool]]:
     return finite
 
 
-def _record_stats(stats: Optional[dict], param: Tensor, u_clipped_input: Tensor, trust: Tensor) -> None:
-    if stats is None:
-        return
-    trust_f = trust.float()
-    stats[param] = MeritStats(
-        clip_fraction=(u_clipped_input.abs() > 1).float().mean() if u_clipped_input.numel() else trust_f.new_zeros(()),
-        ratio_min=trust_f.min(),
-        ratio_mean=trust_f.mean(),
-        ratio_max=trust_f.max(),
-    )
+def _record_stats(stats: Optional[dict], param: Tensor, trust: Tensor, u: Tensor) -> None:
+    # before apply_update_ overwrites u: |trust * u| > 1 is what the update clips
+    if stats is not None:
+        stats[param] = partial_trust_stats(trust, u)
 
 
 def _trust_ratio(w: Tensor, u: Tensor, scratch: Optional[Tensor] = None) -> Tensor:
@@ -414,8 +426,7 @@ def _single_tensor_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, l
         F.update_moments_(exp_avg, exp_avg_sq, grad.to(dtype), beta1, beta2)
         u = F.update_direction(exp_avg, exp_avg_sq, w, eps, weight_decay)
         trust = _trust_ratio(w, u)
-        if stats is not None:
-            _record_stats(stats, param, u * trust, trust.expand_as(u))
+        _record_stats(stats, param, trust, u)
         F.apply_update_(w, u, trust, lr)
         if w is not param:
             param.copy_(w)
@@ -462,8 +473,7 @@ def _multi_tensor_merit(
             u, scratch = _workspace_views(workspace, w)
             F.update_direction(m, v, w, eps, weight_decay, out=u)
             trust = _trust_ratio(w, u, scratch)
-            if stats is not None:
-                _record_stats(stats, param, u * trust, trust.expand_as(u))
+            _record_stats(stats, param, trust, u)
             F.apply_update_(w, u, trust, lr)
             if low_precision:
                 param.copy_(w)

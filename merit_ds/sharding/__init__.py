@@ -6,7 +6,8 @@ DeepSpeed replaced with flat partitions runs the sharded step (:mod:`.step`) aut
 
 Modules: :mod:`.layout` (pure: fragments, stats-buffer slots), :mod:`.zero12`,
 :mod:`.zero3`, :mod:`.bf16` (one adapter per DeepSpeed flavour, reading its records),
-:mod:`.resolve` (chooses the adapter), :mod:`.collective` (the all-reduce), :mod:`.step`.
+:mod:`.resolve` (chooses the adapter), :mod:`.collective` (the all-reduce), :mod:`.step`,
+:mod:`.stats` (trust-ratio diagnostics over ranks, outside the step).
 """
 
 from merit_ds.optim import MERIT
@@ -15,7 +16,8 @@ from . import collective
 from .errors import ShardingLayoutError
 from .layout import Fragment, ParamSlots, PartitionLayout
 from .resolve import attach, layout_of, resolve_group
+from .stats import reduce_trust_stats
 
 MERIT.register_group_resolver(resolve_group)
 
-__all__ = ["attach", "layout_of", "resolve_group", "collective", "ShardingLayoutError", "Fragment", "ParamSlots", "PartitionLayout"]
+__all__ = ["reduce_trust_stats", "attach", "layout_of", "resolve_group", "collective", "ShardingLayoutError", "Fragment", "ParamSlots", "PartitionLayout"]

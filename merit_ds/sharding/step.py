@@ -10,7 +10,14 @@
                 (same layout on every rank, zeros where this rank owns nothing)
     2. collect  all_reduce(buffer, MAX) over the data-parallel group  -- once per step() call
     3. local    per fragment: trust s from the reduced maxima, w -= lr * clip(s*u, -1, 1);
-                parameters flagged non-finite on ANY rank are skipped (or raise) on EVERY rank
+                parameters flagged non-finite on ANY rank are skipped (or raise) on EVERY rank;
+                with ``optimizer.track_stats`` on, each fragment's PartialTrustStats (count,
+                sum/min/max of s, count of |s*u| > 1) from the very s and u the update uses
+
+Trust-ratio statistics stay local: ``optimizer.partial_stats[(flat, i)]`` holds this rank's
+share of parameter ``i`` of the group. Combining them over ranks (a handful of scalars) is
+:func:`merit_ds.sharding.stats.reduce_trust_stats`, called by whoever wants the summary, on
+diagnostics steps only -- never here, so a ``step()`` keeps its one collective.
 
 Every number is produced by :mod:`merit_ds.optim.formulas` on views of the partition, so the
 fp32 result equals single-device MERIT bit for bit (the same element-wise operations on the
@@ -38,6 +45,7 @@ from torch import Tensor
 
 from merit_ds.optim import formulas as F
 from merit_ds.optim.merit import _as_float
+from merit_ds.optim.trust_stats import merge_trust_stats, partial_trust_stats
 
 from . import collective
 from .layout import PartitionLayout, matrix_dims
@@ -207,6 +215,10 @@ def _flagged(s: ShardedGroupStep) -> set[int]:
 def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
     """Phase 3: commit moments, trust ratios from the reduced maxima, clipped update."""
     flat, group, layout, buf = s.flat, s.group, s.layout, s._stats
+    track = bool(getattr(s.optimizer, "track_stats", False))
+    if track:  # stepped parameters record afresh below; the others lose their entry
+        for i in range(len(layout.slots)):
+            s.optimizer.partial_stats.pop((flat, i), None)
     if flat.grad is None or s._u is None:
         return
     state = s.optimizer.state[flat]
@@ -235,12 +247,14 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
         state["step"] += 1
 
     maxima_cache: dict[int, tuple] = {}
+    pieces: Optional[dict[int, list]] = {} if track else None  # param index -> partial stats
     for frag in live:
         slot = layout.slots[frag.param_index]
         w = flat.narrow(0, frag.partition_offset, frag.numel)
         u = s._u.narrow(0, frag.partition_offset, frag.numel)
         if not slot.is_matrix:
             trust = F.vector_trust_ratio(buf[slot.offset], buf[slot.offset + 1])
+            _record(pieces, frag.param_index, trust, u)
             F.apply_update_(w, u, trust, lr)
             continue
         rows, cols, inner = matrix_dims(slot.shape)
@@ -267,6 +281,7 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
                     max_u,
                     out=out,
                 )
+                _record(pieces, frag.param_index, trust, up.view(shape3))
                 F.apply_update_(wp.view(shape3), up.view(shape3), trust, lr)
             else:  # part of one row: per-element row/column maxima of the slice (all 1-D)
                 if inner == 1:
@@ -277,4 +292,14 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
                 trust = F.matrix_trust_ratio(
                     rw, ru, col_w.narrow(0, col0, length), col_u.narrow(0, col0, length), max_w, max_u
                 )
+                _record(pieces, frag.param_index, trust, up)
                 F.apply_update_(wp, up, trust, lr)
+    if pieces:
+        for index, parts in pieces.items():
+            s.optimizer.partial_stats[(flat, index)] = parts[0] if len(parts) == 1 else merge_trust_stats(parts)
+
+
+def _record(pieces: Optional[dict], index: int, trust: Tensor, u: Tensor) -> None:
+    """This piece's trust-ratio statistics (before apply_update_ overwrites ``u``)."""
+    if pieces is not None:
+        pieces.setdefault(index, []).append(partial_trust_stats(trust, u))

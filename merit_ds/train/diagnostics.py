@@ -7,8 +7,11 @@
   With SDPA the logits are never materialised, so a forward hook on each block's ``c_attn``
   recomputes them from q and k, only when armed.
 * **Trust ratios** of the step: min / mean / max of the element-wise ratio s over all elements,
-  and the fraction of elements whose update s*u hit the [-1, 1] clip. Without ZeRO from MERIT's
-  ``track_stats``; under ZeRO from gathered full tensors (:class:`ShardedTrustStats`).
+  and the fraction of elements whose update s*u hit the [-1, 1] clip. MERIT's ``track_stats``
+  is switched on for the diagnostics step only; the optimizer records them from the very s and
+  u its update uses -- under ZeRO inside the sharded step, per fragment each rank owns -- and
+  :func:`merit_ds.sharding.reduce_trust_stats` combines them: 5 scalars per rank, one
+  ``all_gather``, no weights or moments gathered.
 * **Gradient noise scale** (McCandlish et al. 2018, "An Empirical Model of Large-Batch
   Training", appendix A.1): from gradients of two batch sizes B_small < B_big of the same data,
 
@@ -33,7 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-__all__ = ["AttentionLogitProbe", "trust_ratio_summary", "ShardedTrustStats", "GradientNoiseScale", "lm_loss"]
+__all__ = ["AttentionLogitProbe", "GradientNoiseScale", "lm_loss"]
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -89,26 +92,6 @@ class AttentionLogitProbe:
         return float(_all_reduce(t, dist.ReduceOp.MAX)[0])
 
 
-def trust_ratio_summary(optimizer) -> Optional[dict]:
-    """Summary of MERIT's last_stats (no ZeRO): min / element-mean / max of s, fraction clipped."""
-    stats = getattr(optimizer, "last_stats", None)
-    if not stats:
-        return None
-    vals = list(stats.values())
-    sizes = [p.numel() for p in stats]  # element-weighted, like ShardedTrustStats
-    n = torch.tensor([float(sum(sizes))], dtype=torch.float64)
-    mean_sum = torch.tensor([sum(float(s.ratio_mean) * k for s, k in zip(vals, sizes))], dtype=torch.float64)
-    clip_sum = torch.tensor([sum(float(s.clip_fraction) * k for s, k in zip(vals, sizes))], dtype=torch.float64)
-    lo = torch.tensor([min(float(s.ratio_min) for s in vals)], dtype=torch.float64)
-    hi = torch.tensor([max(float(s.ratio_max) for s in vals)], dtype=torch.float64)
-    for t in (n, mean_sum, clip_sum):
-        _all_reduce(t, dist.ReduceOp.SUM)
-    _all_reduce(lo, dist.ReduceOp.MIN)
-    _all_reduce(hi, dist.ReduceOp.MAX)
-    return {"trust_ratio_min": float(lo[0]), "trust_ratio_mean": float(mean_sum[0] / n[0]),
-            "trust_ratio_max": float(hi[0]), "clip_fraction": float(clip_sum[0] / n[0])}
-
-
 class GradientNoiseScale:
     """McCandlish et al. 2018 estimator (see module docstring), EMA-smoothed."""
 
@@ -142,66 +125,3 @@ class GradientNoiseScale:
         self.g2_ema = g2 if self.g2_ema is None else self.ema * self.g2_ema + (1 - self.ema) * g2
         b_noise = self.s_ema / self.g2_ema if self.g2_ema and self.g2_ema > 0 else math.nan
         return {"gns_b_noise": b_noise, "gns_trace_cov": s, "gns_grad_sq": g2, "gns_b_small": b_small, "gns_b_big": b_big}
-
-
-class ShardedTrustStats:
-    """Trust-ratio statistics of one MERIT step under ZeRO, exact, from gathered full tensors.
-
-    Under ZeRO the optimizer sees flat partitions, so MERIT's own ``track_stats`` (per parameter)
-    does not apply. On a diagnostics step this probe reads each parameter's full fp32 weights
-    before the step and its full moments after it (DeepSpeed's ``safe_get_full_fp32_param`` /
-    ``safe_get_full_optimizer_state``: collectives, every rank joins), rebuilds
-    ``u = m / (sqrt(v) + eps) + wd * w`` and the trust ratio ``s`` with :mod:`merit_ds.optim.formulas`
-    and summarises ``s`` and the clip fraction (|s u| > 1) on rank 0. Costs a host copy of the
-    fp32 weights for the duration of one step, only every ``--diag-every`` steps.
-    """
-
-    def __init__(self, groups: list[dict], eps: float):
-        self.params = [(p, float(g.get("weight_decay", 0.0))) for g in groups for p in g["params"]]
-        self.eps = eps
-        self.before: Optional[list] = None
-
-    def snapshot(self, keep: bool) -> None:
-        from deepspeed.utils import safe_get_full_fp32_param
-
-        self.before = []
-        for p, _ in self.params:
-            w = safe_get_full_fp32_param(p)
-            self.before.append(w.detach().float().cpu().clone() if keep and w is not None else None)
-
-    def summary(self, keep: bool, zero_optimizer=None) -> Optional[dict]:
-        from deepspeed.utils import safe_get_full_optimizer_state
-
-        from merit_ds.optim import formulas as F
-
-        if self.before is None:
-            return None
-        # ZeRO 1/2 link each parameter to its optimizer-state fragments once, right after the
-        # first param group's first step (deepspeed/runtime/zero/stage_1_and_2.py:2987), when the
-        # later groups have no state yet; relinking after a whole step only refreshes those views
-        # (every time: cheap, and safe should a state tensor ever be replaced).
-        if getattr(zero_optimizer, "_hp_optimizer_states_linked", None) is not None:
-            zero_optimizer._hp_optimizer_states_linked = False
-            zero_optimizer._lazy_init_hp_params_optimizer_state()
-        lo, hi, total, n, clipped = math.inf, -math.inf, 0.0, 0, 0
-        for (p, wd), w in zip(self.params, self.before):
-            m = safe_get_full_optimizer_state(p, "exp_avg")
-            v = safe_get_full_optimizer_state(p, "exp_avg_sq")
-            if not keep or w is None or m is None or v is None:
-                continue
-            m, v = m.detach().float().cpu(), v.detach().float().cpu()
-            u = F.update_direction(m, v, w, self.eps, wd)
-            if F.is_matrix(w.shape):
-                mx = F.matrix_maxima(w, u)
-                s = F.matrix_trust_ratio(mx.row_w, mx.row_u, mx.col_w, mx.col_u, mx.row_w.max(), mx.row_u.max())
-            else:
-                s = F.vector_trust_ratio(F.tensor_max(w), F.tensor_max(u))
-            s = s.expand_as(u)
-            lo, hi = min(lo, float(s.min())), max(hi, float(s.max()))
-            total += float(s.double().sum())
-            n += s.numel()
-            clipped += int(((s * u).abs() > 1).sum())
-        self.before = None
-        if not keep or n == 0:
-            return None
-        return {"trust_ratio_min": lo, "trust_ratio_mean": total / n, "trust_ratio_max": hi, "clip_fraction": clipped / n}

@@ -36,10 +36,11 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from merit_ds.integrations.deepspeed import MeritConfigError, check_config
 from merit_ds.integrations.param_groups import merit_param_groups
+from merit_ds.sharding import reduce_trust_stats
 
 from .batch import BatchConfigError, plan_batch
 from .data_source import DataError, make_train_loader, make_val_loader
-from .diagnostics import AttentionLogitProbe, GradientNoiseScale, ShardedTrustStats, lm_loss, trust_ratio_summary
+from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss
 from .ds_config import make_ds_config, set_batch
 from .presets import (TOKEN_BUDGET, get_model_preset, get_optim_preset, gpt2_config, parse_batch, scaled_lr,
                       warmup_steps)
@@ -389,8 +390,6 @@ def run(args) -> int:
 
         client = MERIT(groups, lr=opt_params["lr"], betas=tuple(opt_params.get("betas", optim.betas)),
                        eps=opt_params.get("eps", optim.eps), weight_decay=opt_params.get("weight_decay", 0.0))
-    # before initialize: torch and ZeRO rewrite the group dicts' "params" (to flat partitions)
-    sharded_trust = ShardedTrustStats(groups, float(opt_params.get("eps", optim.eps))) if zero_stage > 0 else None
     engine = runner.build(model, groups, cfg, client)
     verify_merit_is_stepping(engine)
     basic = engine.basic_optimizer
@@ -477,9 +476,8 @@ def run(args) -> int:
     last_saved = start_step if resume_from is not None else -1
     for step in range(start_step + 1, plan.steps + 1):
         diag = args.diag_every > 0 and (step % args.diag_every == 0 or step == 1)
-        if diag and sharded_trust is not None:
-            sharded_trust.snapshot(keep=rank == 0)
-        elif diag and hasattr(basic, "track_stats"):
+        if diag:  # trust-ratio statistics of this step only (recorded inside MERIT's step)
+            basic.partial_stats.clear()
             basic.track_stats = True
         lr_now = basic.param_groups[0]["lr"]
         loss_sum = torch.zeros(1, dtype=torch.float64)
@@ -510,11 +508,10 @@ def run(args) -> int:
             record["grad_norm"] = float(grad_norm)
         if diag:
             record["max_attn_logit"] = max_logit
-            summary = sharded_trust.summary(rank == 0, engine.optimizer) if sharded_trust is not None else trust_ratio_summary(basic)
+            basic.track_stats = False
+            summary = reduce_trust_stats(basic)  # 5 scalars per rank; every rank joins
             if summary:
                 record.update(summary)
-            if hasattr(basic, "track_stats"):
-                basic.track_stats = False
             noise = gns.measure(engine.module, *first, world) if zero_stage < 3 else None
             if noise:
                 record.update(noise)
