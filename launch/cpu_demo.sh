@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo: tiny GPT-2 (4 layers x 128 wide, 7.2M params) trained with MERIT under DeepSpeed
 # ZeRO-2 on 2 CPU processes, on the built-in King James Bible corpus; evaluates, checkpoints and
-# plots train/val loss (runs/cpu_demo/loss.png, copied to docs/demo_loss.png).
+# plots train/val loss (runs/cpu_demo/loss.png; the README's docs/demo_loss.png is one such plot).
 #
 # Command (from a fresh clone):   bash launch/cpu_demo.sh
 #   = bash setup.sh
@@ -28,7 +28,5 @@ STEPS=${STEPS:-100}
 deepspeed --num_gpus 2 --master_port "${MASTER_PORT:-29561}" --module merit_ds.train \
     --model tiny --ds-config ds_configs/tiny_b16_zero2_fp32.json --steps "$STEPS" \
     --data "$DATA" --out "$OUT" --eval-every 20 --ckpt-every 50 --keep-last 2 --diag-every 10 --resume auto
-mkdir -p docs
-cp "$OUT/loss.png" docs/demo_loss.png
-echo "demo done: $OUT (metrics.jsonl, tensorboard/, checkpoints/), plot docs/demo_loss.png"
+echo "demo done: $OUT (metrics.jsonl, tensorboard/, checkpoints/), plot $OUT/loss.png"
 echo "TensorBoard: $VENV/bin/tensorboard --logdir $OUT/tensorboard"

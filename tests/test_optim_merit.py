@@ -330,3 +330,26 @@ def test_track_stats_entries_follow_the_parameters_stepped():
     opt.track_stats = False
     opt.step()
     assert set(opt.partial_stats) == {a}
+
+
+def test_finite_gradient_whose_sum_overflows_is_not_skipped():
+    """The cheap screen (a per-tensor sum) overflows for huge but finite gradients; the exact
+    check must clear them so the step is taken."""
+    w = torch.ones(4, 4, requires_grad=True)
+    opt = MERIT([w], lr=0.1)
+    w.grad = torch.full((4, 4), 3e38)
+    assert not torch.isfinite(w.grad.sum())
+    opt.step()
+    assert opt.nonfinite_skips == 0
+    assert opt.state[w]["step"].item() == 1
+    assert_close(opt.state[w]["exp_avg"], torch.full((4, 4), 0.1 * 3e38), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf")])
+def test_infinite_gradient_skipped(bad):
+    w = torch.ones(3, requires_grad=True)
+    opt = MERIT([w])
+    w.grad = torch.tensor([0.1, bad, 0.2])
+    with pytest.warns(RuntimeWarning):
+        opt.step()
+    assert opt.nonfinite_skips == 1 and torch.equal(w.detach(), torch.ones(3))

@@ -130,7 +130,7 @@ def assert_merit_is_stepping(engine_or_optimizer: Any, model: Optional[torch.nn.
     if not isinstance(basic, MERIT):
         raise NotMeritError(
             f"the optimizer stepping the weights is {type(basic).__module__}.{type(basic).__qualname__}, "
-            f"not merit_ds.MERIT (wrappers: {_describe(chain)}). See docs/README_hf.md, 'Traps'."
+            f"not merit_ds.MERIT (wrappers: {_describe(chain)}). See merit_ds's README, 'Traps, and what merit_ds does about each'."
         )
     wrapper = _zero_wrapper(chain)
     if wrapper is not None:

@@ -341,6 +341,8 @@ def merit(
             params, grads, exp_avgs, exp_avg_sqs, state_steps = (
                 [x for x, k in zip(xs, keep) if k] for xs in (params, grads, exp_avgs, exp_avg_sqs, state_steps)
             )
+    if not params:  # every parameter of the group was skipped
+        return skipped
     if implementation == "single_tensor":
         fn = _single_tensor_merit
     elif implementation == "foreach":
@@ -375,9 +377,17 @@ def _finite_filter(params, grads, policy: str) -> Optional[list[bool]]:
     """Which parameters have all-finite gradients; None when the policy skips the check."""
     if policy == "propagate" or not grads:
         return None
-    # max |g| per tensor in one foreach call, then one host sync for the whole group.
-    norms = torch._foreach_norm(grads, float("inf"))
-    finite = torch.isfinite(torch.stack([n.float().to(grads[0].device) for n in norms])).tolist()
+    # Screen: a sum propagates NaN and +-Inf (Inf - Inf is NaN), costs one read-only pass
+    # (an order of magnitude cheaper than an inf-norm or isfinite() on CPU), and needs one
+    # host sync for the whole group. A finite gradient whose sum overflows is a false
+    # suspect, cleared by the exact check below, which runs only on suspects.
+    sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
+    suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+    if not suspects:
+        return None
+    finite = [True] * len(grads)
+    for i in suspects:
+        finite[i] = bool(torch.isfinite(grads[i]).all())
     if all(finite):
         return None
     if policy == "raise":

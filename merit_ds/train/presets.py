@@ -20,7 +20,7 @@ Sources, and what is an estimate
   3e-2 at batch 128, against AdamW's 3e-3/2e-3, and a sharp failure just above the best lr.
   We therefore start from the lineage's AdamW values at batch 480 (6e-4 Small, 3e-4 Medium),
   which sit on the safe side of that cliff; the published MERIT code's README example uses 2e-4.
-  Sweep before a 48B-token run (see docs/README_recipes.md). The ``tiny`` preset's lr (1e-2 at
+  Sweep before a 48B-token run (see the README, Recipes). The ``tiny`` preset's lr (1e-2 at
   batch 16) is measured (same 4x128 model as the sweep).
 * Scaling rule with batch size B (sequences): ``lr(B) = lr_ref * sqrt(B / B_ref)`` (square-root
   scaling for Adam-type methods, Malladi et al. 2022, "On the SDEs and Scaling Rules for
