@@ -353,3 +353,17 @@ def test_infinite_gradient_skipped(bad):
     with pytest.warns(RuntimeWarning):
         opt.step()
     assert opt.nonfinite_skips == 1 and torch.equal(w.detach(), torch.ones(3))
+
+
+def test_fused_statistics_step_runs_foreach_path():
+    """track_stats with implementation='fused' gives the foreach path's statistics (no compile)."""
+    params = make_params(shapes={"m": (5, 4)})
+    twin = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
+    fused = MERIT(params.values(), implementation="fused", track_stats=True, **HYPER)
+    ref = MERIT(twin.values(), implementation="foreach", track_stats=True, **HYPER)
+    grads = random_grads(params, 0)
+    params["m"].grad, twin["m"].grad = grads["m"], grads["m"].clone()
+    fused.step()
+    ref.step()
+    assert_close(params["m"], twin["m"], atol=0, rtol=0)
+    assert fused.last_stats[params["m"]] == ref.last_stats[twin["m"]]

@@ -58,8 +58,7 @@ def _compiled():
 
 
 def fused_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay, stats, workspace=None):
-    if stats is not None:
-        raise ValueError("track_stats is not supported with implementation='fused'; use 'foreach'")
+    assert stats is None, "merit() routes statistics steps to the foreach path"
     phase1, phase2, vector_step = _compiled()
     device = params[0].device
     lr_t = torch.tensor(lr, dtype=torch.float32, device=device)

@@ -300,10 +300,6 @@ def _state_dtype(p: Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def _compute_dtype(p: Tensor) -> torch.dtype:
-    return _state_dtype(p)
-
-
 # ---------------------------------------------------------------------------------------------
 # Functional entry
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +323,8 @@ def merit(
     """Functional MERIT step over lists of tensors (see :class:`MERIT` for the math).
 
     ``stats``: a dict that receives ``{param: PartialTrustStats}`` for every parameter
-    stepped (not with ``implementation="fused"``). Returns the number of parameters whose step was skipped for a non-finite gradient.
+    stepped (with ``implementation="fused"`` such a step runs the foreach path). Returns the
+    number of parameters whose step was skipped for a non-finite gradient.
     """
     if implementation is None:
         implementation = "foreach" if _foreach_supported(params) else "single_tensor"
@@ -347,6 +344,8 @@ def merit(
         fn = _single_tensor_merit
     elif implementation == "foreach":
         fn = _multi_tensor_merit
+    elif implementation == "fused" and stats is not None:
+        fn = _multi_tensor_merit  # the compiled kernels do not expose s: a statistics step runs foreach
     elif implementation == "fused":
         from .fused import fused_merit as fn  # imported lazily: torch.compile is heavy
     else:
@@ -431,7 +430,7 @@ def _trust_ratio(w: Tensor, u: Tensor, scratch: Optional[Tensor] = None) -> Tens
 def _single_tensor_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay, stats):
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         step += 1
-        dtype = _compute_dtype(param)
+        dtype = _state_dtype(param)
         w = param if param.dtype == dtype else param.to(dtype)
         F.update_moments_(exp_avg, exp_avg_sq, grad.to(dtype), beta1, beta2)
         u = F.update_direction(exp_avg, exp_avg_sq, w, eps, weight_decay)
@@ -469,7 +468,7 @@ def _multi_tensor_merit(
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
     for (_device, _dtype), ((dev_params, dev_grads, dev_m, dev_v, dev_steps), _) in grouped.items():
         torch._foreach_add_(dev_steps, 1.0)
-        dtype = _compute_dtype(dev_params[0])
+        dtype = _state_dtype(dev_params[0])
         gs = dev_grads if dev_grads[0].dtype == dtype else [g.to(dtype) for g in dev_grads]
         # The same operations as formulas.update_moments_, so each element rounds the same.
         torch._foreach_mul_(dev_m, beta1)
