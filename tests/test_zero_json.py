@@ -75,3 +75,20 @@ def test_attach_rejects_what_it_cannot_use():
     opt = merit_ds.MERIT([torch.nn.Parameter(torch.randn(2, 2))])
     with pytest.raises(TypeError, match="DeepSpeedEngine"):
         merit_ds.attach(opt, object())
+
+
+@pytest.mark.parametrize("value, refused", [(False, False), (True, True), ("false", True), (0, False)])
+def test_force_ds_cpu_optimizer_read_like_deepspeed(value, refused):
+    """DeepSpeed and Accelerate read the key with plain truthiness: the string "false" is on."""
+    from merit_ds.integrations._common import OffloadSwapError, refuse_offload_swap
+
+    cfg = {**BASE, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": value,
+           "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    if refused:
+        with pytest.raises(MeritConfigError, match="zero_force_ds_cpu_optimizer"):
+            check_config(cfg)
+        with pytest.raises(OffloadSwapError):
+            refuse_offload_swap(cfg)
+    else:
+        check_config(cfg)
+        refuse_offload_swap(cfg)

@@ -22,11 +22,13 @@ def ds_offloads_optimizer(ds_config: Mapping[str, Any]) -> bool:
 
 
 def ds_forces_cpu_optimizer(ds_config: Mapping[str, Any]) -> bool:
-    """DeepSpeed's ``zero_force_ds_cpu_optimizer`` (default True, ``runtime/config.py``)."""
-    value = ds_config.get("zero_force_ds_cpu_optimizer", True)
-    if isinstance(value, str):  # "auto" and friends: not an explicit False
-        return value.lower() != "false"
-    return bool(value)
+    """DeepSpeed's ``zero_force_ds_cpu_optimizer`` (default True, ``runtime/config.py``).
+
+    Read with plain truthiness, exactly as DeepSpeed (``engine.py:2344``) and Accelerate
+    (``accelerator.py:2376``) do: only a JSON ``false`` turns it off; the *string* ``"false"``
+    is truthy there, so it counts as on here too.
+    """
+    return bool(ds_config.get("zero_force_ds_cpu_optimizer", True))
 
 
 class OffloadSwapError(RuntimeError):

@@ -27,6 +27,8 @@ import torch
 
 from merit_ds.optim import MERIT
 
+from ._common import ds_forces_cpu_optimizer, ds_offloads_optimizer
+
 __all__ = ["register_json_name", "check_config", "JSON_NAME", "MeritConfigError"]
 
 JSON_NAME = "MERIT"
@@ -76,7 +78,7 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_o
             "ZeRO 1/2/3)."
         )
     offload = (zero.get("offload_optimizer") or {}).get("device", "none")
-    if stage > 0 and offload not in (None, "none") and cfg.get("zero_force_ds_cpu_optimizer", True):
+    if stage > 0 and ds_offloads_optimizer(cfg) and ds_forces_cpu_optimizer(cfg):
         raise MeritConfigError(
             'MERIT with "offload_optimizer" needs "zero_force_ds_cpu_optimizer": false at the top level of the '
             "DeepSpeed config; otherwise DeepSpeed refuses MERIT (and accelerate silently replaces it with "
