@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-__all__ = ["sha256_file", "sha256_bytes", "atomic_write_bytes", "atomic_write_text", "fsync_dir"]
+__all__ = ["sha256_file", "sha256_bytes", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "fsync_file"]
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:
@@ -44,6 +44,15 @@ def atomic_write_bytes(path: Path, data: bytes | memoryview) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a file someone else wrote (DeepSpeed's checkpoint shards) to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

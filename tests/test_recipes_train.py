@@ -141,6 +141,9 @@ def test_sigkill_mid_run_then_resume_continues_the_same_losses(reference, data_d
     got, want = losses(out), losses(reference)
     assert got["train"] == want["train"]  # bitwise, every step, including the ones redone after the kill
     assert got["val"] == want["val"]
+    # the noise scale's EMAs travel in the checkpoint: b_noise after the resume is the uninterrupted one's
+    gns = lambda m: {r["step"]: r["gns_b_noise"] for r in m["records"] if "gns_b_noise" in r}  # noqa: E731
+    assert sorted(gns(got)) == [1, 4, 8, 12] and gns(got) == gns(want)
     steps_logged = [rec["step"] for rec in got["records"] if "loss" in rec]
     assert steps_logged == list(range(1, STEPS + 1))  # records after the checkpoint were replaced, not duplicated
     assert not list((out / "checkpoints").glob(".tmp-*"))
@@ -243,6 +246,32 @@ def test_corrupt_checkpoint_is_refused_and_kept(reference, data_dir, tmp_path):
     assert snapshot(out) == before
 
 
+def test_checkpoint_metadata_with_only_its_format_is_refused_and_kept(reference, data_dir, tmp_path):
+    """Malformed metadata is a clear error on every rank (2 ranks: rank 0 checks, all exit)."""
+    out = _copy_reference(reference, tmp_path)
+    meta = out / "checkpoints" / "step_00000012" / "merit_ds_checkpoint.json"
+    meta.write_text(json.dumps({"format": json.loads(meta.read_text())["format"]}))
+    before = snapshot(out)
+    r = run(deepspeed_cmd(_args(data_dir, out, "--steps", "16"), port=free_port(), launcher_args=["--num_gpus", "2"]))
+    assert r.returncode != 0
+    err = r.stdout + r.stderr
+    assert f"corrupt checkpoint {out / 'checkpoints' / 'step_00000012'}: {meta} is malformed" in err, err[-3000:]
+    assert "merit_ds.train: error (rank 1): corrupt checkpoint" in err  # the peer got the same verdict
+    assert "Traceback" not in err
+    assert snapshot(out) == before
+
+
+def test_batch_keys_of_the_ds_config_against_the_command_line(data_dir, tmp_path):
+    out = tmp_path / "run"
+    args = _args(data_dir, out, "--ds-config", str(REPO_ROOT / "ds_configs" / "tiny_b16_zero2_fp32.json"))
+    args[args.index("--global-batch") + 1] = "32"
+    r = single(args)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "merit_ds.train: error: DeepSpeed config has train_batch_size=16 but the batch plan needs 32" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("change,message", [
     (["--global-batch", "16"], "incompatible checkpoint .* global_batch=8, this run has global_batch=16"),
     (["--model-override", "n_layer=3"], "incompatible checkpoint .* model_config="),
@@ -313,11 +342,21 @@ def test_resume_on_another_world_size_through_universal_checkpoint(reference, da
     ck = out / "checkpoints"
     (ck / "latest").write_text("step_00000008")
     shutil.rmtree(ck / "step_00000012")
+    # left by a save of step 12 killed in a 3-rank run: must not end up in the new step 12
+    stale = ck / ".tmp-step_00000012"
+    stale.mkdir()
+    (stale / "zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(b"stale")
+    # a universal copy of another step_00000008 (a tag reused after resuming an earlier step)
+    (ck / "universal" / "step_00000008" / "zero").mkdir(parents=True)
+    (ck / "universal" / "step_00000008" / "merit_ds_universal_source.json").write_text('{"meta_sha256": "0"}')
     source = snapshot(ck / "step_00000008")
     r = single(_args(data_dir, out))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "world size 2 -> 1: resuming through the universal checkpoint" in r.stdout
-    assert (ck / "universal" / "step_00000008").is_dir()
+    made_from = json.loads((ck / "universal" / "step_00000008" / "merit_ds_universal_source.json").read_text())
+    assert made_from["meta_sha256"] == hashlib.sha256((ck / "step_00000008" / "merit_ds_checkpoint.json").read_bytes()).hexdigest()
+    files = json.loads((ck / "step_00000012" / "merit_ds_checkpoint.json").read_text())["files"]
+    assert not any("zero_pp_rank_1" in f or "zero_pp_rank_2" in f for f in files), sorted(files)
     assert snapshot(ck / "step_00000008") == source  # the source checkpoint was only read
     got, want = losses(out)["train"], losses(reference)["train"]
     assert sorted(got) == list(range(1, STEPS + 1))

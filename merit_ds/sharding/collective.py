@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce_max", "collective_device", "counter", "CollectiveCounter"]
+__all__ = ["all_reduce", "all_reduce_max", "collective_device", "counter", "CollectiveCounter"]
 
 
 @dataclass
@@ -38,6 +38,22 @@ def collective_device(group=None) -> torch.device:
         return torch.device(get_accelerator().current_device_name())
     except Exception:  # pragma: no cover - DeepSpeed is a hard dependency in practice
         return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    """``dist.all_reduce`` of ``tensor`` on :func:`collective_device`, result back in ``tensor``.
+
+    For every other reduction of the training loop and the diagnostics (losses, attention
+    logits, noise-scale gradients): they are built on the CPU or the model's device, and NCCL
+    takes accelerator tensors only. Not counted in :data:`counter` (that counts the step's
+    statistics all-reduce).
+    """
+    device = collective_device(group)
+    work = tensor if tensor.device == device else tensor.to(device)
+    dist.all_reduce(work, op=op, group=group)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
 
 
 def all_reduce_max(buffer: torch.Tensor, group=None) -> torch.Tensor:

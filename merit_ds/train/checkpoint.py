@@ -28,12 +28,14 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from merit_ds.fileio import atomic_write_text, fsync_dir, sha256_file
+from merit_ds.fileio import atomic_write_text, fsync_dir, fsync_file, sha256_file
 
 __all__ = ["CheckpointError", "META", "tag_for", "latest_checkpoint", "validate", "finalize", "prune"]
 
 META = "merit_ds_checkpoint.json"
 LATEST = "latest"
+#: In a universal copy: which checkpoint (and which metadata, by sha256) it was converted from.
+UNIVERSAL_SOURCE = "merit_ds_universal_source.json"
 FORMAT = "merit_ds.train.checkpoint/1"
 #: Keys of the run description that must match to resume.
 COMPATIBLE_KEYS = ("model_config", "seq_len", "global_batch", "precision", "zero_stage", "schedule")
@@ -48,10 +50,15 @@ def tag_for(step: int) -> str:
 
 
 def _files(directory: Path) -> dict:
+    """Size and sha256 of every file; each is fsynced too (DeepSpeed does not), so that the
+    rename and ``latest`` that follow never point at data still only in the page cache."""
     out = {}
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != META:
+            fsync_file(p)
             out[str(p.relative_to(directory))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+    for d in sorted({p.parent for p in directory.rglob("*")} | {directory}):
+        fsync_dir(d)
     return out
 
 
@@ -101,6 +108,15 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
 def validate(path: Path, run_info: dict, *, checksums: bool = True, allow_world_change: bool = False) -> dict:
     """Return the checkpoint's metadata, or raise :class:`CheckpointError` saying what is wrong."""
     path = Path(path)
+    try:
+        return _validate(path, run_info, checksums=checksums, allow_world_change=allow_world_change)
+    except (KeyError, TypeError, ValueError, AttributeError, OSError) as exc:
+        # metadata with the right format but missing or mistyped fields, or unreadable files
+        raise CheckpointError(f"corrupt checkpoint {path}: {path / META} is malformed or a file cannot be read "
+                              f"({type(exc).__name__}: {exc})") from None
+
+
+def _validate(path: Path, run_info: dict, *, checksums: bool, allow_world_change: bool) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist (or is not a directory)")
     meta_file = path / META
@@ -138,22 +154,38 @@ def universal_copy(path: Path, universal_root: Path) -> Path:
     """DeepSpeed universal (world-size independent) copy of a validated ZeRO checkpoint, made once.
 
     ``python -m deepspeed.checkpoint.ds_to_universal --inject_missing_state`` writes into a
-    temporary directory renamed into place when complete; the source is only read.
+    temporary directory renamed into place when complete; the source is only read. The copy
+    records the sha256 of the source's metadata (which holds every file's sha256): an existing
+    copy is reused only if it was made from this very checkpoint, otherwise it is converted again
+    (a tag reused after a resume from an earlier step names another checkpoint).
     """
     import subprocess
     import sys
 
-    final = Path(universal_root) / Path(path).name
-    if final.is_dir():
-        return final
-    tmp = Path(universal_root) / f".tmp-{Path(path).name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
-           "--output_folder", str(tmp), "--inject_missing_state"]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode != 0:
+    path = Path(path)
+    final = Path(universal_root) / path.name
+    try:
+        source = {"source": str(path), "meta_sha256": sha256_file(path / META)}
+        if final.is_dir():
+            try:
+                made_from = json.loads((final / UNIVERSAL_SOURCE).read_text())
+            except (OSError, ValueError):
+                made_from = None
+            if isinstance(made_from, dict) and made_from.get("meta_sha256") == source["meta_sha256"]:
+                return final
+            shutil.rmtree(final)  # from another checkpoint that had the same tag: convert again
+        tmp = Path(universal_root) / f".tmp-{path.name}"
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"converting {path} to DeepSpeed's universal format failed:\n{r.stderr[-2000:]}")
-    os.rename(tmp, final)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(path),
+               "--output_folder", str(tmp), "--inject_missing_state"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"converting {path} to DeepSpeed's universal format failed:\n{r.stderr[-2000:]}")
+        atomic_write_text(tmp / UNIVERSAL_SOURCE, json.dumps(source, indent=1, sort_keys=True))
+        os.rename(tmp, final)
+        fsync_dir(final.parent)
+    except OSError as exc:
+        raise CheckpointError(f"cannot make the universal copy of {path} in {universal_root}: {exc}") from None
     return final

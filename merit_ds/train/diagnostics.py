@@ -36,6 +36,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from merit_ds.sharding import collective
+
 __all__ = ["AttentionLogitProbe", "GradientNoiseScale", "lm_loss"]
 
 
@@ -49,7 +51,7 @@ def _dist_ready() -> bool:
 
 def _all_reduce(t: torch.Tensor, op) -> torch.Tensor:
     if _dist_ready():
-        dist.all_reduce(t, op=op)
+        collective.all_reduce(t, op)  # on the backend's device (NCCL: the accelerator)
     return t
 
 
@@ -99,6 +101,14 @@ class GradientNoiseScale:
         self.ema = ema
         self.s_ema: Optional[float] = None
         self.g2_ema: Optional[float] = None
+
+    def state_dict(self) -> dict:
+        """The EMAs (identical on every rank: built from all-reduced sums); checkpointed so
+        that a resumed run reports the same ``gns_b_noise`` as an uninterrupted one."""
+        return {"ema": self.ema, "s_ema": self.s_ema, "g2_ema": self.g2_ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ema, self.s_ema, self.g2_ema = state["ema"], state["s_ema"], state["g2_ema"]
 
     def measure(self, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, world: int) -> Optional[dict]:
         if x.size(0) < 2:

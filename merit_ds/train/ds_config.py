@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from .batch import BatchConfigError
 from .presets import OptimPreset
 
 __all__ = ["make_ds_config", "set_batch", "BATCH_KEYS"]
@@ -68,7 +69,7 @@ def set_batch(cfg: dict, global_batch: int, micro_batch: int, grad_accum: int) -
     want = dict(zip(BATCH_KEYS, (global_batch, micro_batch, grad_accum)))
     for key, value in want.items():
         if key in cfg and cfg[key] not in (value, "auto"):
-            raise ValueError(f"DeepSpeed config has {key}={cfg[key]!r} but the batch plan needs {value} "
+            raise BatchConfigError(f"DeepSpeed config has {key}={cfg[key]!r} but the batch plan needs {value} "
                              f"(micro_batch {micro_batch} x grad_accum {grad_accum} x world = {global_batch}); "
                              f"fix the config or the command line")
     out = dict(cfg)

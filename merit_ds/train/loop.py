@@ -24,6 +24,7 @@ import json
 import math
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -36,7 +37,7 @@ import torch.distributed as dist
 from . import checkpoint as ckpt
 from merit_ds.integrations.deepspeed import MeritConfigError, check_config
 from merit_ds.integrations.param_groups import merit_param_groups
-from merit_ds.sharding import reduce_trust_stats
+from merit_ds.sharding import collective, reduce_trust_stats
 
 from .batch import BatchConfigError, plan_batch
 from .data_source import DataError, make_train_loader, make_val_loader
@@ -133,6 +134,10 @@ class Runner:
 
             _single_process_env()
             deepspeed.init_distributed(auto_mpi_discovery=True)
+            # NCCL stages broadcast_object_list on the current device: pick this rank's GPU before
+            # the first one (_agree); a no-op on DeepSpeed's CPU accelerator. (Accelerate's state
+            # sets the device itself when it starts the process group.)
+            deepspeed.get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.cpu = not torch.cuda.is_available()
 
     def init_accelerator(self, ds_cfg: dict):
@@ -226,6 +231,15 @@ def _agree(runner, error: str | None) -> str | None:
     box = [error]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _mean_over_ranks(local_sum: float, local_count: int) -> float:
+    """Mean over every rank of values summed locally (every rank counts ``local_count`` of them)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local_sum / local_count
+    total = torch.tensor([local_sum], dtype=torch.float64)
+    collective.all_reduce(total)  # on the backend's device: NCCL takes no CPU tensors
+    return float(total[0]) / (local_count * dist.get_world_size())
 
 
 def _rng_state() -> dict:
@@ -363,6 +377,8 @@ def run(args) -> int:
                                          f"checkpoint {load_from}")
         except ckpt.CheckpointError as exc:
             error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - rank 0 alone would raise and leave its peers waiting
+            error = f"cannot use checkpoint {resume_from or ckpt_root}: {type(exc).__name__}: {exc}"
     error = _agree(runner, error)
     if error:
         raise UsageError(error)
@@ -415,6 +431,8 @@ def run(args) -> int:
             raise UsageError(f"checkpoint {resume_from} does not match the data: {exc}") from None
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
+        if "gns" in state:  # checkpoints written before the noise scale's EMAs were saved lack it
+            gns.load_state_dict(state["gns"])
         _rank0_print(runner, f"resumed from {resume_from} at step {start_step}")
 
     # --- outputs (only now: every check above passed) --------------------------------------------
@@ -435,15 +453,13 @@ def run(args) -> int:
 
     def evaluate() -> dict:
         engine.eval()
-        total = torch.zeros(1, dtype=torch.float64)
+        total = 0.0
         with torch.no_grad():
             for k in range(val_loader.grad_accum):
                 x, y = val_loader.get_batch(0, k)
                 total += float(lm_loss(engine(input_ids=x.to(engine.device)).logits, y.to(engine.device)))
         engine.train()
-        if world > 1:
-            dist.all_reduce(total)
-        loss = float(total[0]) / (val_loader.grad_accum * world)
+        loss = _mean_over_ranks(total, val_loader.grad_accum)
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def save(step: int) -> None:
@@ -452,9 +468,12 @@ def run(args) -> int:
         # deterministic data order, so nothing in the loop draws random numbers).
         tag = ckpt.tag_for(step)
         state = {"step": step, "loader": train_loader.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _rng_state()}
+                 "rng": _rng_state(), "gns": gns.state_dict()}
         if rank == 0:
             ckpt_root.mkdir(parents=True, exist_ok=True)
+            # a save killed earlier (maybe at another world size) leaves files DeepSpeed would not
+            # overwrite, and finalize would checksum them in
+            shutil.rmtree(ckpt_root / f".tmp-{tag}", ignore_errors=True)
         if world > 1:
             dist.barrier()
         engine.save_checkpoint(str(ckpt_root), tag=f".tmp-{tag}", client_state={"merit_ds": state}, save_latest=False)
@@ -480,7 +499,7 @@ def run(args) -> int:
             basic.partial_stats.clear()
             basic.track_stats = True
         lr_now = basic.param_groups[0]["lr"]
-        loss_sum = torch.zeros(1, dtype=torch.float64)
+        loss_sum = 0.0
         first = None
         for micro_step in range(plan.grad_accum):
             x, y = next(train_loader)
@@ -496,9 +515,7 @@ def run(args) -> int:
                 runner.backward_step(loss)
             loss_sum += float(loss.detach())
         scheduler.step()
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        train_loss = float(loss_sum[0]) / (plan.grad_accum * world)
+        train_loss = _mean_over_ranks(loss_sum, plan.grad_accum)
         now = time.perf_counter()
         record = {"step": step, "loss": train_loss, "lr": lr_now, "tokens": step * plan.tokens_per_step,
                   "step_time_s": now - t_last}
