@@ -174,6 +174,4 @@ def gpt2_config(preset: ModelPreset, **overrides):
     """A ``transformers.GPT2Config`` for the preset, SDPA attention."""
     from transformers import GPT2Config
 
-    cfg = GPT2Config(**preset.config_kwargs(**overrides))
-    cfg._attn_implementation = "sdpa"
-    return cfg
+    return GPT2Config(**preset.config_kwargs(**overrides), attn_implementation="sdpa")
