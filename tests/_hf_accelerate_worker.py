@@ -16,7 +16,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _hf_common import HP, WEIGHT_DECAY, full_weights, split_matrices, tiny_gpt2, token_data  # noqa: E402
+from _hf_common import HP, WEIGHT_DECAY, full_weights, split_matrices, run_scenarios, tiny_gpt2, token_data  # noqa: E402
 
 STEPS, MICRO, WARMUP = 4, 2, 1
 
@@ -108,16 +108,7 @@ def main():
             torch.save(result, os.path.join(cli.out, f"{name}.pt"))
         accelerator.wait_for_everyone()
 
-    for name in cli.scenarios.split(","):
-        scenario(name)
-    if os.environ.get("MERIT_TEST_RESULT") and int(os.environ.get("RANK", "0")) == 0:
-        import json  # tests/_dist.py reads this; the records themselves are <out>/<scenario>.pt
-
-        with open(os.environ["MERIT_TEST_RESULT"], "w") as f:
-            json.dump({"scenarios": cli.scenarios.split(",")}, f)
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-
+    run_scenarios(cli.scenarios, scenario)
 
 if __name__ == "__main__":
     main()

@@ -75,6 +75,18 @@ def split_matrices(model) -> list[str]:
     return out
 
 
+def run_scenarios(names: str, scenario) -> None:
+    """Worker epilogue: run each comma-separated scenario, tell tests/_dist.py which ran (the
+    records themselves are <out>/<scenario>.pt), and leave the process group cleanly."""
+    for name in names.split(","):
+        scenario(name)
+    if os.environ.get("MERIT_TEST_RESULT") and int(os.environ.get("RANK", "0")) == 0:
+        save_json(os.environ["MERIT_TEST_RESULT"], {"scenarios": names.split(",")})
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def save_json(path, obj):
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:

@@ -14,7 +14,7 @@ import traceback
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _hf_common import HP, WEIGHT_DECAY, LMDataset, full_weights, split_matrices, tiny_gpt2, token_data  # noqa: E402
+from _hf_common import HP, LMDataset, full_weights, split_matrices, run_scenarios, tiny_gpt2, token_data  # noqa: E402
 
 STEPS, MICRO = 3, 2
 CLIP = 0.05  # small enough that every step clips
@@ -128,17 +128,7 @@ def main():
         if rank == 0:
             torch.save(result, os.path.join(script.out, f"{name}.pt"))
 
-    for name in script.scenarios.split(","):
-        scenario(name)
-    if os.environ.get("MERIT_TEST_RESULT") and int(os.environ.get("RANK", "0")) == 0:
-        import json  # tests/_dist.py reads this; the records themselves are <out>/<scenario>.pt
-
-        with open(os.environ["MERIT_TEST_RESULT"], "w") as f:
-            json.dump({"scenarios": script.scenarios.split(",")}, f)
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
+    run_scenarios(script.scenarios, scenario)
 
 if __name__ == "__main__":
     main()

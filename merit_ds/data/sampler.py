@@ -29,7 +29,6 @@ and data must not change (checked: :class:`DataError`).
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import torch

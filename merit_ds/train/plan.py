@@ -30,11 +30,10 @@ assumption you state (default 0.40; GPT-2-sized models with SDPA typically reach
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .batch import BatchConfigError, BatchPlan, divisors, plan_batch
+from .batch import BatchConfigError, divisors, plan_batch
 from .presets import TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset, parse_batch, scaled_lr, warmup_steps
 
 __all__ = ["GPUS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "wall_time_seconds", "make_plan", "format_plan"]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = [
     "ModelPreset", "OptimPreset", "MODEL_PRESETS", "BATCH_PRESETS", "OPTIM_PRESETS",
