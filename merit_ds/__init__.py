@@ -11,7 +11,7 @@
   imported by this).
 """
 
-from .optim import MERIT, MeritStats, merit
+from .optim import LAMB, MERIT, MeritStats, lamb, merit
 from . import sharding  # noqa: E402  (registers the group resolver)
 from .integrations.deepspeed import check_config
 from .sharding import ShardingLayoutError, attach
@@ -20,4 +20,4 @@ from .integrations import trainer_guard_hook as _trainer_guard_hook
 _trainer_guard_hook.arm()
 
 __version__ = "0.1.0"
-__all__ = ["MERIT", "MeritStats", "merit", "attach", "check_config", "ShardingLayoutError", "__version__"]
+__all__ = ["MERIT", "MeritStats", "merit", "LAMB", "lamb", "attach", "check_config", "ShardingLayoutError", "__version__"]

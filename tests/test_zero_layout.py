@@ -11,8 +11,11 @@ from merit_ds.sharding.layout import (
     layout_from_fragments,
     layout_from_offsets,
     layout_from_param_partitions,
-    stats_size,
+    stats_layout,
 )
+from merit_ds.optim import LAMB, MERIT
+
+merit_stats_size = MERIT.fragment_rule.stats_size
 
 
 def test_zero12_layout_cuts_group_into_equal_slices():
@@ -23,11 +26,16 @@ def test_zero12_layout_cuts_group_into_equal_slices():
     r1 = layout_from_offsets(shapes, offsets, 14, 14)
     assert r0.fragments == (Fragment(0, (3, 4), 0, 12, 0), Fragment(1, (4,), 0, 2, 12))
     assert r1.fragments == (Fragment(1, (4,), 2, 2, 0), Fragment(2, (2, 5), 0, 10, 2))
-    # the stats buffer has the same layout on both ranks: 2*(3+4) + 2 + 2*(2+5) + 3 flags
-    assert r0.slots == r1.slots
-    assert r0.buffer_numel == 14 + 2 + 14 + 3
-    assert [s.offset for s in r0.slots] == [0, 14, 16]
-    assert [s.flag for s in r0.slots] == [30, 31, 32]
+    # the geometry records the same shapes on both ranks; the stats buffer depends only on
+    # them: MERIT 2*(3+4) + 2 + 2*(2+5) + 3 flags, LAMB 2 sums of squares each + 3 flags
+    assert r0.shapes == r1.shapes == tuple(shapes)
+    merit_buf = stats_layout(r0.shapes, merit_stats_size)
+    assert merit_buf.buffer_numel == 14 + 2 + 14 + 3
+    assert [s.offset for s in merit_buf.slots] == [0, 14, 16]
+    assert [s.flag for s in merit_buf.slots] == [30, 31, 32]
+    lamb_buf = stats_layout(r0.shapes, LAMB.fragment_rule.stats_size)
+    assert [(s.offset, s.size, s.flag) for s in lamb_buf.slots] == [(0, 2, 6), (2, 2, 7), (4, 2, 8)]
+    assert lamb_buf.buffer_numel == 9
 
 
 def test_zero12_layout_mid_row_split_and_alignment_padding():
@@ -80,9 +88,9 @@ def test_invalid_fragments_are_rejected():
 
 
 def test_stats_size():
-    assert stats_size((7, 5)) == 24
-    assert stats_size((4, 3, 2, 2)) == 2 * (4 + 3) * 4
-    assert stats_size((9,)) == 2 and stats_size(()) == 2
+    assert merit_stats_size((7, 5)) == 24
+    assert merit_stats_size((4, 3, 2, 2)) == 2 * (4 + 3) * 4
+    assert merit_stats_size((9,)) == 2 and merit_stats_size(()) == 2
 
 
 @pytest.mark.parametrize("shape", [(4, 5), (7, 3), (3, 4, 2), (2, 3, 2, 2), (1, 6)])

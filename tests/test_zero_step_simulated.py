@@ -27,7 +27,7 @@ HP = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
 
 class SimWorld:
-    """``world`` ranks as threads; ``all_reduce_max`` meets at a barrier."""
+    """``world`` ranks as threads; the statistics all-reduce meets at a barrier."""
 
     def __init__(self, world):
         self.world = world
@@ -35,13 +35,16 @@ class SimWorld:
         self.buffers = [None] * world
         self.local = threading.local()
         self.calls = [0] * world
+        self.ops = set()
 
-    def all_reduce_max(self, buffer, group=None):
+    def all_reduce_stats(self, buffer, op, group=None):
         rank = self.local.rank
         self.buffers[rank] = buffer.clone()
         self.calls[rank] += 1
+        self.ops.add(op)
         self.barrier.wait()
-        reduced = torch.stack(self.buffers).amax(0)
+        stacked = torch.stack(self.buffers)
+        reduced = stacked.amax(0) if op == "max" else stacked.sum(0)
         self.barrier.wait()
         buffer.copy_(reduced)
         return buffer
@@ -142,7 +145,7 @@ def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=
     for o in opts:
         o.track_stats = track
     sim = SimWorld(world)
-    monkeypatch.setattr(collective, "all_reduce_max", sim.all_reduce_max)
+    monkeypatch.setattr(collective, "all_reduce_stats", sim.all_reduce_stats)
     monkeypatch.setattr(sharded_stats, "_all_gather", sim.all_gather)
     summaries = [None] * world
     for step in range(steps):

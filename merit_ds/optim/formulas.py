@@ -45,6 +45,7 @@ Nothing here imports ``torch.distributed``.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -63,6 +64,8 @@ __all__ = [
     "is_matrix",
     "updated_moments",
     "fragment_maxima_",
+    "matrix_dims",
+    "row_pieces",
 ]
 
 
@@ -73,6 +76,36 @@ class MatrixMaxima(NamedTuple):
     row_u: Tensor
     col_w: Tensor
     col_u: Tensor
+
+
+def matrix_dims(shape) -> tuple[int, int, int]:
+    """(R, C, K) of a parameter viewed as ``(R, C, K)`` with ``K = prod(shape[2:])``."""
+    return int(shape[0]), int(shape[1]), int(math.prod(shape[2:]))
+
+
+def row_pieces(shape, param_start: int, numel: int) -> list[tuple[int, int, int, int]]:
+    """Split elements ``[param_start, param_start + numel)`` of a matrix at row boundaries.
+
+    Returns ``(offset_in_fragment, length, first_row, first_col_in_row)`` per piece, where a
+    piece is either a partial row (``length < C*K`` or unaligned start) or a run of whole
+    rows (``first_col_in_row == 0`` and ``length`` a multiple of ``C*K``)::
+
+        fragment  [ ....head.... | ====== whole rows ====== | ..tail.. ]
+                    row i, col a   rows i+1 .. i+r            row i+r+1, col 0
+    """
+    _, cols, inner = matrix_dims(shape)
+    row_len = cols * inner
+    pieces = []
+    pos = 0
+    while pos < numel:
+        row, col0 = divmod(param_start + pos, row_len)
+        if col0 == 0 and numel - pos >= row_len:
+            length = (numel - pos) // row_len * row_len
+        else:
+            length = min(row_len - col0, numel - pos)
+        pieces.append((pos, length, row, col0))
+        pos += length
+    return pieces
 
 
 def is_matrix(shape: torch.Size | tuple[int, ...]) -> bool:

@@ -8,26 +8,35 @@ state; :func:`merit` is the functional entry that dispatches to :func:`_single_t
 
 Sharded training (DeepSpeed ZeRO) hands the optimizer flat 1-D partitions instead of the
 model's matrices. This module knows nothing about that; it exposes one extension point,
-:meth:`MERIT.register_group_resolver`, through which :mod:`merit_ds.sharding` takes over
+:meth:`ShardableOptimizer.register_group_resolver` (:mod:`.base`), through which :mod:`merit_ds.sharding` takes over
 the step of such a group. Nothing here imports ``torch.distributed``.
 """
 
 from __future__ import annotations
 
-import math
-import warnings
-from typing import Callable, Iterable, NamedTuple, Optional
+from typing import Iterable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 from torch.optim.optimizer import Optimizer
 
 from . import formulas as F
+from .base import (
+    NONFINITE_POLICIES,
+    ShardableOptimizer,
+    as_float,
+    collect_adam_group,
+    finite_filter,
+    foreach_supported,
+    state_dtype,
+    validate_adam_hyperparameters,
+    warn_skipped,
+)
+from .merit_fragments import MeritFragmentRule
 from .trust_stats import PartialTrustStats, partial_trust_stats
 
 __all__ = ["MERIT", "merit", "MeritStats", "PartialTrustStats", "NONFINITE_POLICIES", "IMPLEMENTATIONS"]
 
-NONFINITE_POLICIES = ("skip", "raise", "propagate")
 IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
 
 
@@ -44,13 +53,7 @@ class MeritStats(NamedTuple):
     ratio_max: Tensor
 
 
-# A resolver looks at a param group at step() time. If the group is something it owns (a
-# DeepSpeed flat partition, say) it returns a callable that performs that group's whole step;
-# otherwise None. Registered by merit_ds.sharding, which sits above this layer.
-GroupResolver = Callable[["MERIT", dict], Optional[Callable[[], None]]]
-
-
-class MERIT(Optimizer):
+class MERIT(ShardableOptimizer):
     r"""MERIT: Adam moments with max-normalized element-wise trust ratios.
 
     From "MERIT: Maximum-normalized Element-wise Ratio for Language Model Large-batch
@@ -104,7 +107,7 @@ class MERIT(Optimizer):
     keep their state and all arithmetic in fp32 and are rounded once when written back.
     """
 
-    _group_resolvers: list[GroupResolver] = []
+    fragment_rule = MeritFragmentRule()
 
     def __init__(
         self,
@@ -118,7 +121,7 @@ class MERIT(Optimizer):
         implementation: Optional[str] = None,
         track_stats: bool = False,
     ):
-        _validate_hyperparameters(lr, betas, eps, weight_decay)
+        validate_adam_hyperparameters(lr, betas, eps, weight_decay)
         if nonfinite_grads not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite_grads must be one of {NONFINITE_POLICIES}, got {nonfinite_grads!r}")
         if implementation is not None and implementation not in IMPLEMENTATIONS:
@@ -150,154 +153,28 @@ class MERIT(Optimizer):
         fragments; use :func:`merit_ds.sharding.reduce_trust_stats` for whole parameters)."""
         return {k: v.to_merit_stats() for k, v in self.partial_stats.items()}
 
-    def add_param_group(self, param_group: dict) -> None:
-        # Validate per-group overrides with the same rules as the defaults.
-        merged = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}} if hasattr(
-            self, "defaults"
-        ) else param_group
-        _validate_hyperparameters(merged["lr"], merged["betas"], merged["eps"], merged["weight_decay"])
-        super().add_param_group(param_group)
-        # Remember the parameters each group was built with: a wrapper (DeepSpeed ZeRO) may
-        # later swap them for flat partitions, and the sharding layer finds the wrapper's
-        # per-parameter records (shapes, fragment addresses) through these originals.
-        if not hasattr(self, "_original_params"):
-            self._original_params = {}
-        group = self.param_groups[-1]
-        self._original_params[id(group)] = list(group["params"])
-
-    def original_params(self, group: dict) -> list[Tensor]:
-        """The parameters ``group`` held when it was added (before any wrapper replaced them)."""
-        try:
-            return self._original_params[id(group)]
-        except KeyError:
-            raise KeyError("this param group was not added through MERIT.add_param_group") from None
-
-    def is_original(self, tensor: Tensor) -> bool:
-        """Whether ``tensor`` is one of the parameters MERIT was constructed with."""
-        ids = getattr(self, "_original_ids", None)
-        if ids is None or len(ids) != sum(len(v) for v in self._original_params.values()):
-            ids = self._original_ids = {id(p) for ps in self._original_params.values() for p in ps}
-        return id(tensor) in ids
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        # torch rebuilds the group dicts; carry the originals over by position.
-        before = [self._original_params.get(id(g)) for g in self.param_groups]
-        super().load_state_dict(state_dict)
-        self._original_params = {id(g): ps for g, ps in zip(self.param_groups, before) if ps is not None}
-
-    # ---- extension point for the sharding layer -------------------------------------------
-    @classmethod
-    def register_group_resolver(cls, resolver: GroupResolver) -> None:
-        """Let a higher layer (merit_ds.sharding) take over the step of groups it owns."""
-        if resolver not in cls._group_resolvers:
-            cls._group_resolvers.append(resolver)
-
-    def _group_stepper(self, group: dict) -> Optional[Callable[[], None]]:
-        for resolver in self._group_resolvers:
-            stepper = resolver(self, group)
-            if stepper is not None:
-                return stepper
-        return None
-
-    # ---- state ---------------------------------------------------------------------------
-    def _init_group(self, group, params, grads, exp_avgs, exp_avg_sqs, steps) -> None:
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            if p.grad.is_sparse:
-                raise RuntimeError("MERIT does not support sparse gradients")
-            if torch.is_complex(p):
-                raise RuntimeError("MERIT does not support complex parameters")
-            state = self.state[p]
-            if len(state) == 0:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=_state_dtype(p), memory_format=torch.preserve_format)
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        """Perform one optimization step (``closure`` re-evaluates the loss, as in torch.optim)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        sharded = []
-        for group in self.param_groups:
-            stepper = self._group_stepper(group)
-            if stepper is not None:
-                sharded.append(stepper)
-                continue
-            params, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
-            if self.track_stats:  # stepped parameters record afresh; the others lose theirs
-                for p in group["params"]:
-                    self.partial_stats.pop(p, None)
-            beta1, beta2 = group["betas"]
-            result = merit(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                steps,
-                lr=_as_float(group["lr"]),
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                nonfinite_grads=group["nonfinite_grads"],
-                implementation=group["implementation"],
-                stats=self.partial_stats if self.track_stats else None,
-                workspace=self._workspace,
-            )
-            self.nonfinite_skips += result
-        _run_group_steppers(sharded)
-        return loss
-
-
-def _run_group_steppers(steppers: list) -> None:
-    """Run the steppers resolvers returned; those exposing the same ``run_many`` run together.
-
-    The sharded step uses this to issue one collective for all groups of a ``step()`` call
-    (DeepSpeed's BF16_Optimizer steps every group in one call).
-    """
-    batches: dict = {}
-    for stepper in steppers:
-        key = getattr(stepper, "run_many", None)
-        if key is None:
-            stepper()
-        else:
-            batches.setdefault(key, []).append(stepper)
-    for run_many, batch in batches.items():
-        run_many(batch)
-
-
-def _validate_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    lr_value = _as_float(lr)
-    if not math.isfinite(lr_value) or lr_value < 0.0:
-        raise ValueError(f"Invalid learning rate: {lr!r} (must be finite and >= 0)")
-    if len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    for i, b in enumerate(betas):
-        if not (0.0 <= float(b) < 1.0):
-            raise ValueError(f"Invalid beta parameter at index {i}: {b!r} (must be in [0, 1))")
-    if not math.isfinite(float(eps)) or eps < 0.0:
-        raise ValueError(f"Invalid epsilon value: {eps!r} (must be finite and >= 0)")
-    if not math.isfinite(float(weight_decay)) or weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (must be finite and >= 0)")
-
-
-def _as_float(x) -> float:
-    return float(x.item()) if isinstance(x, Tensor) else float(x)
-
-
-def _state_dtype(p: Tensor) -> torch.dtype:
-    # Low-precision parameters keep fp32 moments; fp64 stays fp64 (reference tests).
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
+    def _step_group(self, group: dict) -> None:
+        params, grads, exp_avgs, exp_avg_sqs, steps = collect_adam_group(self, group, "MERIT")
+        if self.track_stats:  # stepped parameters record afresh; the others lose theirs
+            for p in group["params"]:
+                self.partial_stats.pop(p, None)
+        beta1, beta2 = group["betas"]
+        self.nonfinite_skips += merit(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            steps,
+            lr=as_float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            nonfinite_grads=group["nonfinite_grads"],
+            implementation=group["implementation"],
+            stats=self.partial_stats if self.track_stats else None,
+            workspace=self._workspace,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,14 +204,15 @@ def merit(
     number of parameters whose step was skipped for a non-finite gradient.
     """
     if implementation is None:
-        implementation = "foreach" if _foreach_supported(params) else "single_tensor"
+        implementation = "foreach" if foreach_supported(params) else "single_tensor"
     if not params:
         return 0
-    keep = _finite_filter(params, grads, nonfinite_grads)
+    keep = finite_filter(params, grads, nonfinite_grads, "MERIT")
     skipped = 0
     if keep is not None:
         skipped = len(params) - sum(keep)
         if skipped:
+            warn_skipped("MERIT", skipped)
             params, grads, exp_avgs, exp_avg_sqs, state_steps = (
                 [x for x, k in zip(xs, keep) if k] for xs in (params, grads, exp_avgs, exp_avg_sqs, state_steps)
             )
@@ -368,42 +246,6 @@ def merit(
     return skipped
 
 
-def _foreach_supported(params: list[Tensor]) -> bool:
-    return all(p.device.type in ("cpu", "cuda", "xpu") for p in params)
-
-
-def _finite_filter(params, grads, policy: str) -> Optional[list[bool]]:
-    """Which parameters have all-finite gradients; None when the policy skips the check."""
-    if policy == "propagate" or not grads:
-        return None
-    # Screen: a sum propagates NaN and +-Inf (Inf - Inf is NaN), costs one read-only pass
-    # (an order of magnitude cheaper than an inf-norm or isfinite() on CPU), and needs one
-    # host sync for the whole group. A finite gradient whose sum overflows is a false
-    # suspect, cleared by the exact check below, which runs only on suspects.
-    sums = torch.stack([g.sum(dtype=torch.float32).to(grads[0].device) for g in grads])
-    suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
-    if not suspects:
-        return None
-    finite = [True] * len(grads)
-    for i in suspects:
-        finite[i] = bool(torch.isfinite(grads[i]).all())
-    if all(finite):
-        return None
-    if policy == "raise":
-        bad = [i for i, f in enumerate(finite) if not f]
-        shapes = [tuple(params[i].shape) for i in bad]
-        raise FloatingPointError(
-            f"MERIT: non-finite gradient in {len(bad)} parameter(s) (indices {bad} in their group, "
-            f"shapes {shapes}); nothing was modified. Use nonfinite_grads='skip' to skip them."
-        )
-    warnings.warn(
-        f"MERIT: skipped the step of {finite.count(False)} parameter(s) with non-finite gradients",
-        RuntimeWarning,
-        stacklevel=4,
-    )
-    return finite
-
-
 def _record_stats(stats: Optional[dict], param: Tensor, trust: Tensor, u: Tensor) -> None:
     # before apply_update_ overwrites u: |trust * u| > 1 is what the update clips
     if stats is not None:
@@ -430,7 +272,7 @@ def _trust_ratio(w: Tensor, u: Tensor, scratch: Optional[Tensor] = None) -> Tens
 def _single_tensor_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay, stats):
     for param, grad, exp_avg, exp_avg_sq, step in zip(params, grads, exp_avgs, exp_avg_sqs, state_steps):
         step += 1
-        dtype = _state_dtype(param)
+        dtype = state_dtype(param)
         w = param if param.dtype == dtype else param.to(dtype)
         F.update_moments_(exp_avg, exp_avg_sq, grad.to(dtype), beta1, beta2)
         u = F.update_direction(exp_avg, exp_avg_sq, w, eps, weight_decay)
@@ -468,7 +310,7 @@ def _multi_tensor_merit(
     grouped = Optimizer._group_tensors_by_device_and_dtype([params, grads, exp_avgs, exp_avg_sqs, state_steps])
     for (_device, _dtype), ((dev_params, dev_grads, dev_m, dev_v, dev_steps), _) in grouped.items():
         torch._foreach_add_(dev_steps, 1.0)
-        dtype = _state_dtype(dev_params[0])
+        dtype = state_dtype(dev_params[0])
         gs = dev_grads if dev_grads[0].dtype == dtype else [g.to(dtype) for g in dev_grads]
         # The same operations as formulas.update_moments_, so each element rounds the same.
         torch._foreach_mul_(dev_m, beta1)

@@ -72,18 +72,22 @@ def empty_trust_stats(device: Optional[torch.device] = None) -> PartialTrustStat
     )
 
 
-def partial_trust_stats(trust: Tensor, u: Tensor) -> PartialTrustStats:
+def partial_trust_stats(trust: Tensor, u: Tensor, *, clipping: bool = True) -> PartialTrustStats:
     """Statistics of the elements of ``u`` under the trust ratio ``trust``.
 
     ``trust`` broadcasts to ``u`` (a scalar for vectors, full-size or a broadcast shape for
     matrices). Call it with the tensors the update uses, before
     :func:`~merit_ds.optim.formulas.apply_update_` overwrites ``u``: ``|trust * u| > 1`` is
-    then exactly the set of elements the update clips.
+    then exactly the set of elements the update clips. ``clipping=False`` for an optimizer
+    whose update is not clipped (LAMB): ``clipped`` is then 0.
     """
     n = u.numel()
     if n == 0:
         return empty_trust_stats(u.device)
-    clipped = torch.count_nonzero((u * trust).abs_() > 1)
+    if clipping:
+        clipped = torch.count_nonzero((u * trust).abs_() > 1)
+    else:
+        clipped = torch.zeros((), dtype=torch.int64, device=u.device)
     if trust.numel() == n:
         ratio_sum = trust.sum(dtype=torch.float64)
     else:

@@ -1,4 +1,5 @@
-"""The one collective of the sharded step: ``all_reduce(MAX)`` of the statistics buffer.
+"""The one collective of the sharded step: the statistics buffer's all-reduce (MAX for
+MERIT's maxima, SUM for LAMB's sums of squares).
 
 Kept in one place so that the count is easy to see (and to assert: :data:`counter`), and so
 that the device rule lives once: the buffer is built next to the optimizer's flat partition
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_reduce", "all_reduce_max", "collective_device", "counter", "CollectiveCounter"]
+__all__ = ["all_reduce", "all_reduce_stats", "collective_device", "counter", "CollectiveCounter"]
 
 
 @dataclass
@@ -56,17 +57,20 @@ def all_reduce(tensor: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.
     return tensor
 
 
-def all_reduce_max(buffer: torch.Tensor, group=None) -> torch.Tensor:
-    """Element-wise max of ``buffer`` over ``group``; returns it on ``buffer``'s device.
+def all_reduce_stats(buffer: torch.Tensor, op: str, group=None) -> torch.Tensor:
+    """The sharded step's statistics all-reduce: element-wise ``op`` (``"max"`` or ``"sum"``)
+    of ``buffer`` over ``group``; returns it on ``buffer``'s device.
 
     With a world of one this is still a (trivial) collective; it is never skipped, so every
     rank issues exactly the same sequence of collectives.
     """
+    reduce_op = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
     device = collective_device(group)
     work = buffer if buffer.device == device else buffer.to(device)
-    dist.all_reduce(work, op=dist.ReduceOp.MAX, group=group)
+    dist.all_reduce(work, op=reduce_op, group=group)
     counter.calls += 1
     counter.floats += work.numel()
     if work is not buffer:
         buffer.copy_(work)
     return buffer
+

@@ -2,7 +2,7 @@
 
 Pure bookkeeping (no collectives, no DeepSpeed): the flavour adapters (:mod:`.zero12`,
 :mod:`.zero3`, :mod:`.bf16`) read DeepSpeed's records and build a :class:`PartitionLayout`
-with the constructors below; :mod:`.step` runs MERIT on it.
+with the constructors below; :mod:`.step` runs the optimizer's fragment rule on it.
 
 ZeRO 1/2 and BF16_Optimizer flatten a whole param group and cut it into equal slices, one
 per rank, anywhere -- also in the middle of a row::
@@ -26,38 +26,38 @@ A rank can own *no* element of a small parameter (``b (2,)`` at world 3: ranks 0
 element each, rank 2 owns only padding). It still reserves that parameter's slots in the
 statistics buffer (zeros) so that the buffer has the same layout on every rank.
 
-The statistics buffer of a group (identical layout on every rank, ``float32``)::
+The statistics buffer of a group (identical layout on every rank; dtype and per-parameter
+size chosen by the optimizer's :class:`~merit_ds.optim.fragment_rule.FragmentRule`)::
 
     | param 0 stats | param 1 stats | ... | param P-1 stats | flag 0 | ... | flag P-1 |
 
-    matrix (R, C, *rest), K = prod(rest):  [ row|w| R*K | row|u| R*K | col|w| C*K | col|u| C*K ]
-    vector (or 0-d):                       [ max|w| | max|u| ]
+    MERIT, matrix (R, C, *rest), K = prod(rest):  [ row|w| R*K | row|u| R*K | col|w| C*K | col|u| C*K ]
+    MERIT, vector (or 0-d):                       [ max|w| | max|u| ]
+    LAMB, any tensor:                             [ sum w^2 | sum u^2 ]   (float64)
     flag: 1.0 if this rank saw a non-finite gradient in the parameter, else 0.0
 
-A matrix's tensor maxima are the maxima of its reduced row maxima (exactly), so they take no
-slots. After the ``all_reduce(MAX)`` every rank holds the whole-matrix statistics.
+:class:`PartitionLayout` is the geometry (which fragments this rank holds; it is what the
+adapters read from DeepSpeed, whatever the optimizer); :class:`StatsLayout` is the buffer.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
+
+from merit_ds.optim.formulas import matrix_dims, row_pieces
 
 __all__ = [
     "Fragment",
     "ParamSlots",
     "PartitionLayout",
+    "StatsLayout",
+    "stats_layout",
     "layout_from_offsets",
     "layout_from_fragments",
     "layout_from_param_partitions",
-    "matrix_dims",
 ]
-
-
-def matrix_dims(shape: Sequence[int]) -> tuple[int, int, int]:
-    """(R, C, K) of a parameter viewed as ``(R, C, K)`` with ``K = prod(shape[2:])``."""
-    return int(shape[0]), int(shape[1]), int(math.prod(shape[2:]))
 
 
 @dataclass(frozen=True)
@@ -80,72 +80,58 @@ class Fragment:
         return len(self.shape) >= 2
 
     def row_pieces(self) -> list[tuple[int, int, int, int]]:
-        """Split the fragment at row boundaries (matrices only).
-
-        Returns ``(offset_in_fragment, length, first_row, first_col_in_row)`` per piece,
-        where a piece is either a partial row (``length < C*K`` or unaligned start) or a run
-        of whole rows (``first_col_in_row == 0`` and ``length`` a multiple of ``C*K``)::
-
-            fragment  [ ....head.... | ====== whole rows ====== | ..tail.. ]
-                        row i, col a   rows i+1 .. i+r            row i+r+1, col 0
-        """
-        _, cols, inner = matrix_dims(self.shape)
-        row_len = cols * inner
-        pieces = []
-        pos = 0
-        while pos < self.numel:
-            row, col0 = divmod(self.param_start + pos, row_len)
-            if col0 == 0 and self.numel - pos >= row_len:
-                length = (self.numel - pos) // row_len * row_len
-            else:
-                length = min(row_len - col0, self.numel - pos)
-            pieces.append((pos, length, row, col0))
-            pos += length
-        return pieces
+        """This fragment split at row boundaries (:func:`merit_ds.optim.formulas.row_pieces`)."""
+        return row_pieces(self.shape, self.param_start, self.numel)
 
 
 @dataclass(frozen=True)
 class ParamSlots:
-    """Where one parameter's statistics lie in the buffer (offsets relative to the layout)."""
+    """Where one parameter's statistics lie in the buffer (offsets relative to the group's
+    share of the buffer): ``size`` floats from ``offset``, and its non-finite flag."""
 
     shape: tuple[int, ...]
     offset: int
+    size: int
     flag: int
 
     @property
     def is_matrix(self) -> bool:
         return len(self.shape) >= 2
 
-    @property
-    def size(self) -> int:
-        return stats_size(self.shape)
+
+@dataclass(frozen=True)
+class StatsLayout:
+    """The statistics buffer of one group: a slot per parameter, then one flag each.
+
+    The same on every rank (it depends only on the group's shapes and the optimizer's
+    :attr:`~merit_ds.optim.fragment_rule.FragmentRule.stats_size`).
+    """
+
+    slots: tuple[ParamSlots, ...]
+    buffer_numel: int
 
 
-def stats_size(shape: Sequence[int]) -> int:
-    """Number of floats a parameter of this shape takes in the buffer (flag excluded)."""
-    if len(shape) >= 2:
-        rows, cols, inner = matrix_dims(shape)
-        return 2 * (rows + cols) * inner
-    return 2
+def stats_layout(shapes: Sequence[Sequence[int]], stats_size: Callable[[tuple[int, ...]], int]) -> StatsLayout:
+    """Slots for parameters of ``shapes``, ``stats_size(shape)`` floats each, then the flags."""
+    shapes = [tuple(int(d) for d in s) for s in shapes]
+    sizes = [int(stats_size(s)) for s in shapes]
+    total = sum(sizes)
+    slots, offset = [], 0
+    for i, (shape, size) in enumerate(zip(shapes, sizes)):
+        slots.append(ParamSlots(shape, offset, size, total + i))
+        offset += size
+    return StatsLayout(tuple(slots), total + len(shapes))
 
 
 @dataclass(frozen=True)
 class PartitionLayout:
-    """The layout of one flat partition: the group's parameters, this rank's fragments.
+    """The geometry of one flat partition: the group's parameter shapes (in stats order, the
+    same on every rank) and the fragments this rank holds, ordered by partition offset.
+    ``partition_numel`` is the flat partition's length (fragments plus padding)."""
 
-    ``slots[i]`` is parameter ``i``'s place in the stats buffer (the same on every rank);
-    ``fragments`` the pieces of parameters this rank holds, ordered by partition offset.
-    ``partition_numel`` is the flat partition's length (fragments plus padding).
-    """
-
-    slots: tuple[ParamSlots, ...]
+    shapes: tuple[tuple[int, ...], ...]
     fragments: tuple[Fragment, ...]
     partition_numel: int
-    buffer_numel: int
-
-    @property
-    def shapes(self) -> tuple[tuple[int, ...], ...]:
-        return tuple(s.shape for s in self.slots)
 
     def fragments_of(self, param_index: int) -> list[Fragment]:
         return [f for f in self.fragments if f.param_index == param_index]
@@ -153,12 +139,6 @@ class PartitionLayout:
 
 def _build(shapes: Sequence[Sequence[int]], fragments: Iterable[Fragment], partition_numel: int) -> PartitionLayout:
     shapes = [tuple(int(d) for d in s) for s in shapes]
-    offset = 0
-    offsets = []
-    for shape in shapes:
-        offsets.append(offset)
-        offset += stats_size(shape)
-    slots = tuple(ParamSlots(shape, off, offset + i) for i, (shape, off) in enumerate(zip(shapes, offsets)))
     frags = tuple(sorted((f for f in fragments if f.numel > 0), key=lambda f: f.partition_offset))
     end = 0
     for f in frags:
@@ -170,7 +150,7 @@ def _build(shapes: Sequence[Sequence[int]], fragments: Iterable[Fragment], parti
         if f.partition_offset < end or f.partition_offset + f.numel > partition_numel:
             raise ValueError(f"fragment {f} overlaps another or exceeds the partition ({partition_numel})")
         end = f.partition_offset + f.numel
-    return PartitionLayout(slots, frags, int(partition_numel), offset + len(shapes))
+    return PartitionLayout(tuple(shapes), frags, int(partition_numel))
 
 
 def layout_from_offsets(
