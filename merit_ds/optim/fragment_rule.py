@@ -55,9 +55,12 @@ class FragmentRule:
             ``"parameter"`` (that parameter only) or ``"group"`` (every parameter of the
             partition's group: an optimizer with bias correction keeps one step count for
             the flat partition, so its parameters must step together).
+        clips: whether the update clips ``s * u`` to [-1, 1] (tracked statistics count the
+            clipped elements only then).
     """
 
     name: str = "?"
+    clips: bool = False
     reduce_op: str = "max"
     stats_dtype: torch.dtype = torch.float32
     skip_unit: str = "parameter"
