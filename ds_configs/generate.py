@@ -12,6 +12,10 @@ Files:
       32 x 80 GiB GPUs at ZeRO-2 bf16, which also divides the per-GPU batch on 8 and 16 GPUs
       (DeepSpeed derives grad-accum = train_batch_size / (micro x world)). Other cluster shapes:
       pass --micro-batch, see `python -m merit_ds plan`.
+  gpt2-{small,medium}_{lamb,adamw}_b{480,1024,2048,4096,6144}_zero2_bf16.json
+      the baselines at the same points (the reference batch 480 and the large batches), same
+      batch keys, each with its own preset lr (merit_ds.train.presets): "ShardedLAMB"
+      (merit_ds.LAMB) and DeepSpeed's "AdamW". Train with `--optimizer lamb|adamw`.
   tiny_b16_zero2_fp32.json
       the CPU demo: 16 sequences = micro 4 x grad-accum 2 x 2 processes.
 """
@@ -28,7 +32,12 @@ sys.path.insert(0, str(HERE.parent))
 
 from merit_ds.train.ds_config import make_ds_config  # noqa: E402
 from merit_ds.train.plan import make_plan  # noqa: E402
-from merit_ds.train.presets import BATCH_PRESETS, OPTIM_PRESETS, scaled_lr  # noqa: E402
+from merit_ds.train.presets import BATCH_PRESETS, OPTIM_PRESETS, OPTIMIZER_PRESETS, scaled_lr  # noqa: E402
+
+#: Recipe file name for a model, optimizer and batch (MERIT's names carry no optimizer).
+def recipe_name(model: str, batch: int, optimizer: str = "merit") -> str:
+    tag = "" if optimizer == "merit" else f"_{optimizer}"
+    return f"{model}{tag}_b{batch}_zero2_bf16.json"
 
 REFERENCE_NODES, REFERENCE_GPUS = 4, 8   # 32 GPUs; see docstring
 
@@ -48,12 +57,13 @@ def build_all() -> dict[str, dict]:
             files[f"zero{stage}_{precision}.json"] = make_ds_config(stage, precision, optim=lineage)
         for stage in (2, 3):
             files[f"zero{stage}_offload_{precision}.json"] = make_ds_config(stage, precision, offload=True, optim=lineage)
-    for model in ("gpt2-small", "gpt2-medium"):
-        optim = OPTIM_PRESETS[model]
-        for batch in BATCH_PRESETS.values():
-            files[f"{model}_b{batch}_zero2_bf16.json"] = make_ds_config(
-                2, "bf16", optim=optim, lr=float(f"{scaled_lr(optim, batch):.6g}"), global_batch=batch,
-                micro_batch=recipe_micro_batch(model, batch))
+    for optimizer, table in OPTIMIZER_PRESETS.items():
+        for model in ("gpt2-small", "gpt2-medium"):
+            optim = table[model]
+            for batch in BATCH_PRESETS.values():
+                files[recipe_name(model, batch, optimizer)] = make_ds_config(
+                    2, "bf16", optim=optim, lr=float(f"{scaled_lr(optim, batch):.6g}"), global_batch=batch,
+                    micro_batch=recipe_micro_batch(model, batch), optimizer=optimizer)
     tiny = OPTIM_PRESETS["tiny"]
     files["tiny_b16_zero2_fp32.json"] = make_ds_config(2, "fp32", optim=tiny, lr=scaled_lr(tiny, 16),
                                                        global_batch=16, micro_batch=4)

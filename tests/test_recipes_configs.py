@@ -20,32 +20,47 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_committed_configs_equal_generated():
     r = subprocess.run([sys.executable, str(ROOT / "ds_configs" / "generate.py"), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert "21 configs up to date" in r.stdout
+    assert "41 configs up to date" in r.stdout  # 11 generic + 10 MERIT recipes + 2 x 10 baselines + tiny
+
+
+def _optimizer_of(name: str) -> str:
+    return next((o for o in ("lamb", "adamw") if f"_{o}_" in name), "merit")
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
-def test_every_config_names_merit_and_passes_the_check(path):
+def test_every_config_names_its_optimizer_and_passes_the_check(path):
     cfg = json.loads(path.read_text())
-    assert cfg["optimizer"]["type"] == "MERIT"
+    optimizer = _optimizer_of(path.name)
+    assert cfg["optimizer"]["type"] == {"merit": "MERIT", "lamb": "ShardedLAMB", "adamw": "AdamW"}[optimizer]
     check_config(cfg)  # zero_allow_untested_optimizer, zero_force_ds_cpu_optimizer=false with offload
+    # the keys DeepSpeed demands for an optimizer it did not write; its own AdamW needs neither
+    assert cfg.get("zero_allow_untested_optimizer") is (None if optimizer == "adamw" else True)
     assert cfg["gradient_clipping"] == 1.0 and cfg["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert cfg["optimizer"]["params"]["eps"] == {"merit": 1e-6, "lamb": 1e-6, "adamw": 1e-8}[optimizer]
     if "offload" in path.name:
         assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
         assert cfg["zero_force_ds_cpu_optimizer"] is False
     assert cfg["bf16"]["enabled"] == ("bf16" in path.name)
 
 
+@pytest.mark.parametrize("optimizer", ["merit", "lamb", "adamw"])
 @pytest.mark.parametrize("model", ["gpt2-small", "gpt2-medium"])
 @pytest.mark.parametrize("batch", [480, 1024, 2048, 4096, 6144])
-def test_recipe_configs(model, batch):
-    cfg = json.loads((ROOT / "ds_configs" / f"{model}_b{batch}_zero2_bf16.json").read_text())
+def test_recipe_configs(model, batch, optimizer):
+    tag = "" if optimizer == "merit" else f"_{optimizer}"
+    cfg = json.loads((ROOT / "ds_configs" / f"{model}{tag}_b{batch}_zero2_bf16.json").read_text())
     assert cfg["train_batch_size"] == batch
     micro = cfg["train_micro_batch_size_per_gpu"]
+    # the baselines run at exactly the MERIT recipe's batch arithmetic
+    merit = json.loads((ROOT / "ds_configs" / f"{model}_b{batch}_zero2_bf16.json").read_text())
+    assert micro == merit["train_micro_batch_size_per_gpu"]
     for world in (8, 16, 32):  # the documented cluster shapes all divide evenly
         plan = plan_batch(batch, world, 1024, micro_batch=micro, token_budget=48_000_000_000)
         assert plan.micro_batch * plan.grad_accum * world == batch
-    assert cfg["optimizer"]["params"]["lr"] == pytest.approx(
-        presets.OPTIM_PRESETS[model].lr_ref * math.sqrt(batch / 480), rel=1e-5)
+    # peak lr at 480: MERIT and LAMB estimates, AdamW the GPT-3 / nanoGPT / Sophia value; sqrt-scaled
+    lr_480 = {"gpt2-small": 6e-4, "gpt2-medium": 3e-4}[model]
+    assert presets.get_optim_preset(model, optimizer).lr_ref == lr_480
+    assert cfg["optimizer"]["params"]["lr"] == pytest.approx(lr_480 * math.sqrt(batch / 480), rel=1e-5)
 
 
 LAUNCH_FILES = sorted(p for p in (ROOT / "launch").iterdir() if p.suffix in (".sh", ".sbatch", ".yaml"))

@@ -277,6 +277,7 @@ def test_batch_keys_of_the_ds_config_against_the_command_line(data_dir, tmp_path
     (["--model-override", "n_layer=3"], "incompatible checkpoint .* model_config="),
     (["--steps", "16"], "incompatible checkpoint .* schedule="),
     (["--precision", "bf16"], "incompatible checkpoint .* precision='fp32', this run has precision='bf16'"),
+    (["--optimizer", "lamb"], "incompatible checkpoint .* optimizer='merit', this run has optimizer='lamb'"),
 ])
 def test_incompatible_checkpoint_is_refused_and_kept(reference, data_dir, tmp_path, change, message):
     import re
@@ -373,5 +374,153 @@ def test_missing_data_and_wrong_optimizer_are_clear_errors(data_dir, tmp_path):
     cfg["optimizer"]["type"] = "AdamW"
     (tmp_path / "adamw.json").write_text(json.dumps(cfg))
     r = single(_args(data_dir, out, "--ds-config", str(tmp_path / "adamw.json")))
-    assert r.returncode == 2 and "names optimizer 'AdamW'; merit_ds.train trains with MERIT" in r.stderr
+    assert r.returncode == 2 and "names optimizer 'AdamW' (adamw) but --optimizer is merit: pass --optimizer adamw" in r.stderr
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# the baselines: --optimizer lamb | adamw
+
+def _load(path: Path):
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _tensors(obj, prefix="") -> dict:
+    """Every tensor in a nested checkpoint object, by path."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    out = {}
+    for k, v in items:
+        out.update(_tensors(v, f"{prefix}/{k}"))
+    return out
+
+
+def _reference_first_step(data_dir: Path, optimizer: str, lr: float):
+    """merit_ds.LAMB / torch.optim.AdamW applied once to the loop's initial model (seed 1234) on the
+    loop's first batch (8 sequences, one micro-batch), with the loop's decay grouping."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from merit_ds.integrations.param_groups import merit_param_groups
+    from merit_ds.optim import LAMB
+    from merit_ds.train.data_source import make_train_loader
+    from merit_ds.train.diagnostics import lm_loss
+    from merit_ds.train.presets import MODEL_PRESETS, gpt2_config
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks run with one thread (dist_env): the same matmul splits
+    try:
+        torch.manual_seed(1234)
+        model = GPT2LMHeadModel(gpt2_config(MODEL_PRESETS["tiny"], n_layer=2, n_embd=32, n_head=2, n_positions=32))
+        loader = make_train_loader(data_dir, seq_len=32, global_batch=8, micro_batch=8, rank=0, world=1, seed=1234)
+        x, y = next(loader)
+        lm_loss(model(input_ids=x).logits, y).backward()
+        groups = merit_param_groups(model, 0.1)
+        if optimizer == "lamb":
+            opt = LAMB(groups, lr=lr, betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1, track_stats=True)
+        else:
+            opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        opt.step()
+    finally:
+        torch.set_num_threads(threads)
+    return model.state_dict(), opt
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
+def test_loop_takes_exactly_the_step_of_the_baseline(data_dir, tmp_path, optimizer):
+    """One process, ZeRO-2 (LAMB through merit_ds's sharded step, AdamW = torch.optim.AdamW on a
+    flat partition), no gradient clipping: the weights after step 1 are bitwise those of the
+    optimizer applied to the same model and batch; LAMB's trust-ratio diagnostics are the
+    reference's; AdamW has none (and no clip fraction for LAMB)."""
+    import torch
+
+    from merit_ds.optim.trust_stats import merge_trust_stats, summarize_trust_stats
+    from merit_ds.train.ds_config import make_ds_config
+
+    cfg = make_ds_config(2, "fp32", optimizer=optimizer)  # names ShardedLAMB / AdamW, no lr: the preset's
+    assert cfg["optimizer"]["params"]["eps"] == {"lamb": 1e-6, "adamw": 1e-8}[optimizer]
+    cfg["gradient_clipping"] = 0.0
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    args = _args(data_dir, out, "--steps", "1", "--micro-batch", "8", "--ckpt-every", "1", "--optimizer", optimizer,
+                 "--ds-config", str(tmp_path / "ds.json"))
+    r = single(args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    label = {"lamb": "LAMB", "adamw": "torch.optim.AdamW"}[optimizer]
+    assert f"optimizer: DeepSpeedZeroOptimizer -> {label} verified stepping" in r.stdout
+    # the JSON has no lr: the preset's (LAMB 1e-2, AdamW 3e-3 at batch 16, sqrt-scaled to 8), and the banner says so
+    lr = {"lamb": 1e-2, "adamw": 3e-3}[optimizer] * (8 / 16) ** 0.5
+    assert f"peak lr {lr:.4g} (preset tiny/{optimizer}: " in r.stdout
+    rec = next(x for x in losses(out)["records"] if x["step"] == 1)
+    assert rec["lr"] == lr  # --steps 1: no warmup, the peak
+    want, ref = _reference_first_step(data_dir, optimizer, rec["lr"])
+    got = _load(out / "checkpoints" / "step_00000001" / "mp_rank_00_model_states.pt")["module"]
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    moved = max(float((want[n] - w0).abs().max()) for n, w0 in _initial_weights().items())
+    assert moved > 1e-4  # the step did something (the comparison has teeth)
+    assert "max_attn_logit" in rec and "gns_b_noise" in rec and "grad_norm" in rec
+    if optimizer == "lamb":
+        stats = summarize_trust_stats(merge_trust_stats(ref.partial_stats.values()))
+        assert rec["trust_ratio_min"] == stats["trust_ratio_min"] and rec["trust_ratio_max"] == stats["trust_ratio_max"]
+        assert rec["trust_ratio_mean"] == pytest.approx(stats["trust_ratio_mean"], rel=1e-12)
+        assert 0 < rec["trust_ratio_min"] < rec["trust_ratio_max"]
+        assert "clip_fraction" not in rec
+    else:
+        assert not any(k.startswith("trust_ratio") or k == "clip_fraction" for k in rec)
+
+
+def _initial_weights() -> dict:
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    from merit_ds.train.presets import MODEL_PRESETS, gpt2_config
+
+    torch.manual_seed(1234)
+    return GPT2LMHeadModel(gpt2_config(MODEL_PRESETS["tiny"], n_layer=2, n_embd=32, n_head=2, n_positions=32)).state_dict()
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
+def test_baseline_resume_is_bitwise_the_uninterrupted_run(data_dir, tmp_path, optimizer):
+    """ZeRO-2, 2 ranks: 4 steps uninterrupted vs. the same run resumed from its step-2 checkpoint:
+    every loss, validation loss and diagnostic, and every tensor of the final checkpoint (weights,
+    the ZeRO-partitioned moments and step counts) bitwise equal."""
+    import torch
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    extra = ("--steps", "4", "--ckpt-every", "2", "--eval-every", "2", "--diag-every", "2", "--keep-last", "3",
+             "--optimizer", optimizer)
+    r = run(deepspeed_cmd(_args(data_dir, full, *extra), port=free_port(), launcher_args=["--num_gpus", "2"]))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    shutil.copytree(full, resumed)
+    ck = resumed / "checkpoints"
+    (ck / "latest").write_text("step_00000002")
+    shutil.rmtree(ck / "step_00000004")
+    r = run(deepspeed_cmd(_args(data_dir, resumed, *extra), port=free_port(), launcher_args=["--num_gpus", "2"]))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {ck / 'step_00000002'} at step 2" in r.stdout
+    got, want = losses(resumed), losses(full)
+    assert sorted(got["train"]) == [1, 2, 3, 4] and got["train"] == want["train"] and got["val"] == want["val"]
+    assert got["records"] == want["records"] or [
+        {k: v for k, v in x.items() if k != "step_time_s"} for x in got["records"]] == [
+        {k: v for k, v in x.items() if k != "step_time_s"} for x in want["records"]]
+    diag4 = next(x for x in got["records"] if x["step"] == 4 and "max_attn_logit" in x)
+    assert ("trust_ratio_max" in diag4) == (optimizer == "lamb") and "gns_b_noise" in diag4
+    meta = json.loads((ck / "step_00000004" / "merit_ds_checkpoint.json").read_text())
+    assert meta["run"]["optimizer"] == optimizer and meta["run"]["world"] == 2
+    names = sorted(f for f in meta["files"] if f.endswith(".pt"))
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in names
+    for f in names:
+        a = _tensors(_load(full / "checkpoints" / "step_00000004" / f))
+        b = _tensors(_load(ck / "step_00000004" / f))
+        assert sorted(a) == sorted(b) and a, f
+        for k in a:
+            assert torch.equal(a[k], b[k]), (f, k)
+        if "optim_states" in f:
+            assert any(k.endswith("exp_avg_sq") for k in a), sorted(a)[:10]

@@ -6,8 +6,8 @@ Layout (one directory per optimizer step; DeepSpeed's per-rank files inside)::
       latest                      text: the tag of the newest complete checkpoint (atomic replace)
       step_00000040/
         mp_rank_00_model_states.pt, zero_pp_rank_*_optim_states.pt, ...   (DeepSpeed)
-        merit_ds_checkpoint.json  what was trained (model, batch, world, ZeRO stage, precision,
-                                  step) + every file's size and sha256; written last
+        merit_ds_checkpoint.json  what was trained (optimizer, model, batch, world, ZeRO stage,
+                                  precision, step) + every file's size and sha256; written last
       .tmp-step_00000050/         a save in progress: never read, removed on the next save
 
 A save goes to ``.tmp-<tag>``; only after every rank finished and rank 0 wrote the metadata
@@ -38,7 +38,9 @@ LATEST = "latest"
 UNIVERSAL_SOURCE = "merit_ds_universal_source.json"
 FORMAT = "merit_ds.train.checkpoint/1"
 #: Keys of the run description that must match to resume.
-COMPATIBLE_KEYS = ("model_config", "seq_len", "global_batch", "precision", "zero_stage", "schedule")
+COMPATIBLE_KEYS = ("optimizer", "model_config", "seq_len", "global_batch", "precision", "zero_stage", "schedule")
+#: Values of keys that checkpoints written before the key existed lack (all trained MERIT).
+LEGACY_DEFAULTS = {"optimizer": "merit"}
 
 
 class CheckpointError(RuntimeError):
@@ -139,8 +141,9 @@ def _validate(path: Path, run_info: dict, *, checksums: bool, allow_world_change
             raise CheckpointError(f"corrupt checkpoint {path}: {rel} fails its sha256 check")
     saved = meta["run"]
     for key in COMPATIBLE_KEYS:
-        if saved.get(key) != run_info.get(key):
-            raise CheckpointError(f"incompatible checkpoint {path}: it was trained with {key}={saved.get(key)!r}, "
+        if saved.get(key, LEGACY_DEFAULTS.get(key)) != run_info.get(key, LEGACY_DEFAULTS.get(key)):
+            raise CheckpointError(f"incompatible checkpoint {path}: it was trained with "
+                                  f"{key}={saved.get(key, LEGACY_DEFAULTS.get(key))!r}, "
                                   f"this run has {key}={run_info.get(key)!r}")
     if not allow_world_change and saved.get("world") != run_info.get("world") and run_info.get("zero_stage", 0) > 0:
         raise CheckpointError(

@@ -1,4 +1,5 @@
-r"""One training loop for GPT-2 with MERIT, started by the deepspeed launcher or ``accelerate launch``.
+r"""One training loop for GPT-2 with MERIT (or the LAMB / AdamW baselines: ``--optimizer``), started by
+the deepspeed launcher or ``accelerate launch``.
 
     deepspeed [--num_gpus N | --hostfile H] --module merit_ds.train --model gpt2-small --global-batch 6k \
         --data DIR --out RUN --ds-config ds_configs/gpt2-small_b6144_zero2_bf16.json
@@ -9,10 +10,12 @@ Both launchers meet in :class:`Runner`: the model is wrapped by a DeepSpeed engi
 one code path; only backward/step goes through ``accelerator.backward`` under Accelerate.
 Checkpoints are DeepSpeed's format under both.
 
-Order of a run: process group -> batch arithmetic (printed; impossible combinations stop here)
+Order of a run: process group -> run configuration (arguments + JSON, :mod:`.run_config`: batch
+arithmetic, optimizer, lr and where it came from, printed; impossible combinations stop here)
 -> data -> checkpoint found and validated (a corrupt or incompatible one stops here, before
 anything is written; another world size goes through DeepSpeed's universal format) -> model
-and engine -> MERIT verified as the optimizer that steps -> checkpoint loaded -> train: every step logs loss/lr/grad-norm; every ``--eval-every`` validation loss and
+and engine -> the chosen optimizer verified as the one that steps (:mod:`.optimizers`) ->
+checkpoint loaded -> train: every step logs loss/lr/grad-norm; every ``--eval-every`` validation loss and
 perplexity; every ``--diag-every`` the large-batch diagnostics; every ``--ckpt-every`` an
 atomic checkpoint (keep-last-K) -> final eval, checkpoint, ``loss.png``.
 """
@@ -35,26 +38,20 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from merit_ds.integrations.deepspeed import MeritConfigError, check_config
 from merit_ds.integrations.param_groups import merit_param_groups
 from merit_ds.sharding import collective, reduce_trust_stats
 
-from .batch import BatchConfigError, plan_batch
+from .batch import BatchConfigError
 from .data_source import DataError, make_train_loader, make_val_loader
 from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss
-from .ds_config import make_ds_config, set_batch
-from .presets import (TOKEN_BUDGET, get_model_preset, get_optim_preset, gpt2_config, parse_batch, scaled_lr,
-                      warmup_steps)
+from .optimizers import (CLIP_FRACTION, TRUST_STATS, build_client_optimizer, describe_stepping,
+                         verify_optimizer_is_stepping)
+from .presets import OPTIMIZERS, gpt2_config
+from .run_config import UsageError, resolve
 from .schedule import warmup_cosine
 from .tracking import MetricsLog, make_trackers, plot_losses
 
 __all__ = ["main", "parse_args"]
-
-DEFAULT_BATCH = {"tiny": 16, "gpt2-small": 480, "gpt2-medium": 480}
-
-
-class UsageError(ValueError):
-    """Bad input: reported as one clear line, exit code 2, nothing written."""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -75,12 +72,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--tokens", type=float, default=None, help="token budget (GPT-2 default 48e9)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --tokens)")
     g = p.add_argument_group("optimizer and DeepSpeed")
+    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default="merit",
+                   help="merit (default) | lamb (merit_ds.LAMB, exact under ZeRO) | adamw (the baseline: DeepSpeed's "
+                        "AdamW = FusedAdam on GPU, DeepSpeedCPUAdam with offload, torch.optim.AdamW on CPU); each "
+                        "has its own lr preset (merit_ds/train/presets.py)")
     g.add_argument("--ds-config", "--deepspeed_config", dest="ds_config", default=None,
                    help="DeepSpeed JSON (ds_configs/); default: built from --zero-stage/--precision/--offload")
     g.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
     g.add_argument("--offload", action="store_true", help="ZeRO-Offload the optimizer states to CPU")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
-    g.add_argument("--lr", type=float, default=None, help="peak lr (default: preset, sqrt-scaled with batch)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak lr (default: the DeepSpeed JSON's, else the optimizer's preset, sqrt-scaled with batch)")
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 2%% of the steps")
     g.add_argument("--min-lr-ratio", type=float, default=None, help="cosine floor (default 0.1)")
     g = p.add_argument_group("data, output, cadence")
@@ -174,7 +176,7 @@ class Runner:
         return self.engine
 
     def backward_step(self, loss) -> None:
-        """One micro-batch's backward; DeepSpeed steps (clip, MERIT, zero_grad) at the boundary."""
+        """One micro-batch's backward; DeepSpeed steps (clip, optimizer, zero_grad) at the boundary."""
         if self.accelerator is None:
             self.engine.backward(loss)
             self.engine.step()
@@ -196,27 +198,13 @@ class Runner:
 
 
 # ----------------------------------------------------------------------------------------------
-# MERIT's guarantees come from the integration layer: the JSON name and the exact ZeRO step
-# are registered by ``import merit_ds``; the config check and the stepping check are its own.
+# MERIT's and LAMB's guarantees come from the integration layer (the exact ZeRO step is
+# registered by ``import merit_ds``); which optimizer steps is checked in .optimizers.
 
 def verify_merit_is_stepping(engine) -> None:
     """Fail fast unless the optimizer DeepSpeed/Accelerate actually step is MERIT, sharded
-    correctly, with no bias/norm parameter decayed."""
-    from merit_ds.integrations.verify import assert_merit_is_stepping
-
-    assert_merit_is_stepping(engine, engine.module)
-
-
-# ----------------------------------------------------------------------------------------------
-
-def _parse_overrides(items) -> dict:
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise UsageError(f"--model-override expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        out[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
-    return out
+    correctly, with no bias/norm parameter decayed (``verify_optimizer_is_stepping`` for any)."""
+    verify_optimizer_is_stepping(engine, "merit")
 
 
 def _rank0_print(runner, *a):
@@ -252,6 +240,13 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
 
 
+def load_ds_config(path: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read DeepSpeed config {path}: {exc}") from None
+
+
 def run(args) -> int:
     launcher = _detect_launcher(args.launcher)
     import importlib.util
@@ -262,76 +257,30 @@ def run(args) -> int:
         if kind != "none" and importlib.util.find_spec(kind) is None:
             raise UsageError(f"--tracker {kind} needs the {kind} package (pip install {kind}), or use --tracker none")
     runner = Runner(launcher)
-    preset = get_model_preset(args.model)
-    optim = get_optim_preset(args.model)
-    overrides = _parse_overrides(args.model_override)
-    seq_len = args.seq_len or overrides.get("n_positions", preset.seq_len)
-    precision = args.precision if args.precision != "auto" else ("fp32" if runner.cpu else "bf16")
 
-    # --- the DeepSpeed config and the batch arithmetic ------------------------------------------
+    # --- the run configuration: arguments + DeepSpeed JSON (pure, run_config.resolve) ----------------
     if args.ds_config is None and launcher == "accelerate" and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         args.ds_config = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]  # named in the accelerate YAML
-    if args.ds_config:
-        try:
-            base_cfg = json.loads(Path(args.ds_config).read_text())
-        except (OSError, ValueError) as exc:
-            raise UsageError(f"cannot read DeepSpeed config {args.ds_config}: {exc}") from None
-        zero_stage = int(base_cfg.get("zero_optimization", {}).get("stage", 0))
-        precision = "bf16" if base_cfg.get("bf16", {}).get("enabled") else "fp32"
-    else:
-        base_cfg, zero_stage = None, args.zero_stage
-    global_batch = parse_batch(args.global_batch) if args.global_batch else None
-    if global_batch is None and base_cfg and isinstance(base_cfg.get("train_batch_size"), int):
-        global_batch = base_cfg["train_batch_size"]
-    global_batch = global_batch or DEFAULT_BATCH[args.model]
-    micro = args.micro_batch
-    if micro is None and base_cfg and isinstance(base_cfg.get("train_micro_batch_size_per_gpu"), int):
-        micro = base_cfg["train_micro_batch_size_per_gpu"]
-    if args.tokens is None and args.steps is None:
-        tokens, steps = (TOKEN_BUDGET, None) if args.model != "tiny" else (None, 200)
-    else:
-        tokens, steps = (int(args.tokens) if args.tokens is not None else None), args.steps
-    if launcher == "accelerate":
-        # Accelerate needs the DeepSpeed config (with batch sizes) before it starts the process
-        # group; the world size it will have is in the launcher's environment.
-        world_env = int(os.environ.get("WORLD_SIZE", "1"))
-        plan = plan_batch(global_batch, world_env, seq_len, micro_batch=micro, token_budget=tokens, max_steps=steps)
-    else:
-        plan = plan_batch(global_batch, runner.world, seq_len, micro_batch=micro, token_budget=tokens, max_steps=steps)
-    lr = args.lr
-    if lr is None and base_cfg and "optimizer" in base_cfg:
-        lr = base_cfg["optimizer"].get("params", {}).get("lr")
-    lr = lr if lr is not None else scaled_lr(optim, plan.global_batch)
-    cfg = base_cfg if base_cfg is not None else make_ds_config(zero_stage, precision, offload=args.offload, optim=optim)
-    cfg = set_batch(cfg, plan.global_batch, plan.micro_batch, plan.grad_accum)
-    if "optimizer" in cfg:
-        opt_type = cfg["optimizer"].get("type", "")
-        if opt_type.upper() != "MERIT":
-            raise UsageError(f"{args.ds_config} names optimizer {opt_type!r}; merit_ds.train trains with MERIT")
-        opt_params = dict(cfg["optimizer"].get("params", {}))
-        opt_params["lr"] = lr
-        cfg = dict(cfg, optimizer={"type": "MERIT", "params": opt_params})
-    else:
-        opt_params = {"lr": lr, "betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay}
-    # A config without an "optimizer" section gets MERIT as a client optimizer built here.
-    client_optimizer = "optimizer" not in cfg
-    try:
-        check_config(cfg, client_optimizer=client_optimizer)
-    except MeritConfigError as exc:
-        raise UsageError(f"DeepSpeed config: {exc}") from None
+    base_cfg = load_ds_config(args.ds_config) if args.ds_config else None
+    # Accelerate needs the DeepSpeed config (with batch sizes) before it starts the process group;
+    # the world size it will have is in the launcher's environment.
+    world_plan = int(os.environ.get("WORLD_SIZE", "1")) if launcher == "accelerate" else runner.world
+    rc = resolve(args, launcher=launcher, world=world_plan, cpu=runner.cpu, base_cfg=base_cfg)
+    preset, optim, plan, cfg, overrides = rc.preset, rc.optim, rc.plan, rc.ds_config, dict(rc.overrides)
+    seq_len, zero_stage, precision, lr, opt_params = rc.seq_len, rc.zero_stage, rc.precision, rc.lr, rc.opt_params
+    warmup, floor = rc.warmup, rc.floor
     if launcher == "accelerate":
         runner.init_accelerator(cfg)
         if runner.world != plan.world:
             raise UsageError(f"accelerate started {runner.world} processes, WORLD_SIZE said {plan.world}")
     rank, world = runner.rank, runner.world
-    warmup = args.warmup_steps if args.warmup_steps is not None else warmup_steps(plan.steps, optim.warmup_fraction)
-    floor = args.min_lr_ratio if args.min_lr_ratio is not None else optim.min_lr_ratio
     _rank0_print(runner, f"merit_ds.train: launcher {launcher}, {world} ranks, ZeRO {zero_stage}, {precision}, "
-                         f"model {args.model} ({preset.description})")
+                         f"model {args.model} ({preset.description}), optimizer {rc.label}")
     _rank0_print(runner, plan.describe())
-    _rank0_print(runner, f"schedule: MERIT peak lr {lr:.4g} ({optim.lr_source}; sqrt-scaled from batch {optim.batch_ref}), "
-                         f"warmup {warmup} steps, cosine to {floor} x peak; betas {tuple(opt_params.get('betas', optim.betas))}, "
-                         f"weight decay {opt_params.get('weight_decay')}, clip {cfg.get('gradient_clipping')}")
+    _rank0_print(runner, f"schedule: {rc.label} peak lr {lr:.4g} ({rc.lr_origin}), "
+                         f"warmup {warmup} steps, cosine to {floor} x peak; betas {tuple(opt_params['betas'])}, "
+                         f"eps {opt_params['eps']}, weight decay {opt_params['weight_decay']} (matrices only), "
+                         f"clip {cfg.get('gradient_clipping')}")
 
     # --- data -------------------------------------------------------------------------------------
     eval_sequences = args.eval_sequences or 4 * plan.micro_batch * world
@@ -347,7 +296,7 @@ def run(args) -> int:
     out = Path(args.out)
     ckpt_root = out / "checkpoints"
     overrides.setdefault("n_positions", seq_len)
-    run_info = {"model": args.model, "model_config": {k: v for k, v in sorted(gpt2_config(preset, **overrides).to_dict().items())
+    run_info = {"model": args.model, "optimizer": rc.optimizer, "model_config": {k: v for k, v in sorted(gpt2_config(preset, **overrides).to_dict().items())
                                                       if k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
                 "seq_len": seq_len, "global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
                 "world": world, "zero_stage": zero_stage, "precision": precision, "launcher": launcher,
@@ -370,7 +319,7 @@ def run(args) -> int:
             if resume_from is not None:
                 saved_world = ckpt.validate(resume_from, run_info, allow_world_change=True)["run"]["world"]
                 if saved_world != world and zero_stage > 0:
-                    # ZeRO files are per rank: re-shard through DeepSpeed's universal format (MERIT
+                    # ZeRO files are per rank: re-shard through DeepSpeed's universal format (the optimizers
                     # keeps the state keys it needs), converted once into this run's directory.
                     load_from = ckpt.universal_copy(resume_from, ckpt_root / "universal")
                     _rank0_print(runner, f"world size {saved_world} -> {world}: resuming through the universal "
@@ -390,7 +339,7 @@ def run(args) -> int:
     if load_from is not None and load_from != resume_from:
         cfg = dict(cfg, checkpoint=dict(cfg.get("checkpoint", {}), load_universal=True))
 
-    # --- model, engine, MERIT --------------------------------------------------------------------
+    # --- model, engine, optimizer -----------------------------------------------------------------
     torch.manual_seed(args.seed)
     from transformers import GPT2LMHeadModel
 
@@ -398,23 +347,19 @@ def run(args) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    # Hugging Face's decay grouping (no decay on biases and LayerNorms), read, not recomputed.
-    groups = merit_param_groups(model, float(opt_params.get("weight_decay", optim.weight_decay)))
-    client = None
-    if client_optimizer:
-        from merit_ds.optim import MERIT
-
-        client = MERIT(groups, lr=opt_params["lr"], betas=tuple(opt_params.get("betas", optim.betas)),
-                       eps=opt_params.get("eps", optim.eps), weight_decay=opt_params.get("weight_decay", 0.0))
+    # Hugging Face's decay grouping (no decay on biases and LayerNorms), read, not recomputed; the
+    # same two groups for every optimizer (a group's weight_decay overrides the JSON's).
+    groups = merit_param_groups(model, float(opt_params["weight_decay"]))
+    client = build_client_optimizer(rc, groups) if rc.client else None
     engine = runner.build(model, groups, cfg, client)
-    verify_merit_is_stepping(engine)
-    basic = engine.basic_optimizer
-    _rank0_print(runner, f"optimizer: {type(engine.optimizer).__name__} -> MERIT verified stepping "
-                         f"(merit_ds.integrations.verify); {n_params:,} parameters")
+    basic = verify_optimizer_is_stepping(engine, rc.optimizer)
+    _rank0_print(runner, f"optimizer: {type(engine.optimizer).__name__} -> {describe_stepping(basic, rc.optimizer)} "
+                         f"verified stepping; {n_params:,} parameters")
     if args.compile:
         engine.compile()
     scheduler = warmup_cosine(basic, warmup, plan.steps, floor)
     probe = AttentionLogitProbe(engine.module)
+    trust_stats = rc.optimizer in TRUST_STATS
     gns = GradientNoiseScale()
 
     start_step = 0
@@ -495,7 +440,7 @@ def run(args) -> int:
     last_saved = start_step if resume_from is not None else -1
     for step in range(start_step + 1, plan.steps + 1):
         diag = args.diag_every > 0 and (step % args.diag_every == 0 or step == 1)
-        if diag:  # trust-ratio statistics of this step only (recorded inside MERIT's step)
+        if diag and trust_stats:  # trust-ratio statistics of this step only (recorded inside the step)
             basic.partial_stats.clear()
             basic.track_stats = True
         lr_now = basic.param_groups[0]["lr"]
@@ -525,10 +470,13 @@ def run(args) -> int:
             record["grad_norm"] = float(grad_norm)
         if diag:
             record["max_attn_logit"] = max_logit
-            basic.track_stats = False
-            summary = reduce_trust_stats(basic)  # 5 scalars per rank; every rank joins
-            if summary:
-                record.update(summary)
+            if trust_stats:
+                basic.track_stats = False
+                summary = reduce_trust_stats(basic)  # 5 scalars per rank; every rank joins
+                if summary:
+                    if rc.optimizer not in CLIP_FRACTION:  # LAMB does not clip: the fraction is always 0
+                        summary.pop("clip_fraction", None)
+                    record.update(summary)
             noise = gns.measure(engine.module, *first, world) if zero_stage < 3 else None
             if noise:
                 record.update(noise)
@@ -556,7 +504,7 @@ def run(args) -> int:
             t.finish()
         if not args.no_plot:
             png = plot_losses(metrics.read(), out / "loss.png",
-                              f"{args.model} + MERIT, ZeRO {zero_stage}, batch {plan.global_batch} x {seq_len}, {world} ranks")
+                              f"{args.model} + {rc.label}, ZeRO {zero_stage}, batch {plan.global_batch} x {seq_len}, {world} ranks")
             print(f"plot: {png}", flush=True)
     runner.close()
     return 0

@@ -22,6 +22,21 @@ Sources, and what is an estimate
   which sit on the safe side of that cliff; the published MERIT code's README example uses 2e-4.
   Sweep before a 48B-token run (see the README, Recipes). The ``tiny`` preset's lr (1e-2 at
   batch 16) is measured (same 4x128 model as the sweep).
+* Baselines (``--optimizer lamb|adamw``), same betas, decay grouping, clipping and schedule as
+  MERIT so that only the optimizer differs:
+
+  - **AdamW** peak lr at batch 480: Small 6e-4, Medium 3e-4 -- **paper values**: GPT-3's table
+    2.1 (Brown et al. 2020: 125M 6e-4, 350M 3e-4 at 0.5M tokens per step), used at exactly this
+    batch (480 x 1024) by nanoGPT's ``train_gpt2.py`` config (Small: 6e-4, 2000 warmup steps,
+    min lr 6e-5) and by the Sophia paper's AdamW baselines (Liu et al. 2023), the setup the MERIT
+    paper follows. eps 1e-8 (PyTorch's and nanoGPT's). Tiny: 3e-3 at batch 16, **measured** by
+    the same CPU sweep as MERIT's (FIELD_NOTES: AdamW best 3e-3 at batch 16, 2e-3 at 128).
+  - **LAMB** peak lr at batch 480: Small 6e-4, Medium 3e-4 -- **ESTIMATES**: the LAMB paper
+    (You et al. 2020, BERT) gives no GPT-2 value; its untuned square-root rule (5/(2^3 x 10^3) =
+    6.25e-4 at batch 512, 5e-3 at 32k) gives 6.05e-4 at 480, which is the lineage's AdamW
+    value; Medium takes the lineage's halving. eps 1e-6 (the LAMB paper's), no trust-ratio clamp
+    (Algorithm 2 as published). Tiny: 1e-2 at batch 16, an ESTIMATE (MERIT's measured value:
+    both scale each update to the size of the weights; not swept for LAMB).
 * Scaling rule with batch size B (sequences): ``lr(B) = lr_ref * sqrt(B / B_ref)`` (square-root
   scaling for Adam-type methods, Malladi et al. 2022, "On the SDEs and Scaling Rules for
   Adaptive Gradient Algorithms"; the CPU sweep above moved 3x for 8x batch, sqrt(8)=2.8), and
@@ -37,7 +52,8 @@ import math
 from dataclasses import dataclass
 
 __all__ = [
-    "ModelPreset", "OptimPreset", "MODEL_PRESETS", "BATCH_PRESETS", "OPTIM_PRESETS",
+    "ModelPreset", "OptimPreset", "MODEL_PRESETS", "BATCH_PRESETS", "OPTIM_PRESETS", "OPTIMIZERS",
+    "OPTIMIZER_PRESETS", "LAMB_PRESETS", "ADAMW_PRESETS", "OPTIMIZER_LABELS",
     "TOKEN_BUDGET", "WARMUP_FRACTION", "MIN_LR_RATIO", "scaled_lr", "warmup_steps",
     "get_model_preset", "gpt2_config", "count_parameters",
 ]
@@ -87,7 +103,10 @@ class ModelPreset:
 
 @dataclass(frozen=True)
 class OptimPreset:
-    """MERIT hyperparameters of a model preset, at its reference batch (sequences)."""
+    """An optimizer's hyperparameters for a model preset, at its reference batch (sequences).
+
+    ``lr_source`` says where ``lr_ref`` comes from (paper value, measurement or estimate); the
+    training loop prints it in its banner."""
 
     lr_ref: float
     batch_ref: int
@@ -119,6 +138,35 @@ OPTIM_PRESETS: dict[str, OptimPreset] = {
 }
 
 
+#: ``--optimizer`` choices of the training loop (the first is the default).
+OPTIMIZERS = ("merit", "lamb", "adamw")
+#: How the banner, the plot and the docs name them.
+OPTIMIZER_LABELS = {"merit": "MERIT", "lamb": "LAMB", "adamw": "AdamW"}
+
+_ADAMW_SOURCE = ("paper value: GPT-3 table 2.1 / nanoGPT train_gpt2 / Sophia's AdamW baseline, "
+                 "lr {lr} at batch 480 x 1024")
+ADAMW_PRESETS: dict[str, OptimPreset] = {
+    "tiny": OptimPreset(lr_ref=3e-3, batch_ref=16, eps=1e-8,
+                        lr_source="measured: CPU sweep, GPT-2 4x128 on KJV, batch 16 (FIELD_NOTES)"),
+    "gpt2-small": OptimPreset(lr_ref=6e-4, batch_ref=480, eps=1e-8, lr_source=_ADAMW_SOURCE.format(lr="6e-4")),
+    "gpt2-medium": OptimPreset(lr_ref=3e-4, batch_ref=480, eps=1e-8, lr_source=_ADAMW_SOURCE.format(lr="3e-4")),
+}
+
+_LAMB_SOURCE = ("ESTIMATE: LAMB paper's sqrt rule (6.25e-4 at batch 512) ~ lineage AdamW lr at batch 480; "
+                "sweep before use")
+LAMB_PRESETS: dict[str, OptimPreset] = {
+    "tiny": OptimPreset(lr_ref=1e-2, batch_ref=16,
+                        lr_source="ESTIMATE: MERIT's measured CPU lr at batch 16 (not swept for LAMB)"),
+    "gpt2-small": OptimPreset(lr_ref=6e-4, batch_ref=480, lr_source=_LAMB_SOURCE),
+    "gpt2-medium": OptimPreset(lr_ref=3e-4, batch_ref=480, lr_source=_LAMB_SOURCE.replace("6.25e-4", "6.25e-4 / 2")),
+}
+
+#: optimizer -> model -> preset. ``OPTIM_PRESETS`` is MERIT's table (the default optimizer).
+OPTIMIZER_PRESETS: dict[str, dict[str, OptimPreset]] = {
+    "merit": OPTIM_PRESETS, "lamb": LAMB_PRESETS, "adamw": ADAMW_PRESETS,
+}
+
+
 def get_model_preset(name: str) -> ModelPreset:
     try:
         return MODEL_PRESETS[name]
@@ -126,11 +174,15 @@ def get_model_preset(name: str) -> ModelPreset:
         raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}") from None
 
 
-def get_optim_preset(name: str) -> OptimPreset:
+def get_optim_preset(name: str, optimizer: str = "merit") -> OptimPreset:
+    """The hyperparameters of ``optimizer`` (merit | lamb | adamw) for model preset ``name``."""
+    if optimizer not in OPTIMIZER_PRESETS:
+        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
+    table = OPTIMIZER_PRESETS[optimizer]
     try:
-        return OPTIM_PRESETS[name]
+        return table[name]
     except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(OPTIM_PRESETS)}") from None
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(table)}") from None
 
 
 def parse_batch(batch) -> int:

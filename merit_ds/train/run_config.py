@@ -1,0 +1,226 @@
+"""Command line + DeepSpeed JSON -> one :class:`RunConfig`: what a run trains, with which
+optimizer, batch plan, schedule and DeepSpeed config. Pure: no process group, no files read
+(the JSON arrives as a dict), no model; unit-tested in ``tests/test_recipes_resolve.py``.
+
+Precedence, per value:
+
+* ZeRO stage and precision: the JSON's when ``--ds-config`` is given, else the flags.
+* global batch: ``--global-batch``, else the JSON's ``train_batch_size``, else 480 (tiny: 16);
+  micro-batch: ``--micro-batch``, else the JSON's, else the largest that divides.
+* optimizer: ``--optimizer`` (default ``merit``). A JSON whose ``"optimizer"`` section names an
+  optimizer must name the same one (``MERIT``, ``ShardedLAMB``, ``AdamW``: see
+  :data:`merit_ds.train.ds_config.JSON_TYPES`), else :class:`UsageError`.
+* peak lr: ``--lr``, else the JSON's ``optimizer.params.lr``, else the optimizer's preset for the
+  model, square-root scaled from its reference batch; :attr:`RunConfig.lr_origin` says which.
+* other optimizer hyperparameters: the JSON's, the preset's for keys it leaves out.
+
+How the optimizer reaches DeepSpeed (:attr:`RunConfig.client`):
+
+* ``merit``: named in the JSON (DeepSpeed builds ``torch.optim.MERIT`` with our param groups),
+  or, for a user JSON without an ``"optimizer"`` section, a client optimizer the loop builds;
+* ``lamb``: always a client :class:`merit_ds.LAMB` built by the loop from the params (the JSON
+  name ``ShardedLAMB`` need not be registered); the section is removed from the config;
+* ``adamw``: always DeepSpeed's own ``AdamW`` (FusedAdam on GPU, DeepSpeedCPUAdam with offload,
+  ``torch.optim.AdamW`` via ``"torch_adam": true`` on a CPU run without offload).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+from merit_ds.integrations._common import ds_forces_cpu_optimizer, ds_offloads_optimizer
+
+from .batch import BatchPlan, plan_batch
+from .ds_config import JSON_TYPES, make_ds_config, set_batch
+from .presets import (OPTIMIZER_LABELS, OPTIMIZERS, TOKEN_BUDGET, ModelPreset, OptimPreset, get_model_preset,
+                      get_optim_preset, parse_batch, scaled_lr, warmup_steps)
+
+__all__ = ["UsageError", "RunConfig", "resolve", "json_optimizer", "DEFAULT_BATCH", "CLIENT_KWARGS"]
+
+DEFAULT_BATCH = {"tiny": 16, "gpt2-small": 480, "gpt2-medium": 480}
+
+#: Keyword arguments a client optimizer built by the loop accepts from ``optimizer.params``.
+CLIENT_KWARGS = {
+    "merit": ("lr", "betas", "eps", "weight_decay"),
+    "lamb": ("lr", "betas", "eps", "weight_decay", "max_trust_ratio", "bias_correction", "nonfinite_grads",
+             "implementation"),
+}
+
+
+class UsageError(ValueError):
+    """Bad input: reported as one clear line, exit code 2, nothing written."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    launcher: str
+    model: str
+    preset: ModelPreset
+    overrides: dict
+    seq_len: int
+    precision: str
+    zero_stage: int
+    offload: bool
+    plan: BatchPlan
+    optimizer: str            # merit | lamb | adamw
+    optim: OptimPreset        # the optimizer's preset for the model
+    lr: float
+    lr_origin: str            # where the peak lr came from (printed in the banner)
+    opt_params: dict          # hyperparameters the optimizer is built with (lr included)
+    ds_config: dict           # what DeepSpeed / Accelerate get
+    client: bool              # the loop builds the optimizer and hands it to DeepSpeed
+    warmup: int
+    floor: float
+    ds_config_path: Optional[str] = None
+
+    @property
+    def label(self) -> str:
+        return OPTIMIZER_LABELS[self.optimizer]
+
+
+def json_optimizer(type_name: str) -> str:
+    """``--optimizer`` value for a DeepSpeed JSON ``"optimizer": {"type": ...}``, or UsageError."""
+    for name, json_name in JSON_TYPES.items():
+        if type_name == json_name or (name == "adamw" and type_name.lower() == "adamw"):
+            return name
+    if type_name.lower() == "merit":
+        raise UsageError(f'DeepSpeed looks optimizer names up case-sensitively: write "type": "MERIT", not "{type_name}"')
+    if type_name.lower() in ("lamb", "shardedlamb"):
+        raise UsageError(f"optimizer type {type_name!r}: DeepSpeed's built-in Lamb (FusedLamb) computes its trust "
+                         f"ratios per ZeRO partition, not per tensor; merit_ds's exact LAMB is named \"ShardedLAMB\" "
+                         f"(or leave the section out and pass --optimizer lamb)")
+    if type_name.lower() == "adam":
+        raise UsageError('optimizer type "Adam": the AdamW baseline is named "AdamW" (decoupled weight decay)')
+    names = ", ".join(f'"{n}"' for n in JSON_TYPES.values())
+    raise UsageError(f"optimizer type {type_name!r}: merit_ds.train trains {', '.join(OPTIMIZERS)} "
+                     f"({names} in a DeepSpeed JSON; --optimizer chooses)")
+
+
+def parse_overrides(items) -> dict:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise UsageError(f"--model-override expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
+    return out
+
+
+def _check_client_keys(cfg: dict, label: str) -> None:
+    """The two keys DeepSpeed demands before it steps an optimizer it did not write."""
+    zero = cfg.get("zero_optimization") or {}
+    stage = int(zero.get("stage", 0) or 0)
+    if stage > 0 and not cfg.get("zero_allow_untested_optimizer", False):
+        raise UsageError(f'DeepSpeed config: {label} under ZeRO needs "zero_allow_untested_optimizer": true at the '
+                         f"top level (DeepSpeed only trusts its own optimizers; merit_ds makes {label} exact under ZeRO)")
+    if stage > 0 and ds_offloads_optimizer(cfg) and ds_forces_cpu_optimizer(cfg):
+        raise UsageError(f'DeepSpeed config: {label} with "offload_optimizer" needs "zero_force_ds_cpu_optimizer": '
+                         f"false at the top level; otherwise DeepSpeed refuses {label}")
+    if (zero.get("offload_optimizer") or {}).get("device") == "nvme":
+        raise UsageError(f"DeepSpeed config: {label} is not supported with offload_optimizer.device=nvme; use cpu")
+
+
+def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[dict] = None) -> RunConfig:
+    """One run configuration from the parsed arguments and the ``--ds-config`` JSON (a dict).
+
+    ``world``: the data-parallel world size the run will have; ``cpu``: no CUDA device.
+    Raises :class:`UsageError` (or :class:`~merit_ds.train.batch.BatchConfigError`) on bad input.
+    """
+    optimizer = getattr(args, "optimizer", "merit")
+    label = OPTIMIZER_LABELS.get(optimizer, optimizer)
+    try:
+        preset = get_model_preset(args.model)
+        optim = get_optim_preset(args.model, optimizer)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    overrides = parse_overrides(args.model_override)
+    seq_len = args.seq_len or overrides.get("n_positions", preset.seq_len)
+    precision = args.precision if args.precision != "auto" else ("fp32" if cpu else "bf16")
+    where = args.ds_config or "the DeepSpeed config"
+
+    # --- the DeepSpeed config's own choices -----------------------------------------------------
+    section = None
+    if base_cfg is not None:
+        zero_stage = int(base_cfg.get("zero_optimization", {}).get("stage", 0))
+        precision = "bf16" if base_cfg.get("bf16", {}).get("enabled") else "fp32"
+        offload = ds_offloads_optimizer(base_cfg)
+        section = base_cfg.get("optimizer")
+        if section is not None:
+            named = json_optimizer(str(section.get("type", "")))
+            if named != optimizer:
+                raise UsageError(f"{where} names optimizer {section.get('type')!r} ({named}) but --optimizer is "
+                                 f"{optimizer}: pass --optimizer {named}, or a config for {optimizer} "
+                                 f"(\"type\": \"{JSON_TYPES[optimizer]}\", or no \"optimizer\" section)")
+    else:
+        zero_stage, offload = args.zero_stage, bool(args.offload)
+
+    # --- batch arithmetic --------------------------------------------------------------------------
+    try:
+        global_batch = parse_batch(args.global_batch) if args.global_batch else None
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if global_batch is None and base_cfg and isinstance(base_cfg.get("train_batch_size"), int):
+        global_batch = base_cfg["train_batch_size"]
+    global_batch = global_batch or DEFAULT_BATCH[args.model]
+    micro = args.micro_batch
+    if micro is None and base_cfg and isinstance(base_cfg.get("train_micro_batch_size_per_gpu"), int):
+        micro = base_cfg["train_micro_batch_size_per_gpu"]
+    if args.tokens is None and args.steps is None:
+        tokens, steps = (TOKEN_BUDGET, None) if args.model != "tiny" else (None, 200)
+    else:
+        tokens, steps = (int(args.tokens) if args.tokens is not None else None), args.steps
+    plan = plan_batch(global_batch, world, seq_len, micro_batch=micro, token_budget=tokens, max_steps=steps)
+
+    # --- peak lr and where it came from -------------------------------------------------------------
+    json_params = dict((section or {}).get("params", {}))
+    if args.lr is not None:
+        lr, lr_origin = float(args.lr), "--lr"
+    elif json_params.get("lr") is not None:
+        lr, lr_origin = float(json_params["lr"]), f"from {where}"
+    else:
+        lr = scaled_lr(optim, plan.global_batch)
+        scaled = ("" if plan.global_batch == optim.batch_ref else
+                  f"; sqrt-scaled from batch {optim.batch_ref} to {plan.global_batch}")
+        lr_origin = f"preset {args.model}/{optimizer}: {optim.lr_ref:g} at batch {optim.batch_ref}, {optim.lr_source}{scaled}"
+    # keys the JSON leaves out take the preset's values (what the banner prints is what steps)
+    opt_params = {"betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
+                  **json_params, "lr": lr}
+
+    # --- the config DeepSpeed gets ----------------------------------------------------------------
+    cfg = base_cfg if base_cfg is not None else make_ds_config(zero_stage, precision, offload=offload, optim=optim,
+                                                               optimizer=optimizer)
+    cfg = set_batch(cfg, plan.global_batch, plan.micro_batch, plan.grad_accum)
+    if optimizer == "merit":
+        client = "optimizer" not in cfg
+        if not client:
+            cfg = dict(cfg, optimizer={"type": JSON_TYPES["merit"], "params": opt_params})
+    elif optimizer == "lamb":
+        client = True
+        cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
+        _check_client_keys(cfg, label)
+    else:  # adamw: DeepSpeed's own; on CPU without offload its FusedAdam would be a JIT build, torch's is exact
+        client = False
+        if cpu and not offload:
+            opt_params.setdefault("torch_adam", True)
+        cfg = dict(cfg, optimizer={"type": JSON_TYPES["adamw"], "params": opt_params})
+    if client:
+        unknown = sorted(set(opt_params) - set(CLIENT_KWARGS[optimizer]))
+        if unknown:
+            raise UsageError(f"{where}: optimizer.params {unknown} are not arguments of {label} "
+                             f"(accepted: {', '.join(CLIENT_KWARGS[optimizer])})")
+    if optimizer == "merit":
+        from merit_ds.integrations.deepspeed import MeritConfigError, check_config
+
+        try:
+            check_config(cfg, client_optimizer=client)
+        except MeritConfigError as exc:
+            raise UsageError(f"DeepSpeed config: {exc}") from None
+
+    warmup = args.warmup_steps if args.warmup_steps is not None else warmup_steps(plan.steps, optim.warmup_fraction)
+    floor = args.min_lr_ratio if args.min_lr_ratio is not None else optim.min_lr_ratio
+    return RunConfig(launcher=launcher, model=args.model, preset=preset, overrides=overrides, seq_len=seq_len,
+                     precision=precision, zero_stage=zero_stage, offload=offload, plan=plan, optimizer=optimizer,
+                     optim=optim, lr=lr, lr_origin=lr_origin, opt_params=opt_params, ds_config=cfg, client=client,
+                     warmup=warmup, floor=floor, ds_config_path=args.ds_config)

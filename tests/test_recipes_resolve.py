@@ -1,0 +1,184 @@
+"""The training loop's run configuration without processes: ``--optimizer`` against the DeepSpeed
+JSON, each optimizer's lr preset and where the banner says it came from, how each optimizer reaches
+DeepSpeed; and which optimizer the loop accepts as the one stepping (plain optimizers, no engine)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from merit_ds.integrations.param_groups import DecaySplitError, merit_param_groups
+from merit_ds.optim import LAMB, MERIT
+from merit_ds.train.loop import parse_args
+from merit_ds.train.optimizers import WrongOptimizerError, build_client_optimizer, verify_optimizer_is_stepping
+from merit_ds.train.presets import get_optim_preset
+from merit_ds.train.run_config import UsageError, resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--model", "tiny", "--seq-len", "32", "--global-batch", "8", "--micro-batch", "2", "--steps", "10",
+        "--data", "unused", "--out", "unused"]
+
+
+def _resolve(*extra, cfg=None, world=2, cpu=True, ds_config=None):
+    args = parse_args([*TINY, *extra] + (["--ds-config", ds_config or "cfg.json"] if cfg is not None else []))
+    return resolve(args, launcher="deepspeed", world=world, cpu=cpu, base_cfg=copy.deepcopy(cfg))
+
+
+def _recipe(name: str) -> dict:
+    return json.loads((ROOT / "ds_configs" / name).read_text())
+
+
+def test_default_is_merit_named_in_the_json_with_its_preset_lr():
+    rc = _resolve()
+    assert rc.optimizer == "merit" and not rc.client
+    assert rc.lr == 1e-2 * math.sqrt(8 / 16)
+    assert rc.ds_config["optimizer"] == {"type": "MERIT", "params": {
+        "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "lr": rc.lr}}
+    assert rc.lr_origin.startswith("preset tiny/merit: 0.01 at batch 16, measured: CPU sweep")
+    assert rc.lr_origin.endswith("sqrt-scaled from batch 16 to 8")
+    assert rc.ds_config["zero_allow_untested_optimizer"] is True
+    assert (rc.plan.micro_batch, rc.plan.grad_accum, rc.plan.world) == (2, 2, 2)
+
+
+def test_lamb_is_a_client_optimizer_with_its_own_preset():
+    rc = _resolve("--optimizer", "lamb")
+    assert rc.client and "optimizer" not in rc.ds_config
+    assert rc.ds_config["zero_allow_untested_optimizer"] is True
+    assert rc.lr == 1e-2 * math.sqrt(8 / 16)
+    assert rc.opt_params == {"betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "lr": rc.lr}
+    assert "ESTIMATE" in rc.lr_origin and rc.label == "LAMB"
+
+
+def test_adamw_is_deepspeeds_own_torch_adamw_on_cpu_without_offload():
+    rc = _resolve("--optimizer", "adamw")
+    assert not rc.client and rc.lr == 3e-3 * math.sqrt(8 / 16)
+    assert rc.ds_config["optimizer"] == {"type": "AdamW", "params": {
+        "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "lr": rc.lr, "torch_adam": True}}
+    assert "zero_allow_untested_optimizer" not in rc.ds_config
+    # GPU: DeepSpeed's FusedAdam; offload: DeepSpeedCPUAdam (neither gets torch_adam)
+    assert "torch_adam" not in _resolve("--optimizer", "adamw", cpu=False).ds_config["optimizer"]["params"]
+    off = _resolve("--optimizer", "adamw", "--offload")
+    assert "torch_adam" not in off.ds_config["optimizer"]["params"] and off.offload
+    assert "zero_force_ds_cpu_optimizer" not in off.ds_config
+
+
+@pytest.mark.parametrize("optimizer,lr_480,source", [
+    ("merit", {"gpt2-small": 6e-4, "gpt2-medium": 3e-4}, "ESTIMATE"),
+    ("lamb", {"gpt2-small": 6e-4, "gpt2-medium": 3e-4}, "ESTIMATE"),
+    ("adamw", {"gpt2-small": 6e-4, "gpt2-medium": 3e-4}, "paper value"),
+])
+def test_gpt2_presets_state_where_the_lr_comes_from(optimizer, lr_480, source):
+    for model, lr in lr_480.items():
+        preset = get_optim_preset(model, optimizer)
+        assert (preset.lr_ref, preset.batch_ref) == (lr, 480) and source in preset.lr_source
+        assert (preset.betas, preset.weight_decay, preset.grad_clip, preset.min_lr_ratio) == ((0.9, 0.95), 0.1, 1.0, 0.1)
+    with pytest.raises(ValueError, match="unknown optimizer 'sgd'"):
+        get_optim_preset("gpt2-small", "sgd")
+
+
+def test_lr_origin_flag_and_json():
+    assert _resolve("--lr", "0.5").lr_origin == "--lr"
+    cfg = _recipe("tiny_b16_zero2_fp32.json")
+    args = ["--global-batch", "16", "--micro-batch", "4"]
+    rc = _resolve(*args, cfg=cfg, ds_config="ds_configs/tiny_b16_zero2_fp32.json")
+    assert rc.lr == cfg["optimizer"]["params"]["lr"] and rc.lr_origin == "from ds_configs/tiny_b16_zero2_fp32.json"
+    assert _resolve(*args, "--lr", "0.5", cfg=cfg).lr == 0.5
+
+
+@pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
+def test_baseline_recipe_configs_resolve_with_their_optimizer(optimizer):
+    name = f"gpt2-small_{optimizer}_b480_zero2_bf16.json"
+    cfg = _recipe(name)
+    args = parse_args(["--model", "gpt2-small", "--optimizer", optimizer, "--ds-config", name, "--data", "d", "--out", "o"])
+    rc = resolve(args, launcher="deepspeed", world=32, cpu=False, base_cfg=cfg)
+    assert (rc.plan.global_batch, rc.plan.micro_batch, rc.plan.grad_accum, rc.plan.steps) == (480, 15, 1, 97_657)
+    assert rc.lr == 6e-4 and rc.lr_origin == f"from {name}" and rc.precision == "bf16" and rc.zero_stage == 2
+    assert rc.client == (optimizer == "lamb") and ("optimizer" in rc.ds_config) == (optimizer == "adamw")
+
+
+@pytest.mark.parametrize("optimizer,json_type,message", [
+    ("merit", "AdamW", "names optimizer 'AdamW' \\(adamw\\) but --optimizer is merit: pass --optimizer adamw"),
+    ("lamb", "MERIT", "names optimizer 'MERIT' \\(merit\\) but --optimizer is lamb: pass --optimizer merit"),
+    ("adamw", "ShardedLAMB", "names optimizer 'ShardedLAMB' \\(lamb\\) but --optimizer is adamw"),
+    ("lamb", "Lamb", "DeepSpeed's built-in Lamb \\(FusedLamb\\) computes its trust ratios per ZeRO partition"),
+    ("adamw", "Adam", 'the AdamW baseline is named "AdamW"'),
+    ("merit", "merit", 'write "type": "MERIT", not "merit"'),
+    ("merit", "SGD", "optimizer type 'SGD': merit_ds.train trains merit, lamb, adamw"),
+])
+def test_json_must_name_the_chosen_optimizer(optimizer, json_type, message):
+    cfg = _recipe("zero2_fp32.json")
+    cfg["optimizer"]["type"] = json_type
+    with pytest.raises(UsageError, match=message):
+        _resolve("--optimizer", optimizer, cfg=cfg)
+
+
+def test_json_without_optimizer_section_and_lamb_params():
+    cfg = _recipe("zero2_fp32.json")
+    del cfg["optimizer"]
+    for optimizer in ("merit", "lamb"):
+        rc = _resolve("--optimizer", optimizer, cfg=cfg)
+        assert rc.client and "optimizer" not in rc.ds_config
+    rc = _resolve("--optimizer", "adamw", cfg=cfg)  # DeepSpeed's AdamW, section added
+    assert rc.ds_config["optimizer"]["type"] == "AdamW" and not rc.client
+    cfg = _recipe("zero2_fp32.json")
+    cfg["optimizer"] = {"type": "ShardedLAMB", "params": {"max_trust_ratio": 10.0, "eps": 1e-8}}
+    rc = _resolve("--optimizer", "lamb", cfg=cfg)
+    assert rc.opt_params == {"betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "max_trust_ratio": 10.0,
+                             "lr": rc.lr}
+    cfg["optimizer"]["params"]["momentum"] = 0.9
+    with pytest.raises(UsageError, match=r"optimizer.params \['momentum'\] are not arguments of LAMB"):
+        _resolve("--optimizer", "lamb", cfg=cfg)
+    cfg = _recipe("zero2_fp32.json")
+    del cfg["optimizer"], cfg["zero_allow_untested_optimizer"]
+    with pytest.raises(UsageError, match='LAMB under ZeRO needs "zero_allow_untested_optimizer": true'):
+        _resolve("--optimizer", "lamb", cfg=cfg)
+
+
+# ----------------------------------------------------------------------------------------------
+# which optimizer steps (plain optimizers; the DeepSpeed-wrapped ones in test_recipes_train.py)
+
+@pytest.fixture(scope="module")
+def model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, n_positions=8, vocab_size=16))
+
+
+def _engine(opt, model):
+    return types.SimpleNamespace(optimizer=opt, module=model)
+
+
+def test_verify_accepts_the_chosen_optimizer_only(model):
+    groups = merit_param_groups(model, 0.1)
+    adamw, lamb = torch.optim.AdamW(groups, lr=1e-3), LAMB(groups, lr=1e-3)
+    assert verify_optimizer_is_stepping(_engine(adamw, model), "adamw") is adamw
+    assert verify_optimizer_is_stepping(_engine(lamb, model), "lamb") is lamb
+    with pytest.raises(WrongOptimizerError, match="--optimizer lamb, but the optimizer stepping the weights is "
+                                                  "torch.optim.adamw.AdamW"):
+        verify_optimizer_is_stepping(_engine(adamw, model), "lamb")
+    with pytest.raises(WrongOptimizerError, match="torch.optim.adam.Adam "):
+        verify_optimizer_is_stepping(_engine(torch.optim.Adam(groups), model), "adamw")
+    with pytest.raises(WrongOptimizerError, match="merit_ds.optim.merit.MERIT"):
+        verify_optimizer_is_stepping(_engine(MERIT(groups), model), "adamw")
+    # one group, everything decayed: biases and LayerNorms too
+    with pytest.raises(DecaySplitError):
+        verify_optimizer_is_stepping(_engine(torch.optim.AdamW(model.parameters(), weight_decay=0.1), model), "adamw")
+
+
+def test_client_optimizer_gets_the_resolved_hyperparameters(model):
+    cfg = _recipe("zero2_fp32.json")
+    cfg["optimizer"] = {"type": "ShardedLAMB", "params": {"max_trust_ratio": 10.0}}
+    rc = _resolve("--optimizer", "lamb", cfg=cfg)
+    opt = build_client_optimizer(rc, merit_param_groups(model, rc.opt_params["weight_decay"]))
+    assert isinstance(opt, LAMB)
+    g0, g1 = opt.param_groups
+    assert (g0["lr"], g0["betas"], g0["eps"], g0["weight_decay"], g0["max_trust_ratio"]) == (
+        rc.lr, (0.9, 0.95), 1e-6, 0.1, 10.0)
+    assert g1["weight_decay"] == 0.0
