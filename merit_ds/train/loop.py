@@ -10,12 +10,21 @@ Both launchers meet in :class:`Runner`: the model is wrapped by a DeepSpeed engi
 one code path; only backward/step goes through ``accelerator.backward`` under Accelerate.
 Checkpoints are DeepSpeed's format under both.
 
-Order of a run: process group -> run configuration (arguments + JSON, :mod:`.run_config`: batch
-arithmetic, optimizer, lr and where it came from, printed; impossible combinations stop here)
--> data -> checkpoint found and validated (a corrupt or incompatible one stops here, before
-anything is written; another world size goes through DeepSpeed's universal format) -> model
-and engine -> the chosen optimizer verified as the one that steps (:mod:`.optimizers`) ->
-checkpoint loaded -> train: every step logs loss/lr/grad-norm; every ``--eval-every`` validation loss and
+The parts, in the order :func:`run` calls them (each can be read, and tested, alone):
+
+    configure           arguments + JSON -> RunConfig (:func:`.run_config.resolve`, pure: batch
+                        arithmetic, optimizer, lr and where it came from; impossible combinations
+                        stop here); print_banner
+    make_loaders        train/val token-block loaders
+    describe_run        what a checkpoint records about the run
+    locate_checkpoint   found and validated on rank 0, verdict on every rank (a corrupt or
+                        incompatible one stops here, before anything is written; another world
+                        size goes through DeepSpeed's universal format)
+    build_engine        model, optimizer on HF's decay groups, engine; the chosen optimizer
+                        verified as the one that steps (:mod:`.optimizers`)
+    Trainer             (:mod:`.trainer`) resume, train_step, evaluate, save
+
+then the loop itself: every step logs loss/lr/grad-norm; every ``--eval-every`` validation loss and
 perplexity; every ``--diag-every`` the large-batch diagnostics; every ``--ckpt-every`` an
 atomic checkpoint (keep-last-K) -> final eval, checkpoint, ``loss.png``.
 """
@@ -26,30 +35,26 @@ import argparse
 import json
 import math
 import os
-import random
-import shutil
 import socket
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from merit_ds.integrations.param_groups import merit_param_groups
-from merit_ds.sharding import collective, reduce_trust_stats
 
 from .batch import BatchConfigError
 from .data_source import DataError, make_train_loader, make_val_loader
-from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss
-from .optimizers import (CLIP_FRACTION, TRUST_STATS, build_client_optimizer, describe_stepping,
-                         verify_optimizer_is_stepping)
+from .optimizers import build_client_optimizer, describe_stepping, verify_optimizer_is_stepping
 from .presets import OPTIMIZERS, gpt2_config
-from .run_config import UsageError, resolve
-from .schedule import warmup_cosine
+from .run_config import RunConfig, UsageError, resolve
 from .tracking import MetricsLog, make_trackers, plot_losses
+from .trainer import Trainer, mean_over_ranks
+
+# kept for callers of the former private helper (tests/test_recipes_units.py)
+_mean_over_ranks = mean_over_ranks
 
 __all__ = ["main", "parse_args"]
 
@@ -221,25 +226,6 @@ def _agree(runner, error: str | None) -> str | None:
     return box[0]
 
 
-def _mean_over_ranks(local_sum: float, local_count: int) -> float:
-    """Mean over every rank of values summed locally (every rank counts ``local_count`` of them)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local_sum / local_count
-    total = torch.tensor([local_sum], dtype=torch.float64)
-    collective.all_reduce(total)  # on the backend's device: NCCL takes no CPU tensors
-    return float(total[0]) / (local_count * dist.get_world_size())
-
-
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    np.random.set_state(s["numpy"])
-    random.setstate(s["python"])
-
-
 def load_ds_config(path: str) -> dict:
     try:
         return json.loads(Path(path).read_text())
@@ -247,80 +233,95 @@ def load_ds_config(path: str) -> dict:
         raise UsageError(f"cannot read DeepSpeed config {path}: {exc}") from None
 
 
-def run(args) -> int:
-    launcher = _detect_launcher(args.launcher)
+def _check_trackers(spec: str) -> None:
     import importlib.util
 
-    for kind in args.tracker.split(","):
+    for kind in spec.split(","):
         if kind not in ("tensorboard", "wandb", "none"):
             raise UsageError(f"unknown tracker {kind!r}: use tensorboard, wandb, tensorboard,wandb or none")
         if kind != "none" and importlib.util.find_spec(kind) is None:
             raise UsageError(f"--tracker {kind} needs the {kind} package (pip install {kind}), or use --tracker none")
-    runner = Runner(launcher)
 
-    # --- the run configuration: arguments + DeepSpeed JSON (pure, run_config.resolve) ----------------
+
+def configure(args, runner: Runner, launcher: str) -> RunConfig:
+    """Arguments + the ``--ds-config`` JSON -> the run configuration (:func:`.run_config.resolve`);
+    under Accelerate also starts its state, which needs the resolved DeepSpeed config."""
     if args.ds_config is None and launcher == "accelerate" and os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE"):
         args.ds_config = os.environ["ACCELERATE_DEEPSPEED_CONFIG_FILE"]  # named in the accelerate YAML
     base_cfg = load_ds_config(args.ds_config) if args.ds_config else None
     # Accelerate needs the DeepSpeed config (with batch sizes) before it starts the process group;
     # the world size it will have is in the launcher's environment.
-    world_plan = int(os.environ.get("WORLD_SIZE", "1")) if launcher == "accelerate" else runner.world
-    rc = resolve(args, launcher=launcher, world=world_plan, cpu=runner.cpu, base_cfg=base_cfg)
-    preset, optim, plan, cfg, overrides = rc.preset, rc.optim, rc.plan, rc.ds_config, dict(rc.overrides)
-    seq_len, zero_stage, precision, lr, opt_params = rc.seq_len, rc.zero_stage, rc.precision, rc.lr, rc.opt_params
-    warmup, floor = rc.warmup, rc.floor
+    world = int(os.environ.get("WORLD_SIZE", "1")) if launcher == "accelerate" else runner.world
+    rc = resolve(args, launcher=launcher, world=world, cpu=runner.cpu, base_cfg=base_cfg)
     if launcher == "accelerate":
-        runner.init_accelerator(cfg)
-        if runner.world != plan.world:
-            raise UsageError(f"accelerate started {runner.world} processes, WORLD_SIZE said {plan.world}")
-    rank, world = runner.rank, runner.world
-    _rank0_print(runner, f"merit_ds.train: launcher {launcher}, {world} ranks, ZeRO {zero_stage}, {precision}, "
-                         f"model {args.model} ({preset.description}), optimizer {rc.label}")
-    _rank0_print(runner, plan.describe())
-    _rank0_print(runner, f"schedule: {rc.label} peak lr {lr:.4g} ({rc.lr_origin}), "
-                         f"warmup {warmup} steps, cosine to {floor} x peak; betas {tuple(opt_params['betas'])}, "
-                         f"eps {opt_params['eps']}, weight decay {opt_params['weight_decay']} (matrices only), "
-                         f"clip {cfg.get('gradient_clipping')}")
+        runner.init_accelerator(rc.ds_config)
+        if runner.world != rc.plan.world:
+            raise UsageError(f"accelerate started {runner.world} processes, WORLD_SIZE said {rc.plan.world}")
+    return rc
 
-    # --- data -------------------------------------------------------------------------------------
-    eval_sequences = args.eval_sequences or 4 * plan.micro_batch * world
+
+def print_banner(runner: Runner, rc: RunConfig) -> None:
+    p = rc.opt_params
+    _rank0_print(runner, f"merit_ds.train: launcher {rc.launcher}, {runner.world} ranks, ZeRO {rc.zero_stage}, "
+                         f"{rc.precision}, model {rc.model} ({rc.preset.description}), optimizer {rc.label}")
+    _rank0_print(runner, rc.plan.describe())
+    _rank0_print(runner, f"schedule: {rc.label} peak lr {rc.lr:.4g} ({rc.lr_origin}), warmup {rc.warmup} steps, "
+                         f"cosine to {rc.floor} x peak; betas {tuple(p['betas'])}, eps {p['eps']}, weight decay "
+                         f"{p['weight_decay']} (matrices only), clip {rc.ds_config.get('gradient_clipping')}")
+
+
+def make_loaders(args, rc: RunConfig, rank: int, world: int):
+    eval_sequences = args.eval_sequences or 4 * rc.plan.micro_batch * world
     try:
-        train_loader = make_train_loader(args.data, seq_len=seq_len, global_batch=plan.global_batch,
-                                         micro_batch=plan.micro_batch, rank=rank, world=world, seed=args.seed)
-        val_loader = make_val_loader(args.data, seq_len=seq_len, eval_sequences=eval_sequences,
-                                     micro_batch=plan.micro_batch, rank=rank, world=world)
+        train_loader = make_train_loader(args.data, seq_len=rc.seq_len, global_batch=rc.plan.global_batch,
+                                         micro_batch=rc.plan.micro_batch, rank=rank, world=world, seed=args.seed)
+        val_loader = make_val_loader(args.data, seq_len=rc.seq_len, eval_sequences=eval_sequences,
+                                     micro_batch=rc.plan.micro_batch, rank=rank, world=world)
     except DataError as exc:
         raise UsageError(f"data: {exc}") from None
+    return train_loader, val_loader
 
-    # --- resume ------------------------------------------------------------------------------------
-    out = Path(args.out)
-    ckpt_root = out / "checkpoints"
-    overrides.setdefault("n_positions", seq_len)
-    run_info = {"model": args.model, "optimizer": rc.optimizer, "model_config": {k: v for k, v in sorted(gpt2_config(preset, **overrides).to_dict().items())
-                                                      if k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
-                "seq_len": seq_len, "global_batch": plan.global_batch, "micro_batch": plan.micro_batch,
-                "world": world, "zero_stage": zero_stage, "precision": precision, "launcher": launcher,
-                # the lr schedule is part of the trajectory: a different length/peak would silently
-                # continue under the checkpoint's schedule (LambdaLR restores its factor object)
-                "schedule": {"steps": plan.steps, "warmup": warmup, "floor": floor, "lr": lr},
-                "data": getattr(getattr(train_loader, "tokens", None), "fingerprint", None) or
-                train_loader.state_dict().get("data")}
+
+def model_overrides(rc: RunConfig) -> dict:
+    return {"n_positions": rc.seq_len, **rc.overrides}
+
+
+def describe_run(rc: RunConfig, world: int, train_loader) -> dict:
+    """What a checkpoint records about the run (:data:`.checkpoint.COMPATIBLE_KEYS` must match)."""
+    config = gpt2_config(rc.preset, **model_overrides(rc)).to_dict()
+    return {"model": rc.model, "optimizer": rc.optimizer,
+            "model_config": {k: v for k, v in sorted(config.items())
+                             if k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")},
+            "seq_len": rc.seq_len, "global_batch": rc.plan.global_batch, "micro_batch": rc.plan.micro_batch,
+            "world": world, "zero_stage": rc.zero_stage, "precision": rc.precision, "launcher": rc.launcher,
+            # the lr schedule is part of the trajectory: a different length/peak would silently
+            # continue under the checkpoint's schedule (LambdaLR restores its factor object)
+            "schedule": {"steps": rc.plan.steps, "warmup": rc.warmup, "floor": rc.floor, "lr": rc.lr},
+            "data": getattr(getattr(train_loader, "tokens", None), "fingerprint", None) or
+            train_loader.state_dict().get("data")}
+
+
+def locate_checkpoint(resume: str, ckpt_root: Path, run_info: dict, runner: Runner):
+    """``(resume_from, load_from)``: the validated checkpoint to resume (or ``None``) and what to
+    load (itself, or its universal copy at another world size). Rank 0 checks the files; every
+    rank gets the verdict, so a bad checkpoint is the same clear error everywhere."""
+    world = runner.world
     error, resume_from, load_from = None, None, None
-    if rank == 0:
+    if runner.rank == 0:
         try:
-            if args.resume == "never":
+            if resume == "never":
                 if ckpt_root.exists() and any(ckpt_root.glob("step_*")):
                     raise ckpt.CheckpointError(f"{ckpt_root} already holds checkpoints and --resume never was given: "
                                                f"refusing to overwrite them; use another --out or --resume auto")
-            elif args.resume == "auto":
+            elif resume == "auto":
                 resume_from = ckpt.latest_checkpoint(ckpt_root)
             else:
-                resume_from = Path(args.resume)
+                resume_from = Path(resume)
             if resume_from is not None:
                 saved_world = ckpt.validate(resume_from, run_info, allow_world_change=True)["run"]["world"]
-                if saved_world != world and zero_stage > 0:
-                    # ZeRO files are per rank: re-shard through DeepSpeed's universal format (the optimizers
-                    # keeps the state keys it needs), converted once into this run's directory.
+                if saved_world != world and run_info["zero_stage"] > 0:
+                    # ZeRO files are per rank: re-shard through DeepSpeed's universal format (the
+                    # optimizers keep the state keys it needs), converted once into this run's directory.
                     load_from = ckpt.universal_copy(resume_from, ckpt_root / "universal")
                     _rank0_print(runner, f"world size {saved_world} -> {world}: resuming through the universal "
                                          f"checkpoint {load_from}")
@@ -336,48 +337,56 @@ def run(args) -> int:
         dist.broadcast_object_list(box, src=0)
     resume_from = Path(box[0]) if box[0] else None
     load_from = Path(box[1]) if box[1] else resume_from
-    if load_from is not None and load_from != resume_from:
-        cfg = dict(cfg, checkpoint=dict(cfg.get("checkpoint", {}), load_universal=True))
+    return resume_from, load_from
 
-    # --- model, engine, optimizer -----------------------------------------------------------------
+
+def build_engine(args, rc: RunConfig, runner: Runner, ds_config: dict):
+    """The model (seeded), the chosen optimizer on HF's decay groups, the DeepSpeed engine; the
+    optimizer that steps is verified to be the chosen one. Returns ``(engine, basic optimizer)``."""
     torch.manual_seed(args.seed)
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(gpt2_config(preset, **overrides))
+    model = GPT2LMHeadModel(gpt2_config(rc.preset, **model_overrides(rc)))
     n_params = sum(p.numel() for p in model.parameters())
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Hugging Face's decay grouping (no decay on biases and LayerNorms), read, not recomputed; the
     # same two groups for every optimizer (a group's weight_decay overrides the JSON's).
-    groups = merit_param_groups(model, float(opt_params["weight_decay"]))
+    groups = merit_param_groups(model, float(rc.opt_params["weight_decay"]))
     client = build_client_optimizer(rc, groups) if rc.client else None
-    engine = runner.build(model, groups, cfg, client)
+    engine = runner.build(model, groups, ds_config, client)
     basic = verify_optimizer_is_stepping(engine, rc.optimizer)
     _rank0_print(runner, f"optimizer: {type(engine.optimizer).__name__} -> {describe_stepping(basic, rc.optimizer)} "
                          f"verified stepping; {n_params:,} parameters")
     if args.compile:
         engine.compile()
-    scheduler = warmup_cosine(basic, warmup, plan.steps, floor)
-    probe = AttentionLogitProbe(engine.module)
-    trust_stats = rc.optimizer in TRUST_STATS
-    gns = GradientNoiseScale()
+    return engine, basic
 
+
+def run(args) -> int:
+    launcher = _detect_launcher(args.launcher)
+    _check_trackers(args.tracker)
+    runner = Runner(launcher)
+    rc = configure(args, runner, launcher)
+    rank, world, plan = runner.rank, runner.world, rc.plan
+    print_banner(runner, rc)
+    train_loader, val_loader = make_loaders(args, rc, rank, world)
+
+    # --- a checkpoint to resume: found and validated before anything is built or written -------------
+    out = Path(args.out)
+    ckpt_root = out / "checkpoints"
+    run_info = describe_run(rc, world, train_loader)
+    resume_from, load_from = locate_checkpoint(args.resume, ckpt_root, run_info, runner)
+    cfg = rc.ds_config
+    if load_from is not None and load_from != resume_from:
+        cfg = dict(cfg, checkpoint=dict(cfg.get("checkpoint", {}), load_universal=True))
+
+    engine, basic = build_engine(args, rc, runner, cfg)
+    trainer = Trainer(engine, runner, basic, rc.optimizer, train_loader, val_loader, steps=plan.steps,
+                      warmup=rc.warmup, floor=rc.floor, tokens_per_step=plan.tokens_per_step, zero_stage=rc.zero_stage)
     start_step = 0
     if resume_from is not None:
-        load_path, client_state = engine.load_checkpoint(str(load_from.parent), tag=load_from.name,
-                                                         load_optimizer_states=True, load_lr_scheduler_states=False)
-        if load_path is None or "merit_ds" not in (client_state or {}):
-            raise UsageError(f"DeepSpeed could not load {load_from}")
-        state = client_state["merit_ds"]
-        start_step = int(state["step"])
-        try:
-            train_loader.load_state_dict(state["loader"])
-        except DataError as exc:
-            raise UsageError(f"checkpoint {resume_from} does not match the data: {exc}") from None
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        if "gns" in state:  # checkpoints written before the noise scale's EMAs were saved lack it
-            gns.load_state_dict(state["gns"])
+        start_step = trainer.resume(load_from, resume_from)
         _rank0_print(runner, f"resumed from {resume_from} at step {start_step}")
 
     # --- outputs (only now: every check above passed) --------------------------------------------
@@ -385,10 +394,11 @@ def run(args) -> int:
     trackers = []
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "run.json").write_text(json.dumps(dict(run_info, steps=plan.steps, lr=lr, warmup=warmup, floor=floor,
-                                                      tokens_per_step=plan.tokens_per_step, ds_config=cfg), indent=1))
+        (out / "run.json").write_text(json.dumps(dict(run_info, steps=plan.steps, lr=rc.lr, warmup=rc.warmup,
+                                                      floor=rc.floor, tokens_per_step=plan.tokens_per_step,
+                                                      ds_config=cfg), indent=1))
         metrics.truncate_after(start_step)
-        trackers = make_trackers(args.tracker, out, out.name, dict(run_info, lr=lr, steps=plan.steps))
+        trackers = make_trackers(args.tracker, out, out.name, dict(run_info, lr=rc.lr, steps=plan.steps))
 
     def log(record: dict, step: int) -> None:
         if rank == 0:
@@ -396,39 +406,8 @@ def run(args) -> int:
             for t in trackers:
                 t.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
 
-    def evaluate() -> dict:
-        engine.eval()
-        total = 0.0
-        with torch.no_grad():
-            for k in range(val_loader.grad_accum):
-                x, y = val_loader.get_batch(0, k)
-                total += float(lm_loss(engine(input_ids=x.to(engine.device)).logits, y.to(engine.device)))
-        engine.train()
-        loss = _mean_over_ranks(total, val_loader.grad_accum)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
-
-    def save(step: int) -> None:
-        # client_state lands in rank 0's model-states file: the loader position and scheduler are
-        # the same on every rank; the RNG state is rank 0's (the recipes use no dropout and a
-        # deterministic data order, so nothing in the loop draws random numbers).
-        tag = ckpt.tag_for(step)
-        state = {"step": step, "loader": train_loader.state_dict(), "scheduler": scheduler.state_dict(),
-                 "rng": _rng_state(), "gns": gns.state_dict()}
-        if rank == 0:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            # a save killed earlier (maybe at another world size) leaves files DeepSpeed would not
-            # overwrite, and finalize would checksum them in
-            shutil.rmtree(ckpt_root / f".tmp-{tag}", ignore_errors=True)
-        if world > 1:
-            dist.barrier()
-        engine.save_checkpoint(str(ckpt_root), tag=f".tmp-{tag}", client_state={"merit_ds": state}, save_latest=False)
-        if world > 1:
-            dist.barrier()
-        if rank == 0:
-            ckpt.finalize(ckpt_root, f".tmp-{tag}", tag, run_info, step)
-            ckpt.prune(ckpt_root, args.keep_last)
-        if world > 1:
-            dist.barrier()
+    def save() -> None:
+        trainer.save(ckpt_root, run_info, args.keep_last)
 
     # --- train -------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -436,75 +415,34 @@ def run(args) -> int:
     bar = tqdm(total=plan.steps, initial=start_step, disable=rank != 0 or args.no_progress, unit="step",
                dynamic_ncols=True, mininterval=1.0)
     engine.train()
-    t_last = time.perf_counter()
     last_saved = start_step if resume_from is not None else -1
     for step in range(start_step + 1, plan.steps + 1):
-        diag = args.diag_every > 0 and (step % args.diag_every == 0 or step == 1)
-        if diag and trust_stats:  # trust-ratio statistics of this step only (recorded inside the step)
-            basic.partial_stats.clear()
-            basic.track_stats = True
-        lr_now = basic.param_groups[0]["lr"]
-        loss_sum = 0.0
-        first = None
-        for micro_step in range(plan.grad_accum):
-            x, y = next(train_loader)
-            x, y = x.to(engine.device), y.to(engine.device)
-            if first is None:
-                first = (x, y)
-            if diag and micro_step == 0:
-                probe.arm()
-            with runner.micro_context():
-                loss = lm_loss(engine(input_ids=x).logits, y)
-                if diag and micro_step == 0:
-                    max_logit = probe.collect()
-                runner.backward_step(loss)
-            loss_sum += float(loss.detach())
-        scheduler.step()
-        train_loss = _mean_over_ranks(loss_sum, plan.grad_accum)
-        now = time.perf_counter()
-        record = {"step": step, "loss": train_loss, "lr": lr_now, "tokens": step * plan.tokens_per_step,
-                  "step_time_s": now - t_last}
-        t_last = now
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
-        if diag:
-            record["max_attn_logit"] = max_logit
-            if trust_stats:
-                basic.track_stats = False
-                summary = reduce_trust_stats(basic)  # 5 scalars per rank; every rank joins
-                if summary:
-                    if rc.optimizer not in CLIP_FRACTION:  # LAMB does not clip: the fraction is always 0
-                        summary.pop("clip_fraction", None)
-                    record.update(summary)
-            noise = gns.measure(engine.module, *first, world) if zero_stage < 3 else None
-            if noise:
-                record.update(noise)
+        record = trainer.train_step(diagnostics=args.diag_every > 0 and (step % args.diag_every == 0 or step == 1))
         if args.eval_every > 0 and step % args.eval_every == 0 and step != plan.steps:
-            record.update(evaluate())
+            record.update(trainer.evaluate())
         log(record, step)
         bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}", lr=f"{lr_now:.2e}", **(
+        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", **(
             {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"training loss is {train_loss} at step {step}; last good checkpoint: "
+        if not math.isfinite(record["loss"]):
+            raise FloatingPointError(f"training loss is {record['loss']} at step {step}; last good checkpoint: "
                                      f"{ckpt.latest_checkpoint(ckpt_root) if ckpt_root.exists() else None}")
         if args.ckpt_every > 0 and step % args.ckpt_every == 0:
-            save(step)
+            save()
             last_saved = step
     bar.close()
-    final = evaluate()
+    final = trainer.evaluate()
     log({"step": plan.steps, **final}, plan.steps)
     _rank0_print(runner, f"final: val loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
     if last_saved != plan.steps:
-        save(plan.steps)
+        save()
     _rank0_print(runner, f"checkpoint: {ckpt_root / ckpt.tag_for(plan.steps)}")
     if rank == 0:
         for t in trackers:
             t.finish()
         if not args.no_plot:
-            png = plot_losses(metrics.read(), out / "loss.png",
-                              f"{args.model} + {rc.label}, ZeRO {zero_stage}, batch {plan.global_batch} x {seq_len}, {world} ranks")
+            png = plot_losses(metrics.read(), out / "loss.png", f"{rc.model} + {rc.label}, ZeRO {rc.zero_stage}, "
+                                                                f"batch {plan.global_batch} x {rc.seq_len}, {world} ranks")
             print(f"plot: {png}", flush=True)
     runner.close()
     return 0

@@ -1,0 +1,194 @@
+"""The trainer: one optimizer step, an evaluation, a checkpoint save, a resume -- over an engine
+that is already built. No argument parsing (:mod:`.run_config`), no process-group setup, no
+files other than checkpoints (:mod:`.loop` wires the parts together).
+
+What it needs from its collaborators, so that a test can hand it stand-ins:
+
+* ``engine``: DeepSpeed's engine (or anything with) ``engine(input_ids=x).logits``, ``.device``,
+  ``.module``, ``.train()``/``.eval()``, ``.get_global_grad_norm()``, and for checkpoints
+  ``.save_checkpoint`` / ``.load_checkpoint``;
+* ``runner`` (:class:`merit_ds.train.loop.Runner`): ``rank``, ``world``, ``micro_context()``,
+  ``backward_step(loss)`` (DeepSpeed steps at the gradient-accumulation boundary);
+* ``basic``: the optimizer that steps the weights (verified by :mod:`.optimizers`); it gets the
+  warmup-cosine scheduler, and for MERIT/LAMB its ``track_stats`` is switched on for
+  diagnostics steps;
+* ``train_loader`` / ``val_loader``: :mod:`merit_ds.data` loaders (``next``, ``get_batch``,
+  ``grad_accum``, ``state_dict``/``load_state_dict``).
+
+Every method that reduces over ranks (:meth:`train_step`, :meth:`evaluate`, :meth:`save`) is
+called by every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from merit_ds.sharding import collective, reduce_trust_stats
+
+from . import checkpoint as ckpt
+from .data_source import DataError
+from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss
+from .optimizers import CLIP_FRACTION, TRUST_STATS
+from .run_config import UsageError
+from .schedule import warmup_cosine
+
+__all__ = ["Trainer", "mean_over_ranks"]
+
+
+def mean_over_ranks(local_sum: float, local_count: int) -> float:
+    """Mean over every rank of values summed locally (every rank counts ``local_count`` of them)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local_sum / local_count
+    total = torch.tensor([local_sum], dtype=torch.float64)
+    collective.all_reduce(total)  # on the backend's device: NCCL takes no CPU tensors
+    return float(total[0]) / (local_count * dist.get_world_size())
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(s["numpy"])
+    random.setstate(s["python"])
+
+
+class Trainer:
+    """Step, evaluate, save, resume. :attr:`step` counts completed optimizer steps."""
+
+    def __init__(self, engine, runner, basic, optimizer: str, train_loader, val_loader, *, steps: int,
+                 warmup: int, floor: float, tokens_per_step: int, zero_stage: int):
+        self.engine, self.runner, self.basic = engine, runner, basic
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.steps, self.tokens_per_step, self.zero_stage = steps, tokens_per_step, zero_stage
+        self.scheduler = warmup_cosine(basic, warmup, steps, floor)
+        self.probe = AttentionLogitProbe(engine.module)
+        self.gns = GradientNoiseScale()
+        self.trust_stats = optimizer in TRUST_STATS      # MERIT and LAMB record trust ratios
+        self.clip_fraction = optimizer in CLIP_FRACTION  # only MERIT clips its update
+        self.step = 0
+
+    # --- one optimizer step ------------------------------------------------------------------------
+    def train_step(self, diagnostics: bool = False) -> dict:
+        """Step ``self.step + 1`` over ``grad_accum`` micro-batches; its record for metrics.jsonl.
+
+        ``diagnostics``: also the max attention logit (first micro-batch), the trust-ratio
+        statistics of this very step (MERIT, LAMB) and the gradient noise scale (not ZeRO-3)."""
+        engine, basic, world = self.engine, self.basic, self.runner.world
+        step = self.step + 1
+        t0 = time.perf_counter()
+        if diagnostics and self.trust_stats:  # statistics of this step only, recorded inside the step
+            basic.partial_stats.clear()
+            basic.track_stats = True
+        lr_now = basic.param_groups[0]["lr"]
+        loss_sum, first, max_logit = 0.0, None, None
+        accum = self.train_loader.grad_accum
+        for micro_step in range(accum):
+            x, y = next(self.train_loader)
+            x, y = x.to(engine.device), y.to(engine.device)
+            if first is None:
+                first = (x, y)
+            if diagnostics and micro_step == 0:
+                self.probe.arm()
+            with self.runner.micro_context():
+                loss = lm_loss(engine(input_ids=x).logits, y)
+                if diagnostics and micro_step == 0:
+                    max_logit = self.probe.collect()
+                self.runner.backward_step(loss)
+            loss_sum += float(loss.detach())
+        self.scheduler.step()
+        self.step = step
+        train_loss = mean_over_ranks(loss_sum, accum)
+        record = {"step": step, "loss": train_loss, "lr": lr_now, "tokens": step * self.tokens_per_step}
+        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is not None:
+            record["grad_norm"] = float(grad_norm)
+        if diagnostics:
+            record["max_attn_logit"] = max_logit
+            if self.trust_stats:
+                basic.track_stats = False
+                summary = reduce_trust_stats(basic)  # 5 scalars per rank; every rank joins
+                if summary:
+                    if not self.clip_fraction:  # LAMB does not clip: the fraction would always be 0
+                        summary.pop("clip_fraction", None)
+                    record.update(summary)
+            noise = self.gns.measure(engine.module, *first, world) if self.zero_stage < 3 else None
+            if noise:
+                record.update(noise)
+        record["step_time_s"] = time.perf_counter() - t0
+        return record
+
+    # --- validation ----------------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        """Loss and perplexity on the fixed validation blocks (mean over every rank's)."""
+        engine = self.engine
+        engine.eval()
+        total = 0.0
+        with torch.no_grad():
+            for k in range(self.val_loader.grad_accum):
+                x, y = self.val_loader.get_batch(0, k)
+                total += float(lm_loss(engine(input_ids=x.to(engine.device)).logits, y.to(engine.device)))
+        engine.train()
+        loss = mean_over_ranks(total, self.val_loader.grad_accum)
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+
+    # --- checkpoints -----------------------------------------------------------------------------------
+    def client_state(self) -> dict:
+        """What DeepSpeed's files do not hold: loader position, scheduler, RNG, noise-scale EMAs.
+
+        It lands in rank 0's model-states file: the loader position and scheduler are the same on
+        every rank; the RNG state is rank 0's (the recipes use no dropout and a deterministic data
+        order, so nothing in the loop draws random numbers)."""
+        return {"step": self.step, "loader": self.train_loader.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "rng": _rng_state(), "gns": self.gns.state_dict()}
+
+    def save(self, ckpt_root: Path, run_info: dict, keep_last: int) -> Path:
+        """An atomic checkpoint of step :attr:`step` (see :mod:`.checkpoint`); returns its path."""
+        rank, world = self.runner.rank, self.runner.world
+        tag = ckpt.tag_for(self.step)
+        if rank == 0:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            # a save killed earlier (maybe at another world size) leaves files DeepSpeed would not
+            # overwrite, and finalize would checksum them in
+            shutil.rmtree(ckpt_root / f".tmp-{tag}", ignore_errors=True)
+        if world > 1:
+            dist.barrier()
+        self.engine.save_checkpoint(str(ckpt_root), tag=f".tmp-{tag}", client_state={"merit_ds": self.client_state()},
+                                    save_latest=False)
+        if world > 1:
+            dist.barrier()
+        if rank == 0:
+            ckpt.finalize(ckpt_root, f".tmp-{tag}", tag, run_info, self.step)
+            ckpt.prune(ckpt_root, keep_last)
+        if world > 1:
+            dist.barrier()
+        return ckpt_root / tag
+
+    def resume(self, load_from: Path, resume_from: Optional[Path] = None) -> int:
+        """Load a validated checkpoint (``load_from``: it, or its universal copy); returns the step."""
+        resume_from = resume_from or load_from
+        load_path, client_state = self.engine.load_checkpoint(str(load_from.parent), tag=load_from.name,
+                                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+        if load_path is None or "merit_ds" not in (client_state or {}):
+            raise UsageError(f"DeepSpeed could not load {load_from}")
+        state = client_state["merit_ds"]
+        try:
+            self.train_loader.load_state_dict(state["loader"])
+        except DataError as exc:
+            raise UsageError(f"checkpoint {resume_from} does not match the data: {exc}") from None
+        self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        if "gns" in state:  # checkpoints written before the noise scale's EMAs were saved lack it
+            self.gns.load_state_dict(state["gns"])
+        self.step = int(state["step"])
+        return self.step

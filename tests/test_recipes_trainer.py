@@ -1,0 +1,166 @@
+"""The trainer alone, in-process, without DeepSpeed or a process group: stand-ins for the engine
+(a module with DeepSpeed's checkpoint calls) and the runner (backward, step at the accumulation
+boundary). One step equals the optimizer applied by hand to the same micro-batches, evaluation is
+the mean validation loss, and save + resume into a fresh trainer continues bitwise."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from merit_ds.integrations.param_groups import merit_param_groups
+from merit_ds.optim import LAMB, MERIT
+from merit_ds.train import checkpoint as ckpt
+from merit_ds.train.data_source import make_train_loader, make_val_loader
+from merit_ds.train.diagnostics import lm_loss
+from merit_ds.train.presets import MODEL_PRESETS, gpt2_config
+from merit_ds.train.trainer import Trainer
+
+SEQ, BATCH, MICRO = 16, 4, 2  # grad_accum 2 on one rank
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokens")
+    rng = np.random.default_rng(1)
+    rng.integers(0, 256, size=4000, dtype=np.uint16).tofile(d / "train.bin")
+    rng.integers(0, 256, size=1000, dtype=np.uint16).tofile(d / "val.bin")
+    return d
+
+
+class Engine(torch.nn.Module):
+    """What the trainer uses of DeepSpeed's engine; checkpoints as one torch.save per tag."""
+
+    def __init__(self, model, optimizer):
+        super().__init__()
+        self.module, self.optimizer, self.device = model, optimizer, torch.device("cpu")
+
+    def forward(self, **kwargs):
+        return self.module(**kwargs)
+
+    def get_global_grad_norm(self):
+        return None
+
+    def save_checkpoint(self, root, tag, client_state, save_latest):
+        path = Path(root) / tag
+        path.mkdir(parents=True)
+        torch.save({"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "client": client_state}, path / "state.pt")
+
+    def load_checkpoint(self, root, tag, load_optimizer_states, load_lr_scheduler_states):
+        state = torch.load(Path(root) / tag / "state.pt", weights_only=False)
+        self.module.load_state_dict(state["module"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return str(Path(root) / tag), state["client"]
+
+
+class Runner:
+    """One rank: backward per micro-batch, step + zero_grad at the accumulation boundary."""
+
+    rank, world = 0, 1
+
+    def __init__(self, optimizer, accum):
+        self.optimizer, self.accum, self.micro = optimizer, accum, 0
+
+    def micro_context(self):
+        return contextlib.nullcontext()
+
+    def backward_step(self, loss):
+        (loss / self.accum).backward()
+        self.micro += 1
+        if self.micro % self.accum == 0:
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+
+
+def _model():
+    torch.manual_seed(0)
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel(gpt2_config(MODEL_PRESETS["tiny"], n_layer=1, n_embd=16, n_head=2, n_positions=SEQ,
+                                       vocab_size=256))
+
+
+OPTIMIZERS = {
+    "merit": lambda groups: MERIT(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-6),
+    "lamb": lambda groups: LAMB(groups, lr=1e-2, betas=(0.9, 0.95), eps=1e-6),
+    "adamw": lambda groups: torch.optim.AdamW(groups, lr=3e-3, betas=(0.9, 0.95), eps=1e-8),
+}
+
+
+def _trainer(data_dir, name, steps=6, warmup=2):
+    model = _model()
+    opt = OPTIMIZERS[name](merit_param_groups(model, 0.1))
+    train = make_train_loader(data_dir, seq_len=SEQ, global_batch=BATCH, micro_batch=MICRO, rank=0, world=1, seed=3)
+    val = make_val_loader(data_dir, seq_len=SEQ, eval_sequences=4, micro_batch=MICRO, rank=0, world=1)
+    engine = Engine(model, opt)
+    trainer = Trainer(engine, Runner(opt, train.grad_accum), opt, name, train, val, steps=steps, warmup=warmup,
+                      floor=0.1, tokens_per_step=BATCH * SEQ, zero_stage=0)
+    return trainer, model, opt
+
+
+@pytest.mark.parametrize("name", ["merit", "lamb", "adamw"])
+def test_train_step_is_the_optimizer_applied_by_hand(data_dir, name):
+    trainer, model, opt = _trainer(data_dir, name)
+    ref_model = copy.deepcopy(model)
+    ref_opt = OPTIMIZERS[name](merit_param_groups(ref_model, 0.1))
+    peak = ref_opt.param_groups[0]["lr"]
+    for g in ref_opt.param_groups:
+        g["lr"] = peak / 2  # warmup 2: the first step runs at lr / 2
+    loader = make_train_loader(data_dir, seq_len=SEQ, global_batch=BATCH, micro_batch=MICRO, rank=0, world=1, seed=3)
+    losses = []
+    for _ in range(2):
+        x, y = next(loader)
+        loss = lm_loss(ref_model(input_ids=x).logits, y)
+        (loss / 2).backward()
+        losses.append(float(loss.detach()))
+    ref_opt.step()
+
+    record = trainer.train_step(diagnostics=True)
+    assert trainer.step == 1 and record["step"] == 1 and record["tokens"] == BATCH * SEQ
+    assert record["lr"] == peak / 2 and opt.param_groups[0]["lr"] == peak  # the scheduler moved on to the peak
+    assert record["loss"] == sum(losses) / 2
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), n
+    assert math.isfinite(record["max_attn_logit"]) and record["gns_b_small"] == 1.0
+    keys = {k for k in record if k.startswith("trust_ratio") or k == "clip_fraction"}
+    assert keys == {"merit": {"trust_ratio_min", "trust_ratio_mean", "trust_ratio_max", "clip_fraction"},
+                    "lamb": {"trust_ratio_min", "trust_ratio_mean", "trust_ratio_max"}, "adamw": set()}[name]
+    if name != "adamw":
+        assert not opt.track_stats  # switched on for the diagnostics step only
+        assert 0 < record["trust_ratio_min"] <= record["trust_ratio_mean"] <= record["trust_ratio_max"]
+    plain = trainer.train_step()
+    assert "max_attn_logit" not in plain and "trust_ratio_max" not in plain and plain["step"] == 2
+
+
+def test_evaluate_is_the_mean_validation_loss(data_dir):
+    trainer, model, _ = _trainer(data_dir, "adamw")
+    val = make_val_loader(data_dir, seq_len=SEQ, eval_sequences=4, micro_batch=MICRO, rank=0, world=1)
+    with torch.no_grad():
+        want = sum(float(lm_loss(model(input_ids=x).logits, y)) for x, y in (val.get_batch(0, k) for k in range(2))) / 2
+    got = trainer.evaluate()
+    assert got == {"val_loss": want, "val_ppl": math.exp(want)}
+    assert model.training  # back to training mode
+
+
+@pytest.mark.parametrize("name", ["lamb", "adamw"])
+def test_save_then_resume_in_a_fresh_trainer_continues_bitwise(data_dir, tmp_path, name):
+    root, info = tmp_path / "checkpoints", {"optimizer": name, "world": 1, "zero_stage": 0}
+    trainer, _, _ = _trainer(data_dir, name)
+    want = [trainer.train_step(diagnostics=True) for _ in range(2)]
+    saved = trainer.save(root, info, keep_last=1)
+    assert saved == root / "step_00000002" and ckpt.latest_checkpoint(root) == saved
+    assert ckpt.validate(saved, info)["step"] == 2
+    want += [trainer.train_step(diagnostics=True) for _ in range(2)]
+
+    fresh, model, _ = _trainer(data_dir, name)
+    assert fresh.resume(saved) == 2 and fresh.step == 2
+    got = [fresh.train_step(diagnostics=True) for _ in range(2)]
+    strip = lambda r: {k: v for k, v in r.items() if k != "step_time_s"}  # noqa: E731
+    assert [strip(r) for r in got] == [strip(r) for r in want[2:]]
