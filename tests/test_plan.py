@@ -9,7 +9,7 @@ import torch
 
 from merit_ds.train import presets
 from merit_ds.train.batch import BatchConfigError, plan_batch
-from merit_ds.train.plan import GiB, activation_bytes, make_plan, memory_per_gpu, wall_time_seconds
+from merit_ds.train.plan import GiB, activation_bytes, format_plan, make_plan, memory_per_gpu, wall_time_seconds
 
 
 def test_batch_presets_are_the_documented_numbers():
@@ -116,3 +116,11 @@ def test_plan_cli(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--batch", "1k", "--nodes", "3"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not divisible by the data-parallel world size 24" in bad.stderr
+
+
+def test_plan_shows_the_chosen_optimizers_lr():
+    merit = make_plan("gpt2-medium", "6k", 48e9, 4, 8, "h100")
+    adamw = make_plan("gpt2-medium", "6k", 48e9, 4, 8, "h100", optimizer="adamw")
+    assert adamw["lr"] == pytest.approx(3e-4 * math.sqrt(6144 / 480)) and adamw["stages"] == merit["stages"]
+    assert "schedule: AdamW peak lr 0.00107 (sqrt-scaled; paper value: GPT-3 table 2.1" in format_plan(adamw)
+    assert "schedule: MERIT peak lr 0.00107 (sqrt-scaled; ESTIMATE" in format_plan(merit)

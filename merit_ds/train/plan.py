@@ -34,7 +34,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from .batch import BatchConfigError, divisors, plan_batch
-from .presets import TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset, parse_batch, scaled_lr, warmup_steps
+from .presets import (OPTIMIZER_LABELS, OPTIMIZERS, TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset,
+                      parse_batch, scaled_lr, warmup_steps)
 
 __all__ = ["GPUS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "wall_time_seconds", "make_plan", "format_plan"]
 
@@ -119,7 +120,9 @@ def _pick_micro_batch(per_rank: int, fits) -> Optional[int]:
 def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDGET, nodes: int = 1,
               gpus_per_node: int = 8, gpu: str = "h100", *, precision: str = "bf16",
               micro_batch: Optional[int] = None, activation_checkpointing: bool = False,
-              mfu: float = DEFAULT_MFU, seq_len: Optional[int] = None) -> dict:
+              mfu: float = DEFAULT_MFU, seq_len: Optional[int] = None, optimizer: str = "merit") -> dict:
+    """``optimizer`` (merit | lamb | adamw) sets the peak lr shown; the memory is the same for all
+    three (fp32 master, m and v: 12 bytes/param in bf16)."""
     preset = get_model_preset(model)
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}")
@@ -133,7 +136,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
     per_rank = global_batch // world
     budget = GPUS[gpu]["mem_gib"] * GiB * HEADROOM
     n = preset.n_params
-    optim = get_optim_preset(model)
+    optim = get_optim_preset(model, optimizer)
     steps = base.steps
     rows = []
     for stage, offload in ((0, False), (1, False), (2, False), (3, False), (2, True), (3, True)):
@@ -165,7 +168,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
         "gpu": gpu, "gpu_mem_gib": GPUS[gpu]["mem_gib"], "peak_flops": GPUS[gpu]["peak_flops"], "mfu": mfu,
         "precision": precision, "activation_checkpointing": activation_checkpointing,
         "flops": 6.0 * n * steps * base.tokens_per_step, "wall_time_s": seconds,
-        "lr": lr, "lr_source": optim.lr_source, "warmup_steps": warmup_steps(steps, optim.warmup_fraction),
+        "optimizer": optimizer, "lr": lr, "lr_source": optim.lr_source, "warmup_steps": warmup_steps(steps, optim.warmup_fraction),
         "stages": rows,
     }
 
@@ -177,7 +180,7 @@ def format_plan(p: dict) -> str:
         f"batch: {p['global_batch']:,} sequences = {p['tokens_per_step']:,} tokens/step; "
         f"{p['per_gpu_batch']} sequences per GPU per step",
         f"steps: ceil({p['token_budget']:,} / {p['tokens_per_step']:,}) = {p['steps']:,}",
-        f"schedule: MERIT peak lr {p['lr']:.3g} (sqrt-scaled; {p['lr_source']}), warmup {p['warmup_steps']:,} steps, cosine to 0.1x",
+        f"schedule: {OPTIMIZER_LABELS[p.get('optimizer', 'merit')]} peak lr {p['lr']:.3g} (sqrt-scaled; {p['lr_source']}), warmup {p['warmup_steps']:,} steps, cosine to 0.1x",
         f"memory per GPU ({p['precision']}, activation checkpointing {'on' if p['activation_checkpointing'] else 'off'}; GiB; "
         f"micro-batch = largest divisor of {p['per_gpu_batch']} fitting {int(HEADROOM * 100)}% of the GPU):",
         f"  {'ZeRO':<11}{'params':>8}{'grads':>8}{'optim':>8}{'optim@CPU':>10}{'activ.':>8}{'total':>8}{'micro':>7}{'accum':>7}",
@@ -215,6 +218,7 @@ def recipes_table(nodes: int = 4, gpus_per_node: int = 8, gpu: str = "h100") -> 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="gpt2-small", help="tiny | gpt2-small | gpt2-medium")
+    parser.add_argument("--optimizer", default="merit", choices=list(OPTIMIZERS), help="whose lr preset to show")
     parser.add_argument("--batch", default="480", help="global batch in sequences, or a preset: 480 1k 2k 4k 6k")
     parser.add_argument("--tokens", type=float, default=TOKEN_BUDGET, help="token budget (default 48e9)")
     parser.add_argument("--nodes", type=int, default=1)
@@ -236,6 +240,7 @@ def run(args) -> int:
         return 0
     p = make_plan(args.model, args.batch, args.tokens, args.nodes, args.gpus_per_node, args.gpu,
                   precision=args.precision, micro_batch=args.micro_batch,
-                  activation_checkpointing=args.activation_checkpointing, mfu=args.mfu, seq_len=args.seq_len)
+                  activation_checkpointing=args.activation_checkpointing, mfu=args.mfu, seq_len=args.seq_len,
+                  optimizer=args.optimizer)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0
