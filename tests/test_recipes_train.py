@@ -563,3 +563,19 @@ def test_baseline_under_accelerate_launch_matches_deepspeed_launcher(data_dir, t
     strip = lambda recs: [{k: v for k, v in x.items() if k != "step_time_s"} for x in recs]  # noqa: E731
     assert got["train"] == want["train"] and got["val"] == want["val"]
     assert strip(got["records"]) == strip(want["records"])
+
+
+@pytest.mark.parametrize("optimizer,extra,stepping", [
+    ("adamw", ["--offload"], "DeepSpeedZeroOptimizer -> deepspeed DeepSpeedCPUAdam (AdamW mode) verified stepping"),
+    ("lamb", ["--zero-stage", "3"], "DeepSpeedZeroOptimizer_Stage3 -> LAMB verified stepping"),
+])
+def test_baseline_offload_and_zero3(data_dir, tmp_path, optimizer, extra, stepping):
+    """AdamW under ZeRO-Offload is DeepSpeed's CPU Adam in AdamW mode (the fast correct choice on
+    the host); LAMB under ZeRO-3 has a sharding layout per sub-group and reports its trust ratios."""
+    out = tmp_path / "run"
+    r = single(_args(data_dir, out, "--steps", "2", "--diag-every", "2", *extra, "--optimizer", optimizer))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert stepping in r.stdout
+    recs = [x for x in losses(out)["records"] if "max_attn_logit" in x]
+    assert [x["step"] for x in recs] == [1, 2] and all(np.isfinite(x["loss"]) for x in recs)
+    assert all(("trust_ratio_max" in x) == (optimizer == "lamb") for x in recs)

@@ -182,3 +182,21 @@ def test_universal_copy_is_remade_when_the_source_checkpoint_changed(tmp_path, m
     (again / ckpt.UNIVERSAL_SOURCE).unlink()
     ckpt.universal_copy(source, root / "universal")
     assert len(conversions) == 3
+
+
+def test_checkpoint_records_the_optimizer_and_older_ones_count_as_merit(tmp_path):
+    path = _checkpoint(tmp_path)  # RUN has no "optimizer": a checkpoint from before --optimizer existed
+    assert ckpt.validate(path, dict(RUN, optimizer="merit"))["step"] == 4
+    with pytest.raises(ckpt.CheckpointError, match="trained with optimizer='merit', this run has optimizer='adamw'"):
+        ckpt.validate(path, dict(RUN, optimizer="adamw"))
+    lamb = ckpt.finalize(tmp_path / "lamb", *_tmp_dir(tmp_path / "lamb"), dict(RUN, optimizer="lamb"), 4)
+    assert ckpt.validate(lamb, dict(RUN, optimizer="lamb"))["run"]["optimizer"] == "lamb"
+    with pytest.raises(ckpt.CheckpointError, match="trained with optimizer='lamb', this run has optimizer='merit'"):
+        ckpt.validate(lamb, dict(RUN, optimizer="merit"))
+
+
+def _tmp_dir(root: Path):
+    tmp = root / ".tmp-step_00000004"
+    tmp.mkdir(parents=True)
+    (tmp / "mp_rank_00_model_states.pt").write_bytes(b"weights")
+    return tmp.name, "step_00000004"
