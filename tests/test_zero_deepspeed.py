@@ -4,7 +4,11 @@ One launch per world size runs every configuration in one process group (see
 zero_worker.py); each configuration then gets its own test here, asserting on numbers:
 
 - the fp32 master weights after every step() equal single-device MERIT fed the same full
-  weights and averaged gradient, bit for bit (atol=rtol=0);
+  weights and averaged gradient, bit for bit (atol=rtol=0), on the same path: the CPU
+  kernel (the default for fp32 on CPU) against the CPU kernel on whole tensors, and
+  (configs ``*_foreach``) the materialised path against the single_tensor reference; the
+  statistics steps (``track_stats`` on) run the materialised path, so the ``*_kernel``
+  configs turn it off and assert that no scratch buffer was made (the fused form ran);
 - exactly one all_reduce per step() call, and it is the statistics all-reduce, with
   ``track_stats`` on;
 - the trust-ratio statistics recorded by the sharded step, reduced over ranks, equal the
@@ -31,6 +35,7 @@ WORLD2 = [
     "z1_fp32", "z2_fp32", "z3_fp32", "z1_bf16", "z2_bf16", "z3_bf16", "bf16opt", "z2_fp16", "z3_fp16",
     "z2_rr", "z2_align", "z3_subgroups", "z2_offload_rr", "z3_offload", "z2_groups", "bf16opt_groups",
     "z3_groups", "z2_bf16_offload", "z2_attach", "z2_bf16_nan", "z1_fp16", "z1_offload",
+    "z2_foreach", "z3_foreach", "z2_foreach_nan", "z2_kernel", "z3_kernel_offload", "z2_kernel_rr", "z2_kernel_nan",
 ]
 # No ZeRO: DeepSpeed's FP16_UnfusedOptimizer gives MERIT same-shaped fp32 master copies;
 # MERIT's ordinary step runs (no layout, no collective).
@@ -70,6 +75,8 @@ def _check(res, name, optimizer="merit"):
         assert res["safe_get_diff"] == 0.0
     if "full_batch_diff" in res:
         assert res["full_batch_diff"] < 1e-6
+    if optimizer == "merit":  # the kernel configs ran the fused form only; the others materialise u
+        assert (res["scratch_buffers"] == 0) == ("kernel" in name), res["scratch_buffers"]
     if name.endswith("nan"):  # skipped on every rank: MERIT the parameter, LAMB the group
         skipped = 1 if optimizer == "merit" else N_PARAMS
         assert res["nonfinite_skips"] == [skipped] * len(res["nonfinite_skips"])
