@@ -70,7 +70,11 @@ def worker(args):
     for name in ("adam", "merit", "lamb"):
         torch.manual_seed(0)
         model = GPT2LMHeadModel(cfg)
-        if name == "adam":
+        if name == "adam" and args.offload:  # what ZeRO-Offload runs for Adam: DeepSpeed's CPU kernel
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            opt = DeepSpeedCPUAdam(model.parameters(), lr=1e-4, weight_decay=0.0)
+        elif name == "adam":
             opt = torch.optim.Adam(model.parameters(), lr=1e-4, weight_decay=0.0)
         elif name == "merit":
             opt = merit_ds.MERIT(model.parameters(), lr=1e-4, weight_decay=0.1)
@@ -80,8 +84,9 @@ def worker(args):
             "train_micro_batch_size_per_gpu": args.micro,
             "gradient_accumulation_steps": 1,
             "train_batch_size": args.micro * world,
-            "zero_optimization": {"stage": 2},
+            "zero_optimization": {"stage": 2, **({"offload_optimizer": {"device": "cpu"}} if args.offload else {})},
             "zero_allow_untested_optimizer": True,
+            "zero_force_ds_cpu_optimizer": False,
             "steps_per_print": 10**9,
         }
         engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg)
@@ -146,12 +151,15 @@ def main():
     ap.add_argument("--micro", type=int, default=2)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--offload", action="store_true",
+                    help="ZeRO-Offload the optimizer (Adam is then DeepSpeedCPUAdam, MERIT its CPU kernel)")
     args = ap.parse_args()
     if args.worker:
         return worker(args)
     out = HERE / "results"
     out.mkdir(exist_ok=True)
-    raw = out / "zero_step.raw.json"
+    stem = "zero_step_offload" if args.offload else "zero_step"
+    raw = out / f"{stem}.raw.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", BENCH_RESULT=str(raw))
     import socket
@@ -180,30 +188,32 @@ def main():
     shapes = {"GPT-2 Small": (12, 768), "GPT-2 Medium": (24, 1024)}
     theory = {(model, k): gpt2_stats_fraction(*shape, rules[k]) for model, shape in shapes.items() for k in rules}
     summary = dict(
-        setup=dict(ranks=2, device="cpu (gloo)", zero_stage=2, precision="fp32", threads_per_rank=1, **{k: v for k, v in vars(args).items() if k != "worker"}),
+        setup=dict(ranks=2, device="cpu (gloo)", zero_stage=2, adam="DeepSpeedCPUAdam" if args.offload else "torch Adam", precision="fp32", threads_per_rank=1, **{k: v for k, v in vars(args).items() if k != "worker"}),
         params=r["merit"]["params"],
         results=r,
         load_average_1min=dict(before=load_before, after=load_after, cores=os.cpu_count()),
         theory={f"{m} {k}": dict(params=p, stats_entries=f, bytes=f * bytes_per[k], fraction=f / p)
                 for (m, k), (p, f) in theory.items()},
     )
-    (out / "zero_step.json").write_text(json.dumps(summary, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
 
     def cell(d, key):
         return f"{d[key + '_median_s'] * 1e3:.1f} ms ({d[key + '_min_s'] * 1e3:.0f}..{d[key + '_max_s'] * 1e3:.0f})"
 
+    adam_name = "DeepSpeedCPUAdam" if args.offload else "torch Adam"
     md = [
-        "# Sharded MERIT and LAMB vs torch Adam: engine.step() under ZeRO-2",
+        f"# Sharded MERIT and LAMB vs {adam_name}: engine.step() under ZeRO-2{' with CPU offload' if args.offload else ''}",
         "",
         f"Produced by `python benchmarks/bench_zero_step.py {' '.join(sys.argv[1:])}`: 2 CPU ranks (gloo), 1 thread each, "
         f"fp32, GPT-2-shaped model ({args.layers} layers x {args.embd}, vocab 50257, {r['merit']['params'] / 1e6:.1f}M params), "
         f"micro-batch {args.micro} x {args.seq} tokens, median (min..max) of {args.steps} steps after {args.warmup} "
         "warm-up steps, the three engines interleaved step by step. "
-        "torch.optim.Adam (default implementation) is the client-optimizer baseline. "
+        + ("DeepSpeedCPUAdam (what ZeRO-Offload runs for Adam) is the baseline; MERIT runs its CPU kernel. "
+           if args.offload else "torch.optim.Adam (default implementation) is the client-optimizer baseline. ") +
         f"Machine load (1-min average) {load_before:.1f} before / {load_after:.1f} after on {os.cpu_count()} cores: "
         "absolute times are inflated by other processes; the ratios are the numbers to read.",
         "",
-        "| | torch Adam | MERIT (sharded) | LAMB (sharded) | MERIT / Adam | LAMB / Adam |",
+        f"| | {adam_name} | MERIT (sharded) | LAMB (sharded) | MERIT / Adam | LAMB / Adam |",
         "|---|---|---|---|---|---|",
         f"| engine.step() | {cell(r['adam'], 'engine_step')} | {cell(r['merit'], 'engine_step')} | "
         f"{cell(r['lamb'], 'engine_step')} | {r['merit']['engine_step_ratio']:.2f}x | {r['lamb']['engine_step_ratio']:.2f}x |",
@@ -227,7 +237,7 @@ def main():
     ]
     for (m, k), (p, f) in theory.items():
         md.append(f"| {m} | {k.upper()} | {p / 1e6:.1f}M | {f / 1e3:.1f}k | {f * bytes_per[k] / 1e3:.0f} kB | {100 * f / p:.4f}% |")
-    (out / "zero_step.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
