@@ -5,7 +5,9 @@ by ``accelerate launch`` (``--from-launcher``: the launcher's config decides eve
 Scenarios: ``ddp_client``; ``z<stage>_client`` (MERIT instance); ``z<stage>_json`` (MERIT named in
 the DeepSpeed config, DummyOptim + DummyScheduler); ``z2_offload`` (client + CPU offload);
 ``swap`` (offload without zero_force_ds_cpu_optimizer: false); ``adamw`` (AdamW prepared, then
-verified); ``flat_json`` (DummyOptim(model.parameters()) with weight decay).
+verified); ``flat_json`` (DummyOptim(model.parameters()) with weight decay). A trailing
+``_lamb`` (``z2_client_lamb``, ``z3_json_lamb``...) runs the same path with LAMB (client
+``merit_ds.LAMB``; ``"type": "ShardedLAMB"`` in the JSON).
 """
 
 import argparse
@@ -33,7 +35,7 @@ def main():
     from accelerate.utils import DeepSpeedPlugin, DummyOptim, DummyScheduler, InitProcessGroupKwargs
     from transformers import get_cosine_schedule_with_warmup
 
-    from merit_ds import MERIT
+    from merit_ds import LAMB, MERIT
     from merit_ds.integrations.accelerate import merit_deepspeed_config, prepare_with_merit, scheduler_steps
     from merit_ds.integrations.param_groups import merit_param_groups
     from merit_ds.integrations.verify import assert_merit_is_stepping, unwrap_optimizer
@@ -42,7 +44,8 @@ def main():
     tokens = token_data(STEPS * MICRO * world)
     gloo = [InitProcessGroupKwargs(backend="gloo")]  # CPU: else DeepSpeed's batch-size assertion
 
-    def accelerator_for(name):
+    def accelerator_for(name, json_type):
+        name = name[: -len("_lamb")] if name.endswith("_lamb") else name
         if cli.from_launcher:
             return Accelerator(kwargs_handlers=gloo)
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -53,7 +56,7 @@ def main():
         json = name.endswith("json")
         cfg = merit_deepspeed_config(
             stage, micro_batch=MICRO, grad_accum=1, offload=name.endswith("offload") or name == "swap",
-            optimizer_params=dict(HP, weight_decay=WEIGHT_DECAY) if json else None,
+            optimizer_params=dict(HP, weight_decay=WEIGHT_DECAY) if json else None, optimizer_type=json_type,
             train_batch_size=MICRO * world, gradient_clipping=0.0,  # the reference does not clip
         )
         if name == "swap":
@@ -62,7 +65,8 @@ def main():
         return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg), kwargs_handlers=gloo)
 
     def scenario(name):
-        accelerator = accelerator_for(name)
+        cls, json_type = (LAMB, "ShardedLAMB") if name.endswith("_lamb") else (MERIT, "MERIT")
+        accelerator = accelerator_for(name, json_type)
         rank = accelerator.process_index
         model = tiny_gpt2()
         ds_cfg = getattr(accelerator.state.deepspeed_plugin, "deepspeed_config", None) or {}
@@ -74,7 +78,7 @@ def main():
         elif name == "adamw":
             opt = torch.optim.AdamW(model.parameters(), lr=HP["lr"])
         else:
-            opt = MERIT(merit_param_groups(model, WEIGHT_DECAY), **HP)
+            opt = cls(merit_param_groups(model, WEIGHT_DECAY), **HP)
         if json:
             sched = DummyScheduler(opt, lr_scheduler_callable=lambda o: get_cosine_schedule_with_warmup(
                 o, *scheduler_steps(accelerator, WARMUP, STEPS, deepspeed_scheduler=True)))

@@ -1,10 +1,12 @@
-"""Accelerate (+ DeepSpeed plugin) with MERIT: client and JSON paths, ZeRO 2/3, offload, the
-swap and decay traps, LR schedules under 2 processes, and the documented CPU launch commands.
+"""Accelerate (+ DeepSpeed plugin) with MERIT and LAMB: client and JSON paths, ZeRO 2/3, offload,
+the swap and decay traps, LR schedules under 2 processes, and the documented CPU launch commands.
 
 One ``torchrun --nproc_per_node 2`` job runs the scenarios of tests/_hf_accelerate_worker.py in
 turn; two more jobs run the exact ``accelerate launch`` commands from README.md (Hugging Face section).
 Tolerance as in test_hf_trainer.py: each step within ``STEP_ATOL = 1e-6`` of plain MERIT
 re-run from the recorded weights (measured ~4e-9), negative control (all decayed) > 1e-3.
+Scenarios ending in ``_lamb`` use LAMB (client ``merit_ds.LAMB`` or ``"type": "ShardedLAMB"``)
+and are held to the same tolerances against plain single-process ``merit_ds.LAMB``.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from _hf_launch import accelerate_launch
 
 STEP_ATOL, CONTROL_MIN = 1e-6, 1e-3
 STEPS, MICRO, WARMUP, WORLD = 4, 2, 1, 2  # as in the worker
-EXACT = ["ddp_client", "z1_client", "z2_client", "z3_client", "z2_json", "z3_json", "z2_offload", "z3_offload"]
-TRAPS = ["swap", "adamw", "flat_json"]
+EXACT = ["ddp_client", "z1_client", "z2_client", "z3_client", "z2_json", "z3_json", "z2_offload", "z3_offload",
+         "z2_client_lamb", "z3_json_lamb", "z3_offload_lamb"]
+TRAPS = ["swap", "adamw", "flat_json", "swap_lamb"]
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +37,11 @@ def runs(tmp_path_factory):
 
 def _assert_matches_reference(rec):
     assert rec["error"] is None, rec.get("message")
-    assert rec["opt_type"] == "MERIT"
+    optimizer = "LAMB" if rec["name"].endswith("_lamb") else "MERIT"
+    assert rec["opt_type"] == optimizer
     assert len(rec["weights"]) == STEPS + 1
     tokens = token_data(STEPS * MICRO * WORLD)
-    kw = dict(weight_decay=WEIGHT_DECAY, hp=dict(HP), loss_scale=1.0)  # model's own mean loss
+    kw = dict(weight_decay=WEIGHT_DECAY, hp=dict(HP), loss_scale=1.0, optimizer=optimizer)  # model's own mean loss
     diffs = reference_check(rec, tokens, MICRO * WORLD, **kw)
     assert max(diffs) <= STEP_ATOL, diffs
     control = reference_check(rec, tokens, MICRO * WORLD, all_decayed=True, **kw)
@@ -64,16 +68,18 @@ def test_matches_plain_merit_reference(runs, name):
     _assert_matches_reference(rec)
 
 
-@pytest.mark.parametrize("name", ["ddp_client", "z2_client", "z3_json"])
+@pytest.mark.parametrize("name", ["ddp_client", "z2_client", "z3_json", "z3_json_lamb"])
 def test_lr_schedule_under_two_processes(runs, name):
     # ddp_client/z2_client: torch scheduler in AcceleratedScheduler (stepped twice per update,
     # built with scheduler_steps); z3_json: DummyScheduler stepped by DeepSpeed once per update.
     torch.testing.assert_close(runs[name]["lrs"], _expected_lrs(), rtol=1e-12, atol=0)
 
 
-def test_offload_swap_is_refused(runs):
-    rec = runs["swap"]
+@pytest.mark.parametrize("name", ["swap", "swap_lamb"])
+def test_offload_swap_is_refused(runs, name):
+    rec = runs[name]
     assert rec["error"] == "OffloadSwapError" and "zero_force_ds_cpu_optimizer" in rec["message"]
+    assert ("not LAMB" if name.endswith("_lamb") else "not MERIT") in rec["message"]
 
 
 def test_non_merit_optimizer_is_detected_after_prepare(runs):

@@ -1,4 +1,16 @@
-"""MERIT by name in DeepSpeed's JSON config, through the real ``deepspeed`` launcher; config checks."""
+"""MERIT and LAMB by name in DeepSpeed's JSON config, through the real ``deepspeed`` launcher,
+against a plain single-process reference; config checks.
+
+Reference protocol (as tests/_hf_common.py): the script records the full fp32 weights before
+every step; the test re-runs each step in one process from those weights (global batch = both
+ranks' micro-batches, clipped at the config's ``gradient_clipping``) with plain ``merit_ds.MERIT``
+/ ``merit_ds.LAMB`` and its own moments, and compares with the weights recorded after the step.
+fp32 configs only (under bf16 the forward itself differs from an fp32 reference).
+Tolerance ``STEP_ATOL = 1e-6``, as in test_hf_trainer.py; the negative control (one trust ratio
+for all parameters, as an optimizer that sees one flat partition computes) differs by > 1e-3.
+"""
+
+import json
 
 import pytest
 import torch
@@ -7,24 +19,83 @@ import merit_ds
 from _dist import REPO_ROOT, TESTS_DIR, launch
 from merit_ds.integrations.deepspeed import MeritConfigError, check_config
 
+EXAMPLES = REPO_ROOT / "ds_configs" / "examples"
+STEP_ATOL, CONTROL_MIN, STEPS = 1e-6, 1e-3, 4  # STEPS as in the script
+# config -> (basic optimizer, ZeRO wrapper, compared numerically with the reference)
+JSON_RUNS = {
+    "zero2_merit_fp32.json": ("MERIT", "DeepSpeedZeroOptimizer", True),
+    "zero3_merit_bf16_offload.json": ("MERIT", "DeepSpeedZeroOptimizer_Stage3", False),
+    "zero2_shardedlamb_fp32.json": ("LAMB", "DeepSpeedZeroOptimizer", True),
+    "zero3_shardedlamb_offload_fp32.json": ("LAMB", "DeepSpeedZeroOptimizer_Stage3", True),
+}
 
-@pytest.mark.parametrize(
-    "config, wrapper",
-    [("zero2_merit_fp32.json", "DeepSpeedZeroOptimizer"), ("zero3_merit_bf16_offload.json", "DeepSpeedZeroOptimizer_Stage3")],
-)
-def test_json_config_name_through_deepspeed_launcher(config, wrapper):
-    res = launch(TESTS_DIR / "zero_json_script.py", 2, ["--ds_config", str(REPO_ROOT / "ds_configs" / "examples" / config)],
-                 launcher="deepspeed", timeout=300)
+
+@pytest.fixture(scope="module")
+def json_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("json")
+    res = launch(TESTS_DIR / "zero_json_script.py", 2, ["--ds_config", *(str(EXAMPLES / c) for c in JSON_RUNS)],
+                 launcher="deepspeed", timeout=400, env={"MERIT_TEST_RECORD": str(out)})
+    return res, out
+
+
+def _reference(config: dict, weights: list, optimizer: str, *, flat: bool = False) -> list[float]:
+    """Per step: max |recorded - reference| after the step (``flat``: the negative control)."""
+    from zero_worker import VOCAB, Tiny
+
+    model = Tiny()
+    named = dict(model.named_parameters())
+    params = config["optimizer"]["params"]
+    flat_p = torch.nn.Parameter(torch.zeros(sum(p.numel() for p in named.values())))
+    opt = getattr(merit_ds, optimizer)([flat_p] if flat else model.parameters(), **params)
+    diffs = []
+    for step in range(STEPS):
+        with torch.no_grad():
+            for n, w in weights[step].items():
+                named[n].copy_(w)
+        x = torch.cat([torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(step * 100 + r))
+                       for r in range(2)])
+        model.zero_grad()
+        model(x, (x * 3 + 1) % VOCAB).backward()
+        if config.get("gradient_clipping", 1.0):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.get("gradient_clipping", 1.0))
+        if flat:
+            with torch.no_grad():
+                flat_p.copy_(torch.cat([p.detach().reshape(-1) for p in named.values()]))
+            flat_p.grad = torch.cat([p.grad.reshape(-1) for p in named.values()])
+            opt.step()
+            after = torch.cat([w.reshape(-1) for w in weights[step + 1].values()])
+            diffs.append(float((flat_p.detach() - after).abs().max()))
+        else:
+            opt.step()
+            diffs.append(max(float((named[n].detach() - w).abs().max()) for n, w in weights[step + 1].items()))
+    return diffs
+
+
+@pytest.mark.parametrize("config", list(JSON_RUNS))
+def test_json_config_name_through_deepspeed_launcher(json_runs, config):
+    results, out = json_runs
+    res = results[config]
+    optimizer, wrapper, numeric = JSON_RUNS[config]
+    cfg = json.loads((EXAMPLES / config).read_text())
     assert res["world"] == 2
-    assert res["basic_optimizer"] == "MERIT" and res["wrapper"] == wrapper
+    assert res["basic_optimizer"] == optimizer and res["wrapper"] == wrapper
     assert res["sharded_groups"] == 1
-    assert res["stats_all_reduces"] == 4  # one per step() call, 4 steps
-    assert res["hyperparameters"] == {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}
+    assert res["stats_all_reduces"] == STEPS  # one per step() call
+    params = cfg["optimizer"]["params"]
+    assert res["hyperparameters"] == {k: params[k] for k in ("lr", "betas", "eps", "weight_decay")}
     assert all(0 < l < 10 for l in res["losses"])
+    if numeric:
+        weights = torch.load(out / config.replace(".json", ".pt"))["weights"]
+        diffs = _reference(cfg, weights, optimizer)
+        print(config, "max step diff vs reference", max(diffs))
+        assert max(diffs) <= STEP_ATOL, diffs
+        control = _reference(cfg, weights, optimizer, flat=True)
+        assert max(control) > CONTROL_MIN, control
 
 
 def test_import_registers_json_name():
     assert torch.optim.MERIT is merit_ds.MERIT
+    assert torch.optim.ShardedLAMB is merit_ds.LAMB
 
 
 BASE = {"optimizer": {"type": "MERIT", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}}
@@ -57,8 +128,40 @@ def test_check_config_case_and_client_optimizer():
 
 
 def test_shipped_configs_pass_the_check():
-    for path in sorted((REPO_ROOT / "ds_configs").glob("*merit*.json")):
+    paths = sorted((REPO_ROOT / "ds_configs").glob("*merit*.json")) + sorted(EXAMPLES.glob("*.json"))
+    assert any("shardedlamb" in p.name for p in paths)
+    for path in paths:
         check_config(path)
+
+
+LAMB_BASE = {"optimizer": {"type": "ShardedLAMB", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}}
+
+
+def test_check_config_sharded_lamb_like_merit():
+    with pytest.raises(MeritConfigError, match='ShardedLAMB under ZeRO needs "zero_allow_untested_optimizer": true'):
+        check_config(LAMB_BASE)
+    ok = {**LAMB_BASE, "zero_allow_untested_optimizer": True}
+    check_config(ok)
+    with pytest.raises(MeritConfigError, match='write "type": "ShardedLAMB", not "shardedlamb"'):
+        check_config({**ok, "optimizer": {"type": "shardedlamb"}})
+    with pytest.raises(MeritConfigError, match='"type": "ShardedLAMB", not "Shardedlamb"'):
+        check_config({**ok, "optimizer": {"type": "Shardedlamb"}})
+    offload = {**ok, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(MeritConfigError, match="nvme"):
+        check_config({**offload, "zero_force_ds_cpu_optimizer": False,
+                      "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}})
+    with pytest.raises(MeritConfigError, match="gradient_clipping"):
+        check_config({**ok, "optimizer": {"type": "ShardedLAMB", "params": {"max_grad_norm": 1.0}}})
+    with pytest.raises(MeritConfigError, match='LAMB under ZeRO needs'):  # a client LAMB instance
+        check_config({"zero_optimization": {"stage": 1}}, client_optimizer=merit_ds.LAMB)
+
+
+@pytest.mark.parametrize("name", ["lamb", "Lamb", "LAMB"])
+def test_check_config_explains_deepspeeds_fused_lamb(name):
+    cfg = {**LAMB_BASE, "zero_allow_untested_optimizer": True, "optimizer": {"type": name}}
+    with pytest.raises(MeritConfigError, match=r'FusedLamb.*CUDA-only.*per\s+flat partition.*"type": "ShardedLAMB"'):
+        check_config(cfg)
+    check_config({**cfg, "zero_optimization": {"stage": 0}})  # without ZeRO FusedLamb is LAMB (on CUDA): not ours
 
 
 def test_flat_tensor_without_deepspeed_raises_instead_of_falling_back():
