@@ -4,7 +4,8 @@ by ``accelerate launch`` (``--from-launcher``: the launcher's config decides eve
 
 Scenarios: ``ddp_client``; ``z<stage>_client`` (MERIT instance); ``z<stage>_json`` (MERIT named in
 the DeepSpeed config, DummyOptim + DummyScheduler); ``z2_offload`` (client + CPU offload);
-``swap`` (offload without zero_force_ds_cpu_optimizer: false); ``adamw`` (AdamW prepared, then
+``swap`` (offload without zero_force_ds_cpu_optimizer: false); ``z3_json_offload`` (named in the
+JSON, offload, and no zero_force_ds_cpu_optimizer key: nothing to swap or refuse); ``adamw`` (AdamW prepared, then
 verified); ``flat_json`` (DummyOptim(model.parameters()) with weight decay). A trailing
 ``_lamb`` (``z2_client_lamb``, ``z3_json_lamb``...) runs the same path with LAMB (client
 ``merit_ds.LAMB``; ``"type": "ShardedLAMB"`` in the JSON).
@@ -53,13 +54,16 @@ def main():
             os.environ["ACCELERATE_USE_DEEPSPEED"] = "false"
             return Accelerator(cpu=True, kwargs_handlers=gloo)
         stage = int(name[1]) if name[0] == "z" else 2
-        json = name.endswith("json")
+        json = name.endswith("json") or name.endswith("json_offload")
+        offload = name.endswith("offload") or name == "swap"
         cfg = merit_deepspeed_config(
-            stage, micro_batch=MICRO, grad_accum=1, offload=name.endswith("offload") or name == "swap",
+            stage, micro_batch=MICRO, grad_accum=1, offload=offload,
             optimizer_params=dict(HP, weight_decay=WEIGHT_DECAY) if json else None, optimizer_type=json_type,
             train_batch_size=MICRO * world, gradient_clipping=0.0,  # the reference does not clip
         )
-        if name == "swap":
+        if name == "swap" or (json and offload):
+            # swap: the client optimizer Accelerate would replace; json + offload: named in the
+            # JSON, which needs no zero_force_ds_cpu_optimizer (DeepSpeed enforces it for clients only)
             cfg.pop("zero_force_ds_cpu_optimizer")
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=cfg), kwargs_handlers=gloo)

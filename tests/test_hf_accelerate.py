@@ -24,7 +24,8 @@ from _hf_launch import accelerate_launch
 STEP_ATOL, CONTROL_MIN = 1e-6, 1e-3
 STEPS, MICRO, WARMUP, WORLD = 4, 2, 1, 2  # as in the worker
 EXACT = ["ddp_client", "z1_client", "z2_client", "z3_client", "z2_json", "z3_json", "z2_offload", "z3_offload",
-         "z2_client_lamb", "z3_json_lamb", "z3_offload_lamb"]
+         "z2_client_lamb", "z3_json_lamb", "z3_offload_lamb",
+         "z2_json_offload", "z3_json_offload_lamb"]  # named in the JSON + offload, no zero_force_ds_cpu_optimizer
 TRAPS = ["swap", "adamw", "flat_json", "swap_lamb"]
 
 

@@ -149,3 +149,21 @@ def test_guard_protects_lamb_too():
         _guard(_fake_trainer({**ZERO2, "optimizer": {"type": "Lamb"}}, optim="sharded_lamb"))
     with pytest.raises(MeritConfigError, match="zero_allow_untested_optimizer"):
         _guard(_fake_trainer({"zero_optimization": {"stage": 2}, "optimizer": {"type": "ShardedLAMB"}}))
+
+
+def test_guard_lets_json_named_offload_through_without_force_key():
+    # DeepSpeed enforces zero_force_ds_cpu_optimizer for client optimizers only and the Trainer
+    # passes DummyOptim for a JSON-named optimizer: nothing is swapped, nothing to refuse.
+    from types import SimpleNamespace
+
+    from merit_ds.integrations.hf_trainer import _guarded_deepspeed_init
+
+    for name in ("MERIT", "ShardedLAMB"):
+        cfg = {**ZERO2, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+               "optimizer": {"type": name, "params": {}}}
+        trainer = _fake_trainer(cfg)
+        trainer.model = tiny_gpt2()
+        trainer.get_decay_parameter_names = lambda model: []
+        dummy = SimpleNamespace(params=None)
+        assert _guarded_deepspeed_init(lambda *a, **k: (dummy, None), trainer, 10) == (dummy, None)
+        assert isinstance(dummy.params, list)  # the Trainer's groups were handed over

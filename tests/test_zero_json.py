@@ -108,12 +108,19 @@ def test_check_config_requires_untested_optimizer_flag():
     check_config({**BASE, "zero_optimization": {"stage": 0}})  # no ZeRO: nothing to allow
 
 
-def test_check_config_offload_needs_force_ds_cpu_optimizer_false():
+def test_check_config_offload_needs_force_ds_cpu_optimizer_false_for_client_optimizers_only():
     cfg = {**BASE, "zero_allow_untested_optimizer": True,
            "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
-    with pytest.raises(MeritConfigError, match='"zero_force_ds_cpu_optimizer": false'):
-        check_config(cfg)
-    check_config({**cfg, "zero_force_ds_cpu_optimizer": False})
+    # Named in the JSON: DeepSpeed builds it itself and enforces the key for client optimizers
+    # only (engine.py:2342-2346); Accelerate swaps client optimizers only. So: accepted (and run
+    # exactly through the deepspeed launcher: zero3_shardedlamb_offload_fp32.json has no such key).
+    check_config(cfg)
+    check_config({**cfg, "optimizer": {"type": "ShardedLAMB"}})
+    client = {k: v for k, v in cfg.items() if k != "optimizer"}
+    for opt in (True, merit_ds.MERIT, merit_ds.LAMB([torch.nn.Parameter(torch.ones(2))])):
+        with pytest.raises(MeritConfigError, match='client .*"zero_force_ds_cpu_optimizer": false.*client optimizers only'):
+            check_config(client, client_optimizer=opt)
+    check_config({**client, "zero_force_ds_cpu_optimizer": False}, client_optimizer=True)
     with pytest.raises(MeritConfigError, match="nvme"):
         check_config({**cfg, "zero_force_ds_cpu_optimizer": False,
                       "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}})
@@ -187,11 +194,12 @@ def test_force_ds_cpu_optimizer_read_like_deepspeed(value, refused):
 
     cfg = {**BASE, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": value,
            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    check_config(cfg)  # named in the JSON: the key does not matter
     if refused:
         with pytest.raises(MeritConfigError, match="zero_force_ds_cpu_optimizer"):
-            check_config(cfg)
+            check_config(cfg, client_optimizer=True)
         with pytest.raises(OffloadSwapError):
             refuse_offload_swap(cfg)
     else:
-        check_config(cfg)
+        check_config(cfg, client_optimizer=True)
         refuse_offload_swap(cfg)

@@ -94,5 +94,7 @@ def refuse_offload_swap(ds_config: Mapping[str, Any], what: Optional[str] = "MER
             "needs '\"zero_force_ds_cpu_optimizer\": false' in the DeepSpeed config: without it "
             f"Accelerate (and the HF Trainer) silently replace the optimizer with "
             f"DeepSpeedCPUAdam (Adam, not {what}) and plain DeepSpeed raises. Add the key to the "
-            "top level of the DeepSpeed config."
+            "top level of the DeepSpeed config, or name the optimizer in the config's \"optimizer\" "
+            "section (with DummyOptim) instead of passing an instance: that path is neither swapped nor "
+            "refused."
         )

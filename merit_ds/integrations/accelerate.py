@@ -73,7 +73,9 @@ def merit_deepspeed_config(
     use ``DummyOptim``); None: the client-optimizer form (``optimizer_type`` unused).
     Always sets ``zero_allow_untested_optimizer`` (DeepSpeed refuses a non-Adam optimizer
     under ZeRO otherwise) and, with ``offload``, ``offload_optimizer: cpu`` plus
-    ``zero_force_ds_cpu_optimizer: false`` (without it MERIT is swapped or refused).
+    ``zero_force_ds_cpu_optimizer: false`` (without it a *client* MERIT/LAMB is swapped by
+    Accelerate or refused by DeepSpeed; the JSON-named form does not need it, and it is harmless
+    there).
     ``gradient_clipping`` is always written: DeepSpeed 0.19.8 clips at 1.0 when the key is absent
     (``runtime/constants.py:203``), which is easy to miss; ``0.0`` disables clipping, ``"auto"``
     lets the HF Trainer fill in ``max_grad_norm``.

@@ -14,11 +14,12 @@ registry, and that lookup is case-sensitive. So ``import merit_ds`` sets
 (or ``"type": "ShardedLAMB"``) in a config trains with sharded MERIT (LAMB), exact under ZeRO.
 LAMB cannot go by ``"lamb"``/``"Lamb"``: DeepSpeed maps any case of that name to its own
 FusedLamb (CUDA-only; under ZeRO it computes trust ratios per flat partition, not per
-tensor). Two keys are required by DeepSpeed for any optimizer it did not write:
-``zero_allow_untested_optimizer`` under ZeRO (``engine.py:2298-2301``), and, for a *client*
-optimizer instance, ``"zero_force_ds_cpu_optimizer": false`` with ``offload_optimizer``
-(``engine.py:2342-2346``; accelerate instead silently swaps the optimizer for
-DeepSpeedCPUAdam). :func:`check_config` reports these, with the fix, before DeepSpeed starts.
+tensor). DeepSpeed requires ``zero_allow_untested_optimizer`` under ZeRO for any optimizer it
+did not write (``engine.py:2298-2301``), and ``"zero_force_ds_cpu_optimizer": false`` with
+``offload_optimizer`` for a *client* optimizer instance only (``engine.py:2342-2346``;
+accelerate instead silently swaps a client optimizer for DeepSpeedCPUAdam); an optimizer named
+in the JSON runs under ZeRO-Offload without that key. :func:`check_config` reports exactly
+these, with the fix, before DeepSpeed starts.
 """
 
 from __future__ import annotations
@@ -115,11 +116,17 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_o
             "under ZeRO 1/2/3)."
         )
     offload = (zero.get("offload_optimizer") or {}).get("device", "none")
-    if stage > 0 and ds_offloads_optimizer(cfg) and ds_forces_cpu_optimizer(cfg):
+    # DeepSpeed enforces zero_force_ds_cpu_optimizer for client optimizers only (engine.py:2342-2346,
+    # in the client branch of _configure_optimizer); Accelerate swaps only client optimizers
+    # (accelerator.py:2374-2383, not DummyOptim). A JSON-named MERIT/LAMB runs without the key.
+    if client_optimizer and stage > 0 and ds_offloads_optimizer(cfg) and ds_forces_cpu_optimizer(cfg):
         raise MeritConfigError(
-            f'{what} with "offload_optimizer" needs "zero_force_ds_cpu_optimizer": false at the top level of the '
-            f"DeepSpeed config; otherwise DeepSpeed refuses {what} (and accelerate silently replaces it with "
-            "DeepSpeedCPUAdam)."
+            f'a client {what} optimizer (an instance passed to deepspeed.initialize or accelerator.prepare) with '
+            '"offload_optimizer" needs "zero_force_ds_cpu_optimizer": false at the top level of the DeepSpeed '
+            "config: without it DeepSpeed raises ZeRORuntimeException for any client optimizer under "
+            f"ZeRO-Offload, and accelerate (and the HF Trainer) silently replace {what} with DeepSpeedCPUAdam. "
+            f'Alternatively name it in the config ("optimizer": {{"type": "{what}"}}): DeepSpeed enforces the key '
+            "for client optimizers only."
         )
     if offload == "nvme":
         raise MeritConfigError(

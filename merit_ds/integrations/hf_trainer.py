@@ -22,8 +22,10 @@ up DeepSpeed (``transformers.trainer.deepspeed_init``):
 * a DeepSpeed JSON ``"optimizer": {"type": "MERIT"}`` makes the Trainer pass one flat list,
   every parameter decayed (``integrations/deepspeed.py:576``): the guard hands DeepSpeed the
   Trainer's own decay/no-decay groups instead.
-* ZeRO-Offload without ``"zero_force_ds_cpu_optimizer": false`` makes Accelerate swap MERIT
-  for DeepSpeedCPUAdam: the guard raises :class:`OffloadSwapError`.
+* ZeRO-Offload without ``"zero_force_ds_cpu_optimizer": false`` makes Accelerate swap a
+  client MERIT (``optimizer_cls_and_kwargs``, ``optim="merit"``) for DeepSpeedCPUAdam: the
+  guard raises :class:`OffloadSwapError`. (MERIT named in the JSON is not swapped and needs
+  no such key.)
 * a DeepSpeed JSON ``"optimizer"`` section wins over ``optimizer_cls_and_kwargs`` and
   ``optim="merit"``, silently: the guard raises when MERIT was asked for and the JSON names
   another optimizer, or when both the JSON and ``optimizer_cls_and_kwargs`` name MERIT (the
