@@ -203,3 +203,52 @@ def test_force_ds_cpu_optimizer_read_like_deepspeed(value, refused):
     else:
         check_config(cfg, client_optimizer=True)
         refuse_offload_swap(cfg)
+
+
+@pytest.mark.parametrize("name, cls", [("MERIT", merit_ds.MERIT), ("ShardedLAMB", merit_ds.LAMB)])
+def test_check_config_names_unknown_params_and_the_accepted_ones(name, cls):
+    import inspect
+
+    from merit_ds.integrations.deepspeed import accepted_params
+
+    # derived from the constructor: every keyword it takes, nothing else
+    assert accepted_params(cls) == [n for n in inspect.signature(cls).parameters if n != "params"]
+    ok = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    check_config({**ok, "optimizer": {"type": name, "params": {k: "auto" for k in accepted_params(cls)}}})
+    for bad in ({"lr": 1e-3, "momentum": 0.9}, {"lr": 1e-3, "torch_adam": True, "adam_w_mode": True}):
+        cfg = {**ok, "optimizer": {"type": name, "params": bad}}
+        unknown = [k for k in bad if k != "lr"]
+        with pytest.raises(MeritConfigError) as info:
+            check_config(cfg)
+        msg = str(info.value)
+        assert all(repr(k) in msg for k in unknown) and "accepted: " + ", ".join(accepted_params(cls)) in msg
+        with pytest.raises(TypeError):  # what DeepSpeed would hit inside deepspeed.initialize
+            cls([torch.nn.Parameter(torch.ones(2))], **bad)
+    if cls is merit_ds.MERIT:  # a LAMB-only key is unknown to MERIT
+        with pytest.raises(MeritConfigError, match="'max_trust_ratio'"):
+            check_config({**ok, "optimizer": {"type": name, "params": {"max_trust_ratio": 10}}})
+
+
+def test_unknown_params_refused_before_the_engine_on_every_path():
+    """The Trainer guard and prepare_with_merit run check_config before DeepSpeed starts."""
+    from types import SimpleNamespace
+
+    from merit_ds.integrations.accelerate import check_before_prepare
+    from merit_ds.integrations.hf_trainer import _guarded_deepspeed_init
+
+    cfg = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+           "optimizer": {"type": "ShardedLAMB", "params": {"lr": 1e-3, "adam_w_mode": True}}}
+    plugin = SimpleNamespace(hf_ds_config=SimpleNamespace(config=cfg), deepspeed_config=cfg)
+    state = SimpleNamespace(deepspeed_plugin=plugin)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(state=state), optimizer=None,
+                              optimizer_cls_and_kwargs=None, args=SimpleNamespace(optim="adamw_torch"))
+
+    def original(*a, **k):
+        raise AssertionError("reached DeepSpeed")
+
+    with pytest.raises(MeritConfigError, match="'adam_w_mode'"):
+        _guarded_deepspeed_init(original, trainer, 10)
+    from accelerate.utils import DummyOptim
+
+    with pytest.raises(MeritConfigError, match="'adam_w_mode'"):
+        check_before_prepare(SimpleNamespace(state=state), DummyOptim([torch.nn.Parameter(torch.ones(2))]))

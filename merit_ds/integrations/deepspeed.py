@@ -24,6 +24,7 @@ these, with the fix, before DeepSpeed starts.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any, Mapping, Union
@@ -34,7 +35,8 @@ from merit_ds.optim import LAMB, MERIT
 
 from ._common import JSON_NAMES, ds_forces_cpu_optimizer, ds_offloads_optimizer, is_sharded_optimizer_class, json_name_of
 
-__all__ = ["register_json_name", "check_config", "JSON_NAME", "LAMB_JSON_NAME", "JSON_NAMES", "MeritConfigError"]
+__all__ = ["register_json_name", "check_config", "accepted_params", "JSON_NAME", "LAMB_JSON_NAME", "JSON_NAMES",
+           "MeritConfigError"]
 
 JSON_NAME = "MERIT"
 LAMB_JSON_NAME = "ShardedLAMB"
@@ -61,6 +63,40 @@ def _load(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Mapping[str, An
         return config
     with open(config) as f:
         return json.load(f)
+
+
+def accepted_params(cls: type) -> list[str]:
+    """The keyword arguments ``cls`` (MERIT, LAMB) accepts besides ``params``: what may appear in
+    the JSON's ``"optimizer": {"params": {...}}`` (DeepSpeed passes them as ``cls(groups, **params)``).
+    Read from the constructor's signature, so a new optimizer or argument needs no edit here."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    sig = inspect.signature(cls.__init__)
+    return [n for n, p in sig.parameters.items() if n not in ("self", "params") and p.kind in kinds]
+
+
+# Keys an AdamW/Adam/SGD template leaves behind, with what they mean for MERIT/LAMB.
+_LEFTOVER_HINTS = {
+    "torch_adam": "DeepSpeed reads it for its own Adam/AdamW only",
+    "adam_w_mode": "DeepSpeed reads it for its own Adam/AdamW only; decay is always decoupled here",
+    "momentum": "the first-moment coefficient is betas[0]",
+    "amsgrad": "not supported",
+    "fused": "not supported; implementation='foreach' is the fast path",
+}
+
+
+def _unknown_params_error(name: str, cls: type, params: Mapping[str, Any]) -> MeritConfigError | None:
+    accepted = accepted_params(cls)
+    unknown = [k for k in params if k not in accepted]
+    if not unknown:
+        return None
+    hints = "; ".join(f"{k}: {_LEFTOVER_HINTS[k]}" for k in unknown if k in _LEFTOVER_HINTS)
+    return MeritConfigError(
+        f'"optimizer": {{"type": "{name}"}} does not accept params key{"s" if len(unknown) > 1 else ""} '
+        f"{', '.join(repr(k) for k in unknown)}; accepted: {', '.join(accepted)}"
+        + (f" ({hints})" if hints else "")
+        + f". DeepSpeed would call {cls.__name__}(groups, **params) and fail with a TypeError inside "
+        "deepspeed.initialize; remove the key(s)."
+    )
 
 
 def _fused_lamb_error(name: str) -> MeritConfigError:
@@ -132,8 +168,13 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_o
         raise MeritConfigError(
             f"{what} is not supported with offload_optimizer.device=nvme (optimizer-state swapping); use cpu."
         )
-    if opt.get("params", {}).get("max_grad_norm") is not None:
+    params = opt.get("params") or {}
+    if params.get("max_grad_norm") is not None:
         raise MeritConfigError('use DeepSpeed\'s "gradient_clipping", not optimizer.params.max_grad_norm')
+    if named is not None:
+        error = _unknown_params_error(name, named, params)
+        if error is not None:
+            raise error
 
 
 register_json_name()
