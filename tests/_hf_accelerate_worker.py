@@ -5,7 +5,10 @@ by ``accelerate launch`` (``--from-launcher``: the launcher's config decides eve
 Scenarios: ``ddp_client``; ``z<stage>_client`` (MERIT instance); ``z<stage>_json`` (MERIT named in
 the DeepSpeed config, DummyOptim + DummyScheduler); ``z2_offload`` (client + CPU offload);
 ``swap`` (offload without zero_force_ds_cpu_optimizer: false); ``z3_json_offload`` (named in the
-JSON, offload, and no zero_force_ds_cpu_optimizer key: nothing to swap or refuse); ``adamw`` (AdamW prepared, then
+JSON, offload, and no zero_force_ds_cpu_optimizer key: nothing to swap or refuse); ``plain_swap``
+(as ``swap`` but through plain ``accelerator.prepare``: the guard armed by ``import merit_ds``
+must refuse it); ``unguarded_swap`` (the same with the guard taken off: records what trains);
+``adamw`` (AdamW prepared, then
 verified); ``flat_json`` (DummyOptim(model.parameters()) with weight decay). A trailing
 ``_lamb`` (``z2_client_lamb``, ``z3_json_lamb``...) runs the same path with LAMB (client
 ``merit_ds.LAMB``; ``"type": "ShardedLAMB"`` in the JSON).
@@ -55,13 +58,13 @@ def main():
             return Accelerator(cpu=True, kwargs_handlers=gloo)
         stage = int(name[1]) if name[0] == "z" else 2
         json = name.endswith("json") or name.endswith("json_offload")
-        offload = name.endswith("offload") or name == "swap"
+        offload = name.endswith("offload") or name.endswith("swap")
         cfg = merit_deepspeed_config(
             stage, micro_batch=MICRO, grad_accum=1, offload=offload,
             optimizer_params=dict(HP, weight_decay=WEIGHT_DECAY) if json else None, optimizer_type=json_type,
             train_batch_size=MICRO * world, gradient_clipping=0.0,  # the reference does not clip
         )
-        if name == "swap" or (json and offload):
+        if name.endswith("swap") or (json and offload):
             # swap: the client optimizer Accelerate would replace; json + offload: named in the
             # JSON, which needs no zero_force_ds_cpu_optimizer (DeepSpeed enforces it for clients only)
             cfg.pop("zero_force_ds_cpu_optimizer")
@@ -93,6 +96,23 @@ def main():
             if name == "adamw":
                 model, opt, sched = accelerator.prepare(model, opt, sched)
                 assert_merit_is_stepping(opt, accelerator.unwrap_model(model))
+            if name.startswith("plain_"):  # what a user who never heard of prepare_with_merit writes
+                model, opt, sched = accelerator.prepare(model, opt, sched)
+                result["opt_type"] = type(unwrap_optimizer(opt)).__name__  # would be DeepSpeedCPUAdam
+                raise AssertionError(f"accelerator.prepare let {result['opt_type']} through")
+            if name == "unguarded_swap":  # negative control: the trap the guard closes is real
+                from accelerate.accelerator import Accelerator as Acc
+
+                guarded = Acc._prepare_deepspeed
+                Acc._prepare_deepspeed = guarded.__wrapped__
+                try:
+                    model, opt, sched = accelerator.prepare(model, opt, sched)
+                finally:
+                    Acc._prepare_deepspeed = guarded
+                inner = unwrap_optimizer(opt)
+                result["opt_type"] = type(inner).__name__
+                result["betas"] = list(inner.param_groups[0]["betas"])
+                raise AssertionError("swapped")
             model, opt, sched = prepare_with_merit(accelerator, model, opt, sched)
             inner = unwrap_optimizer(opt)
             result["opt_type"] = type(inner).__name__

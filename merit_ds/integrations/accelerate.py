@@ -32,6 +32,7 @@ update: build it with the plain step counts.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
@@ -51,6 +52,7 @@ __all__ = [
     "merit_deepspeed_config",
     "merit_param_groups",
     "OffloadSwapError",
+    "install_accelerate_guard",
 ]
 
 
@@ -170,6 +172,50 @@ def prepare_with_merit(accelerator, *objects: Any, check_decay: bool = True):
 
 
 prepare_checked = prepare_with_merit
+
+
+# ---------------------------------------------------------------------------------------------
+# The guard around plain accelerator.prepare (armed by `import merit_ds`)
+# ---------------------------------------------------------------------------------------------
+def _refuse_client_swap(accelerator, args) -> None:
+    """Raise :class:`OffloadSwapError` where Accelerate would swap a client MERIT/LAMB."""
+    clients = [a for a in args if isinstance(a, ShardableOptimizer)]
+    if not clients:
+        return
+    plugin = getattr(accelerator, "deepspeed_plugin", None) or getattr(accelerator.state, "deepspeed_plugin", None)
+    cfg = getattr(plugin, "deepspeed_config", None)
+    if cfg is None:
+        return
+    refuse_offload_swap(cfg, type(clients[0]).__name__)
+
+
+def install_accelerate_guard(module=None) -> None:
+    """Wrap ``accelerate.accelerator.Accelerator._prepare_deepspeed`` so that plain
+    ``accelerator.prepare(model, MERIT(...), ...)`` under ZeRO-Offload without
+    ``"zero_force_ds_cpu_optimizer": false`` raises :class:`OffloadSwapError` instead of
+    training with DeepSpeedCPUAdam (``accelerator.py:2374-2383``, ``map_pytorch_optim_to_deepspeed``).
+
+    ``import merit_ds`` arms it (:mod:`merit_ds.integrations.trainer_guard_hook`), without
+    importing accelerate. Idempotent; no effect on runs without a client MERIT/LAMB (a
+    JSON-named one arrives as ``DummyOptim`` and is never swapped). ``module``: the
+    ``accelerate.accelerator`` module (imported if None).
+    """
+    if module is None:
+        from accelerate import accelerator as module
+    cls = getattr(module, "Accelerator", None)
+    current = getattr(cls, "_prepare_deepspeed", None)
+    if current is None:
+        raise RuntimeError("accelerate.accelerator.Accelerator._prepare_deepspeed is missing")
+    if getattr(current, "__merit_ds_guard__", False):
+        return
+
+    @functools.wraps(current)
+    def guarded(self, *args):
+        _refuse_client_swap(self, args)
+        return current(self, *args)
+
+    guarded.__merit_ds_guard__ = True
+    cls._prepare_deepspeed = guarded
 
 
 def scheduler_step_factor(accelerator, *, deepspeed_scheduler: bool = False) -> int:
