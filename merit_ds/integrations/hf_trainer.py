@@ -223,10 +223,6 @@ def _asked_client_class(trainer) -> Optional[type]:
     return None if entry is None else entry[1]
 
 
-def _asks_for_merit_client(trainer) -> bool:
-    return _asked_client_class(trainer) is not None
-
-
 def _guarded_deepspeed_init(original, trainer, num_training_steps, inference=False, **kwargs):
     if inference:
         return original(trainer, num_training_steps, inference=inference, **kwargs)
