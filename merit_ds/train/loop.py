@@ -40,7 +40,7 @@ from merit_ds.integrations.param_groups import merit_param_groups
 from merit_ds.sharding import collective, reduce_trust_stats
 
 from .batch import BatchConfigError, plan_batch
-from .data_source import DataError, make_train_loader, make_val_loader
+from .data_source import DataError, check_token_data, make_train_loader, make_val_loader
 from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss
 from .ds_config import make_ds_config, set_batch
 from .presets import (TOKEN_BUDGET, get_model_preset, get_optim_preset, gpt2_config, parse_batch, scaled_lr,
@@ -340,6 +340,7 @@ def run(args) -> int:
                                          micro_batch=plan.micro_batch, rank=rank, world=world, seed=args.seed)
         val_loader = make_val_loader(args.data, seq_len=seq_len, eval_sequences=eval_sequences,
                                      micro_batch=plan.micro_batch, rank=rank, world=world)
+        check_token_data(args.data, gpt2_config(preset, **overrides).vocab_size, rank=rank, world=world)
     except DataError as exc:
         raise UsageError(f"data: {exc}") from None
 
