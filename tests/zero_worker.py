@@ -69,6 +69,8 @@ CONFIGS = {
     "z1_offload": dict(stage=1, dtype="fp32", offload=True),
     "z2_offload_rr": dict(stage=2, dtype="fp32", offload=True, round_robin=True),
     "z3_offload": dict(stage=3, dtype="fp32", offload=True),
+    "z3_offload_param": dict(stage=3, dtype="fp32", offload=True, offload_param=True),
+    "z3_offload_param_bf16": dict(stage=3, dtype="bf16", offload=True, offload_param=True),
     "z2_groups": dict(stage=2, dtype="fp32", two_groups=True),
     "bf16opt_groups": dict(stage=1, dtype="bf16", grad_accum_fp32=True, two_groups=True),
     "z3_groups": dict(stage=3, dtype="bf16", two_groups=True),
@@ -117,6 +119,8 @@ def ds_config(cfg, world):
         zero["sub_group_size"] = cfg["sub_group_size"]
     if cfg.get("offload"):
         zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.get("offload_param"):  # ZeRO-3 parameter offload (ZeRO-Infinity to CPU)
+        zero["offload_param"] = {"device": "cpu"}
     if cfg["stage"] == 3:
         zero["stage3_param_persistence_threshold"] = 0
     c = {
@@ -350,7 +354,7 @@ def run_config(name, cfg, rank, world):
         f.is_matrix and any(length % (f.shape[1] * math.prod(f.shape[2:])) or col0 for _, length, _, col0 in f.row_pieces())
         for lay in layouts for f in lay.fragments
     )
-    missing = any(not lay.fragments_of(i) for lay in layouts for i in range(len(lay.slots)))
+    missing = any(not lay.fragments_of(i) for lay in layouts for i in range(len(lay.shapes)))
     flags = torch.tensor([float(mid_row), float(missing)])
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     res["split_mid_row"], res["rank_without_param"] = bool(flags[0]), bool(flags[1])
@@ -367,6 +371,7 @@ def run_config(name, cfg, rank, world):
     dist.all_gather_object(skips, opt.nonfinite_skips)
     res["nonfinite_skips"] = skips
     res["flavour"] = oracle.kind
+    res["offload_param"] = bool(getattr(engine.optimizer, "offload_param", False))  # DeepSpeed's own flag
     res["adapters"] = sorted({v[3] for v in opt.__dict__.get("_merit_layouts", {}).values()})
     engine.destroy() if hasattr(engine, "destroy") else None
     return res
