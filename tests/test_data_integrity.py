@@ -117,7 +117,9 @@ def test_out_of_vocabulary_ids_are_a_data_error_at_the_exact_boundary(prepared):
     msg = str(info.value)
     first = files[maxima.index(top)]
     assert f"shard {first} holds token id {top}, outside the model's vocabulary (vocab_size {top})" in msg
-    assert "its manifest says vocabulary 50257" in msg and f"at least {top + 1}" in msg
+    assert "its checksums match, so the data is as prepared, with a tokenizer of vocabulary 50257 (gpt2)" in msg
+    assert f"--out NEW_DIR --val-fraction 0.25 --shard-tokens 400 --tokenizer MODEL_TOKENIZER_DIR`" in msg
+    assert f"a vocabulary of at least {top + 1}" in msg and f"info {prepared} --verify" in msg
 
 
 def test_nanogpt_data_has_only_the_vocabulary_check(tmp_path):

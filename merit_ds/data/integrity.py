@@ -34,7 +34,7 @@ import numpy as np
 from .errors import CorruptDataError, DataError
 from .shards import DTYPE, MANIFEST, SPLITS, check_shard_file, read_manifest
 
-__all__ = ["ShardScan", "scan_shard", "check_token_data", "repair_hint", "prepare_command"]
+__all__ = ["ShardScan", "scan_shard", "check_token_data", "repair_hint", "vocab_hint", "prepare_command"]
 
 _CHUNK = 1 << 24  # bytes; even, so a chunk never splits a uint16
 
@@ -55,28 +55,33 @@ def scan_shard(path: Path, tokens: int, expect_sha256: Optional[str]) -> ShardSc
     check_shard_file(path, tokens, None)  # missing or wrong size: named, before reading
     h = hashlib.sha256() if expect_sha256 is not None else None
     max_id = -1
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(_CHUNK)
-            if not chunk:
-                break
-            if h is not None:
-                h.update(chunk)
-            max_id = max(max_id, int(np.frombuffer(chunk, dtype=DTYPE).max()))
+    try:
+        with open(path, "rb") as f:
+            while True:
+                chunk = f.read(_CHUNK)
+                if not chunk:
+                    break
+                if h is not None:
+                    h.update(chunk)
+                max_id = max(max_id, int(np.frombuffer(chunk, dtype=DTYPE).max()))
+    except OSError as exc:
+        raise DataError(f"cannot read shard {path}: {exc}") from exc
     digest = h.hexdigest() if h is not None else None
     if expect_sha256 is not None and digest != expect_sha256:
         raise CorruptDataError(f"corrupt shard {path}: sha256 does not match the manifest")
     return ShardScan(str(path), tokens, digest, max_id)
 
 
-def prepare_command(directory: Path, manifest: dict) -> str:
-    """The ``prepare`` command line that made ``directory`` (same settings: byte-identical shards)."""
+def prepare_command(directory: Path, manifest: dict, tokenizer: Optional[str] = None) -> str:
+    """The ``prepare`` command line that made ``directory`` (same settings: byte-identical shards),
+    or, with ``tokenizer``, the same with another tokenizer."""
     s = manifest["settings"]
     src = s["source"]
     cmd = ["python", "-m", "merit_ds.data", "prepare", "--input", src.get("name") or src.get("input", "?"),
            "--out", str(directory), "--val-fraction", str(s["val_fraction"]), "--shard-tokens", str(s["shard_tokens"])]
-    if s["tokenizer"]["name"] != "gpt2":
-        cmd += ["--tokenizer", s["tokenizer"]["name"]]
+    tok = tokenizer if tokenizer is not None else s["tokenizer"]["name"]
+    if tok != "gpt2":
+        cmd += ["--tokenizer", tok]
     if "text_column" in s and s["text_column"] != "text":
         cmd += ["--text-column", s["text_column"]]
     if "text_unit" in s and s["text_unit"] != "document":
@@ -93,6 +98,19 @@ def repair_hint(directory: Path, manifest: Optional[dict]) -> str:
     return (f"confirm with `python -m merit_ds.data info {shlex.quote(str(directory))} --verify`; repair with "
             f"`{prepare_command(directory, manifest)} --repair` (re-tokenizes the corpus and replaces only the "
             f"shards that fail their sha256)")
+
+
+def vocab_hint(directory: Path, manifest: Optional[dict], max_id: int) -> str:
+    """Ids beyond the model's vocabulary in shards whose checksums match: another tokenizer."""
+    directory = Path(directory)
+    if manifest is None:
+        return (f"the token file does not fit this model: re-create it with this model's tokenizer "
+                f"(`python -m merit_ds.data prepare --input <corpus> --out <dir> --tokenizer <dir>`), or give the "
+                f"model a vocabulary of at least {max_id + 1}")
+    return (f"its checksums match, so the data is as prepared, with a tokenizer of vocabulary "
+            f"{manifest['vocab_size']} ({manifest['settings']['tokenizer']['name']}): prepare the corpus for this "
+            f"model into a new directory (`{prepare_command(Path('NEW_DIR'), manifest, 'MODEL_TOKENIZER_DIR')}`), or give the model a vocabulary of at least {max_id + 1}; "
+            f"`python -m merit_ds.data info {shlex.quote(str(directory))} --verify` confirms the data")
 
 
 def _local_shards(data: Path) -> tuple[Optional[dict], list[tuple[Path, int, Optional[str]]]]:
@@ -143,13 +161,13 @@ def check_token_data(data: str | os.PathLike, vocab_size: int, *, rank: int = 0,
             scans = list(pool.map(lambda s: _scan_named(s, vocab_size), mine))
         max_id = max([sc.max_id for sc in scans], default=-1)
     except _VocabError as exc:
-        tok = f" (its manifest says vocabulary {manifest['vocab_size']})" if manifest else ""
-        error = (f"{exc}; the data{tok} does not fit this model: prepare it with the model's tokenizer, or give "
-                 f"the model a vocabulary of at least {exc.max_id + 1}. " + repair_hint(data, manifest))
+        error = f"{exc}; " + vocab_hint(data, manifest, exc.max_id)
     except CorruptDataError as exc:
         error = "corrupt: " + f"{exc}; " + repair_hint(data, manifest)
     except DataError as exc:
         error = str(exc)
+    except Exception as exc:  # noqa: BLE001 - one rank alone raising would leave the others waiting
+        error = f"checking the token data {data} failed: {type(exc).__name__}: {exc}"
     error, max_id = _exchange(error, max_id, rank, world)
     if error:
         raise CorruptDataError(error[len("corrupt: "):]) if error.startswith("corrupt: ") else DataError(error)
