@@ -286,30 +286,31 @@ def probe_ids(data: str, seq_len: int):
 
 def export_after_training(engine, *, data: str, run: Path, seq_len: int, out: Optional[Path] = None) -> Optional[Path]:
     """Every rank (the probe forward is collective under ZeRO 3); rank 0 writes ``out``
-    (default ``RUN/hf_model``) from the checkpoint just saved."""
+    (default ``RUN/hf_model``) from the checkpoint just saved and prints ``exported: DIR``.
+
+    A failure is printed (with the command that retries it) and returns None: the run and its
+    checkpoint are complete, so it does not fail the run.
+    """
     import torch
     import torch.distributed as dist
 
-    ids = probe_ids(data, seq_len)
-    was_training = engine.training
-    engine.eval()
-    with torch.no_grad():
-        logits = engine(input_ids=ids.to(engine.device)).logits.float().cpu()
-    if was_training:
-        engine.train()
     rank = dist.get_rank() if dist.is_initialized() else 0
-    error, path = None, None
-    if rank == 0:
-        try:
+    path = None
+    try:
+        ids = probe_ids(data, seq_len)
+        was_training = engine.training
+        engine.eval()
+        with torch.no_grad():
+            logits = engine(input_ids=ids.to(engine.device)).logits.float().cpu()
+        if was_training:
+            engine.train()
+        if rank == 0:
             path = export_checkpoint(run, out or Path(run) / DEFAULT_DIR, engine_probe=(ids, logits))
-        except Exception as exc:  # noqa: BLE001 - reported; the run itself finished
-            error = f"{type(exc).__name__}: {exc}"
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error:
-        raise ExportError(f"export of {run} failed: {error}")
+            print(f"exported: {path}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - reported; the run itself finished
+        print(f"merit_ds.train: export failed (rank {rank}): {type(exc).__name__}: {exc}; the checkpoint is "
+              f"complete: retry with `merit-ds export --run {run} --out {out or Path(run) / DEFAULT_DIR}`",
+              file=sys.stderr, flush=True)
     return path
 
 

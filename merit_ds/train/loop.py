@@ -556,7 +556,7 @@ def run(args) -> int:
         save(plan.steps)
     _rank0_print(runner, f"checkpoint: {ckpt_root / ckpt.tag_for(plan.steps)}")
     if not args.no_export:  # every rank: the probe forward is collective under ZeRO 3
-        _rank0_print(runner, f"exported: {export_after_training(engine, data=args.data, run=out, seq_len=seq_len)}")
+        export_after_training(engine, data=args.data, run=out, seq_len=seq_len)  # prints "exported: DIR"
     if rank == 0:
         for t in trackers:
             t.finish()
