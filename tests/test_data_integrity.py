@@ -63,7 +63,7 @@ def flip(path: Path, offset: int = 2) -> bytes:
     return original
 
 
-def test_clean_data_passes_and_max_id_is_the_true_maximum(prepared):
+def test_clean_data_passes_and_max_id_is_the_true_maximum(prepared, capsys):
     files = shard_files(prepared)
     assert len(files) >= 6
     want = max(int(np.fromfile(f, dtype="<u2").max()) for f in files)
@@ -73,6 +73,8 @@ def test_clean_data_passes_and_max_id_is_the_true_maximum(prepared):
     # two "ranks" without a process group: each reads its share (i % world), together all shards
     parts = [check_token_data(prepared, 50257, rank=r, world=2) for r in (0, 1)]
     assert [p["checked_here"] for p in parts] == [(len(files) + 1) // 2, len(files) // 2]
+    assert cli(["info", str(prepared), "--verify"]) == 0
+    assert f"all {len(files)} shards match their sha256; largest token id {want} < vocabulary 50257" in capsys.readouterr().out
 
 
 def test_flipped_bytes_are_named_with_the_commands_that_confirm_and_repair(prepared):
