@@ -169,8 +169,10 @@ def _card(run: Path, meta: dict, run_json: dict, data_info: dict, tok_name: str,
         f"{mc['n_positions']}, vocabulary {mc['vocab_size']}; "
         f"exported from `{meta.get('tag', ckpt.tag_for(step))}` of run `{run}`.", "",
         "| | |", "|---|---|",
-        f"| optimizer | {optimizer}: peak lr {run_json.get('lr', opt.get('lr'))}, betas {opt.get('betas')}, "
-        f"eps {opt.get('eps')}, weight decay {opt.get('weight_decay')}, gradient clipping {ds.get('gradient_clipping')} |",
+        f"| optimizer | {optimizer}: peak lr {run_json.get('lr', opt.get('lr'))}, " + (
+            f"betas {opt.get('betas')}, eps {opt.get('eps')}, weight decay {opt.get('weight_decay')}, " if opt else
+            "other hyperparameters: the preset's (client optimizer; see run.json), ") +
+        f"gradient clipping {ds.get('gradient_clipping')} |",
         f"| lr schedule | warmup {run_json.get('warmup')} steps, cosine to {run_json.get('floor')} x peak over "
         f"{run_json.get('steps')} steps |",
         f"| batch | {info['global_batch']} sequences x {info['seq_len']} tokens = {tps:,} tokens per step "
