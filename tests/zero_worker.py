@@ -86,6 +86,8 @@ CONFIGS = {
     "z1_offload": dict(stage=1, dtype="fp32", offload=True),
     "z2_offload_rr": dict(stage=2, dtype="fp32", offload=True, round_robin=True),
     "z3_offload": dict(stage=3, dtype="fp32", offload=True),
+    "z3_offload_param": dict(stage=3, dtype="fp32", offload=True, offload_param=True),
+    "z3_offload_param_bf16": dict(stage=3, dtype="bf16", offload=True, offload_param=True),
     "z2_groups": dict(stage=2, dtype="fp32", two_groups=True),
     "bf16opt_groups": dict(stage=1, dtype="bf16", grad_accum_fp32=True, two_groups=True),
     "z3_groups": dict(stage=3, dtype="bf16", two_groups=True),
@@ -143,6 +145,8 @@ def ds_config(cfg, world):
         zero["sub_group_size"] = cfg["sub_group_size"]
     if cfg.get("offload"):
         zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.get("offload_param"):  # ZeRO-3 parameter offload (ZeRO-Infinity to CPU)
+        zero["offload_param"] = {"device": "cpu"}
     if cfg["stage"] == 3:
         zero["stage3_param_persistence_threshold"] = 0
     c = {
@@ -406,6 +410,7 @@ def run_config(name, cfg, rank, world):
     res["nonfinite_skips"] = skips
     res["flavour"] = oracle.kind
     res["scratch_buffers"] = len(opt.__dict__.get("_merit_scratch", {}))  # 0: only the fused form ran
+    res["offload_param"] = bool(getattr(engine.optimizer, "offload_param", False))  # DeepSpeed's own flag
     res["adapters"] = sorted({v[3] for v in opt.__dict__.get("_merit_layouts", {}).values()})
     engine.destroy() if hasattr(engine, "destroy") else None
     return res

@@ -40,8 +40,9 @@ from merit_ds.integrations.param_groups import merit_param_groups
 from merit_ds.sharding import collective, reduce_trust_stats
 
 from .batch import BatchConfigError, plan_batch
-from .data_source import DataError, make_train_loader, make_val_loader
+from .data_source import DataError, check_token_data, make_train_loader, make_val_loader
 from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss
+from .export import export_after_training, record_run
 from .ds_config import make_ds_config, set_batch
 from .presets import (TOKEN_BUDGET, get_model_preset, get_optim_preset, gpt2_config, parse_batch, scaled_lr,
                       warmup_steps)
@@ -95,6 +96,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--tracker", default="tensorboard", help="tensorboard | wandb | tensorboard,wandb | none")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--no-plot", action="store_true")
+    g.add_argument("--no-export", action="store_true", help="skip the Hugging Face export to OUT/hf_model at the end")
     g.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -340,6 +342,7 @@ def run(args) -> int:
                                          micro_batch=plan.micro_batch, rank=rank, world=world, seed=args.seed)
         val_loader = make_val_loader(args.data, seq_len=seq_len, eval_sequences=eval_sequences,
                                      micro_batch=plan.micro_batch, rank=rank, world=world)
+        check_token_data(args.data, gpt2_config(preset, **overrides).vocab_size, rank=rank, world=world)
     except DataError as exc:
         raise UsageError(f"data: {exc}") from None
 
@@ -443,6 +446,7 @@ def run(args) -> int:
         (out / "run.json").write_text(json.dumps(dict(run_info, steps=plan.steps, lr=lr, warmup=warmup, floor=floor,
                                                       tokens_per_step=plan.tokens_per_step, ds_config=cfg), indent=1))
         metrics.truncate_after(start_step)
+        record_run(out, model.config, args.data, getattr(args, "optimizer", "MERIT"))  # for merit-ds export
         trackers = make_trackers(args.tracker, out, out.name, dict(run_info, lr=lr, steps=plan.steps))
 
     def log(record: dict, step: int) -> None:
@@ -551,6 +555,8 @@ def run(args) -> int:
     if last_saved != plan.steps:
         save(plan.steps)
     _rank0_print(runner, f"checkpoint: {ckpt_root / ckpt.tag_for(plan.steps)}")
+    if not args.no_export:  # every rank: the probe forward is collective under ZeRO 3
+        export_after_training(engine, data=args.data, run=out, seq_len=seq_len)  # prints "exported: DIR"
     if rank == 0:
         for t in trackers:
             t.finish()
