@@ -32,10 +32,12 @@ setup(
             "matplotlib",
         ],
         "mpi": ["mpi4py>=3.1"],
+        "wandb": ["wandb>=0.18"],
         "dev": [
             "pytest>=8",
             "pytest-timeout",
             "mpi4py>=3.1",
+            "wandb>=0.18",  # the tracker test (offline)
         ],
     },
     entry_points={"console_scripts": ["merit-ds=merit_ds.cli:main"]},

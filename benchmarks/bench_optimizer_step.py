@@ -1,12 +1,15 @@
-"""One optimizer step on the GPT-2 Small parameter set: merit_ds MERIT vs torch AdamW vs a
-naive per-parameter MERIT loop, measured side by side in one process.
+"""One optimizer step on the GPT-2 Small parameter set: merit_ds MERIT and LAMB vs torch
+AdamW (and DeepSpeed's CPU Adam, with --cpu-adam) vs a naive per-parameter MERIT loop,
+measured side by side in one process.
 
-    .venv/bin/python benchmarks/bench_optimizer_step.py [--repeats 7] [--fused]
+    .venv/bin/python benchmarks/bench_optimizer_step.py [--rounds 7] [--fused] [--cpu-adam]
 
 Writes benchmarks/results/optimizer_step.{json,md}; the README quotes the .md.
 Each optimizer gets its own copy of the 124.4M fp32 parameters (HF GPT-2 shapes) and the same
-random gradients; the first step (state allocation) is a warm-up and not timed; the time is
-the median over the repeats.
+random gradients; the first step (state allocation) is a warm-up and not timed. The
+candidates are interleaved: every round times each candidate once, in turn, so a change in
+machine load hits all of them alike; the table gives the median and the min..max over the
+rounds, and the ratio to AdamW of the medians. The load average is printed before and after.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import time
 
 import torch
 
-from merit_ds import MERIT
+from merit_ds import LAMB, MERIT
 
 # HF GPT-2 Small (n_layer 12, n_embd 768, vocab 50257, n_positions 1024): shapes of
 # GPT2LMHeadModel.parameters() (the LM head is tied to wte, so it is not a separate tensor).
@@ -56,20 +59,26 @@ def naive_merit_step(params, state, lr, beta1, beta2, eps, wd):
         p.sub_(lr * torch.clamp(s * u, -1, 1))
 
 
-def timed(fn, repeats):
-    fn()  # warm-up: allocates state (and compiles, for the fused path)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+def interleaved(candidates: dict, rounds: int) -> dict:
+    """{name: [seconds per round]}: one warm-up call each, then ``rounds`` rounds that time
+    every candidate once, in turn."""
+    for fn in candidates.values():
+        fn()  # warm-up: allocates state (and compiles, for the fused path)
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--fused", action="store_true", help="also time implementation='fused' (torch.compile)")
+    ap.add_argument("--cpu-adam", action="store_true",
+                    help="also time DeepSpeed's DeepSpeedCPUAdam (the ZeRO-Offload optimizer; JIT-builds on first use)")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "optimizer_step"))
     args = ap.parse_args()
 
@@ -96,30 +105,44 @@ def main():
         candidates["merit_ds MERIT (fused)"] = m_fu.step
     ps = fresh(); m_st = MERIT(ps, implementation="single_tensor", **hp)
     candidates["merit_ds MERIT (single_tensor)"] = m_st.step
+    ps = fresh(); l_fe = LAMB(ps, implementation="foreach", **hp)
+    candidates["merit_ds LAMB (foreach)"] = l_fe.step
+    ps = fresh(); l_st = LAMB(ps, implementation="single_tensor", **hp)
+    candidates["merit_ds LAMB (single_tensor)"] = l_st.step
+    if args.cpu_adam:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        ps = fresh(); cpu_adam = DeepSpeedCPUAdam(ps, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+        candidates["DeepSpeedCPUAdam"] = cpu_adam.step
     ps = fresh(); naive_state = {}
     candidates["naive per-parameter MERIT"] = lambda ps=ps: naive_merit_step(ps, naive_state, 1e-3, 0.9, 0.95, 1e-8, 0.1)
 
-    results = {}
-    for name, fn in candidates.items():
-        med, times = timed(torch.no_grad()(fn), args.repeats)
-        results[name] = {"median_s": med, "times_s": times}
-        print(f"{name:34s} {med:8.3f} s", flush=True)
+    load_before = os.getloadavg()
+    print(f"load average before: {load_before[0]:.2f} (1 min)", flush=True)
+    with torch.no_grad():
+        times = interleaved(candidates, args.rounds)
+    load_after = os.getloadavg()
+    print(f"load average after: {load_after[0]:.2f} (1 min)", flush=True)
+    results = {name: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "times_s": t}
+               for name, t in times.items()}
     ref = results["torch AdamW (foreach)"]["median_s"]
     lines = [
         f"One optimizer step, GPT-2 Small parameter set ({n_params / 1e6:.1f}M fp32 params, {len(shapes)} tensors), "
-        f"median of {args.repeats}; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}.",
+        f"{args.rounds} interleaved rounds; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{platform.processor() or platform.machine()}; load average {load_before[0]:.2f} before, "
+        f"{load_after[0]:.2f} after.",
         "",
-        "| optimizer | step time (s) | vs torch AdamW foreach |",
-        "| --- | ---: | ---: |",
+        "| optimizer | median step (s) | min..max (s) | vs torch AdamW foreach (medians) |",
+        "| --- | ---: | ---: | ---: |",
     ]
     for name, r in results.items():
         r["vs_adamw"] = r["median_s"] / ref
-        lines.append(f"| {name} | {r['median_s']:.3f} | {r['vs_adamw']:.2f}x |")
+        lines.append(f"| {name} | {r['median_s']:.3f} | {r['min_s']:.3f}..{r['max_s']:.3f} | {r['vs_adamw']:.2f}x |")
     print("\n".join(lines))
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump({"n_params": n_params, "threads": torch.get_num_threads(), "results": results}, f, indent=1)
+        json.dump({"n_params": n_params, "threads": torch.get_num_threads(), "rounds": args.rounds,
+                   "load_before": load_before, "load_after": load_after, "results": results}, f, indent=1)
     with open(args.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 

@@ -4,11 +4,14 @@
 
 - registers the sharded step (:mod:`merit_ds.sharding`): a MERIT wrapped by DeepSpeed ZeRO
   1/2/3 or BF16_Optimizer computes the single-device update from its flat partitions;
-- makes ``"optimizer": {"type": "MERIT"}`` work in DeepSpeed's JSON config by setting
-  ``torch.optim.MERIT`` (:mod:`merit_ds.integrations.deepspeed`);
+- makes ``"optimizer": {"type": "MERIT"}`` (``"ShardedLAMB"``) work in DeepSpeed's JSON config
+  by setting ``torch.optim.MERIT`` (``torch.optim.ShardedLAMB``) (:mod:`merit_ds.integrations.deepspeed`);
 - arms the HF Trainer guard (:mod:`merit_ds.integrations.trainer_guard_hook`): a Trainer that
-  would silently drop or swap MERIT under DeepSpeed raises instead (transformers is not
-  imported by this).
+  would silently drop or swap MERIT under DeepSpeed raises instead; and the Accelerate guard:
+  plain ``accelerator.prepare`` that would swap a client MERIT/LAMB for DeepSpeedCPUAdam under
+  ZeRO-Offload raises instead (neither transformers nor accelerate is imported by this).
+
+All of the above holds for ``LAMB`` too (JSON name ``"ShardedLAMB"``).
 """
 
 from .optim import LAMB, MERIT, MeritStats, lamb, merit

@@ -1,4 +1,4 @@
-"""``merit-ds`` / ``python -m merit_ds``: ``plan`` (batch, memory, wall time) and ``train``."""
+"""``merit-ds`` / ``python -m merit_ds``: ``plan`` (batch, memory, wall time), ``train`` and ``export``."""
 
 from __future__ import annotations
 
@@ -15,10 +15,16 @@ def main(argv=None) -> int:
     p = sub.add_parser("plan", help="micro-batch, grad-accum, steps, memory per GPU per ZeRO stage, wall time")
     plan_mod.add_arguments(p)
     sub.add_parser("train", help="train a recipe (same as python -m merit_ds.train; see --help there)", add_help=False)
+    from .train import export as export_mod
+
+    e = sub.add_parser("export", help="a run's checkpoint as a Hugging Face model directory (from_pretrained, pipeline)")
+    export_mod.add_arguments(e)
     if argv[:1] == ["train"]:
         from .train.loop import main as train_main
         return train_main(argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "export":
+        return export_mod.run_cli(args)
     try:
         return plan_mod.run(args)
     except ValueError as exc:  # BatchConfigError included: a clear message, no traceback

@@ -95,10 +95,12 @@ def save_json(path, obj):
 
 
 def reference_check(rec: dict, tokens: torch.Tensor, global_batch: int, *, weight_decay: float, hp: dict,
-                    all_decayed: bool = False, loss_scale: float = 15 / 16, clip: float = 0.0) -> list[float]:
-    """Replay ``rec`` (``{"weights": [...], "lrs": [...]}``) with plain MERIT; return per step the
-    max |difference| between the recorded and the reference weights after the step."""
-    from merit_ds import MERIT
+                    all_decayed: bool = False, loss_scale: float = 15 / 16, clip: float = 0.0,
+                    optimizer: str = "MERIT") -> list[float]:
+    """Replay ``rec`` (``{"weights": [...], "lrs": [...]}``) with plain single-process MERIT (or
+    ``optimizer="LAMB"``); return per step the max |difference| between the recorded and the
+    reference weights after the step."""
+    import merit_ds
     from merit_ds.integrations.param_groups import merit_param_groups
 
     model = tiny_gpt2()
@@ -106,7 +108,7 @@ def reference_check(rec: dict, tokens: torch.Tensor, global_batch: int, *, weigh
         groups = [{"params": list(model.parameters()), "weight_decay": weight_decay}]
     else:
         groups = merit_param_groups(model, weight_decay)
-    opt = MERIT(groups, **hp)
+    opt = getattr(merit_ds, optimizer)(groups, **hp)
     named = dict(model.named_parameters())
     diffs = []
     for k, lr in enumerate(rec["lrs"]):

@@ -26,11 +26,11 @@ class ScriptArgs:
     scenarios: str
 
 
-def ds_config(stage, *, offload=False, force_flag=True, json_merit=False):
+def ds_config(stage, *, offload=False, force_flag=True, json_merit=False, json_type="MERIT"):
     from merit_ds.integrations.accelerate import merit_deepspeed_config
 
     cfg = merit_deepspeed_config(
-        stage, offload=offload, gradient_clipping="auto",
+        stage, offload=offload, gradient_clipping="auto", optimizer_type=json_type,
         optimizer_params=dict(lr="auto", betas="auto", eps="auto", weight_decay="auto") if json_merit else None,
     )
     cfg["train_batch_size"] = "auto"
@@ -57,7 +57,7 @@ def main():
 
     from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-    from merit_ds import MERIT
+    from merit_ds import LAMB, MERIT
     from merit_ds.integrations.hf_trainer import MeritCheckCallback, register_trainer_optim
     from merit_ds.integrations.verify import decay_groups, unwrap_optimizer
 
@@ -89,30 +89,37 @@ def main():
         kwargs = {}
         configured = dict(accelerator_config={"use_configured_state": True})
         configure_state(name.startswith("ds"))
-        if name in ("cls", "clip"):
+        # A trailing "_lamb" asks for LAMB instead of MERIT, by the same path.
+        lamb = name.endswith("_lamb")
+        base = name[: -len("_lamb")] if lamb else name
+        cls, optim_name = (LAMB, "sharded_lamb") if lamb else (MERIT, "merit")
+        if base == "cli" and lamb:
+            args = dataclasses.replace(cli_args, optim=optim_name, **configured)
+        if base in ("cls", "clip"):
             args = dataclasses.replace(cli_args, optim="adamw_torch", use_cpu=True, **configured)
-            if name == "clip":
+            if base == "clip":
                 args = dataclasses.replace(args, max_grad_norm=CLIP, **configured)
-            kwargs["optimizer_cls_and_kwargs"] = (MERIT, dict(HP))
-        elif name.startswith("ds"):
-            # ds<stage>_<cls|json|dropped|offload|swap>
-            stage, kind = int(name[2]), name.split("_", 1)[1]
-            cfg = ds_config(stage, offload=kind in ("offload", "swap"), force_flag=kind != "swap", json_merit=kind == "json")
-            optim = "merit" if kind in ("json", "cli") else "adamw_torch"
+            kwargs["optimizer_cls_and_kwargs"] = (cls, dict(HP))
+        elif base.startswith("ds"):
+            # ds<stage>_<cls|json|dropped|offload|swap|cli|clip>[_lamb]
+            stage, kind = int(base[2]), base.split("_", 1)[1]
+            cfg = ds_config(stage, offload=kind in ("offload", "swap"), force_flag=kind != "swap",
+                            json_merit=kind == "json", json_type="ShardedLAMB" if lamb else "MERIT")
+            optim = optim_name if kind in ("json", "cli") else "adamw_torch"
             clip = CLIP if kind == "clip" else cli_args.max_grad_norm  # "auto" -> gradient_clipping
             args = dataclasses.replace(cli_args, deepspeed=cfg, optim=optim, use_cpu=False, max_grad_norm=clip,
                                        **configured)
             if kind == "dropped":
                 model = tiny_gpt2()
-                kwargs["optimizers"] = (MERIT(model.parameters(), **HP), None)
+                kwargs["optimizers"] = (cls(model.parameters(), **HP), None)
             elif kind == "cli":
-                pass  # optim="merit" from the command line, DeepSpeed config without "optimizer"
+                pass  # optim="merit"/"sharded_lamb", DeepSpeed config without "optimizer"
             else:
-                kwargs["optimizer_cls_and_kwargs"] = (MERIT, dict(HP))
+                kwargs["optimizer_cls_and_kwargs"] = (cls, dict(HP))
             if kind == "json":
                 kwargs.pop("optimizer_cls_and_kwargs", None)
         record = Record()
-        callbacks = [record, MeritCheckCallback()]
+        callbacks = [record, MeritCheckCallback(cls)]
         model = tiny_gpt2()
         trainer = Trainer(model=model, args=args, train_dataset=LMDataset(tokens), callbacks=callbacks, **kwargs)
         result = {"name": name, "world": world, "error": None}

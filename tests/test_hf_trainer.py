@@ -1,4 +1,5 @@
-"""HF Trainer with MERIT: registration, every path against a plain-MERIT reference, the traps.
+"""HF Trainer with MERIT and LAMB: registration, every path against a plain single-process
+MERIT/LAMB reference, the traps.
 
 Multi-process paths run as one ``torchrun --nproc_per_node 2`` job (gloo, CPU) executing several
 scenarios in turn (tests/_hf_trainer_worker.py); the tests read what rank 0 recorded.
@@ -7,6 +8,9 @@ Tolerances (stated once): the reference re-runs each recorded step from the reco
 (tests/_hf_common.py). DDP-averaged vs. one-process gradients differ in the last bits only, so
 each step must agree to ``STEP_ATOL = 1e-6`` (measured ~5e-8 at step 1, ~4e-9 later); the
 negative control (everything decayed, as with one flat parameter list) differs by > 1e-3.
+LAMB (scenarios ending in ``_lamb``: ``optimizer_cls_and_kwargs=(LAMB, ...)``,
+``optim="sharded_lamb"``, ``"type": "ShardedLAMB"``) is held to the same tolerances against
+plain ``merit_ds.LAMB``.
 """
 
 from __future__ import annotations
@@ -38,7 +42,10 @@ CLI = [
 # ds<stage>_<kind>: cls = optimizer_cls_and_kwargs, cli = optim="merit", json = "optimizer": {"type": "MERIT"} in the
 # DeepSpeed config, offload = cls + offload_optimizer cpu (+ zero_force_ds_cpu_optimizer: false)
 ZERO_SCENARIOS = ["ds1_cls", "ds2_cls", "ds3_cls", "ds2_offload", "ds2_json", "ds3_json", "ds3_cli"]
-DIST_SCENARIOS = ["cli", "cls", "clip", "ds2_clip", "ds2_dropped", "ds2_swap", *ZERO_SCENARIOS]
+# The same paths with LAMB (a trailing "_lamb": optim="sharded_lamb", "type": "ShardedLAMB").
+LAMB_ZERO_SCENARIOS = ["ds3_cls_lamb", "ds2_offload_lamb", "ds2_json_lamb", "ds2_cli_lamb"]
+DIST_SCENARIOS = ["cli", "cls", "clip", "ds2_clip", "ds2_dropped", "ds2_swap", *ZERO_SCENARIOS,
+                  "cls_lamb", "ds2_dropped_lamb", "ds2_swap_lamb", *LAMB_ZERO_SCENARIOS]
 CLIP = 0.05  # as in the worker: max_grad_norm small enough that every step clips
 
 
@@ -54,7 +61,7 @@ def _launch(tmp_path_factory, scenarios, nproc):
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory):
-    return _launch(tmp_path_factory, ["cli", "cls"], 1)
+    return _launch(tmp_path_factory, ["cli", "cls", "cli_lamb"], 1)
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +69,17 @@ def dist(tmp_path_factory):
     return _launch(tmp_path_factory, DIST_SCENARIOS, 2)
 
 
+def _optimizer(rec):
+    return "LAMB" if rec["name"].endswith("_lamb") else "MERIT"
+
+
 def _assert_matches_reference(rec, world, clip=0.0):
     assert rec["error"] is None, rec.get("message")
-    assert rec["opt_type"] == "MERIT"
+    assert rec["opt_type"] == _optimizer(rec)
     assert len(rec["lrs"]) == STEPS and len(rec["weights"]) == STEPS + 1
     tokens = token_data(STEPS * MICRO * world)
-    kw = dict(weight_decay=WEIGHT_DECAY, hp=dict(HP), loss_scale=TRAINER_LOSS_SCALE, clip=clip)
+    kw = dict(weight_decay=WEIGHT_DECAY, hp=dict(HP), loss_scale=TRAINER_LOSS_SCALE, clip=clip,
+              optimizer=_optimizer(rec))
     diffs = reference_check(rec, tokens, MICRO * world, **kw)
     assert max(diffs) <= STEP_ATOL, diffs
     control = reference_check(rec, tokens, MICRO * world, all_decayed=True, **kw)
@@ -87,13 +99,15 @@ def test_register_trainer_optim_is_idempotent_and_dispatches():
     from transformers import HfArgumentParser, Trainer, TrainingArguments
     from transformers.training_args import OptimizerNames
 
-    from merit_ds import MERIT
+    from merit_ds import LAMB, MERIT
     from merit_ds.integrations.hf_trainer import register_trainer_optim
 
     register_trainer_optim()
     register_trainer_optim()
     assert OptimizerNames("merit") is OptimizerNames.MERIT
     assert sum(m.value == "merit" for m in OptimizerNames) == 1
+    assert OptimizerNames("sharded_lamb") is OptimizerNames.SHARDED_LAMB
+    assert sum(m.value == "sharded_lamb" for m in OptimizerNames) == 1
     parser = HfArgumentParser(TrainingArguments)
     (args,) = parser.parse_args_into_dataclasses(
         ["--output_dir", "/tmp/unused", "--optim", "merit", "--optim_args", "beta2=0.95,eps=1e-7,nonfinite_grads=raise",
@@ -105,6 +119,17 @@ def test_register_trainer_optim_is_idempotent_and_dispatches():
     bad = TrainingArguments(output_dir="/tmp/unused", optim="merit", optim_args="weight_decay=0.1", report_to="none")
     with pytest.raises(ValueError, match="weight_decay"):
         Trainer.get_optimizer_cls_and_kwargs(bad)
+    with pytest.raises(ValueError, match="max_trust_ratio"):  # a LAMB-only key: listed as not accepted by MERIT
+        Trainer.get_optimizer_cls_and_kwargs(TrainingArguments(
+            output_dir="/tmp/unused", optim="merit", optim_args="max_trust_ratio=10", report_to="none"))
+    (args,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", "/tmp/unused", "--optim", "sharded_lamb", "--optim_args",
+         "beta2=0.95,max_trust_ratio=10,bias_correction=false", "--learning_rate", "0.002", "--report_to", "none"]
+    )
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    assert cls is LAMB
+    assert kwargs == {"lr": 0.002, "betas": (args.adam_beta1, 0.95), "eps": args.adam_epsilon,
+                      "max_trust_ratio": 10.0, "bias_correction": False}
 
 
 def test_register_refuses_changed_internals(monkeypatch):
@@ -119,21 +144,21 @@ def test_register_refuses_changed_internals(monkeypatch):
 
 
 # ---- single process ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["cli", "cls"])
+@pytest.mark.parametrize("name", ["cli", "cls", "cli_lamb"])
 def test_single_process_matches_reference(single, name):
     _assert_matches_reference(single[name], world=1)
     _assert_decay_split(single[name])
 
 
 # ---- DDP, 2 processes (gloo) -----------------------------------------------------------------
-@pytest.mark.parametrize("name", ["cli", "cls"])
+@pytest.mark.parametrize("name", ["cli", "cls", "cls_lamb"])
 def test_ddp_matches_reference(dist, name):
     assert dist[name]["world"] == 2
     _assert_matches_reference(dist[name], world=2)
     _assert_decay_split(dist[name])
 
 
-@pytest.mark.parametrize("name", ["cli", "cls", "ds2_cls", "ds3_json"])
+@pytest.mark.parametrize("name", ["cli", "cls", "ds2_cls", "ds3_json", "ds2_json_lamb"])
 def test_lr_schedule_under_two_processes(dist, name):
     # cosine, no warmup, 3 steps: lr_k = lr * (1 + cos(pi k / 3)) / 2, read from the optimizer
     # that steps, at the start of each step.
@@ -144,19 +169,23 @@ def test_lr_schedule_under_two_processes(dist, name):
 
 
 # ---- DeepSpeed: the traps, then ZeRO 1/2/3 exactness -----------------------------------------
-def test_deepspeed_dropped_optimizer_raises(dist):
-    rec = dist["ds2_dropped"]
+@pytest.mark.parametrize("name", ["ds2_dropped", "ds2_dropped_lamb"])
+def test_deepspeed_dropped_optimizer_raises(dist, name):
+    rec = dist[name]
     assert rec["error"] == "DroppedOptimizerError"
     assert "optimizer_cls_and_kwargs" in rec["message"] and rec["weights"] == []
+    assert _optimizer(rec) in rec["message"]
 
 
-def test_deepspeed_offload_swap_raises(dist):
-    rec = dist["ds2_swap"]
+@pytest.mark.parametrize("name", ["ds2_swap", "ds2_swap_lamb"])
+def test_deepspeed_offload_swap_raises(dist, name):
+    rec = dist[name]
     assert rec["error"] == "OffloadSwapError"
     assert "zero_force_ds_cpu_optimizer" in rec["message"] and rec["weights"] == []
+    assert f"not {_optimizer(rec)}" in rec["message"]
 
 
-@pytest.mark.parametrize("name", ZERO_SCENARIOS)
+@pytest.mark.parametrize("name", ZERO_SCENARIOS + LAMB_ZERO_SCENARIOS)
 def test_deepspeed_zero_matches_reference(dist, name):
     rec = dist[name]
     assert rec["split"], "no matrix is split across the ranks: the test would not exercise sharding"

@@ -109,3 +109,61 @@ def test_guard_leaves_non_merit_runs_alone():
     sentinel = (object(), object())
     trainer = _fake_trainer({**ZERO2, "optimizer": {"type": "AdamW"}}, optimizer=torch.optim.SGD(tiny_gpt2().parameters(), lr=1))
     assert _guarded_deepspeed_init(lambda *a, **k: sentinel, trainer, 10) == sentinel
+
+
+# ---- LAMB: the same checks, the expected class named --------------------------------------------
+def test_verify_expects_the_asked_for_class():
+    from merit_ds import LAMB
+
+    model = tiny_gpt2()
+    lamb = LAMB(merit_param_groups(model, 0.1), lr=1e-2)
+    assert assert_merit_is_stepping(lamb, model, expected=LAMB) is lamb
+    with pytest.raises(NotMeritError, match="LAMB.*not merit_ds.MERIT"):
+        assert_merit_is_stepping(lamb, model)  # MERIT expected by default
+    with pytest.raises(NotMeritError, match="MERIT.*not merit_ds.LAMB"):
+        assert_merit_is_stepping(MERIT(merit_param_groups(model, 0.1)), model, expected=LAMB)
+    with pytest.raises(DecaySplitError, match="ln_1.weight"):
+        assert_merit_is_stepping(LAMB(model.parameters(), weight_decay=0.1), model, expected=LAMB)
+
+
+def test_guard_protects_lamb_too():
+    from merit_ds import LAMB
+    from merit_ds.integrations.deepspeed import MeritConfigError
+    from merit_ds.integrations.hf_trainer import DroppedOptimizerError, OffloadSwapError
+
+    model = tiny_gpt2()
+    with pytest.raises(DroppedOptimizerError, match=r"LAMB\(\.\.\.\).*'ShardedLAMB'"):
+        _guard(_fake_trainer(ZERO2, optimizer=LAMB(model.parameters())))
+    offload = {**ZERO2, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(OffloadSwapError, match="not LAMB"):
+        _guard(_fake_trainer(offload, cls_and_kwargs=(LAMB, {})))
+    with pytest.raises(OffloadSwapError, match="not LAMB"):
+        _guard(_fake_trainer(offload, optim="sharded_lamb"))
+    merit_json = {**ZERO2, "optimizer": {"type": "MERIT", "params": {}}}
+    with pytest.raises(ValueError, match="'MERIT'.*asked for LAMB.*optim=sharded_lamb"):
+        _guard(_fake_trainer(merit_json, optim="sharded_lamb"))
+    lamb_json = {**ZERO2, "optimizer": {"type": "ShardedLAMB", "params": {}}}
+    with pytest.raises(ValueError, match="kwargs"):
+        _guard(_fake_trainer(lamb_json, cls_and_kwargs=(LAMB, {"lr": 1e-2})))
+    with pytest.raises(MeritConfigError, match="FusedLamb"):  # DeepSpeed's lamb: explained, not run
+        _guard(_fake_trainer({**ZERO2, "optimizer": {"type": "Lamb"}}, optim="sharded_lamb"))
+    with pytest.raises(MeritConfigError, match="zero_allow_untested_optimizer"):
+        _guard(_fake_trainer({"zero_optimization": {"stage": 2}, "optimizer": {"type": "ShardedLAMB"}}))
+
+
+def test_guard_lets_json_named_offload_through_without_force_key():
+    # DeepSpeed enforces zero_force_ds_cpu_optimizer for client optimizers only and the Trainer
+    # passes DummyOptim for a JSON-named optimizer: nothing is swapped, nothing to refuse.
+    from types import SimpleNamespace
+
+    from merit_ds.integrations.hf_trainer import _guarded_deepspeed_init
+
+    for name in ("MERIT", "ShardedLAMB"):
+        cfg = {**ZERO2, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}},
+               "optimizer": {"type": name, "params": {}}}
+        trainer = _fake_trainer(cfg)
+        trainer.model = tiny_gpt2()
+        trainer.get_decay_parameter_names = lambda model: []
+        dummy = SimpleNamespace(params=None)
+        assert _guarded_deepspeed_init(lambda *a, **k: (dummy, None), trainer, 10) == (dummy, None)
+        assert isinstance(dummy.params, list)  # the Trainer's groups were handed over

@@ -109,6 +109,7 @@ def test_baseline_recipe_configs_resolve_with_their_optimizer(optimizer):
     ("lamb", "Lamb", "DeepSpeed's built-in Lamb \\(FusedLamb\\) computes its trust ratios per ZeRO partition"),
     ("adamw", "Adam", 'the AdamW baseline is named "AdamW"'),
     ("merit", "merit", 'write "type": "MERIT", not "merit"'),
+    ("lamb", "shardedlamb", 'write "type": "ShardedLAMB", not "shardedlamb"'),
     ("merit", "SGD", "optimizer type 'SGD': merit_ds.train trains merit, lamb, adamw"),
 ])
 def test_json_must_name_the_chosen_optimizer(optimizer, json_type, message):
@@ -136,7 +137,11 @@ def test_json_without_optimizer_section_and_lamb_params():
         _resolve("--optimizer", "lamb", cfg=cfg)
     cfg = _recipe("zero2_fp32.json")
     del cfg["optimizer"], cfg["zero_allow_untested_optimizer"]
-    with pytest.raises(UsageError, match='LAMB under ZeRO needs "zero_allow_untested_optimizer": true'):
+    with pytest.raises(UsageError, match='ShardedLAMB under ZeRO needs "zero_allow_untested_optimizer": true'):
+        _resolve("--optimizer", "lamb", cfg=cfg)
+    cfg = dict(_recipe("zero2_offload_fp32.json"), optimizer={"type": "ShardedLAMB", "params": {}})
+    del cfg["zero_force_ds_cpu_optimizer"]  # a client optimizer under offload: DeepSpeed would refuse it
+    with pytest.raises(UsageError, match='"zero_force_ds_cpu_optimizer": false'):
         _resolve("--optimizer", "lamb", cfg=cfg)
 
 

@@ -113,6 +113,8 @@ def test_train_step_is_the_optimizer_applied_by_hand(data_dir, name):
     peak = ref_opt.param_groups[0]["lr"]
     for g in ref_opt.param_groups:
         g["lr"] = peak / 2  # warmup 2: the first step runs at lr / 2
+    if name != "adamw":  # as on the trainer's diagnostics step (MERIT's statistics step runs its foreach path)
+        ref_opt.track_stats = True
     loader = make_train_loader(data_dir, seq_len=SEQ, global_batch=BATCH, micro_batch=MICRO, rank=0, world=1, seed=3)
     losses = []
     for _ in range(2):

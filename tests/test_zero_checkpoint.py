@@ -1,4 +1,5 @@
-"""Checkpoints of sharded MERIT: exact resume, and re-sharding through DeepSpeed's universal format.
+"""Checkpoints of sharded MERIT and LAMB: exact resume, and re-sharding through DeepSpeed's
+universal format (LAMB's bias correction also checks that the step count survives it).
 
 One save launch at world 2 (ZeRO 1, 2, 3): save after 2 steps, continue to 4 (uninterrupted),
 reload into a fresh engine and continue: weights equal the uninterrupted run bit for bit.
@@ -18,16 +19,17 @@ from _dist import TESTS_DIR, dist_env, launch
 WORKER = TESTS_DIR / "zero_ckpt_worker.py"
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    d = tmp_path_factory.mktemp("merit_ckpt")
-    res = launch(WORKER, 2, ["--mode", "save", "--dir", str(d), "--stages", "1", "2", "3"], timeout=400)
-    return d, res
+@pytest.fixture(scope="module", params=["merit", "lamb"])
+def saved(tmp_path_factory, request):
+    d = tmp_path_factory.mktemp(f"{request.param}_ckpt")
+    res = launch(WORKER, 2, ["--mode", "save", "--dir", str(d), "--stages", "1", "2", "3", "--optimizer", request.param],
+                 timeout=400)
+    return d, res, request.param
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_save_load_resumes_exactly(saved, stage):
-    _, res = saved
+    _, res, _ = saved
     r = res["stages"][f"z{stage}"]
     assert r["moved"] > 1e-3  # the steps after the save did change the weights
     assert r["load_diff"] == 0.0 and r["moments_diff"] == 0.0
@@ -36,18 +38,20 @@ def test_save_load_resumes_exactly(saved, stage):
 
 @pytest.fixture(scope="module")
 def universal(saved):
-    d, _ = saved
+    d, _, optimizer = saved
     for stage in (2, 3):
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(d / f"z{stage}"),
                "--output_folder", str(d / f"z{stage}_universal"), "--inject_missing_state"]
         proc = subprocess.run(cmd, env=dist_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    return d
+    return d, optimizer
 
 
 @pytest.mark.parametrize("world", [1, 3])
 def test_universal_checkpoint_resumes_at_other_world_sizes(universal, world):
-    res = launch(WORKER, world, ["--mode", "universal", "--dir", str(universal), "--stages", "2", "3"], timeout=400)
+    d, optimizer = universal
+    res = launch(WORKER, world, ["--mode", "universal", "--dir", str(d), "--stages", "2", "3", "--optimizer", optimizer],
+                 timeout=400)
     assert res["world"] == world
     for stage in ("z2", "z3"):
         r = res["stages"][stage]

@@ -4,7 +4,11 @@ One launch per world size runs every configuration in one process group (see
 zero_worker.py); each configuration then gets its own test here, asserting on numbers:
 
 - the fp32 master weights after every step() equal single-device MERIT fed the same full
-  weights and averaged gradient, bit for bit (atol=rtol=0);
+  weights and averaged gradient, bit for bit (atol=rtol=0), on the same path: the CPU
+  kernel (the default for fp32 on CPU) against the CPU kernel on whole tensors, and
+  (configs ``*_foreach``) the materialised path against the single_tensor reference; the
+  statistics steps (``track_stats`` on) run the materialised path, so the ``*_kernel``
+  configs turn it off and assert that no scratch buffer was made (the fused form ran);
 - exactly one all_reduce per step() call, and it is the statistics all-reduce, with
   ``track_stats`` on;
 - the trust-ratio statistics recorded by the sharded step, reduced over ranks, equal the
@@ -14,6 +18,8 @@ zero_worker.py); each configuration then gets its own test here, asserting on nu
 - deepspeed.utils.safe_get_full_fp32_param agrees with the reference (except under
   round_robin_gradients, where DeepSpeed's own mapping is wrong);
 - z2_fp32 also against a true full-batch single-process run after one step (1e-6);
+- ZeRO-3 with ``offload_param`` (parameters offloaded to CPU, DeepSpeed's flag checked), fp32
+  and bf16: the same exactness;
 - fp16 with an overflow on one rank: every rank skips that step, none hangs;
 - LAMB: the same matrix with the fp32 master weights within LAMB_RTOL (relative) of
   single-device LAMB every step, one all_reduce(SUM) per step() call, a non-finite gradient
@@ -31,11 +37,14 @@ WORLD2 = [
     "z1_fp32", "z2_fp32", "z3_fp32", "z1_bf16", "z2_bf16", "z3_bf16", "bf16opt", "z2_fp16", "z3_fp16",
     "z2_rr", "z2_align", "z3_subgroups", "z2_offload_rr", "z3_offload", "z2_groups", "bf16opt_groups",
     "z3_groups", "z2_bf16_offload", "z2_attach", "z2_bf16_nan", "z1_fp16", "z1_offload",
+    "z2_foreach", "z3_foreach", "z2_foreach_nan", "z2_kernel", "z3_kernel_offload", "z2_kernel_rr", "z2_kernel_nan",
+    "z3_offload_param", "z3_offload_param_bf16",
 ]
 # No ZeRO: DeepSpeed's FP16_UnfusedOptimizer gives MERIT same-shaped fp32 master copies;
 # MERIT's ordinary step runs (no layout, no collective).
 UNSHARDED = ["z0_bf16", "z0_fp16"]
-WORLD3 = ["z1_fp32", "z2_fp32", "z3_fp32", "z2_bf16", "z3_bf16", "bf16opt", "z2_rr", "z3_subgroups", "z3_fp16"]
+WORLD3 = ["z1_fp32", "z2_fp32", "z3_fp32", "z2_bf16", "z3_bf16", "bf16opt", "z2_rr", "z3_subgroups", "z3_fp16",
+          "z3_offload_param"]
 STEPS = 3
 
 # LAMB: fp32 master weights within this relative distance of single-device LAMB per step
@@ -70,6 +79,8 @@ def _check(res, name, optimizer="merit"):
         assert res["safe_get_diff"] == 0.0
     if "full_batch_diff" in res:
         assert res["full_batch_diff"] < 1e-6
+    if optimizer == "merit":  # the kernel configs ran the fused form only; the others materialise u
+        assert (res["scratch_buffers"] == 0) == ("kernel" in name), res["scratch_buffers"]
     if name.endswith("nan"):  # skipped on every rank: MERIT the parameter, LAMB the group
         skipped = 1 if optimizer == "merit" else N_PARAMS
         assert res["nonfinite_skips"] == [skipped] * len(res["nonfinite_skips"])
@@ -87,6 +98,8 @@ def _check(res, name, optimizer="merit"):
     flavour = {"z1": "DeepSpeedZeroOptimizer", "z2": "DeepSpeedZeroOptimizer",
                "z3": "DeepSpeedZeroOptimizer_Stage3", "bf": "BF16_Optimizer"}[name[:2]]
     assert res["flavour"] == flavour
+    if name.startswith("z3"):  # ZeRO-3 parameter offload really on (DeepSpeed's flag) only where asked
+        assert res["offload_param"] == ("offload_param" in name)
     if name == "z2_attach" or "offload" in name and name.startswith("z2"):
         assert res["adapters"] == ["zero1/2"]  # from the ZeRO optimizer's own records
 

@@ -1,4 +1,16 @@
-"""MERIT by name in DeepSpeed's JSON config, through the real ``deepspeed`` launcher; config checks."""
+"""MERIT and LAMB by name in DeepSpeed's JSON config, through the real ``deepspeed`` launcher,
+against a plain single-process reference; config checks.
+
+Reference protocol (as tests/_hf_common.py): the script records the full fp32 weights before
+every step; the test re-runs each step in one process from those weights (global batch = both
+ranks' micro-batches, clipped at the config's ``gradient_clipping``) with plain ``merit_ds.MERIT``
+/ ``merit_ds.LAMB`` and its own moments, and compares with the weights recorded after the step.
+fp32 configs only (under bf16 the forward itself differs from an fp32 reference).
+Tolerance ``STEP_ATOL = 1e-6``, as in test_hf_trainer.py; the negative control (one trust ratio
+for all parameters, as an optimizer that sees one flat partition computes) differs by > 1e-3.
+"""
+
+import json
 
 import pytest
 import torch
@@ -7,24 +19,83 @@ import merit_ds
 from _dist import REPO_ROOT, TESTS_DIR, launch
 from merit_ds.integrations.deepspeed import MeritConfigError, check_config
 
+EXAMPLES = REPO_ROOT / "ds_configs" / "examples"
+STEP_ATOL, CONTROL_MIN, STEPS = 1e-6, 1e-3, 4  # STEPS as in the script
+# config -> (basic optimizer, ZeRO wrapper, compared numerically with the reference)
+JSON_RUNS = {
+    "zero2_merit_fp32.json": ("MERIT", "DeepSpeedZeroOptimizer", True),
+    "zero3_merit_bf16_offload.json": ("MERIT", "DeepSpeedZeroOptimizer_Stage3", False),
+    "zero2_shardedlamb_fp32.json": ("LAMB", "DeepSpeedZeroOptimizer", True),
+    "zero3_shardedlamb_offload_fp32.json": ("LAMB", "DeepSpeedZeroOptimizer_Stage3", True),
+}
 
-@pytest.mark.parametrize(
-    "config, wrapper",
-    [("zero2_merit_fp32.json", "DeepSpeedZeroOptimizer"), ("zero3_merit_bf16_offload.json", "DeepSpeedZeroOptimizer_Stage3")],
-)
-def test_json_config_name_through_deepspeed_launcher(config, wrapper):
-    res = launch(TESTS_DIR / "zero_json_script.py", 2, ["--ds_config", str(REPO_ROOT / "ds_configs" / "examples" / config)],
-                 launcher="deepspeed", timeout=300)
+
+@pytest.fixture(scope="module")
+def json_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("json")
+    res = launch(TESTS_DIR / "zero_json_script.py", 2, ["--ds_config", *(str(EXAMPLES / c) for c in JSON_RUNS)],
+                 launcher="deepspeed", timeout=400, env={"MERIT_TEST_RECORD": str(out)})
+    return res, out
+
+
+def _reference(config: dict, weights: list, optimizer: str, *, flat: bool = False) -> list[float]:
+    """Per step: max |recorded - reference| after the step (``flat``: the negative control)."""
+    from zero_worker import VOCAB, Tiny
+
+    model = Tiny()
+    named = dict(model.named_parameters())
+    params = config["optimizer"]["params"]
+    flat_p = torch.nn.Parameter(torch.zeros(sum(p.numel() for p in named.values())))
+    opt = getattr(merit_ds, optimizer)([flat_p] if flat else model.parameters(), **params)
+    diffs = []
+    for step in range(STEPS):
+        with torch.no_grad():
+            for n, w in weights[step].items():
+                named[n].copy_(w)
+        x = torch.cat([torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(step * 100 + r))
+                       for r in range(2)])
+        model.zero_grad()
+        model(x, (x * 3 + 1) % VOCAB).backward()
+        if config.get("gradient_clipping", 1.0):
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.get("gradient_clipping", 1.0))
+        if flat:
+            with torch.no_grad():
+                flat_p.copy_(torch.cat([p.detach().reshape(-1) for p in named.values()]))
+            flat_p.grad = torch.cat([p.grad.reshape(-1) for p in named.values()])
+            opt.step()
+            after = torch.cat([w.reshape(-1) for w in weights[step + 1].values()])
+            diffs.append(float((flat_p.detach() - after).abs().max()))
+        else:
+            opt.step()
+            diffs.append(max(float((named[n].detach() - w).abs().max()) for n, w in weights[step + 1].items()))
+    return diffs
+
+
+@pytest.mark.parametrize("config", list(JSON_RUNS))
+def test_json_config_name_through_deepspeed_launcher(json_runs, config):
+    results, out = json_runs
+    res = results[config]
+    optimizer, wrapper, numeric = JSON_RUNS[config]
+    cfg = json.loads((EXAMPLES / config).read_text())
     assert res["world"] == 2
-    assert res["basic_optimizer"] == "MERIT" and res["wrapper"] == wrapper
+    assert res["basic_optimizer"] == optimizer and res["wrapper"] == wrapper
     assert res["sharded_groups"] == 1
-    assert res["stats_all_reduces"] == 4  # one per step() call, 4 steps
-    assert res["hyperparameters"] == {"lr": 0.01, "betas": [0.9, 0.99], "eps": 1e-8, "weight_decay": 0.1}
+    assert res["stats_all_reduces"] == STEPS  # one per step() call
+    params = cfg["optimizer"]["params"]
+    assert res["hyperparameters"] == {k: params[k] for k in ("lr", "betas", "eps", "weight_decay")}
     assert all(0 < l < 10 for l in res["losses"])
+    if numeric:
+        weights = torch.load(out / config.replace(".json", ".pt"))["weights"]
+        diffs = _reference(cfg, weights, optimizer)
+        control = _reference(cfg, weights, optimizer, flat=True)
+        print(f"{config}: max step diff vs reference {max(diffs):.2e}, negative control {max(control):.2e}")
+        assert max(diffs) <= STEP_ATOL, diffs
+        assert max(control) > CONTROL_MIN, control
 
 
 def test_import_registers_json_name():
     assert torch.optim.MERIT is merit_ds.MERIT
+    assert torch.optim.ShardedLAMB is merit_ds.LAMB
 
 
 BASE = {"optimizer": {"type": "MERIT", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}}
@@ -37,12 +108,19 @@ def test_check_config_requires_untested_optimizer_flag():
     check_config({**BASE, "zero_optimization": {"stage": 0}})  # no ZeRO: nothing to allow
 
 
-def test_check_config_offload_needs_force_ds_cpu_optimizer_false():
+def test_check_config_offload_needs_force_ds_cpu_optimizer_false_for_client_optimizers_only():
     cfg = {**BASE, "zero_allow_untested_optimizer": True,
            "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}
-    with pytest.raises(MeritConfigError, match='"zero_force_ds_cpu_optimizer": false'):
-        check_config(cfg)
-    check_config({**cfg, "zero_force_ds_cpu_optimizer": False})
+    # Named in the JSON: DeepSpeed builds it itself and enforces the key for client optimizers
+    # only (engine.py:2342-2346); Accelerate swaps client optimizers only. So: accepted (and run
+    # exactly through the deepspeed launcher: zero3_shardedlamb_offload_fp32.json has no such key).
+    check_config(cfg)
+    check_config({**cfg, "optimizer": {"type": "ShardedLAMB"}})
+    client = {k: v for k, v in cfg.items() if k != "optimizer"}
+    for opt in (True, merit_ds.MERIT, merit_ds.LAMB([torch.nn.Parameter(torch.ones(2))])):
+        with pytest.raises(MeritConfigError, match='client .*"zero_force_ds_cpu_optimizer": false.*client optimizers only'):
+            check_config(client, client_optimizer=opt)
+    check_config({**client, "zero_force_ds_cpu_optimizer": False}, client_optimizer=True)
     with pytest.raises(MeritConfigError, match="nvme"):
         check_config({**cfg, "zero_force_ds_cpu_optimizer": False,
                       "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}})
@@ -56,9 +134,78 @@ def test_check_config_case_and_client_optimizer():
         check_config({"zero_optimization": {"stage": 1}}, client_optimizer=True)
 
 
+def _json_files_on_disk(root) -> list:
+    """Independent count: os.walk, not the glob under test."""
+    import os
+
+    return sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files if f.endswith(".json"))
+
+
 def test_shipped_configs_pass_the_check():
-    for path in sorted((REPO_ROOT / "ds_configs").glob("*merit*.json")):
-        check_config(path)
+    """Every JSON under ds_configs/ (examples/ included) is a MERIT or ShardedLAMB config that
+    passes the check, and the check has teeth on each: without ``zero_allow_untested_optimizer``
+    it raises. The AdamW baseline recipes name DeepSpeed's own AdamW, which needs no such key."""
+    import json
+
+    paths = sorted((REPO_ROOT / "ds_configs").rglob("*.json"))
+    assert len(paths) > 0
+    assert [str(p) for p in paths] == _json_files_on_disk(REPO_ROOT / "ds_configs")
+    assert any("shardedlamb" in p.name for p in paths)
+    for path in paths:
+        cfg = json.loads(path.read_text())
+        if cfg.get("optimizer", {}).get("type") == "AdamW":  # --optimizer adamw recipes: DeepSpeed's own
+            assert "_adamw_" in path.name and "zero_allow_untested_optimizer" not in cfg, path
+            check_config(path)
+            continue
+        names_merit = cfg.get("optimizer", {}).get("type") in ("MERIT", "ShardedLAMB")
+        # a config without "optimizer" gets MERIT as a client optimizer (merit_ds.train)
+        assert names_merit or "optimizer" not in cfg, path
+        check_config(path, client_optimizer=not names_merit)
+        if int(cfg.get("zero_optimization", {}).get("stage", 0)) > 0:
+            broken = {k: v for k, v in cfg.items() if k != "zero_allow_untested_optimizer"}
+            with pytest.raises(MeritConfigError, match="zero_allow_untested_optimizer"):
+                check_config(broken, client_optimizer=not names_merit)
+
+
+def test_configs_named_in_docs_and_launch_files_exist():
+    """README and launch/ refer to configs by path: each must be shipped."""
+    import re
+
+    texts = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "launch").iterdir())]
+    named = {m for t in texts if t.is_file() for m in re.findall(r"ds_configs/[\w./-]+\.json", t.read_text())}
+    assert len(named) >= 5
+    missing = sorted(n for n in named if not (REPO_ROOT / n).is_file())
+    assert missing == []
+
+
+LAMB_BASE = {"optimizer": {"type": "ShardedLAMB", "params": {"lr": 1e-3}}, "zero_optimization": {"stage": 2}}
+
+
+def test_check_config_sharded_lamb_like_merit():
+    with pytest.raises(MeritConfigError, match='ShardedLAMB under ZeRO needs "zero_allow_untested_optimizer": true'):
+        check_config(LAMB_BASE)
+    ok = {**LAMB_BASE, "zero_allow_untested_optimizer": True}
+    check_config(ok)
+    with pytest.raises(MeritConfigError, match='write "type": "ShardedLAMB", not "shardedlamb"'):
+        check_config({**ok, "optimizer": {"type": "shardedlamb"}})
+    with pytest.raises(MeritConfigError, match='"type": "ShardedLAMB", not "Shardedlamb"'):
+        check_config({**ok, "optimizer": {"type": "Shardedlamb"}})
+    offload = {**ok, "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(MeritConfigError, match="nvme"):
+        check_config({**offload, "zero_force_ds_cpu_optimizer": False,
+                      "zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}})
+    with pytest.raises(MeritConfigError, match="gradient_clipping"):
+        check_config({**ok, "optimizer": {"type": "ShardedLAMB", "params": {"max_grad_norm": 1.0}}})
+    with pytest.raises(MeritConfigError, match='LAMB under ZeRO needs'):  # a client LAMB instance
+        check_config({"zero_optimization": {"stage": 1}}, client_optimizer=merit_ds.LAMB)
+
+
+@pytest.mark.parametrize("name", ["lamb", "Lamb", "LAMB"])
+def test_check_config_explains_deepspeeds_fused_lamb(name):
+    cfg = {**LAMB_BASE, "zero_allow_untested_optimizer": True, "optimizer": {"type": name}}
+    with pytest.raises(MeritConfigError, match=r'FusedLamb.*CUDA-only.*per\s+flat partition.*"type": "ShardedLAMB"'):
+        check_config(cfg)
+    check_config({**cfg, "zero_optimization": {"stage": 0}})  # without ZeRO FusedLamb is LAMB (on CUDA): not ours
 
 
 def test_flat_tensor_without_deepspeed_raises_instead_of_falling_back():
@@ -84,11 +231,61 @@ def test_force_ds_cpu_optimizer_read_like_deepspeed(value, refused):
 
     cfg = {**BASE, "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": value,
            "zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}
+    check_config(cfg)  # named in the JSON: the key does not matter
     if refused:
         with pytest.raises(MeritConfigError, match="zero_force_ds_cpu_optimizer"):
-            check_config(cfg)
+            check_config(cfg, client_optimizer=True)
         with pytest.raises(OffloadSwapError):
             refuse_offload_swap(cfg)
     else:
-        check_config(cfg)
+        check_config(cfg, client_optimizer=True)
         refuse_offload_swap(cfg)
+
+
+@pytest.mark.parametrize("name, cls", [("MERIT", merit_ds.MERIT), ("ShardedLAMB", merit_ds.LAMB)])
+def test_check_config_names_unknown_params_and_the_accepted_ones(name, cls):
+    import inspect
+
+    from merit_ds.integrations.deepspeed import accepted_params
+
+    # derived from the constructor: every keyword it takes, nothing else
+    assert accepted_params(cls) == [n for n in inspect.signature(cls).parameters if n != "params"]
+    ok = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    check_config({**ok, "optimizer": {"type": name, "params": {k: "auto" for k in accepted_params(cls)}}})
+    for bad in ({"lr": 1e-3, "momentum": 0.9}, {"lr": 1e-3, "torch_adam": True, "adam_w_mode": True}):
+        cfg = {**ok, "optimizer": {"type": name, "params": bad}}
+        unknown = [k for k in bad if k != "lr"]
+        with pytest.raises(MeritConfigError) as info:
+            check_config(cfg)
+        msg = str(info.value)
+        assert all(repr(k) in msg for k in unknown) and "accepted: " + ", ".join(accepted_params(cls)) in msg
+        with pytest.raises(TypeError):  # what DeepSpeed would hit inside deepspeed.initialize
+            cls([torch.nn.Parameter(torch.ones(2))], **bad)
+    if cls is merit_ds.MERIT:  # a LAMB-only key is unknown to MERIT
+        with pytest.raises(MeritConfigError, match="'max_trust_ratio'"):
+            check_config({**ok, "optimizer": {"type": name, "params": {"max_trust_ratio": 10}}})
+
+
+def test_unknown_params_refused_before_the_engine_on_every_path():
+    """The Trainer guard and prepare_with_merit run check_config before DeepSpeed starts."""
+    from types import SimpleNamespace
+
+    from merit_ds.integrations.accelerate import check_before_prepare
+    from merit_ds.integrations.hf_trainer import _guarded_deepspeed_init
+
+    cfg = {"zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True,
+           "optimizer": {"type": "ShardedLAMB", "params": {"lr": 1e-3, "adam_w_mode": True}}}
+    plugin = SimpleNamespace(hf_ds_config=SimpleNamespace(config=cfg), deepspeed_config=cfg)
+    state = SimpleNamespace(deepspeed_plugin=plugin)
+    trainer = SimpleNamespace(accelerator=SimpleNamespace(state=state), optimizer=None,
+                              optimizer_cls_and_kwargs=None, args=SimpleNamespace(optim="adamw_torch"))
+
+    def original(*a, **k):
+        raise AssertionError("reached DeepSpeed")
+
+    with pytest.raises(MeritConfigError, match="'adam_w_mode'"):
+        _guarded_deepspeed_init(original, trainer, 10)
+    from accelerate.utils import DummyOptim
+
+    with pytest.raises(MeritConfigError, match="'adam_w_mode'"):
+        check_before_prepare(SimpleNamespace(state=state), DummyOptim([torch.nn.Parameter(torch.ones(2))]))

@@ -19,6 +19,7 @@ import torch
 
 import merit_ds  # noqa: F401  (registers the resolver)
 from merit_ds.optim import LAMB, MERIT
+from merit_ds.optim.cpu_kernel import available as kernel_available
 from merit_ds.optim import merge_trust_stats, summarize_trust_stats
 from merit_ds.sharding import collective
 from merit_ds.sharding import stats as sharded_stats
@@ -129,7 +130,9 @@ def _gather(parts, layouts, shapes):
 
 
 def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=None, align=1, track=False,
-         optimizer="merit", diffs=None):
+         optimizer="merit", diffs=None, implementation="foreach"):
+    """``implementation``: the sharded optimizers'; the single-device control runs the same
+    path (``"single_tensor"``, bitwise equal to foreach, for ``"foreach"``)."""
     g = torch.Generator().manual_seed(world * 7 + len(flavour))
     shapes = SHAPES
     full = [torch.randn(s, generator=g) for s in shapes]
@@ -146,8 +149,9 @@ def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=
 
     ref_params = [t.clone() for t in full]
     cls = OPTIMIZERS[optimizer]
-    ref = cls(ref_params, **HP, nonfinite_grads=policy, implementation="single_tensor")
-    opts = [cls([p], **HP, nonfinite_grads=policy) for p in parts]
+    ref_impl = "single_tensor" if implementation == "foreach" else implementation
+    ref = cls(ref_params, **HP, nonfinite_grads=policy, implementation=ref_impl)
+    opts = [cls([p], **HP, nonfinite_grads=policy, implementation=implementation) for p in parts]
     ref.track_stats = track
     for o in opts:
         o.track_stats = track
@@ -196,6 +200,9 @@ def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=
             _check_trust_stats(ref, opts, sim, summaries, skipped=nan_at == step, clips=cls.fragment_rule.clips)
     assert sim.calls == [steps] * world
     assert sim.ops == {cls.fragment_rule.reduce_op}
+    # the fused form (CPU kernel) keeps no partition-sized scratch; the others do
+    fused = cls is MERIT and implementation != "foreach" and not track and kernel_available()
+    assert all(("_merit_scratch" in o.__dict__) != fused for o in opts)
     return ref, opts, sim
 
 
@@ -260,10 +267,13 @@ def test_trust_stats_skip_nonfinite_parameter_on_every_rank(monkeypatch, optimiz
     _run(monkeypatch, 3, "zero12", nan_at=1, track=True, perm=[6, 2, 0, 5, 1, 4, 3], align=4, optimizer=optimizer)
 
 
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
 @pytest.mark.parametrize("world", [2, 3, 4])
 @pytest.mark.parametrize("flavour", ["zero12", "zero3"])
-def test_sharded_step_equals_one_device_bitwise(monkeypatch, world, flavour):
-    _run(monkeypatch, world, flavour)
+def test_sharded_step_equals_one_device_bitwise(monkeypatch, world, flavour, implementation):
+    """foreach: the materialised path vs the single_tensor reference; fused: the CPU kernel
+    on fragments vs the CPU kernel on whole tensors. Bit for bit either way."""
+    _run(monkeypatch, world, flavour, implementation=implementation)
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])
@@ -287,9 +297,10 @@ def test_reordered_and_padded_flatten(monkeypatch, optimizer):
     _run(monkeypatch, 3, "zero12", perm=[6, 2, 0, 5, 1, 4, 3], align=4, optimizer=optimizer)
 
 
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
 @pytest.mark.parametrize("flavour", ["zero12", "zero3"])
-def test_nonfinite_gradient_skips_parameter_on_every_rank(monkeypatch, flavour):
-    ref, opts, _ = _run(monkeypatch, 3, flavour, nan_at=1)
+def test_nonfinite_gradient_skips_parameter_on_every_rank(monkeypatch, flavour, implementation):
+    ref, opts, _ = _run(monkeypatch, 3, flavour, nan_at=1, implementation=implementation)
     assert ref.nonfinite_skips == 1
     assert [o.nonfinite_skips for o in opts] == [1, 1, 1]
 
@@ -305,9 +316,9 @@ def test_lamb_nonfinite_gradient_skips_the_group_on_every_rank(monkeypatch, flav
     assert {s["step"].item() for s in ref.state.values()} == {2.0}
 
 
-@pytest.mark.parametrize("optimizer", ["merit", "lamb"])
-def test_nonfinite_gradient_raises_on_every_rank_before_modifying(monkeypatch, optimizer):
-    _run(monkeypatch, 3, "zero12", policy="raise", nan_at=0, optimizer=optimizer)
+@pytest.mark.parametrize("optimizer, implementation", [("merit", "foreach"), ("merit", "fused"), ("lamb", "foreach")])
+def test_nonfinite_gradient_raises_on_every_rank_before_modifying(monkeypatch, optimizer, implementation):
+    _run(monkeypatch, 3, "zero12", policy="raise", nan_at=0, optimizer=optimizer, implementation=implementation)
 
 
 @pytest.mark.parametrize("cls", [MERIT, LAMB])
@@ -332,7 +343,7 @@ def test_naive_flat_partition_step_differs(monkeypatch, cls):
     assert diff > 1e-3
 
 
-@pytest.mark.parametrize("optimizer", ["merit", "lamb"])
+@pytest.mark.parametrize("optimizer, implementation", [("merit", "foreach"), ("merit", "fused"), ("lamb", "foreach")])
 @pytest.mark.parametrize("flavour", ["zero12", "zero3"])
-def test_propagate_policy_updates_moments_in_place(monkeypatch, flavour, optimizer):
-    _run(monkeypatch, 3, flavour, policy="propagate", optimizer=optimizer)
+def test_propagate_policy_updates_moments_in_place(monkeypatch, flavour, optimizer, implementation):
+    _run(monkeypatch, 3, flavour, policy="propagate", optimizer=optimizer, implementation=implementation)

@@ -1,4 +1,5 @@
-"""Worker for test_zero_checkpoint.py: save / resume / re-shard MERIT's ZeRO checkpoints.
+"""Worker for test_zero_checkpoint.py: save / resume / re-shard MERIT's (or, with
+``--optimizer lamb``, LAMB's) ZeRO checkpoints.
 
 ``--mode save --dir D --stages 1 2 3``: for each stage, train SAVE_AT steps, save a
 checkpoint (tag ``z{stage}``), train to TOTAL steps (the uninterrupted run); then build a
@@ -29,11 +30,13 @@ import torch.distributed as dist
 import deepspeed
 import merit_ds  # noqa: F401
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-from merit_ds.optim import MERIT
+from merit_ds.optim import LAMB, MERIT
 from zero_worker import HP, VOCAB, Tiny
 
 warnings.filterwarnings("ignore")
 GLOBAL, SAVE_AT, TOTAL = 6, 2, 4
+OPTIMIZER = {"merit": MERIT, "lamb": LAMB}
+OPT_CLS = MERIT  # set from --optimizer
 
 
 def config(stage, world, universal=False):
@@ -53,7 +56,7 @@ def config(stage, world, universal=False):
 def engine_for(stage, world, universal=False):
     torch.manual_seed(0)
     model = Tiny()
-    opt = MERIT(model.parameters(), **HP)
+    opt = OPT_CLS(model.parameters(), **HP)
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=config(stage, world, universal))
     return engine, model
 
@@ -138,7 +141,10 @@ def main():
     ap.add_argument("--mode", choices=["save", "universal"], required=True)
     ap.add_argument("--dir", required=True)
     ap.add_argument("--stages", nargs="+", type=int, required=True)
+    ap.add_argument("--optimizer", choices=sorted(OPTIMIZER), default="merit")
     args = ap.parse_args()
+    global OPT_CLS
+    OPT_CLS = OPTIMIZER[args.optimizer]
     deepspeed.init_distributed(dist_backend="gloo")
     res = {}
     (save_mode if args.mode == "save" else universal_mode)(args, res)

@@ -55,8 +55,12 @@ OPT_CLS, OPT_FN = MERIT, merit  # set from --optimizer
 
 def functional_step(params, grads, exp_avgs, exp_avg_sqs, steps, grp, **extra):
     """The optimizer's functional single-device step with ``grp``'s hyperparameters."""
+    # The same path as the sharded step: the CPU kernel where the group resolves to it (the
+    # default for fp32 on CPU; kernel vs kernel is bitwise), else the single_tensor reference
+    # (bitwise equal to the foreach path the sharded step then runs).
+    impl = grp["implementation"]
     kw = dict(lr=float(grp["lr"]), beta1=grp["betas"][0], beta2=grp["betas"][1], eps=grp["eps"],
-              weight_decay=grp["weight_decay"], implementation="single_tensor", **extra)
+              weight_decay=grp["weight_decay"], implementation="single_tensor" if impl == "foreach" else impl, **extra)
     if OPT_CLS is LAMB:
         kw.update(max_trust_ratio=grp["max_trust_ratio"], bias_correction=grp["bias_correction"])
     return OPT_FN(params, grads, exp_avgs, exp_avg_sqs, steps, **kw)
@@ -82,6 +86,8 @@ CONFIGS = {
     "z1_offload": dict(stage=1, dtype="fp32", offload=True),
     "z2_offload_rr": dict(stage=2, dtype="fp32", offload=True, round_robin=True),
     "z3_offload": dict(stage=3, dtype="fp32", offload=True),
+    "z3_offload_param": dict(stage=3, dtype="fp32", offload=True, offload_param=True),
+    "z3_offload_param_bf16": dict(stage=3, dtype="bf16", offload=True, offload_param=True),
     "z2_groups": dict(stage=2, dtype="fp32", two_groups=True),
     "bf16opt_groups": dict(stage=1, dtype="bf16", grad_accum_fp32=True, two_groups=True),
     "z3_groups": dict(stage=3, dtype="bf16", two_groups=True),
@@ -91,6 +97,15 @@ CONFIGS = {
     # DeepSpeed does not skip the step itself, so MERIT must skip that parameter on every
     # rank (its policy "skip")
     "z2_bf16_nan": dict(stage=2, dtype="bf16", nan_at=1),
+    # the materialised path (implementation="foreach") instead of the default CPU kernel
+    "z2_foreach": dict(stage=2, dtype="fp32", implementation="foreach"),
+    "z3_foreach": dict(stage=3, dtype="bf16", implementation="foreach"),
+    "z2_foreach_nan": dict(stage=2, dtype="bf16", nan_at=1, implementation="foreach"),
+    # track_stats off: MERIT's fused form (the CPU kernel on fragments, no scratch buffers)
+    "z2_kernel": dict(stage=2, dtype="fp32", track_stats=False),
+    "z3_kernel_offload": dict(stage=3, dtype="fp32", offload=True, track_stats=False),
+    "z2_kernel_rr": dict(stage=2, dtype="bf16", round_robin=True, track_stats=False),
+    "z2_kernel_nan": dict(stage=2, dtype="bf16", nan_at=1, track_stats=False),
 }
 
 
@@ -130,6 +145,8 @@ def ds_config(cfg, world):
         zero["sub_group_size"] = cfg["sub_group_size"]
     if cfg.get("offload"):
         zero["offload_optimizer"] = {"device": "cpu"}
+    if cfg.get("offload_param"):  # ZeRO-3 parameter offload (ZeRO-Infinity to CPU)
+        zero["offload_param"] = {"device": "cpu"}
     if cfg["stage"] == 3:
         zero["stage3_param_persistence_threshold"] = 0
     c = {
@@ -223,7 +240,7 @@ def run_config(name, cfg, rank, world):
         params = [{"params": mats}, {"params": vecs, "weight_decay": 0.0, "lr": 0.03}]
     else:
         params = model.parameters()
-    opt = OPT_CLS(params, **HP)
+    opt = OPT_CLS(params, **HP, implementation=cfg.get("implementation"))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds_config(cfg, world))
     if cfg.get("unsharded"):  # ordinary MERIT step on each fp32 master copy, no collective
         c0 = collective.counter.calls
@@ -251,7 +268,8 @@ def run_config(name, cfg, rank, world):
     res = dict(max_diff=0.0, max_rel_diff=0.0, compared=0, allreduce_per_step=[], naive_diff=None, calls=0, trust_checked=0,
                trust_exact=True, trust_mean_rel=0.0)
     real_step = opt.step
-    opt.track_stats = True
+    # statistics steps run the materialised path; the fused form (CPU kernel) needs them off
+    opt.track_stats = cfg.get("track_stats", True)
 
     def hooked_step(*a, **k):
         active = [(opt.param_groups.index(g) if False else None, g["params"][0]) for g in opt.param_groups if g["params"]]
@@ -307,7 +325,7 @@ def run_config(name, cfg, rank, world):
                 grp = hp_of[unit[0]]
                 functional_step([w_before[p] for p in unit], [g_full[p] for p in unit], [ref_state[p][0] for p in unit],
                                 [ref_state[p][1] for p in unit], [ref_state[p][2] for p in unit], grp,
-                                nonfinite_grads=grp["nonfinite_grads"], stats=ref_stats)
+                                nonfinite_grads=grp["nonfinite_grads"], stats=ref_stats if opt.track_stats else None)
             for p in ps:
                 w = w_before[p]
                 diff = (w - after[p]).abs().max().item() if w.numel() else 0.0
@@ -391,6 +409,8 @@ def run_config(name, cfg, rank, world):
     dist.all_gather_object(skips, opt.nonfinite_skips)
     res["nonfinite_skips"] = skips
     res["flavour"] = oracle.kind
+    res["scratch_buffers"] = len(opt.__dict__.get("_merit_scratch", {}))  # 0: only the fused form ran
+    res["offload_param"] = bool(getattr(engine.optimizer, "offload_param", False))  # DeepSpeed's own flag
     res["adapters"] = sorted({v[3] for v in opt.__dict__.get("_merit_layouts", {}).values()})
     engine.destroy() if hasattr(engine, "destroy") else None
     return res

@@ -16,7 +16,8 @@ def _cmd_prepare(args) -> int:
     t0 = time.perf_counter()
     m = prepare(args.input, args.out, val_fraction=args.val_fraction, shard_tokens=args.shard_tokens,
                 num_proc=args.num_proc, tokenizer=args.tokenizer, streaming=args.streaming,
-                text_column=args.text_column, text_unit=args.text_unit, progress=not args.quiet)
+                text_column=args.text_column, text_unit=args.text_unit, progress=not args.quiet,
+                repair=args.repair)
     dt = time.perf_counter() - t0
     _print_summary(args.out, m)
     print(f"done in {dt:.1f} s")
@@ -34,15 +35,18 @@ def _print_summary(out, m) -> None:
 
 
 def _cmd_info(args) -> int:
-    from .shards import read_manifest, verify_prepared
+    from .integrity import check_token_data
+    from .shards import read_manifest
 
-    m = verify_prepared(args.dir, checksums=True) if args.verify else read_manifest(args.dir)
+    m = read_manifest(args.dir)
+    scan = check_token_data(args.dir, m["vocab_size"]) if args.verify else None
     if args.json:
         print(json.dumps(m, indent=1, sort_keys=True))
     else:
         _print_summary(args.dir, m)
-        if args.verify:
-            print("  all shards match their sha256")
+        if scan is not None:
+            print(f"  all {scan['shards']} shards match their sha256; largest token id {scan['max_id']} "
+                  f"< vocabulary {m['vocab_size']}")
     return 0
 
 
@@ -64,10 +68,12 @@ def main(argv=None) -> int:
     p.add_argument("--text-unit", default="document", choices=("document", "paragraph", "line"),
                    help=".txt files: what one document is (default: a whole file)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--repair", action="store_true", help="a finished OUT whose shards fail their sha256: prepare "
+                   "again (same settings) and replace only the failing shards")
     p.set_defaults(fn=_cmd_prepare)
     i = sub.add_parser("info", help="describe (and optionally verify) a prepared directory")
     i.add_argument("dir")
-    i.add_argument("--verify", action="store_true", help="check every shard's sha256")
+    i.add_argument("--verify", action="store_true", help="check every shard's sha256 and that its ids are < the vocabulary")
     i.add_argument("--json", action="store_true", help="print the manifest")
     i.set_defaults(fn=_cmd_info)
     args = ap.parse_args(argv)

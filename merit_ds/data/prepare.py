@@ -261,22 +261,27 @@ def _datasets_progress(enabled: bool):
 def prepare(input: str | os.PathLike, out: str | os.PathLike, *, val_fraction: float = DEFAULT_VAL_FRACTION,
             shard_tokens: int = DEFAULT_SHARD_TOKENS, num_proc: int = 1, tokenizer: str | None = None,
             streaming: bool = False, text_column: str = "text", text_unit: str = "document",
-            batch_docs: int = 1000, progress: bool = True) -> dict:
+            batch_docs: int = 1000, progress: bool = True, repair: bool = False) -> dict:
     """Prepare ``input`` (files, a directory, nanoGPT .bin files, or ``"kjv"``) into ``out``; return the manifest.
 
     Idempotent: if ``out`` already holds this exact preparation, its shards are
     verified and nothing is written. Resumable: an unfinished ``out`` (journal, no
     manifest) made with the same settings is continued. Anything else already in
     ``out`` is never overwritten: a mismatch raises :class:`DataError`.
+
+    ``repair=True`` on a finished ``out`` whose shards fail their size or sha256 check:
+    prepares the same corpus with the same settings again into ``out/.repair`` (resumable
+    like any preparation; one more copy's worth of disk), checks that it reproduces the
+    manifest's every shard checksum, and replaces only the failing shards.
     """
     with _datasets_progress(progress):
         return _prepare(input, out, val_fraction=val_fraction, shard_tokens=shard_tokens, num_proc=num_proc,
                         tokenizer=tokenizer, streaming=streaming, text_column=text_column, text_unit=text_unit,
-                        batch_docs=batch_docs, progress=progress)
+                        batch_docs=batch_docs, progress=progress, repair=repair)
 
 
 def _prepare(input, out, *, val_fraction, shard_tokens, num_proc, tokenizer, streaming, text_column, text_unit,
-             batch_docs, progress) -> dict:
+             batch_docs, progress, repair=False) -> dict:
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if int(shard_tokens) != shard_tokens or shard_tokens < 1:
@@ -295,8 +300,14 @@ def _prepare(input, out, *, val_fraction, shard_tokens, num_proc, tokenizer, str
         if manifest.get("settings") != settings:
             raise DataError(f"{out / MANIFEST} describes a different preparation (other input or settings); "
                             f"choose another output directory or delete {out}")
+        if repair:
+            return _repair(spec, tok, settings, manifest, out, num_proc=num_proc, streaming=streaming,
+                           text_column=text_column, text_unit=text_unit, batch_docs=batch_docs,
+                           val_fraction=val_fraction, shard_tokens=shard_tokens, progress=progress)
         verify_prepared(out, checksums=True)
         return manifest
+    if repair:
+        raise DataError(f"nothing to repair: {out} holds no {MANIFEST} (a finished preparation)")
 
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
@@ -307,6 +318,37 @@ def _prepare(input, out, *, val_fraction, shard_tokens, num_proc, tokenizer, str
     finally:
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()  # a run that failed before its first shard leaves nothing behind
+
+
+REPAIR_DIR = ".repair"
+
+
+def _repair(spec, tok, settings, manifest, out: Path, **kw) -> dict:
+    """Re-prepare into ``out/.repair``; replace the shards that fail their check with identical ones."""
+    import shutil
+
+    recs = [r for s in SPLITS for r in manifest["splits"][s]["shards"]]
+    bad = []
+    for r in recs:
+        try:
+            check_shard_file(out / r["file"], r["tokens"], r["sha256"])
+        except DataError:
+            bad.append(r)
+    if not bad:
+        shutil.rmtree(out / REPAIR_DIR, ignore_errors=True)
+        return manifest
+    tmp = out / REPAIR_DIR
+    tmp.mkdir(exist_ok=True)
+    fresh = _prepare_into(spec, tok, settings, tmp, **kw) if not (tmp / MANIFEST).exists() else read_manifest(tmp)
+    if fresh["splits"] != manifest["splits"]:
+        raise DataError(f"cannot repair {out}: preparing the corpus again ({tmp}) does not reproduce the shards its "
+                        f"{MANIFEST} records (the corpus or a library changed); prepare it into a new directory")
+    for r in bad:
+        check_shard_file(tmp / r["file"], r["tokens"], r["sha256"])
+        os.replace(tmp / r["file"], out / r["file"])
+    shutil.rmtree(tmp)
+    verify_prepared(out, checksums=True)
+    return manifest
 
 
 def _prepare_into(spec, tok, settings, out: Path, *, num_proc, streaming, text_column, text_unit, batch_docs,

@@ -1,17 +1,61 @@
-"""Small facts shared by the HF Trainer and Accelerate glue (no math, no heavy imports)."""
+"""Small facts shared by the DeepSpeed, HF Trainer and Accelerate glue (no math, no heavy imports).
+
+The names merit_ds's optimizers go by in a DeepSpeed JSON config are kept here, in one table
+(:data:`JSON_NAMES`), so every entry path recognises the same ones.
+"""
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
+from ..optim import LAMB, MERIT, ShardableOptimizer
+
 # Where DeepSpeed reads these keys (deepspeed/runtime/zero/config.py, runtime/config.py).
 _OFFLOAD_OFF = (None, "none", "None")
 
+#: ``"optimizer": {"type": NAME}`` -> merit_ds class. DeepSpeed first compares the name
+#: case-insensitively with its built-ins (``lamb`` is its CUDA-only FusedLamb), then looks it up
+#: case-sensitively on ``torch.optim``; so LAMB goes by ``ShardedLAMB``.
+JSON_NAMES: dict[str, type] = {"MERIT": MERIT, "ShardedLAMB": LAMB}
+
+
+def json_name_of(cls_or_optimizer: Any) -> str:
+    """The JSON name of a merit_ds optimizer class or instance (``MERIT``, ``ShardedLAMB``)."""
+    cls = cls_or_optimizer if isinstance(cls_or_optimizer, type) else type(cls_or_optimizer)
+    for name, known in JSON_NAMES.items():
+        if issubclass(cls, known):
+            return name
+    raise KeyError(f"{cls.__name__} has no DeepSpeed JSON name in merit_ds")
+
+
+def ds_optimizer_type(ds_config: Mapping[str, Any]) -> Optional[str]:
+    """The ``"type"`` of a DeepSpeed config's ``"optimizer"`` section, or None."""
+    return (ds_config.get("optimizer") or {}).get("type")
+
+
+def ds_named_class(ds_config: Mapping[str, Any]) -> Optional[type]:
+    """The merit_ds class a DeepSpeed config's ``"optimizer"`` section names, or None.
+
+    Matches case-insensitively (``"merit"`` -> MERIT), so that callers go on to
+    :func:`merit_ds.integrations.deepspeed.check_config`, which refuses the wrong case with
+    the right spelling, instead of treating the config as not ours.
+    """
+    name = str(ds_optimizer_type(ds_config) or "").lower()
+    for json_name, cls in JSON_NAMES.items():
+        if name == json_name.lower():
+            return cls
+    return None
+
 
 def ds_names_merit(ds_config: Mapping[str, Any]) -> bool:
-    """True when a DeepSpeed JSON config's ``"optimizer"`` section names MERIT."""
-    opt = ds_config.get("optimizer") or {}
-    return str(opt.get("type", "")).lower() == "merit"
+    """True when a DeepSpeed JSON config's ``"optimizer"`` section names a merit_ds optimizer
+    (``MERIT`` or ``ShardedLAMB``, any case). Kept under its old name; see :func:`ds_named_class`."""
+    return ds_named_class(ds_config) is not None
+
+
+def is_sharded_optimizer_class(cls: Any) -> bool:
+    """A merit_ds optimizer class (MERIT, LAMB, or a subclass)."""
+    return isinstance(cls, type) and issubclass(cls, ShardableOptimizer)
 
 
 def ds_offloads_optimizer(ds_config: Mapping[str, Any]) -> bool:
@@ -32,22 +76,25 @@ def ds_forces_cpu_optimizer(ds_config: Mapping[str, Any]) -> bool:
 
 
 class OffloadSwapError(RuntimeError):
-    """MERIT would be silently replaced by DeepSpeedCPUAdam under ZeRO-Offload."""
+    """A client MERIT/LAMB would be silently replaced by DeepSpeedCPUAdam under ZeRO-Offload."""
 
 
 def refuse_offload_swap(ds_config: Mapping[str, Any], what: Optional[str] = "MERIT") -> None:
-    """Raise if this config makes Accelerate (and so the HF Trainer) swap a client optimizer.
+    """Raise if this config makes Accelerate (and so the HF Trainer) swap a *client* optimizer.
 
     Accelerate 1.15 (``accelerator.py:2374-2383``) replaces any client optimizer it does not
     know with ``DeepSpeedCPUAdam(adamw_mode=False)`` when the optimizer is offloaded, unless
     ``"zero_force_ds_cpu_optimizer": false``. Plain DeepSpeed raises in the same situation
-    (``engine.py:2342-2346``). Either way the fix is the same key.
+    (``engine.py:2342-2346``). Either way the fix is the same key. (An optimizer *named in the
+    JSON* is neither swapped nor refused: both checks apply to client optimizers only.)
     """
     if ds_offloads_optimizer(ds_config) and ds_forces_cpu_optimizer(ds_config):
         raise OffloadSwapError(
-            f"ZeRO-Offload ('offload_optimizer.device' is not 'none') with {what} as the optimizer "
+            f"ZeRO-Offload ('offload_optimizer.device' is not 'none') with a client {what} optimizer "
             "needs '\"zero_force_ds_cpu_optimizer\": false' in the DeepSpeed config: without it "
-            "Accelerate (and the HF Trainer) silently replace the optimizer with "
-            "DeepSpeedCPUAdam (Adam, not MERIT) and plain DeepSpeed raises. Add the key to the "
-            "top level of the DeepSpeed config."
+            f"Accelerate (and the HF Trainer) silently replace the optimizer with "
+            f"DeepSpeedCPUAdam (Adam, not {what}) and plain DeepSpeed raises. Add the key to the "
+            "top level of the DeepSpeed config, or name the optimizer in the config's \"optimizer\" "
+            "section (with DummyOptim) instead of passing an instance: that path is neither swapped nor "
+            "refused."
         )

@@ -1,4 +1,4 @@
-"""MERIT with Hugging Face Accelerate (1.15), with or without its DeepSpeed plugin.
+"""MERIT (or LAMB) with Hugging Face Accelerate (1.15), with or without its DeepSpeed plugin.
 
 Two ways to use MERIT under ``Accelerator(deepspeed_plugin=...)``::
 
@@ -11,10 +11,16 @@ Two ways to use MERIT under ``Accelerator(deepspeed_plugin=...)``::
     sched = DummyScheduler(opt, lr_scheduler_callable=make_sched)
     model, opt, dl, sched = prepare_with_merit(accelerator, model, opt, dl, sched)
 
+LAMB the same way: ``LAMB(merit_param_groups(model, 0.1), lr=...)`` as the client optimizer,
+or ``"type": "ShardedLAMB"`` in the JSON with ``DummyOptim`` (:func:`merit_deepspeed_config`
+with ``optimizer_type="ShardedLAMB"``). :func:`prepare_checked` is the general name of
+:func:`prepare_with_merit` (the same function).
+
 :func:`prepare_with_merit` is ``accelerator.prepare`` between two checks: before, it refuses
 the configuration in which Accelerate silently swaps MERIT for DeepSpeedCPUAdam
 (``accelerator.py:2374-2383``: ZeRO-Offload without ``"zero_force_ds_cpu_optimizer": false``);
-after, :func:`merit_ds.integrations.verify.assert_merit_is_stepping` confirms MERIT steps the
+after, :func:`merit_ds.integrations.verify.assert_merit_is_stepping` confirms the optimizer
+that was asked for (the client instance's class, or the class the JSON names) steps the
 weights, sharded, with biases and norms undecayed.
 
 Schedules: Accelerate wraps a plain torch scheduler in ``AcceleratedScheduler``, which steps it
@@ -26,24 +32,27 @@ update: build it with the plain step counts.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import torch
 
-from ..optim import MERIT
-from ._common import OffloadSwapError, ds_names_merit, refuse_offload_swap
+from ..optim import ShardableOptimizer
+from ._common import JSON_NAMES, OffloadSwapError, ds_named_class, json_name_of, refuse_offload_swap
 from .deepspeed import check_config
 from .param_groups import merit_param_groups
 from .verify import NotMeritError, assert_merit_is_stepping
 
 __all__ = [
     "prepare_with_merit",
+    "prepare_checked",
     "check_before_prepare",
     "scheduler_step_factor",
     "scheduler_steps",
     "merit_deepspeed_config",
     "merit_param_groups",
     "OffloadSwapError",
+    "install_accelerate_guard",
 ]
 
 
@@ -55,19 +64,26 @@ def merit_deepspeed_config(
     offload: bool = False,
     optimizer_params: Optional[dict] = None,
     gradient_clipping: float | str = 1.0,
+    optimizer_type: str = "MERIT",
     **extra: Any,
 ) -> dict:
-    """A DeepSpeed config dict for MERIT (for ``DeepSpeedPlugin(hf_ds_config=...)`` or a JSON file).
+    """A DeepSpeed config dict for MERIT or LAMB (for ``DeepSpeedPlugin(hf_ds_config=...)`` or a
+    JSON file).
 
-    ``optimizer_params`` given: the config names MERIT (``"optimizer": {"type": "MERIT",
-    "params": optimizer_params}``; use ``DummyOptim``); None: the client-optimizer form.
+    ``optimizer_params`` given: the config names ``optimizer_type`` (``"MERIT"`` or
+    ``"ShardedLAMB"``: ``"optimizer": {"type": optimizer_type, "params": optimizer_params}``;
+    use ``DummyOptim``); None: the client-optimizer form (``optimizer_type`` unused).
     Always sets ``zero_allow_untested_optimizer`` (DeepSpeed refuses a non-Adam optimizer
     under ZeRO otherwise) and, with ``offload``, ``offload_optimizer: cpu`` plus
-    ``zero_force_ds_cpu_optimizer: false`` (without it MERIT is swapped or refused).
+    ``zero_force_ds_cpu_optimizer: false`` (without it a *client* MERIT/LAMB is swapped by
+    Accelerate or refused by DeepSpeed; the JSON-named form does not need it, and it is harmless
+    there).
     ``gradient_clipping`` is always written: DeepSpeed 0.19.8 clips at 1.0 when the key is absent
     (``runtime/constants.py:203``), which is easy to miss; ``0.0`` disables clipping, ``"auto"``
     lets the HF Trainer fill in ``max_grad_norm``.
     """
+    if optimizer_type not in JSON_NAMES:
+        raise ValueError(f"optimizer_type must be one of {sorted(JSON_NAMES)}, got {optimizer_type!r}")
     zero: dict[str, Any] = {"stage": int(stage)}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -80,7 +96,7 @@ def merit_deepspeed_config(
     if offload:
         cfg["zero_force_ds_cpu_optimizer"] = False
     if optimizer_params is not None:
-        cfg["optimizer"] = {"type": "MERIT", "params": dict(optimizer_params)}
+        cfg["optimizer"] = {"type": optimizer_type, "params": dict(optimizer_params)}
     cfg["gradient_clipping"] = gradient_clipping
     cfg.update(extra)
     return cfg
@@ -91,44 +107,55 @@ def _ds_config(accelerator) -> Optional[dict]:
     return None if plugin is None else plugin.deepspeed_config
 
 
-def check_before_prepare(accelerator, optimizer: Any) -> None:
-    """Refuse, before ``prepare``, what would make something other than MERIT train.
+def check_before_prepare(accelerator, optimizer: Any) -> type:
+    """Refuse, before ``prepare``, what would make something other than the asked-for optimizer
+    train; return the merit_ds class expected to step (MERIT, LAMB).
 
-    * client ``MERIT`` + ZeRO-Offload without ``zero_force_ds_cpu_optimizer: false``
+    * client ``MERIT``/``LAMB`` + ZeRO-Offload without ``zero_force_ds_cpu_optimizer: false``
       (Accelerate would swap in DeepSpeedCPUAdam): :class:`OffloadSwapError`;
-    * ``DummyOptim`` with a DeepSpeed config that does not name MERIT, or without DeepSpeed:
-      :class:`NotMeritError`;
+    * ``DummyOptim`` with a DeepSpeed config that names neither ``MERIT`` nor ``ShardedLAMB``,
+      or without DeepSpeed: :class:`NotMeritError`;
     * anything :func:`merit_ds.integrations.deepspeed.check_config` refuses (missing
-      ``zero_allow_untested_optimizer``, nvme offload, ``"type": "merit"`` misspelled...).
+      ``zero_allow_untested_optimizer``, nvme offload, ``"type": "merit"`` misspelled,
+      ``"type": "lamb"`` (DeepSpeed's FusedLamb)...).
     """
     from accelerate.utils import DummyOptim
 
     cfg = _ds_config(accelerator)
-    if isinstance(optimizer, MERIT):
+    if isinstance(optimizer, ShardableOptimizer):
+        what = json_name_of(optimizer)
         if cfg is not None and "optimizer" in cfg:
             raise NotMeritError(
-                "a client MERIT optimizer was passed but the DeepSpeed config has an 'optimizer' "
-                f"section ({cfg['optimizer'].get('type')}); Accelerate requires DummyOptim then. "
-                "Remove the section or name MERIT there and pass DummyOptim(merit_param_groups(model))."
+                f"a client {type(optimizer).__name__} optimizer was passed but the DeepSpeed config has an "
+                f"'optimizer' section ({cfg['optimizer'].get('type')}); Accelerate requires DummyOptim then. "
+                f"Remove the section or name {what} there and pass DummyOptim(merit_param_groups(model))."
             )
         if cfg is not None:
-            refuse_offload_swap(cfg)  # the Accelerate-specific silent swap, named as such
-            check_config(cfg, client_optimizer=True)
-    elif isinstance(optimizer, DummyOptim):
+            refuse_offload_swap(cfg, type(optimizer).__name__)  # the Accelerate-specific silent swap, named as such
+            check_config(cfg, client_optimizer=optimizer)
+        return type(optimizer)
+    if isinstance(optimizer, DummyOptim):
         if cfg is not None:
             check_config(cfg)  # spelling of the name, ZeRO/offload keys (merit_ds.integrations.deepspeed)
-        if cfg is None or not ds_names_merit(cfg):
+        named_cls = None if cfg is None else ds_named_class(cfg)
+        if named_cls is None:
             named = None if cfg is None else (cfg.get("optimizer") or {}).get("type")
-            raise NotMeritError(f"DummyOptim given but the DeepSpeed config names optimizer {named!r}, not 'MERIT'")
-    else:
-        raise NotMeritError(f"expected a merit_ds.MERIT or accelerate DummyOptim, got {type(optimizer).__name__}")
+            raise NotMeritError(
+                f"DummyOptim given but the DeepSpeed config names optimizer {named!r}, not one of {sorted(JSON_NAMES)}"
+            )
+        return named_cls
+    raise NotMeritError(
+        f"expected a merit_ds optimizer (MERIT, LAMB) or accelerate DummyOptim, got {type(optimizer).__name__}"
+    )
 
 
 def prepare_with_merit(accelerator, *objects: Any, check_decay: bool = True):
-    """``accelerator.prepare(*objects)`` with MERIT checked before and after (see module doc).
+    """``accelerator.prepare(*objects)`` with the optimizer checked before and after (see module doc).
 
-    Exactly one of ``objects`` must be a MERIT or a DummyOptim; the model (an ``nn.Module``)
-    is used for the weight-decay check when ``check_decay``. Returns what ``prepare`` returns.
+    Exactly one of ``objects`` must be a merit_ds optimizer (MERIT, LAMB) or a DummyOptim (the
+    DeepSpeed config then names ``MERIT`` or ``ShardedLAMB``); the model (an ``nn.Module``) is
+    used for the weight-decay check when ``check_decay``. Returns what ``prepare`` returns.
+    Also available as :func:`prepare_checked`.
     """
     from accelerate.utils import DummyOptim
 
@@ -136,12 +163,59 @@ def prepare_with_merit(accelerator, *objects: Any, check_decay: bool = True):
     if len(optimizers) != 1:
         raise ValueError(f"prepare_with_merit needs exactly one optimizer among the objects, got {len(optimizers)}")
     models = [o for o in objects if isinstance(o, torch.nn.Module)]
-    check_before_prepare(accelerator, optimizers[0])
+    expected = check_before_prepare(accelerator, optimizers[0])
     prepared = accelerator.prepare(*objects)
     prepared_tuple = prepared if isinstance(prepared, tuple) else (prepared,)
     prepared_opt = prepared_tuple[[i for i, o in enumerate(objects) if o is optimizers[0]][0]]
-    assert_merit_is_stepping(prepared_opt, models[0] if (check_decay and models) else None)
+    assert_merit_is_stepping(prepared_opt, models[0] if (check_decay and models) else None, expected=expected)
     return prepared
+
+
+prepare_checked = prepare_with_merit
+
+
+# ---------------------------------------------------------------------------------------------
+# The guard around plain accelerator.prepare (armed by `import merit_ds`)
+# ---------------------------------------------------------------------------------------------
+def _refuse_client_swap(accelerator, args) -> None:
+    """Raise :class:`OffloadSwapError` where Accelerate would swap a client MERIT/LAMB."""
+    clients = [a for a in args if isinstance(a, ShardableOptimizer)]
+    if not clients:
+        return
+    plugin = getattr(accelerator, "deepspeed_plugin", None) or getattr(accelerator.state, "deepspeed_plugin", None)
+    cfg = getattr(plugin, "deepspeed_config", None)
+    if cfg is None:
+        return
+    refuse_offload_swap(cfg, type(clients[0]).__name__)
+
+
+def install_accelerate_guard(module=None) -> None:
+    """Wrap ``accelerate.accelerator.Accelerator._prepare_deepspeed`` so that plain
+    ``accelerator.prepare(model, MERIT(...), ...)`` under ZeRO-Offload without
+    ``"zero_force_ds_cpu_optimizer": false`` raises :class:`OffloadSwapError` instead of
+    training with DeepSpeedCPUAdam (``accelerator.py:2374-2383``, ``map_pytorch_optim_to_deepspeed``).
+
+    ``import merit_ds`` arms it (:mod:`merit_ds.integrations.trainer_guard_hook`), without
+    importing accelerate. Idempotent; no effect on runs without a client MERIT/LAMB (a
+    JSON-named one arrives as ``DummyOptim`` and is never swapped). ``module``: the
+    ``accelerate.accelerator`` module (imported if None).
+    """
+    if module is None:
+        from accelerate import accelerator as module
+    cls = getattr(module, "Accelerator", None)
+    current = getattr(cls, "_prepare_deepspeed", None)
+    if current is None:
+        raise RuntimeError("accelerate.accelerator.Accelerator._prepare_deepspeed is missing")
+    if getattr(current, "__merit_ds_guard__", False):
+        return
+
+    @functools.wraps(current)
+    def guarded(self, *args):
+        _refuse_client_swap(self, args)
+        return current(self, *args)
+
+    guarded.__merit_ds_guard__ = True
+    cls._prepare_deepspeed = guarded
 
 
 def scheduler_step_factor(accelerator, *, deepspeed_scheduler: bool = False) -> int:

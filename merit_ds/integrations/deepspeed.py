@@ -1,49 +1,61 @@
-"""MERIT by name in DeepSpeed's JSON config, and a pre-flight check of that config.
+"""MERIT and LAMB by name in DeepSpeed's JSON config, and a pre-flight check of that config.
 
-DeepSpeed builds the optimizer named in ``"optimizer": {"type": NAME}``: its built-ins, else
+DeepSpeed builds the optimizer named in ``"optimizer": {"type": NAME}``: its built-ins
+(compared case-insensitively: ``adam``, ``adamw``, ``lamb``, ``lion``, ...), else
 ``getattr(torch.optim, NAME)`` (``runtime/engine.py:1985-1986`` accepts the name,
 ``:2548`` constructs it as ``torch_optimizer(model_parameters, **params)``). There is no
-registry, and the lookup is case-sensitive. So ``import merit_ds`` sets
-``torch.optim.MERIT = MERIT`` (:func:`register_json_name`), after which::
+registry, and that lookup is case-sensitive. So ``import merit_ds`` sets
+``torch.optim.MERIT = MERIT`` and ``torch.optim.ShardedLAMB = LAMB``
+(:func:`register_json_name`), after which::
 
     "optimizer": {"type": "MERIT", "params": {"lr": 1e-3, "weight_decay": 0.1}},
     "zero_allow_untested_optimizer": true
 
-in a config trains with sharded MERIT (the name must be spelled ``MERIT``). Two keys are
-required by DeepSpeed for any optimizer it did not write: ``zero_allow_untested_optimizer``
-under ZeRO (``engine.py:2298-2301``), and ``"zero_force_ds_cpu_optimizer": false`` with
-``offload_optimizer`` (``engine.py:2342-2346``; accelerate instead silently swaps the optimizer
-for DeepSpeedCPUAdam). :func:`check_config` reports both, with the fix, before DeepSpeed
-starts.
+(or ``"type": "ShardedLAMB"``) in a config trains with sharded MERIT (LAMB), exact under ZeRO.
+LAMB cannot go by ``"lamb"``/``"Lamb"``: DeepSpeed maps any case of that name to its own
+FusedLamb (CUDA-only; under ZeRO it computes trust ratios per flat partition, not per
+tensor). DeepSpeed requires ``zero_allow_untested_optimizer`` under ZeRO for any optimizer it
+did not write (``engine.py:2298-2301``), and ``"zero_force_ds_cpu_optimizer": false`` with
+``offload_optimizer`` for a *client* optimizer instance only (``engine.py:2342-2346``;
+accelerate instead silently swaps a client optimizer for DeepSpeedCPUAdam); an optimizer named
+in the JSON runs under ZeRO-Offload without that key. :func:`check_config` reports exactly
+these, with the fix, before DeepSpeed starts.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from typing import Any, Mapping, Union
 
 import torch
 
-from merit_ds.optim import MERIT
+from merit_ds.optim import LAMB, MERIT
 
-from ._common import ds_forces_cpu_optimizer, ds_offloads_optimizer
+from ._common import JSON_NAMES, ds_forces_cpu_optimizer, ds_offloads_optimizer, is_sharded_optimizer_class, json_name_of
 
-__all__ = ["register_json_name", "check_config", "JSON_NAME", "MeritConfigError"]
+__all__ = ["register_json_name", "check_config", "accepted_params", "JSON_NAME", "LAMB_JSON_NAME", "JSON_NAMES",
+           "MeritConfigError"]
 
 JSON_NAME = "MERIT"
+LAMB_JSON_NAME = "ShardedLAMB"
+assert JSON_NAMES == {JSON_NAME: MERIT, LAMB_JSON_NAME: LAMB}
 
 
 class MeritConfigError(ValueError):
-    """A DeepSpeed config that cannot run MERIT as written; the message names the fix."""
+    """A DeepSpeed config that cannot run MERIT (or LAMB) as written; the message names the fix."""
 
 
 def register_json_name() -> None:
-    """Make ``"type": "MERIT"`` resolvable by DeepSpeed (``getattr(torch.optim, "MERIT")``)."""
-    existing = getattr(torch.optim, JSON_NAME, None)
-    if existing is not None and existing is not MERIT and getattr(existing, "__module__", "") != MERIT.__module__:
-        raise RuntimeError(f"torch.optim.{JSON_NAME} is already taken by {existing!r}")
-    setattr(torch.optim, JSON_NAME, MERIT)
+    """Make ``"type": "MERIT"`` and ``"type": "ShardedLAMB"`` resolvable by DeepSpeed
+    (``getattr(torch.optim, NAME)``)."""
+    for name, cls in JSON_NAMES.items():
+        existing = getattr(torch.optim, name, None)
+        if existing is not None and existing is not cls and getattr(existing, "__module__", "") != cls.__module__:
+            raise RuntimeError(f"torch.optim.{name} is already taken by {existing!r}")
+    for name, cls in JSON_NAMES.items():
+        setattr(torch.optim, name, cls)
 
 
 def _load(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -53,43 +65,116 @@ def _load(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Mapping[str, An
         return json.load(f)
 
 
-def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_optimizer: bool = False) -> None:
-    """Raise :class:`MeritConfigError` if DeepSpeed would refuse (or silently replace) MERIT.
+def accepted_params(cls: type) -> list[str]:
+    """The keyword arguments ``cls`` (MERIT, LAMB) accepts besides ``params``: what may appear in
+    the JSON's ``"optimizer": {"params": {...}}`` (DeepSpeed passes them as ``cls(groups, **params)``).
+    Read from the constructor's signature, so a new optimizer or argument needs no edit here."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    sig = inspect.signature(cls.__init__)
+    return [n for n, p in sig.parameters.items() if n not in ("self", "params") and p.kind in kinds]
+
+
+# Keys an AdamW/Adam/SGD template leaves behind, with what they mean for MERIT/LAMB.
+_LEFTOVER_HINTS = {
+    "torch_adam": "DeepSpeed reads it for its own Adam/AdamW only",
+    "adam_w_mode": "DeepSpeed reads it for its own Adam/AdamW only; decay is always decoupled here",
+    "momentum": "the first-moment coefficient is betas[0]",
+    "amsgrad": "not supported",
+    "fused": "not supported; implementation='foreach' is the fast path",
+}
+
+
+def _unknown_params_error(name: str, cls: type, params: Mapping[str, Any]) -> MeritConfigError | None:
+    accepted = accepted_params(cls)
+    unknown = [k for k in params if k not in accepted]
+    if not unknown:
+        return None
+    hints = "; ".join(f"{k}: {_LEFTOVER_HINTS[k]}" for k in unknown if k in _LEFTOVER_HINTS)
+    return MeritConfigError(
+        f'"optimizer": {{"type": "{name}"}} does not accept params key{"s" if len(unknown) > 1 else ""} '
+        f"{', '.join(repr(k) for k in unknown)}; accepted: {', '.join(accepted)}"
+        + (f" ({hints})" if hints else "")
+        + f". DeepSpeed would call {cls.__name__}(groups, **params) and fail with a TypeError inside "
+        "deepspeed.initialize; remove the key(s)."
+    )
+
+
+def _fused_lamb_error(name: str) -> MeritConfigError:
+    return MeritConfigError(
+        f'"type": "{name}" is DeepSpeed\'s own FusedLamb (DeepSpeed compares its built-in names '
+        "case-insensitively), not merit_ds's LAMB: FusedLamb is CUDA-only (a fused kernel built "
+        "with FusedLambBuilder; it cannot run on CPU) and under ZeRO it computes one trust ratio per "
+        "flat partition instead of per tensor, which is not LAMB. For LAMB exact under ZeRO 1/2/3 "
+        f'write "type": "{LAMB_JSON_NAME}" (after "import merit_ds"), with '
+        '"zero_allow_untested_optimizer": true.'
+    )
+
+
+def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_optimizer: Any = False) -> None:
+    """Raise :class:`MeritConfigError` if DeepSpeed would refuse (or silently replace) MERIT/LAMB.
 
     ``config`` is the DeepSpeed config (dict or JSON path). The checks apply when the config
-    names ``"MERIT"`` or when ``client_optimizer=True`` (a MERIT instance passed to
-    ``deepspeed.initialize(optimizer=...)``). A no-op otherwise.
+    names ``"MERIT"`` or ``"ShardedLAMB"``, or when ``client_optimizer`` is set: ``True`` (a
+    merit_ds optimizer instance passed to ``deepspeed.initialize(optimizer=...)``), or that
+    optimizer's class or instance (named in the messages). Also refused: a wrongly cased name
+    (``"merit"``, ``"shardedlamb"``) and, under ZeRO, ``"lamb"`` in any case (DeepSpeed's
+    FusedLamb, whose ratios are per partition there). A no-op for other configs.
     """
     cfg = _load(config)
     opt = cfg.get("optimizer") or {}
     name = opt.get("type")
-    if name is not None and name != JSON_NAME and name.lower() == JSON_NAME.lower():
-        raise MeritConfigError(
-            f'DeepSpeed looks optimizer names up case-sensitively: write "type": "{JSON_NAME}", not "{name}".'
-        )
-    if name != JSON_NAME and not client_optimizer:
-        return
     zero = cfg.get("zero_optimization") or {}
     stage = int(zero.get("stage", 0) or 0)
+    named = None
+    if name is not None:
+        for json_name, cls in JSON_NAMES.items():
+            if name == json_name:
+                named = cls
+            elif str(name).lower() == json_name.lower():
+                raise MeritConfigError(
+                    f'DeepSpeed looks optimizer names up case-sensitively: write "type": "{json_name}", not "{name}".'
+                )
+        if str(name).lower() == "lamb" and stage > 0:
+            raise _fused_lamb_error(name)
+    if named is None and not client_optimizer:
+        return
+    if named is not None:
+        what = json_name_of(named)
+    elif client_optimizer is True:
+        what = "MERIT"
+    else:
+        cls = client_optimizer if isinstance(client_optimizer, type) else type(client_optimizer)
+        what = json_name_of(cls) if is_sharded_optimizer_class(cls) else cls.__name__
     if stage > 0 and not cfg.get("zero_allow_untested_optimizer", False):
         raise MeritConfigError(
-            'MERIT under ZeRO needs "zero_allow_untested_optimizer": true at the top level of the DeepSpeed '
-            "config (DeepSpeed only trusts its own optimizers by default; merit_ds makes MERIT exact under "
-            "ZeRO 1/2/3)."
+            f'{what} under ZeRO needs "zero_allow_untested_optimizer": true at the top level of the DeepSpeed '
+            "config (DeepSpeed only trusts its own optimizers by default; merit_ds makes MERIT and LAMB exact "
+            "under ZeRO 1/2/3)."
         )
     offload = (zero.get("offload_optimizer") or {}).get("device", "none")
-    if stage > 0 and ds_offloads_optimizer(cfg) and ds_forces_cpu_optimizer(cfg):
+    # DeepSpeed enforces zero_force_ds_cpu_optimizer for client optimizers only (engine.py:2342-2346,
+    # in the client branch of _configure_optimizer); Accelerate swaps only client optimizers
+    # (accelerator.py:2374-2383, not DummyOptim). A JSON-named MERIT/LAMB runs without the key.
+    if client_optimizer and stage > 0 and ds_offloads_optimizer(cfg) and ds_forces_cpu_optimizer(cfg):
         raise MeritConfigError(
-            'MERIT with "offload_optimizer" needs "zero_force_ds_cpu_optimizer": false at the top level of the '
-            "DeepSpeed config; otherwise DeepSpeed refuses MERIT (and accelerate silently replaces it with "
-            "DeepSpeedCPUAdam)."
+            f'a client {what} optimizer (an instance passed to deepspeed.initialize or accelerator.prepare) with '
+            '"offload_optimizer" needs "zero_force_ds_cpu_optimizer": false at the top level of the DeepSpeed '
+            "config: without it DeepSpeed raises ZeRORuntimeException for any client optimizer under "
+            f"ZeRO-Offload, and accelerate (and the HF Trainer) silently replace {what} with DeepSpeedCPUAdam. "
+            f'Alternatively name it in the config ("optimizer": {{"type": "{what}"}}): DeepSpeed enforces the key '
+            "for client optimizers only."
         )
     if offload == "nvme":
         raise MeritConfigError(
-            "MERIT is not supported with offload_optimizer.device=nvme (optimizer-state swapping); use cpu."
+            f"{what} is not supported with offload_optimizer.device=nvme (optimizer-state swapping); use cpu."
         )
-    if opt.get("params", {}).get("max_grad_norm") is not None:
+    params = opt.get("params") or {}
+    if params.get("max_grad_norm") is not None:
         raise MeritConfigError('use DeepSpeed\'s "gradient_clipping", not optimizer.params.max_grad_norm')
+    if named is not None:
+        error = _unknown_params_error(name, named, params)
+        if error is not None:
+            raise error
 
 
 register_json_name()

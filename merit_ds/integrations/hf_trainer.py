@@ -1,4 +1,4 @@
-"""MERIT in the Hugging Face Trainer (transformers 5.23).
+"""MERIT (and LAMB) in the Hugging Face Trainer (transformers 5.23).
 
 Two ways to ask the Trainer for MERIT; both get Hugging Face's decay/no-decay groups
 (matrices decayed, biases and norms not) and work single-process, DDP and DeepSpeed::
@@ -7,6 +7,11 @@ Two ways to ask the Trainer for MERIT; both get Hugging Face's decay/no-decay gr
 
     register_trainer_optim()          # explicit, idempotent opt-in; then optim="merit",
     TrainingArguments(..., optim="merit", optim_args="eps=1e-6")   # or --optim merit
+
+LAMB the same ways: ``optimizer_cls_and_kwargs=(merit_ds.LAMB, {...})``, or
+``optim="sharded_lamb"`` after :func:`register_trainer_optim` (the name matches the JSON's
+``"ShardedLAMB"`` and cannot collide with a future transformers ``"lamb"``), or
+``"type": "ShardedLAMB"`` in the DeepSpeed JSON. Everything below said of MERIT holds for LAMB.
 
 What the Trainer does wrong by itself, and what :func:`install_trainer_guard` (installed by
 :func:`register_trainer_optim`, or on its own) does about it, at the moment the Trainer sets
@@ -17,8 +22,10 @@ up DeepSpeed (``transformers.trainer.deepspeed_init``):
 * a DeepSpeed JSON ``"optimizer": {"type": "MERIT"}`` makes the Trainer pass one flat list,
   every parameter decayed (``integrations/deepspeed.py:576``): the guard hands DeepSpeed the
   Trainer's own decay/no-decay groups instead.
-* ZeRO-Offload without ``"zero_force_ds_cpu_optimizer": false`` makes Accelerate swap MERIT
-  for DeepSpeedCPUAdam: the guard raises :class:`OffloadSwapError`.
+* ZeRO-Offload without ``"zero_force_ds_cpu_optimizer": false`` makes Accelerate swap a
+  client MERIT (``optimizer_cls_and_kwargs``, ``optim="merit"``) for DeepSpeedCPUAdam: the
+  guard raises :class:`OffloadSwapError`. (MERIT named in the JSON is not swapped and needs
+  no such key.)
 * a DeepSpeed JSON ``"optimizer"`` section wins over ``optimizer_cls_and_kwargs`` and
   ``optim="merit"``, silently: the guard raises when MERIT was asked for and the JSON names
   another optimizer, or when both the JSON and ``optimizer_cls_and_kwargs`` name MERIT (the
@@ -35,16 +42,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import warnings
-from typing import Any
+from typing import Any, Optional
 
-from ..optim import MERIT
-from ._common import OffloadSwapError, ds_names_merit, refuse_offload_swap
+from ..optim import LAMB, MERIT, ShardableOptimizer
+from ._common import OffloadSwapError, ds_named_class, is_sharded_optimizer_class, json_name_of, refuse_offload_swap
 from .param_groups import merit_param_groups
 
 __all__ = [
     "register_trainer_optim",
     "install_trainer_guard",
     "merit_optimizer_kwargs_from_args",
+    "OPTIM_NAMES",
     "TransformersInternalsChanged",
     "DroppedOptimizerError",
     "OffloadSwapError",
@@ -53,14 +61,32 @@ __all__ = [
 
 TESTED_TRANSFORMERS = "5.23"
 OPTIM_NAME = "merit"
-# optim_args keys understood by optim="merit" (weight decay comes from --weight_decay, per group).
+LAMB_OPTIM_NAME = "sharded_lamb"
+#: ``optim=`` value -> (OptimizerNames member name, class), registered by register_trainer_optim.
+OPTIM_NAMES: dict[str, tuple[str, type]] = {OPTIM_NAME: ("MERIT", MERIT), LAMB_OPTIM_NAME: ("SHARDED_LAMB", LAMB)}
+
+
+def _bool(s: str) -> bool:
+    return {"true": True, "false": False}[s.lower()]
+
+
+def _optional_float(s: str):
+    return None if s.lower() == "none" else float(s)
+
+
+# optim_args keys understood by optim="merit"/"sharded_lamb" (weight decay comes from
+# --weight_decay, per group).
 _OPTIM_ARGS = {
     "beta1": float,
     "beta2": float,
     "eps": float,
     "nonfinite_grads": str,
     "implementation": str,
-    "track_stats": lambda s: {"true": True, "false": False}[s.lower()],
+    "track_stats": _bool,
+}
+_OPTIM_ARGS_BY_CLASS = {
+    MERIT: _OPTIM_ARGS,
+    LAMB: {**_OPTIM_ARGS, "max_trust_ratio": _optional_float, "bias_correction": _bool},
 }
 
 
@@ -109,16 +135,22 @@ def _internals():
     return OptimizerNames, handlers
 
 
-def merit_optimizer_kwargs_from_args(lr: float, betas, eps: float, optim_args: dict[str, str]) -> dict[str, Any]:
-    """MERIT's constructor kwargs from the Trainer's ``learning_rate``, ``adam_beta1/2``,
-    ``adam_epsilon`` and ``optim_args`` (``"beta2=0.95,eps=1e-6"``; ``optim_args`` win)."""
-    unknown = set(optim_args) - set(_OPTIM_ARGS)
+def merit_optimizer_kwargs_from_args(
+    lr: float, betas, eps: float, optim_args: dict[str, str], cls: type = MERIT
+) -> dict[str, Any]:
+    """``cls``'s (MERIT's, LAMB's) constructor kwargs from the Trainer's ``learning_rate``,
+    ``adam_beta1/2``, ``adam_epsilon`` and ``optim_args`` (``"beta2=0.95,eps=1e-6"``;
+    ``optim_args`` win). LAMB also takes ``max_trust_ratio`` (a number or ``none``) and
+    ``bias_correction`` (``true``/``false``)."""
+    accepted = _OPTIM_ARGS_BY_CLASS[cls]
+    optim_name = next(v for v, (_, c) in OPTIM_NAMES.items() if c is cls)
+    unknown = set(optim_args) - set(accepted)
     if unknown:
         raise ValueError(
-            f"optim_args {sorted(unknown)} are not understood by optim='{OPTIM_NAME}'; accepted: "
-            f"{sorted(_OPTIM_ARGS)} (weight decay comes from --weight_decay, lr from --learning_rate)"
+            f"optim_args {sorted(unknown)} are not understood by optim='{optim_name}'; accepted: "
+            f"{sorted(accepted)} (weight decay comes from --weight_decay, lr from --learning_rate)"
         )
-    parsed = {k: _OPTIM_ARGS[k](v) for k, v in optim_args.items()}
+    parsed = {k: accepted[k](v) for k, v in optim_args.items()}
     beta1, beta2 = betas
     kwargs = {
         "lr": lr,
@@ -129,86 +161,109 @@ def merit_optimizer_kwargs_from_args(lr: float, betas, eps: float, optim_args: d
     return kwargs
 
 
-def _merit_handler(ctx) -> tuple[type, dict[str, Any]]:
-    """The ``_OPTIMIZER_HANDLERS`` entry for ``optim="merit"``."""
-    kwargs = merit_optimizer_kwargs_from_args(
-        ctx.optimizer_kwargs["lr"], ctx.adam_kwargs["betas"], ctx.adam_kwargs["eps"], ctx.optim_args
-    )
-    return MERIT, kwargs
+def _handler_for(cls: type):
+    def handler(ctx) -> tuple[type, dict[str, Any]]:
+        """The ``_OPTIMIZER_HANDLERS`` entry for ``optim="merit"`` / ``"sharded_lamb"``."""
+        kwargs = merit_optimizer_kwargs_from_args(
+            ctx.optimizer_kwargs["lr"], ctx.adam_kwargs["betas"], ctx.adam_kwargs["eps"], ctx.optim_args, cls
+        )
+        return cls, kwargs
+
+    return handler
+
+
+_merit_handler = _handler_for(MERIT)
+_lamb_handler = _handler_for(LAMB)
+_HANDLERS = {MERIT: _merit_handler, LAMB: _lamb_handler}
 
 
 def register_trainer_optim() -> None:
-    """Opt in to ``TrainingArguments(optim="merit")`` and ``--optim merit``. Idempotent.
+    """Opt in to ``TrainingArguments(optim="merit")`` / ``--optim merit`` and
+    ``optim="sharded_lamb"`` / ``--optim sharded_lamb``. Idempotent.
 
-    Adds ``OptimizerNames.MERIT`` (value ``"merit"``) to transformers' closed optimizer enum and
-    a handler to its private dispatch table, after checking both are what transformers
-    ``5.23`` has; raises :class:`TransformersInternalsChanged` otherwise. Also installs
-    :func:`install_trainer_guard`. Call it before building ``TrainingArguments`` or an
-    ``HfArgumentParser`` (the parser lists the enum's values when it is built).
+    Adds ``OptimizerNames.MERIT`` (value ``"merit"``) and ``OptimizerNames.SHARDED_LAMB``
+    (value ``"sharded_lamb"``) to transformers' closed optimizer enum and handlers to its
+    private dispatch table, after checking both are what transformers ``5.23`` has; raises
+    :class:`TransformersInternalsChanged` otherwise. Also installs :func:`install_trainer_guard`.
+    Call it before building ``TrainingArguments`` or an ``HfArgumentParser`` (the parser lists
+    the enum's values when it is built).
     """
     names, handlers = _internals()
-    member = names._value2member_map_.get(OPTIM_NAME)
-    if member is None:
-        member = str.__new__(names, OPTIM_NAME)
-        member._name_ = "MERIT"
-        member._value_ = OPTIM_NAME
-        member._sort_order_ = len(names._member_names_)
-        type.__setattr__(names, "MERIT", member)
-        names._member_map_["MERIT"] = member
-        names._value2member_map_[OPTIM_NAME] = member
-        names._member_names_.append("MERIT")
-    if names(OPTIM_NAME) is not member or names.MERIT is not member or member not in list(names):
-        raise _internals_error("adding a member to OptimizerNames did not take effect")
-    handlers[member] = _merit_handler
+    for value, (member_name, cls) in OPTIM_NAMES.items():
+        taken = names._member_map_.get(member_name)
+        if taken is not None and taken.value != value:
+            raise _internals_error(f"OptimizerNames.{member_name} already exists with value {taken.value!r}")
+        member = names._value2member_map_.get(value)
+        if member is None:
+            member = str.__new__(names, value)
+            member._name_ = member_name
+            member._value_ = value
+            member._sort_order_ = len(names._member_names_)
+            type.__setattr__(names, member_name, member)
+            names._member_map_[member_name] = member
+            names._value2member_map_[value] = member
+            names._member_names_.append(member_name)
+        if names(value) is not member or getattr(names, member_name) is not member or member not in list(names):
+            raise _internals_error("adding a member to OptimizerNames did not take effect")
+        handlers[member] = _HANDLERS[cls]
     install_trainer_guard()
 
 
 # ---------------------------------------------------------------------------------------------
 # The guard around the Trainer's DeepSpeed setup
 # ---------------------------------------------------------------------------------------------
-def _asks_for_merit_client(trainer) -> bool:
+def _asked_client_class(trainer) -> Optional[type]:
+    """The merit_ds class the Trainer was asked to build itself (``optimizer_cls_and_kwargs`` or
+    ``optim="merit"``/``"sharded_lamb"``), or None."""
     cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
     if cls_and_kwargs is not None:
         cls = cls_and_kwargs[0]
-        return isinstance(cls, type) and issubclass(cls, MERIT)
-    return str(getattr(trainer.args.optim, "value", trainer.args.optim)) == OPTIM_NAME
+        return cls if is_sharded_optimizer_class(cls) else None
+    entry = OPTIM_NAMES.get(str(getattr(trainer.args.optim, "value", trainer.args.optim)))
+    return None if entry is None else entry[1]
 
 
 def _guarded_deepspeed_init(original, trainer, num_training_steps, inference=False, **kwargs):
     if inference:
         return original(trainer, num_training_steps, inference=inference, **kwargs)
     config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
-    if isinstance(trainer.optimizer, MERIT):
+    if isinstance(trainer.optimizer, ShardableOptimizer):
+        what = type(trainer.optimizer).__name__
+        cls_name = "merit_ds." + what
         raise DroppedOptimizerError(
-            "Trainer(optimizers=(MERIT(...), scheduler)) does not work with DeepSpeed: transformers "
+            f"Trainer(optimizers=({what}(...), scheduler)) does not work with DeepSpeed: transformers "
             "discards the optimizer instance (and the scheduler) and trains with "
             f"{'the JSON optimizer' if 'optimizer' in config else 'AdamW'} instead. Pass "
-            "Trainer(..., optimizer_cls_and_kwargs=(merit_ds.MERIT, {'lr': ...})) or use "
-            "optim='merit' (merit_ds.integrations.hf_trainer.register_trainer_optim()), or name "
-            "MERIT in the DeepSpeed JSON ('optimizer': {'type': 'MERIT'})."
+            f"Trainer(..., optimizer_cls_and_kwargs=({cls_name}, {{'lr': ...}})) or use "
+            "optim='merit'/'sharded_lamb' (merit_ds.integrations.hf_trainer.register_trainer_optim()), or "
+            f"name it in the DeepSpeed JSON ('optimizer': {{'type': '{json_name_of(trainer.optimizer)}'}})."
         )
-    json_merit = ds_names_merit(config)
-    if "optimizer" in config and _asks_for_merit_client(trainer):
-        named = (config.get("optimizer") or {}).get("type")
-        explicit = getattr(trainer, "optimizer_cls_and_kwargs", None) is not None
-        if not json_merit or explicit:
-            # The JSON's optimizer wins (DummyOptim); the Trainer would silently ignore the request.
-            raise ValueError(
-                f"the DeepSpeed config names optimizer {named!r} and the Trainer was asked for MERIT "
-                f"({'optimizer_cls_and_kwargs' if explicit else 'optim=merit'}): DeepSpeed builds the "
-                "JSON's optimizer and the Trainer silently ignores "
-                f"{'the class and its kwargs' if explicit else 'optim'}. Remove the 'optimizer' section "
-                "from the DeepSpeed config, or name MERIT there (with its params) and drop "
-                "optimizer_cls_and_kwargs."
-            )
-    if json_merit:
+    json_cls = ds_named_class(config)
+    asked = _asked_client_class(trainer)
+    if json_cls is not None or asked is not None:
         from .deepspeed import check_config
 
-        check_config(config)  # "MERIT" spelled as DeepSpeed looks it up, ZeRO/offload keys present
-    if "optimizer" not in config and _asks_for_merit_client(trainer):
-        refuse_offload_swap(config)  # the client path is the one Accelerate swaps
+        # The name spelled as DeepSpeed looks it up ("lamb" is DeepSpeed's FusedLamb: explained),
+        # ZeRO/offload keys present.
+        check_config(config)
+    if "optimizer" in config and asked is not None:
+        named = (config.get("optimizer") or {}).get("type")
+        explicit = getattr(trainer, "optimizer_cls_and_kwargs", None) is not None
+        if json_cls is None or explicit or not issubclass(json_cls, asked):
+            # The JSON's optimizer wins (DummyOptim); the Trainer would silently ignore the request.
+            optim = str(getattr(trainer.args.optim, "value", trainer.args.optim))
+            raise ValueError(
+                f"the DeepSpeed config names optimizer {named!r} and the Trainer was asked for {asked.__name__} "
+                f"({'optimizer_cls_and_kwargs' if explicit else 'optim=' + optim}): DeepSpeed builds the "
+                "JSON's optimizer and the Trainer silently ignores "
+                f"{'the class and its kwargs' if explicit else 'optim'}. Remove the 'optimizer' section "
+                f"from the DeepSpeed config, or name {json_name_of(asked)} there (with its params) and drop "
+                "optimizer_cls_and_kwargs."
+            )
+    if "optimizer" not in config and asked is not None:
+        refuse_offload_swap(config, asked.__name__)  # the client path is the one Accelerate swaps
     optimizer, lr_scheduler = original(trainer, num_training_steps, inference=inference, **kwargs)
-    if json_merit:
+    if json_cls is not None:
         # The Trainer passes DummyOptim(params=flat list): every parameter decayed. Give
         # DeepSpeed the Trainer's own groups; the decay group inherits the JSON weight_decay.
         optimizer.params = merit_param_groups(trainer.model, trainer=trainer)
@@ -244,17 +299,21 @@ class MeritCheckCallback(_trainer_callback_base()):
     Trainer's DeepSpeed/Accelerate setup) run
     :func:`merit_ds.integrations.verify.assert_merit_is_stepping` on the Trainer's optimizer and
     model, so a run that would step with anything but correctly sharded, correctly decayed
-    MERIT stops before its first step."""
+    MERIT stops before its first step. ``MeritCheckCallback(merit_ds.LAMB)`` (also spelled
+    ``OptimizerCheckCallback(merit_ds.LAMB)``) expects LAMB instead."""
+
+    def __init__(self, expected: type = MERIT):
+        self.expected = expected
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         from .verify import assert_merit_is_stepping
 
-        merit = assert_merit_is_stepping(optimizer, model)
+        opt = assert_merit_is_stepping(optimizer, model, expected=self.expected)
         # optimizer_cls_and_kwargs=(MERIT, {...}) ignores args.learning_rate: say so.
-        initial = {float(g.get("initial_lr", g["lr"])) for g in merit.param_groups}
+        initial = {float(g.get("initial_lr", g["lr"])) for g in opt.param_groups}
         if initial and initial != {float(args.learning_rate)}:
             warnings.warn(
-                f"MERIT's initial lr {sorted(initial)} differs from TrainingArguments.learning_rate="
+                f"{type(opt).__name__}'s initial lr {sorted(initial)} differs from TrainingArguments.learning_rate="
                 f"{args.learning_rate}: with optimizer_cls_and_kwargs the Trainer uses the lr in the "
                 "kwargs and ignores learning_rate.",
                 UserWarning,
@@ -262,4 +321,5 @@ class MeritCheckCallback(_trainer_callback_base()):
             )
 
 
-__all__.append("MeritCheckCallback")
+OptimizerCheckCallback = MeritCheckCallback
+__all__ += ["MeritCheckCallback", "OptimizerCheckCallback"]

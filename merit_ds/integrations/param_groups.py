@@ -1,10 +1,11 @@
-"""Weight-decay grouping for MERIT: matrices decayed, biases and norms not.
+"""Weight-decay grouping for MERIT (and LAMB, the same groups): matrices decayed, biases and norms not.
 
 The grouping is Hugging Face's own (``Trainer.get_decay_parameter_names``: everything except
 parameters of LayerNorm modules and names matching bias/norm patterns); it is never
 recomputed here. The same groups serve every path:
 
-* HF Trainer: the Trainer builds them itself for ``optimizer_cls_and_kwargs`` / ``optim="merit"``;
+* HF Trainer: the Trainer builds them itself for ``optimizer_cls_and_kwargs`` / ``optim="merit"``
+  (``"sharded_lamb"``);
   :mod:`merit_ds.integrations.hf_trainer` rebuilds them for the one path where the Trainer
   does not (a DeepSpeed JSON ``"optimizer"`` section, where it passes one flat list).
 * Accelerate / plain DeepSpeed: ``DummyOptim(merit_param_groups(model, wd))`` or

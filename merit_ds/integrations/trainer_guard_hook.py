@@ -1,15 +1,24 @@
-"""Arms the HF Trainer guard at ``import merit_ds``, without importing transformers.
+"""Arms the HF Trainer and Accelerate guards at ``import merit_ds``, without importing
+transformers or accelerate.
 
-The traps the guard closes (:mod:`merit_ds.integrations.hf_trainer`) hit users who never call
-anything of ours beyond ``from merit_ds import MERIT``: ``Trainer(optimizers=(MERIT(...), s))``
-under DeepSpeed trains with AdamW, and MERIT under ZeRO-Offload is swapped for
-DeepSpeedCPUAdam, both silently. So ``import merit_ds`` calls :func:`arm`: if
-``transformers.trainer`` is already imported the guard is installed now, otherwise a one-shot
-import hook installs it right after that module loads (transformers imports it lazily, on
-first use of ``transformers.Trainer``). The guard changes nothing for runs without MERIT.
+The traps the guards close hit users who never call anything of ours beyond
+``from merit_ds import MERIT`` (or ``LAMB``):
 
-If the guard cannot be installed (a transformers version whose internals differ), the import
-of transformers still succeeds and a warning says so. ``MERIT_DS_NO_TRAINER_GUARD=1`` disarms.
+* HF Trainer (:mod:`merit_ds.integrations.hf_trainer`): ``Trainer(optimizers=(MERIT(...), s))``
+  under DeepSpeed trains with AdamW, and a client MERIT under ZeRO-Offload is swapped for
+  DeepSpeedCPUAdam, both silently;
+* Accelerate (:func:`merit_ds.integrations.accelerate.install_accelerate_guard`): plain
+  ``accelerator.prepare(model, MERIT(...), ...)`` under ZeRO-Offload without
+  ``"zero_force_ds_cpu_optimizer": false`` trains with DeepSpeedCPUAdam, silently.
+
+So ``import merit_ds`` calls :func:`arm`: for each target module (``transformers.trainer``,
+``accelerate.accelerator``) already imported the guard is installed now, otherwise a one-shot
+import hook installs it right after that module loads. The guards change nothing for runs
+without MERIT/LAMB.
+
+If a guard cannot be installed (a library version whose internals differ), the import of that
+library still succeeds and a warning says so. ``MERIT_DS_NO_TRAINER_GUARD=1`` /
+``MERIT_DS_NO_ACCELERATE_GUARD=1`` disarm one of them.
 """
 
 from __future__ import annotations
@@ -23,44 +32,73 @@ import warnings
 __all__ = ["arm"]
 
 _TARGET = "transformers.trainer"
+_ACCELERATE_TARGET = "accelerate.accelerator"
 
 
-def _install_quietly() -> None:
+def _install_trainer(module) -> None:
+    from .hf_trainer import install_trainer_guard
+
+    install_trainer_guard()
+
+
+def _install_accelerate(module) -> None:
+    from .accelerate import install_accelerate_guard
+
+    install_accelerate_guard(module)
+
+
+# module name -> (installer, what, environment variable that disarms it)
+_TARGETS = {
+    _TARGET: (_install_trainer, "HF Trainer", "MERIT_DS_NO_TRAINER_GUARD"),
+    _ACCELERATE_TARGET: (_install_accelerate, "Accelerate", "MERIT_DS_NO_ACCELERATE_GUARD"),
+}
+
+
+def _disabled(name: str) -> bool:
+    return os.environ.get(_TARGETS[name][2], "0") not in ("", "0")
+
+
+def _install_quietly(name: str = _TARGET) -> None:
+    install, what, _ = _TARGETS[name]
     try:
-        from .hf_trainer import install_trainer_guard
-
-        install_trainer_guard()
-    except Exception as exc:  # never break `import transformers` for a safety net
-        warnings.warn(f"merit_ds could not install its HF Trainer guard: {exc}", RuntimeWarning, stacklevel=2)
+        install(sys.modules.get(name))
+    except Exception as exc:  # never break the library's import for a safety net
+        warnings.warn(f"merit_ds could not install its {what} guard: {exc}", RuntimeWarning, stacklevel=2)
 
 
 class _InstallAfterExec(importlib.abc.Loader):
-    def __init__(self, inner):
+    def __init__(self, inner, name):
         self._inner = inner
+        self._name = name
 
     def create_module(self, spec):
         return self._inner.create_module(spec)
 
     def exec_module(self, module):
         self._inner.exec_module(module)
-        _install_quietly()
+        _install_quietly(self._name)
 
     def __getattr__(self, name):  # get_source, get_filename... for inspect and friends
         return getattr(self._inner, name)
 
 
-class _TrainerImportHook(importlib.abc.MetaPathFinder):
+class _GuardImportHook(importlib.abc.MetaPathFinder):
+    def __init__(self):
+        self.pending: set[str] = set()
+
     def find_spec(self, fullname, path, target=None):
-        if fullname != _TARGET:
+        if fullname not in self.pending:
             return None
-        _disarm_hook()
-        spec = importlib.util.find_spec(fullname)
+        self.pending.discard(fullname)
+        if not self.pending:
+            _disarm_hook()
+        spec = importlib.util.find_spec(fullname)  # this hook no longer answers for fullname
         if spec is not None and spec.loader is not None:
-            spec.loader = _InstallAfterExec(spec.loader)
+            spec.loader = _InstallAfterExec(spec.loader, fullname)
         return spec
 
 
-_HOOK = _TrainerImportHook()
+_HOOK = _GuardImportHook()
 
 
 def _disarm_hook() -> None:
@@ -69,10 +107,13 @@ def _disarm_hook() -> None:
 
 
 def arm() -> None:
-    """Install the Trainer guard now or as soon as ``transformers.trainer`` is imported."""
-    if os.environ.get("MERIT_DS_NO_TRAINER_GUARD", "0") not in ("", "0"):
-        return
-    if _TARGET in sys.modules:
-        _install_quietly()
-    elif _HOOK not in sys.meta_path:
+    """Install each guard now or as soon as its target module is imported."""
+    for name in _TARGETS:
+        if _disabled(name):
+            continue
+        if name in sys.modules:
+            _install_quietly(name)
+        else:
+            _HOOK.pending.add(name)
+    if _HOOK.pending and _HOOK not in sys.meta_path:
         sys.meta_path.insert(0, _HOOK)

@@ -1,6 +1,6 @@
 """Confirm, after ``accelerator.prepare`` / ``deepspeed.initialize`` / ``Trainer.train`` setup,
-that the optimizer actually stepping the weights is MERIT, sharded correctly, with the
-intended weight-decay split.
+that the optimizer actually stepping the weights is MERIT (or LAMB, or whichever merit_ds
+optimizer is expected), sharded correctly, with the intended weight-decay split.
 
 The wrappers between a user's handle and the optimizer that steps the weights::
 
@@ -9,7 +9,7 @@ The wrappers between a user's handle and the optimizer that steps the weights::
             ZeRO 1/2: DeepSpeedZeroOptimizer   groups: bit16_groups[i]          (flat partitions)
             ZeRO 3:   DeepSpeedZeroOptimizer_Stage3  fp16_groups[sub] -> sub_group_to_group_id
             bf16:     BF16_Optimizer           groups: bf16_groups[i]
-                .optimizer -> the basic optimizer (must be merit_ds.MERIT)
+                .optimizer -> the basic optimizer (must be the expected merit_ds optimizer)
 
 Each of these holds the next one in ``.optimizer``. The original (model) parameters of each
 basic-optimizer group are read from the ZeRO optimizer's records, never recomputed.
@@ -17,18 +17,20 @@ basic-optimizer group are read from the ZeRO optimizer's records, never recomput
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import torch
 
-from ..optim import MERIT
+from ..optim import MERIT, ShardableOptimizer
 from .param_groups import check_decay_split
 
-__all__ = ["unwrap_optimizer", "assert_merit_is_stepping", "decay_groups", "NotMeritError"]
+__all__ = ["unwrap_optimizer", "assert_merit_is_stepping", "assert_optimizer_is_stepping", "decay_groups",
+           "NotMeritError"]
 
 
 class NotMeritError(RuntimeError):
-    """The optimizer that steps the weights is not (a correctly sharded) MERIT."""
+    """The optimizer that steps the weights is not (a correctly sharded) MERIT, or not the
+    merit_ds optimizer that was expected (LAMB...)."""
 
 
 def _chain(obj: Any) -> list:
@@ -36,7 +38,7 @@ def _chain(obj: Any) -> list:
     chain, seen = [obj], {id(obj)}
     while True:
         nxt = getattr(chain[-1], "optimizer", None)
-        if nxt is None or id(nxt) in seen or isinstance(chain[-1], MERIT):
+        if nxt is None or id(nxt) in seen or isinstance(chain[-1], ShardableOptimizer):
             return chain
         chain.append(nxt)
         seen.add(id(nxt))
@@ -78,7 +80,7 @@ def decay_groups(engine_or_optimizer: Any) -> list[tuple[float, list[torch.nn.Pa
     return [(g["weight_decay"], list(ps)) for g, ps in zip(groups, originals)]
 
 
-def _flat_groups(wrapper: Any, basic: MERIT) -> list[dict]:
+def _flat_groups(wrapper: Any, basic: ShardableOptimizer) -> list[dict]:
     """The groups the basic optimizer will step, each holding one flat partition.
 
     ZeRO 1/2 and BF16_Optimizer keep them in ``basic.param_groups`` at all times; ZeRO 3 puts
@@ -93,14 +95,15 @@ def _flat_groups(wrapper: Any, basic: MERIT) -> list[dict]:
     return [g for g in basic.param_groups if g["params"]]
 
 
-def _check_sharding(wrapper: Any, basic: MERIT) -> None:
+def _check_sharding(wrapper: Any, basic: ShardableOptimizer) -> None:
     """Every flat-partition group must have a layout from :mod:`merit_ds.sharding`."""
+    what = type(basic).__name__
     try:
         from ..sharding import ShardingLayoutError, layout_of
     except ImportError as exc:
         raise NotMeritError(
-            f"MERIT runs under {type(wrapper).__name__} (ZeRO flat partitions) but merit_ds.sharding "
-            "is not available: MERIT would treat each flat partition as one vector and compute "
+            f"{what} runs under {type(wrapper).__name__} (ZeRO flat partitions) but merit_ds.sharding "
+            f"is not available: {what} would treat each flat partition as one vector and compute "
             "wrong trust ratios."
         ) from exc
     for i, group in enumerate(_flat_groups(wrapper, basic)):
@@ -108,29 +111,43 @@ def _check_sharding(wrapper: Any, basic: MERIT) -> None:
             layout_of(basic, group)
         except ShardingLayoutError as exc:
             raise NotMeritError(
-                f"flat partition {i} of MERIT under {type(wrapper).__name__} has no sharding layout: {exc}"
+                f"flat partition {i} of {what} under {type(wrapper).__name__} has no sharding layout: {exc}"
             ) from exc
 
 
-def assert_merit_is_stepping(engine_or_optimizer: Any, model: Optional[torch.nn.Module] = None, *, trainer=None) -> MERIT:
-    """Raise :class:`NotMeritError` unless MERIT is the optimizer stepping ``model``'s weights.
+def _names(expected: tuple[type, ...]) -> str:
+    return " or ".join(f"{c.__module__.split('.')[0]}.{c.__qualname__}" for c in expected)
+
+
+def assert_merit_is_stepping(
+    engine_or_optimizer: Any,
+    model: Optional[torch.nn.Module] = None,
+    *,
+    trainer=None,
+    expected: Union[type, tuple[type, ...]] = MERIT,
+) -> ShardableOptimizer:
+    """Raise :class:`NotMeritError` unless ``expected`` (default MERIT; e.g. ``merit_ds.LAMB``,
+    or a tuple of classes) is the optimizer stepping ``model``'s weights.
 
     Accepts a ``DeepSpeedEngine``, a ZeRO optimizer, Accelerate's wrapped optimizer, a Trainer's
     ``optimizer`` or a plain optimizer. Checks, in order:
 
-    1. the innermost optimizer is a :class:`merit_ds.MERIT` (not AdamW, not DeepSpeedCPUAdam);
+    1. the innermost optimizer is an instance of ``expected`` (not AdamW, not
+       DeepSpeedCPUAdam, not the other merit_ds optimizer);
     2. under ZeRO, every flat-partition group has a layout from :mod:`merit_ds.sharding`;
     3. with ``model``: no bias or norm parameter sits in a group with ``weight_decay > 0``
        (Hugging Face's grouping, see :mod:`merit_ds.integrations.param_groups`).
 
-    Returns the MERIT instance.
+    Returns the optimizer instance. :func:`assert_optimizer_is_stepping` is the same function.
     """
+    expected = expected if isinstance(expected, tuple) else (expected,)
     chain = _chain(engine_or_optimizer)
     basic = chain[-1]
-    if not isinstance(basic, MERIT):
+    if not isinstance(basic, expected):
         raise NotMeritError(
             f"the optimizer stepping the weights is {type(basic).__module__}.{type(basic).__qualname__}, "
-            f"not merit_ds.MERIT (wrappers: {_describe(chain)}). See merit_ds's README, 'Traps, and what merit_ds does about each'."
+            f"not {_names(expected)} (wrappers: {_describe(chain)}). See merit_ds's README, 'Traps, and what "
+            "merit_ds does about each'."
         )
     wrapper = _zero_wrapper(chain)
     if wrapper is not None:
@@ -138,3 +155,6 @@ def assert_merit_is_stepping(engine_or_optimizer: Any, model: Optional[torch.nn.
     if model is not None:
         check_decay_split(decay_groups(engine_or_optimizer), model, trainer=trainer)
     return basic
+
+
+assert_optimizer_is_stepping = assert_merit_is_stepping

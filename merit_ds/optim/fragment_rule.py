@@ -98,3 +98,19 @@ class FragmentRule:
         ``u`` may be overwritten. ``work``: a free buffer of ``w``'s size, or ``None``.
         """
         raise NotImplementedError
+
+    # ---- optional fused form: the moments and u never materialised -------------------------
+    # A rule whose device has a fused kernel may step fragments from (w, g, m, v) directly:
+    # phase 1 computes the statistics without writing anything, phase 3 recomputes and writes
+    # w, m, v of the fragments not skipped. No partition-sized scratch buffer is needed.
+    def fused_available(self, flat: Tensor, grad: Tensor, state: dict, group: dict) -> bool:
+        """Whether :meth:`fused_statistics` / :meth:`fused_apply` serve this partition."""
+        return False
+
+    def fused_statistics(self, shape, start, w, g, m, v, group: dict, step: int, slot: Tensor) -> bool:
+        """Phase 1 of the fused form; returns whether some gradient element is not finite."""
+        raise NotImplementedError
+
+    def fused_apply(self, shape, start, w, g, m, v, group: dict, step: int, slot: Tensor, lr: float) -> None:
+        """Phase 3 of the fused form: ``w``, ``m``, ``v`` updated in place."""
+        raise NotImplementedError

@@ -37,7 +37,7 @@ from .trust_stats import PartialTrustStats, partial_trust_stats
 
 __all__ = ["MERIT", "merit", "MeritStats", "PartialTrustStats", "NONFINITE_POLICIES", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = ("single_tensor", "foreach", "fused")
+IMPLEMENTATIONS = ("single_tensor", "foreach", "fused", "compiled")
 
 
 class MeritStats(NamedTuple):
@@ -90,9 +90,13 @@ class MERIT(ShardableOptimizer):
             count and weights unchanged) and counted in :attr:`nonfinite_skips`;
             ``"raise"``: ``FloatingPointError`` before anything is modified;
             ``"propagate"``: no check (fastest; NaN reaches the weights, as in torch.optim).
-        implementation: ``None`` (auto: ``"foreach"`` when all tensors are on a supported
-            device, else ``"single_tensor"``), ``"single_tensor"``, ``"foreach"`` or
-            ``"fused"`` (``torch.compile``d kernels; compiles once per shape class).
+        implementation: ``None`` (auto: the fastest correct path for the tensors, see
+            :func:`resolve_implementation`: ``"fused"`` for fp32 CPU tensors when the CPU kernel
+            builds, else ``"foreach"`` on cpu/cuda/xpu, else ``"single_tensor"``),
+            ``"single_tensor"`` (the reference), ``"foreach"``, ``"fused"`` (the device's fused
+            kernel: on CPU the two-pass C++/OpenMP kernel of :mod:`.cpu_kernel`, elsewhere
+            ``torch.compile``), or ``"compiled"`` (``torch.compile``d kernels on any device;
+            compiles once per shape class). Under ZeRO the sharded step honours it too.
         track_stats: record trust-ratio statistics of each step (costs extra passes; off by
             default; may be switched on and off between steps, e.g. for diagnostics steps).
             :attr:`partial_stats` maps each stepped parameter to its
@@ -200,13 +204,17 @@ def merit(
     """Functional MERIT step over lists of tensors (see :class:`MERIT` for the math).
 
     ``stats``: a dict that receives ``{param: PartialTrustStats}`` for every parameter
-    stepped (with ``implementation="fused"`` such a step runs the foreach path). Returns the
+    stepped (with a fused implementation such a step runs the foreach path). Returns the
     number of parameters whose step was skipped for a non-finite gradient.
     """
-    if implementation is None:
-        implementation = "foreach" if foreach_supported(params) else "single_tensor"
     if not params:
         return 0
+    implementation = resolve_implementation(implementation, params, grads, exp_avgs, exp_avg_sqs)
+    if implementation == "cpu_kernel" and stats is None:
+        return _cpu_kernel_merit(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, nonfinite_grads=nonfinite_grads,
+        )
     keep = finite_filter(params, grads, nonfinite_grads, "MERIT")
     skipped = 0
     if keep is not None:
@@ -222,9 +230,9 @@ def merit(
         fn = _single_tensor_merit
     elif implementation == "foreach":
         fn = _multi_tensor_merit
-    elif implementation == "fused" and stats is not None:
-        fn = _multi_tensor_merit  # the compiled kernels do not expose s: a statistics step runs foreach
-    elif implementation == "fused":
+    elif implementation in ("compiled", "cpu_kernel") and stats is not None:
+        fn = _multi_tensor_merit  # the fused kernels do not expose s: a statistics step runs foreach
+    elif implementation == "compiled":
         from .fused import fused_merit as fn  # imported lazily: torch.compile is heavy
     else:
         raise ValueError(f"unknown implementation {implementation!r}")
@@ -244,6 +252,62 @@ def merit(
         **extra,
     )
     return skipped
+
+
+def resolve_implementation(implementation: Optional[str], params, *tensors) -> str:
+    """The path that runs: ``"single_tensor"``, ``"foreach"``, ``"cpu_kernel"`` (the C++
+    kernel) or ``"compiled"`` (torch.compile).
+
+    ``None`` picks the fastest correct path measured on each device (see README, "Speed"):
+    the CPU kernel for fp32 contiguous CPU tensors when it builds, else ``"foreach"``.
+    ``"fused"`` is the device's fused kernel: the CPU kernel (``"foreach"`` if it cannot be
+    built or a tensor is not fp32/contiguous) on CPU, ``torch.compile`` elsewhere.
+    """
+    if implementation not in (None, *IMPLEMENTATIONS):
+        raise ValueError(f"unknown implementation {implementation!r}")
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    if implementation in (None, "fused") and on_cpu:
+        from . import cpu_kernel
+
+        if all(cpu_kernel.supports(*ts) for ts in zip(params, *tensors)) and cpu_kernel.available():
+            return "cpu_kernel"
+        return "foreach"
+    if implementation == "fused":
+        return "compiled"
+    if implementation is None:
+        return "foreach" if foreach_supported(params) else "single_tensor"
+    return implementation
+
+
+def _cpu_kernel_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+                      nonfinite_grads) -> int:
+    """Two passes per tensor (:mod:`.cpu_kernel`): statistics of every tensor first (nothing
+    written), then the policy for non-finite gradients, then the updates."""
+    from . import cpu_kernel
+
+    group = dict(betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+    flat = [(p.view(-1), g.view(-1), m.view(-1), v.view(-1)) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)]
+    slots, bad = [], []
+    for p, (w, g, m, v) in zip(params, flat):
+        slot = torch.zeros(MERIT.fragment_rule.stats_size(p.shape), dtype=torch.float32)
+        bad.append(cpu_kernel.fragment_statistics(p.shape, 0, w, g, m, v, group, slot))
+        slots.append(slot)
+    if nonfinite_grads == "propagate":
+        bad = [False] * len(params)
+    elif any(bad):
+        idx = [i for i, b in enumerate(bad) if b]
+        if nonfinite_grads == "raise":
+            raise FloatingPointError(
+                f"MERIT: non-finite gradient in {len(idx)} parameter(s) (indices {idx} in their group, shapes "
+                f"{[tuple(params[i].shape) for i in idx]}); nothing was modified. Use nonfinite_grads='skip' to skip them."
+            )
+        warn_skipped("MERIT", len(idx))
+    for p, (w, g, m, v), slot, b, step in zip(params, flat, slots, bad, state_steps):
+        if b:
+            continue
+        step += 1
+        cpu_kernel.fragment_apply(p.shape, 0, w, g, m, v, group, cpu_kernel.ratio_tables(p.shape, slot), lr)
+    return sum(bad)
 
 
 def _record_stats(stats: Optional[dict], param: Tensor, trust: Tensor, u: Tensor) -> None:

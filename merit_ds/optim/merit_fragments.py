@@ -54,6 +54,24 @@ class MeritFragmentRule(FragmentRule):
         else:
             torch.maximum(slot, torch.stack([F.tensor_max(w), F.tensor_max(u)]), out=slot)
 
+    # The fused form: MERIT's two-pass CPU kernel (merit_ds.optim.cpu_kernel), chosen by the
+    # group's ``implementation`` exactly as on one device.
+    def fused_available(self, flat, grad, state, group) -> bool:
+        from .merit import resolve_implementation
+
+        impl = resolve_implementation(group.get("implementation"), [flat], grad, state["exp_avg"], state["exp_avg_sq"])
+        return impl == "cpu_kernel"
+
+    def fused_statistics(self, shape, start, w, g, m, v, group, step, slot) -> bool:
+        from . import cpu_kernel
+
+        return cpu_kernel.fragment_statistics(shape, start, w, g, m, v, group, slot)
+
+    def fused_apply(self, shape, start, w, g, m, v, group, step, slot, lr) -> None:
+        from . import cpu_kernel
+
+        cpu_kernel.fragment_apply(shape, start, w, g, m, v, group, cpu_kernel.ratio_tables(shape, slot), lr)
+
     def apply_fragment(
         self, shape, start, w, u, slot, *, group, lr, work: Optional[Tensor], record: Recorder
     ) -> None:

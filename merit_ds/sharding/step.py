@@ -79,6 +79,7 @@ class ShardedGroupStep:
     _new_moments: Optional[tuple] = field(default=None, repr=False)
     _u: Optional[Tensor] = field(default=None, repr=False)
     _stats: Optional[Tensor] = field(default=None, repr=False)
+    _fused: bool = field(default=False, repr=False)  # this step runs the rule's fused form
 
     @property
     def rule(self):
@@ -151,6 +152,7 @@ def _run_same_group(steps: list[ShardedGroupStep]) -> None:
             bad = set(range(len(s.layout.shapes)))
         _apply(s, bad)
         s._grad = s._u = s._stats = s._new_moments = None
+        s._fused = False
 
 
 def _state(s: ShardedGroupStep) -> dict:
@@ -177,14 +179,33 @@ def _scratch(s: ShardedGroupStep, count: int) -> list[Tensor]:
 
 
 def _local_statistics(s: ShardedGroupStep) -> None:
-    """Phase 1: u over the partition, partial statistics into the stats buffer, flags."""
+    """Phase 1: u over the partition (or the rule's fused form), partial statistics into the
+    stats buffer, flags."""
     flat, group, layout, rule = s.flat, s.group, s.layout, s.rule
     slots = s.stats_layout.slots
+    s._fused = False
     if flat.grad is None:
         return  # contributes zeros; phase 3 leaves the partition alone
     grad = flat.grad if flat.grad.dtype == flat.dtype else flat.grad.to(flat.dtype)
     beta1, beta2 = group["betas"]
     state = _state(s)
+    step = int(state["step"].item()) + 1  # the step being taken (bias correction)
+    s._grad = grad
+    track = bool(getattr(s.optimizer, "track_stats", False))
+    if not track and rule.fused_available(flat, grad, state, group):
+        # Fused form: nothing is written before phase 3, so no scratch buffer is needed.
+        s._fused = True
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        for frag in layout.fragments:
+            slot = slots[frag.param_index]
+            sl = lambda t: t.narrow(0, frag.partition_offset, frag.numel)  # noqa: E731
+            bad = rule.fused_statistics(
+                slot.shape, frag.param_start, sl(flat), sl(grad), sl(m), sl(v), group, step,
+                s._stats.narrow(0, slot.offset, slot.size),
+            )
+            if bad and group["nonfinite_grads"] != "propagate":
+                s._stats[slot.flag] = 1.0
+        return
     if group["nonfinite_grads"] == "propagate":  # nothing can be skipped: update in place
         (u_buf,) = _scratch(s, 1)
         F.update_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
@@ -194,9 +215,7 @@ def _local_statistics(s: ShardedGroupStep) -> None:
         m_buf, v_buf, u_buf = _scratch(s, 3)
         m, v = F.updated_moments(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2, out=(m_buf, v_buf))
         s._new_moments = (m, v)
-    step = int(state["step"].item()) + 1  # the step being taken (bias correction)
     s._u = rule.direction(m, v, flat, group, step, u_buf)
-    s._grad = grad
 
     for frag in layout.fragments:
         slot = slots[frag.param_index]
@@ -236,7 +255,7 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
     if track:  # stepped parameters record afresh below; the others lose their entry
         for i in range(len(slots)):
             s.optimizer.partial_stats.pop((flat, i), None)
-    if flat.grad is None or s._u is None:
+    if flat.grad is None or (s._u is None and not s._fused):
         return
     state = s.optimizer.state[flat]
     lr = as_float(group["lr"])
@@ -257,6 +276,15 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
         warn_skipped(rule.name, len(bad), where=f" ({s.source}, on all ranks)")
     if len(bad) < len(slots) or not slots:
         state["step"] += 1
+    if s._fused:  # the rule's fused form writes w, m, v of the fragments not skipped
+        step = int(state["step"].item())
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        for frag in live:
+            slot = slots[frag.param_index]
+            sl = lambda t: t.narrow(0, frag.partition_offset, frag.numel)  # noqa: E731
+            rule.fused_apply(slot.shape, frag.param_start, sl(flat), sl(s._grad), sl(m), sl(v), group, step,
+                             s._stats.narrow(0, slot.offset, slot.size), lr)
+        return
 
     pieces: Optional[dict[int, list]] = {} if track else None  # param index -> partial stats
     for frag in live:

@@ -2,13 +2,16 @@
 
 The loader itself is :class:`merit_ds.data.sampler.TokenBlockLoader` (deterministic global
 block order, rank-partitioned, checkpointable by the number of blocks consumed).
+:func:`merit_ds.data.integrity.check_token_data` verifies every shard (sha256 against the
+manifest, largest id against the model's vocabulary) once at start-up, shards divided among ranks.
 """
 
 from __future__ import annotations
 
-__all__ = ["make_train_loader", "make_val_loader", "DataError"]
+__all__ = ["make_train_loader", "make_val_loader", "check_token_data", "DataError"]
 
 from merit_ds.data.errors import DataError
+from merit_ds.data.integrity import check_token_data  # noqa: F401  (checksums + vocabulary, before training)
 from merit_ds.data.sampler import TokenBlockLoader
 
 

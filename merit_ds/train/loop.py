@@ -15,7 +15,7 @@ The parts, in the order :func:`run` calls them (each can be read, and tested, al
     configure           arguments + JSON -> RunConfig (:func:`.run_config.resolve`, pure: batch
                         arithmetic, optimizer, lr and where it came from; impossible combinations
                         stop here); print_banner
-    make_loaders        train/val token-block loaders
+    make_loaders        train/val token-block loaders; every shard verified (checksums, vocabulary)
     describe_run        what a checkpoint records about the run
     locate_checkpoint   found and validated on rank 0, verdict on every rank (a corrupt or
                         incompatible one stops here, before anything is written; another world
@@ -46,7 +46,8 @@ from . import checkpoint as ckpt
 from merit_ds.integrations.param_groups import merit_param_groups
 
 from .batch import BatchConfigError
-from .data_source import DataError, make_train_loader, make_val_loader
+from .data_source import DataError, check_token_data, make_train_loader, make_val_loader
+from .export import export_after_training, record_run
 from .optimizers import build_client_optimizer, describe_stepping, verify_optimizer_is_stepping
 from .presets import OPTIMIZERS, gpt2_config
 from .run_config import RunConfig, UsageError, resolve
@@ -102,6 +103,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--tracker", default="tensorboard", help="tensorboard | wandb | tensorboard,wandb | none")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--no-plot", action="store_true")
+    g.add_argument("--no-export", action="store_true", help="skip the Hugging Face export to OUT/hf_model at the end")
     g.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -277,6 +279,7 @@ def make_loaders(args, rc: RunConfig, rank: int, world: int):
                                          micro_batch=rc.plan.micro_batch, rank=rank, world=world, seed=args.seed)
         val_loader = make_val_loader(args.data, seq_len=rc.seq_len, eval_sequences=eval_sequences,
                                      micro_batch=rc.plan.micro_batch, rank=rank, world=world)
+        check_token_data(args.data, gpt2_config(rc.preset, **model_overrides(rc)).vocab_size, rank=rank, world=world)
     except DataError as exc:
         raise UsageError(f"data: {exc}") from None
     return train_loader, val_loader
@@ -398,6 +401,7 @@ def run(args) -> int:
                                                       floor=rc.floor, tokens_per_step=plan.tokens_per_step,
                                                       ds_config=cfg), indent=1))
         metrics.truncate_after(start_step)
+        record_run(out, engine.module.config, args.data, rc.label)  # for merit-ds export
         trackers = make_trackers(args.tracker, out, out.name, dict(run_info, lr=rc.lr, steps=plan.steps))
 
     def log(record: dict, step: int) -> None:
@@ -437,6 +441,8 @@ def run(args) -> int:
     if last_saved != plan.steps:
         save()
     _rank0_print(runner, f"checkpoint: {ckpt_root / ckpt.tag_for(plan.steps)}")
+    if not args.no_export:  # every rank: the probe forward is collective under ZeRO 3
+        export_after_training(engine, data=args.data, run=out, seq_len=rc.seq_len)  # prints "exported: DIR"
     if rank == 0:
         for t in trackers:
             t.finish()

@@ -30,7 +30,7 @@ import json
 from dataclasses import dataclass
 from typing import Optional
 
-from merit_ds.integrations._common import ds_forces_cpu_optimizer, ds_offloads_optimizer
+from merit_ds.integrations._common import ds_offloads_optimizer
 
 from .batch import BatchPlan, plan_batch
 from .ds_config import JSON_TYPES, make_ds_config, set_batch
@@ -85,9 +85,11 @@ def json_optimizer(type_name: str) -> str:
     for name, json_name in JSON_TYPES.items():
         if type_name == json_name or (name == "adamw" and type_name.lower() == "adamw"):
             return name
-    if type_name.lower() == "merit":
-        raise UsageError(f'DeepSpeed looks optimizer names up case-sensitively: write "type": "MERIT", not "{type_name}"')
-    if type_name.lower() in ("lamb", "shardedlamb"):
+    for json_name in ("MERIT", "ShardedLAMB"):
+        if type_name.lower() == json_name.lower():
+            raise UsageError(f'DeepSpeed looks optimizer names up case-sensitively: write "type": "{json_name}", '
+                             f'not "{type_name}"')
+    if type_name.lower() == "lamb":
         raise UsageError(f"optimizer type {type_name!r}: DeepSpeed's built-in Lamb (FusedLamb) computes its trust "
                          f"ratios per ZeRO partition, not per tensor; merit_ds's exact LAMB is named \"ShardedLAMB\" "
                          f"(or leave the section out and pass --optimizer lamb)")
@@ -106,20 +108,6 @@ def parse_overrides(items) -> dict:
         k, v = item.split("=", 1)
         out[k] = json.loads(v) if v[:1].isdigit() or v in ("true", "false") else v
     return out
-
-
-def _check_client_keys(cfg: dict, label: str) -> None:
-    """The two keys DeepSpeed demands before it steps an optimizer it did not write."""
-    zero = cfg.get("zero_optimization") or {}
-    stage = int(zero.get("stage", 0) or 0)
-    if stage > 0 and not cfg.get("zero_allow_untested_optimizer", False):
-        raise UsageError(f'DeepSpeed config: {label} under ZeRO needs "zero_allow_untested_optimizer": true at the '
-                         f"top level (DeepSpeed only trusts its own optimizers; merit_ds makes {label} exact under ZeRO)")
-    if stage > 0 and ds_offloads_optimizer(cfg) and ds_forces_cpu_optimizer(cfg):
-        raise UsageError(f'DeepSpeed config: {label} with "offload_optimizer" needs "zero_force_ds_cpu_optimizer": '
-                         f"false at the top level; otherwise DeepSpeed refuses {label}")
-    if (zero.get("offload_optimizer") or {}).get("device") == "nvme":
-        raise UsageError(f"DeepSpeed config: {label} is not supported with offload_optimizer.device=nvme; use cpu")
 
 
 def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[dict] = None) -> RunConfig:
@@ -199,7 +187,6 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     elif optimizer == "lamb":
         client = True
         cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
-        _check_client_keys(cfg, label)
     else:  # adamw: DeepSpeed's own; on CPU without offload its FusedAdam would be a JIT build, torch's is exact
         client = False
         if cpu and not offload:
@@ -210,11 +197,12 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
         if unknown:
             raise UsageError(f"{where}: optimizer.params {unknown} are not arguments of {label} "
                              f"(accepted: {', '.join(CLIENT_KWARGS[optimizer])})")
-    if optimizer == "merit":
+    if optimizer in ("merit", "lamb"):  # the keys DeepSpeed demands before stepping an optimizer it did not write
         from merit_ds.integrations.deepspeed import MeritConfigError, check_config
+        from merit_ds.optim import LAMB, MERIT
 
         try:
-            check_config(cfg, client_optimizer=client)
+            check_config(cfg, client_optimizer={"merit": MERIT, "lamb": LAMB}[optimizer] if client else False)
         except MeritConfigError as exc:
             raise UsageError(f"DeepSpeed config: {exc}") from None
 

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["MetricsLog", "make_trackers", "plot_losses"]
+__all__ = ["MetricsLog", "make_trackers", "plot_losses", "wandb_init_kwargs"]
 
 
 class MetricsLog:
@@ -54,7 +54,7 @@ def make_trackers(kind: str, out_dir: Path, run_name: str, config: dict):
         if k == "tensorboard":
             t = TensorBoardTracker(run_name, str(out_dir / "tensorboard"))
         elif k == "wandb":
-            t = WandBTracker(run_name)
+            t = WandBTracker(run_name, **wandb_init_kwargs(out_dir))
         else:
             raise ValueError(f"unknown tracker {k!r}: use tensorboard, wandb, both comma-separated, or none")
         t.main_process_only = False  # we only build trackers on rank 0 already
@@ -66,6 +66,24 @@ def make_trackers(kind: str, out_dir: Path, run_name: str, config: dict):
             pass
         trackers.append(t)
     return trackers
+
+
+def wandb_init_kwargs(out_dir: Path) -> dict:
+    """``wandb.init`` arguments: files under ``OUT/wandb``; offline unless W&B can log in.
+
+    ``WANDB_MODE`` (online / offline / disabled) is honoured when set. Otherwise the run is
+    online only with an API key (``WANDB_API_KEY`` or a ``wandb login`` entry in ~/.netrc), and
+    offline without one, instead of W&B's interactive prompt or error: an offline run is
+    uploaded later with ``wandb sync OUT/wandb/offline-run-*``.
+    """
+    kw = {"dir": str(out_dir)}
+    if not os.environ.get("WANDB_MODE"):
+        netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+        logged_in = bool(os.environ.get("WANDB_API_KEY")) or (
+            netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="replace"))
+        if not logged_in:
+            kw["mode"] = "offline"
+    return kw
 
 
 def plot_losses(records: list[dict], path: Path, title: str = "") -> Optional[Path]:

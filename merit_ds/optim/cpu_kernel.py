@@ -1,0 +1,146 @@
+"""MERIT's fused CPU kernel: build (JIT, at first use) and the per-tensor / per-fragment steps.
+
+``csrc/merit_cpu.cpp`` is compiled with ``torch.utils.cpp_extension.load`` (g++ with OpenMP,
+``-O3``; cached under ``TORCH_EXTENSIONS_DIR``, about a minute the first time), the way
+DeepSpeed builds its CPU ops. Without a compiler, or if the build fails, :func:`load` warns
+once and returns ``None``; MERIT then runs its ``foreach`` path (``MERIT_DS_CPU_KERNEL=0``
+forces that fallback).
+
+Two passes per tensor (see the C++ file): pass 1 computes the new moments and ``u`` in
+registers and only the row/column/tensor maxima; pass 2 recomputes them, applies the
+update and writes ``w``, ``m``, ``v``. So each element is read twice and written once per
+step, no scratch buffer is needed, and nothing is written before pass 2: a step skipped for
+a non-finite gradient (detected in pass 1, on any rank) leaves the state untouched.
+
+The trust ratios between the passes are computed here from the maxima with the formulas of
+:mod:`merit_ds.optim.formulas`. The kernel's arithmetic is the formulas' per element, in
+float32, compiled without floating-point contraction; it is not bitwise the ``torch`` ops
+(whose vectorised kernels may fuse multiply-adds), so tests hold it to the reference within a
+stated tolerance. Sharded and single-device runs of the kernel are bitwise equal: the same
+per-element code runs on the same floats, and the maxima are exact.
+
+Nothing here imports ``torch.distributed``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import formulas as F
+
+__all__ = ["load", "available", "fragment_statistics", "fragment_apply", "ratio_tables", "supports"]
+
+_lock = threading.Lock()
+_module = None
+_tried = False
+_error: Optional[str] = None
+
+
+def load():
+    """The compiled extension module, or ``None`` (with one warning) if it cannot be built."""
+    global _module, _tried, _error
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        _tried = True
+        if os.environ.get("MERIT_DS_CPU_KERNEL", "1") == "0":
+            _error = "disabled by MERIT_DS_CPU_KERNEL=0"
+            return None
+        if shutil.which(os.environ.get("CXX", "g++")) is None:
+            _error = "no C++ compiler (g++) on PATH"
+        else:
+            try:
+                from torch.utils.cpp_extension import load as cpp_load
+
+                src = Path(__file__).with_name("csrc") / "merit_cpu.cpp"
+                _module = cpp_load(
+                    name="merit_ds_cpu_kernel",
+                    sources=[str(src)],
+                    extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-march=native"],
+                    extra_ldflags=["-fopenmp"],
+                    verbose=False,
+                )
+            except Exception as e:  # noqa: BLE001 - any build failure falls back, loudly
+                _error = f"{type(e).__name__}: {str(e)[-500:]}"
+        if _module is None:
+            warnings.warn(
+                f"merit_ds: MERIT's fused CPU kernel is not available ({_error}); using the foreach path "
+                "(correct, slower). The kernel needs g++ with OpenMP (apt-get install g++).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _module
+
+
+def available() -> bool:
+    """Whether the kernel is built (builds it on the first call)."""
+    return load() is not None
+
+
+def supports(param: Tensor, *tensors: Tensor) -> bool:
+    """Whether the kernel can step this tensor: fp32, CPU, contiguous (state and grad too)."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in (param, *tensors))
+
+
+def fragment_statistics(
+    shape, start: int, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, slot: Tensor
+) -> bool:
+    """Pass 1 over elements ``[start, start + w.numel())`` of a parameter of ``shape``: combine
+    this fragment's maxima into ``slot`` (MERIT's statistics layout, see
+    :mod:`merit_ds.optim.merit_fragments`). Returns whether some gradient element is not
+    finite."""
+    beta1, beta2 = group["betas"]
+    hp = (beta1, beta2, group["eps"], group["weight_decay"])
+    if F.is_matrix(shape):
+        rows, cols, inner = F.matrix_dims(shape)
+        r, c = rows * inner, cols * inner
+        return load().stats_matrix(
+            w, g, m, v, start, c, inner, *hp, slot.narrow(0, 0, r), slot.narrow(0, r, r),
+            slot.narrow(0, 2 * r, c), slot.narrow(0, 2 * r + c, c),
+        )
+    return load().stats_vector(w, g, m, v, *hp, slot)
+
+
+def ratio_tables(shape, slot: Tensor):
+    """The trust ratios pass 2 reads, from a parameter's (reduced) maxima.
+
+    Matrices: ``(row_ratio, col_ratio)``, each clamped below by the tensor ratio exactly as
+    :func:`~merit_ds.optim.formulas.matrix_trust_ratio` does, and ``-1`` where a maximum is 0
+    (the kernel sets s = 1 there). Vectors: the tensor ratio as a Python float.
+    """
+    if not F.is_matrix(shape):
+        return float(F.vector_trust_ratio(slot[0], slot[1]))
+    rows, cols, inner = F.matrix_dims(shape)
+    r, c = rows * inner, cols * inner
+    row_w, row_u = slot.narrow(0, 0, r), slot.narrow(0, r, r)
+    col_w, col_u = slot.narrow(0, 2 * r, c), slot.narrow(0, 2 * r + c, c)
+    floor = row_w.max() / row_u.max()  # the tensor maxima are the maxima of the row maxima
+    row_ratio, row_zero = F.ratio_and_zero(row_w, row_u)
+    col_ratio, col_zero = F.ratio_and_zero(col_w, col_u)
+    row_ratio = row_ratio.clamp_(min=floor).masked_fill_(row_zero, -1.0)
+    col_ratio = col_ratio.clamp_(min=floor).masked_fill_(col_zero, -1.0)
+    return row_ratio.contiguous(), col_ratio.contiguous()
+
+
+def fragment_apply(
+    shape, start: int, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, ratios, lr: float
+) -> None:
+    """Pass 2: ``w``, ``m``, ``v`` of the fragment updated in place from ``ratios``
+    (:func:`ratio_tables`)."""
+    beta1, beta2 = group["betas"]
+    hp = (beta1, beta2, group["eps"], group["weight_decay"], lr)
+    if F.is_matrix(shape):
+        _, cols, inner = F.matrix_dims(shape)
+        load().apply_matrix(w, g, m, v, start, cols * inner, inner, *hp, *ratios)
+    else:
+        load().apply_vector(w, g, m, v, *hp, ratios)

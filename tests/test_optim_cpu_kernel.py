@@ -1,0 +1,142 @@
+"""MERIT's fused CPU kernel (merit_ds/optim/csrc/merit_cpu.cpp), the default on CPU for fp32.
+
+The kernel computes the formulas in fp32 without contraction; torch's vectorised ops may
+fuse multiply-adds, so the kernel is held to the single-tensor reference within fp32
+rounding, one step at a time from identical inputs (TOL below). Kernel against kernel
+(whole tensors vs fragments, sharded) is bitwise: test_zero_step_simulated.py.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from merit_ds import MERIT
+from merit_ds.optim import cpu_kernel
+from merit_ds.optim.merit import resolve_implementation
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.available(), reason="the CPU kernel did not build (no g++?)")
+
+SHAPES = {"square": (6, 6), "wide": (4, 9), "tall": (9, 4), "row_1xN": (1, 8), "col_Nx1": (8, 1), "3d": (3, 4, 5),
+          "conv_4d": (5, 3, 2, 2), "vector": (7,), "scalar": (), "big": (64, 300)}
+HYPER = dict(lr=0.03, betas=(0.9, 0.95), eps=1e-6)
+TOL = dict(atol=1e-6, rtol=1e-6)  # fp32 rounding of a few operations (weights ~1, lr 0.03)
+
+
+def make(seed=0, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(s, generator=gen).requires_grad_() for k, s in shapes.items()}
+
+
+def grads_for(params, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    return {k: torch.randn(p.shape, generator=gen) for k, p in params.items()}
+
+
+def test_default_on_cpu_fp32_is_the_kernel():
+    w = torch.zeros(3, 4)
+    assert resolve_implementation(None, [w], w, w, w) == "cpu_kernel"
+    assert resolve_implementation("fused", [w], w, w, w) == "cpu_kernel"
+    bf = w.bfloat16()
+    assert resolve_implementation(None, [bf], bf, w, w) == "foreach"  # low precision: foreach
+    assert resolve_implementation(None, [w.double()], w.double(), w.double(), w.double()) == "foreach"
+    assert resolve_implementation(None, [w.t()], w.t(), w.t(), w.t()) == "foreach"  # not contiguous
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_matches_single_tensor_every_step(weight_decay):
+    params = make()
+    params["zeros"] = torch.zeros(4, 5, requires_grad=True)  # max|W| = 0: ratio 1
+    params["zero_grad"] = torch.randn(3, 3, generator=torch.Generator().manual_seed(7)).requires_grad_()
+    twin = {k: p.detach().clone().requires_grad_() for k, p in params.items()}
+    kern = MERIT(params.values(), weight_decay=weight_decay, implementation="fused", **HYPER)
+    ref = MERIT(twin.values(), weight_decay=weight_decay, implementation="single_tensor", **HYPER)
+    moved = 0.0
+    for step in range(5):
+        grads = grads_for(params, step)
+        if step == 0:
+            grads["zero_grad"].zero_()
+        for k in params:  # identical inputs every step (MERIT amplifies last bits)
+            twin[k].data.copy_(params[k].data)
+            if kern.state[params[k]]:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    ref.state[twin[k]][key].copy_(kern.state[params[k]][key])
+            params[k].grad, twin[k].grad = grads[k], grads[k].clone()
+        before = {k: p.detach().clone() for k, p in params.items()}
+        kern.step()
+        ref.step()
+        for k in params:
+            assert_close(params[k].detach(), twin[k].detach(), **TOL, msg=lambda m: f"{k} step {step}: {m}")
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert_close(kern.state[params[k]][key], ref.state[twin[k]][key], atol=1e-7, rtol=1e-6)
+            assert kern.state[params[k]]["step"].item() == step + 1
+            moved = max(moved, (params[k].detach() - before[k]).abs().max().item())
+    assert moved > 1e-3
+    assert params["zeros"].abs().max().item() > 0  # s = 1 there: the update is -lr * clip(u)
+
+
+def test_nonfinite_gradient_skips_that_parameter_only():
+    params = make()
+    clean = {k: p.detach().clone().requires_grad_() for k, p in params.items() if k != "square"}
+    opt = MERIT(params.values(), implementation="fused", **HYPER)
+    opt_clean = MERIT(clean.values(), implementation="fused", **HYPER)
+    grads = grads_for(params, 0)
+    grads["square"][2, 3] = float("inf")
+    for k in params:
+        params[k].grad = grads[k]
+        if k in clean:
+            clean[k].grad = grads[k].clone()
+    before = params["square"].detach().clone()
+    with pytest.warns(RuntimeWarning, match="skipped the step of 1 parameter"):
+        opt.step()
+    opt_clean.step()
+    assert opt.nonfinite_skips == 1
+    assert torch.equal(params["square"].detach(), before)
+    assert opt.state[params["square"]]["step"].item() == 0
+    assert torch.equal(opt.state[params["square"]]["exp_avg"], torch.zeros(6, 6))  # nothing written
+    for k in clean:
+        assert_close(params[k], clean[k], atol=0, rtol=0)
+
+
+def test_nonfinite_raise_modifies_nothing_and_propagate_reaches_the_weights():
+    params = make()
+    opt = MERIT(params.values(), implementation="fused", nonfinite_grads="raise", **HYPER)
+    grads = grads_for(params, 0)
+    grads["wide"][0, 0] = float("nan")
+    before = {k: p.detach().clone() for k, p in params.items()}
+    for k in params:
+        params[k].grad = grads[k]
+    with pytest.raises(FloatingPointError, match=r"shapes \[\(4, 9\)\]"):
+        opt.step()
+    for k in params:
+        assert torch.equal(params[k].detach(), before[k])
+    w = torch.ones(3, 3, requires_grad=True)
+    opt = MERIT([w], implementation="fused", nonfinite_grads="propagate")
+    w.grad = torch.ones(3, 3)
+    w.grad[1, 1] = float("nan")
+    opt.step()
+    assert torch.isnan(w[1, 1]) and torch.isfinite(w).sum() == 8  # only the NaN element
+
+
+def test_fallback_without_the_kernel_runs_foreach_and_says_so():
+    """No C++ compiler (CXX names none): one warning, and the default step is the foreach
+    path, bitwise. (MERIT_DS_CPU_KERNEL=0 selects the same fallback silently.)"""
+    code = (
+        "import warnings, torch\n"
+        "warnings.simplefilter('always')\n"
+        "from merit_ds import MERIT\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "a = torch.randn(5, 7, generator=g).requires_grad_(); b = a.detach().clone().requires_grad_()\n"
+        "a.grad = torch.randn(5, 7, generator=g); b.grad = a.grad.clone()\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    MERIT([a], lr=0.1).step()\n"
+        "MERIT([b], lr=0.1, implementation='foreach').step()\n"
+        "print(sum('fused CPU kernel is not available' in str(w.message) for w in caught), torch.equal(a, b))\n"
+    )
+    env = dict(os.environ, CXX="/nonexistent/g++", TORCH_EXTENSIONS_DIR=os.devnull + "_none")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["1", "True"]
