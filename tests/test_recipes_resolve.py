@@ -165,13 +165,15 @@ def test_verify_accepts_the_chosen_optimizer_only(model):
     adamw, lamb = torch.optim.AdamW(groups, lr=1e-3), LAMB(groups, lr=1e-3)
     assert verify_optimizer_is_stepping(_engine(adamw, model), "adamw") is adamw
     assert verify_optimizer_is_stepping(_engine(lamb, model), "lamb") is lamb
-    with pytest.raises(WrongOptimizerError, match="--optimizer lamb, but the optimizer stepping the weights is "
+    with pytest.raises(WrongOptimizerError, match="--optimizer lamb: the optimizer stepping the weights is "
                                                   "torch.optim.adamw.AdamW"):
         verify_optimizer_is_stepping(_engine(adamw, model), "lamb")
     with pytest.raises(WrongOptimizerError, match="torch.optim.adam.Adam "):
         verify_optimizer_is_stepping(_engine(torch.optim.Adam(groups), model), "adamw")
     with pytest.raises(WrongOptimizerError, match="merit_ds.optim.merit.MERIT"):
         verify_optimizer_is_stepping(_engine(MERIT(groups), model), "adamw")
+    with pytest.raises(WrongOptimizerError, match="--optimizer merit: .*merit_ds.optim.lamb.LAMB"):
+        verify_optimizer_is_stepping(_engine(lamb, model), "merit")
     # one group, everything decayed: biases and LayerNorms too
     with pytest.raises(DecaySplitError):
         verify_optimizer_is_stepping(_engine(torch.optim.AdamW(model.parameters(), weight_decay=0.1), model), "adamw")

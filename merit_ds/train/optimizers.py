@@ -2,10 +2,9 @@
 
 ``--optimizer merit|lamb|adamw`` (:mod:`.run_config` decides how each reaches DeepSpeed):
 
-* ``merit``: :class:`merit_ds.MERIT`, checked by
-  :func:`merit_ds.integrations.verify.assert_merit_is_stepping` (sharding, decay split);
-* ``lamb``: :class:`merit_ds.LAMB`, exact under ZeRO through :mod:`merit_ds.sharding` like MERIT;
-  checked here the same way (class, a sharding layout for every flat partition, decay split);
+* ``merit``, ``lamb``: :class:`merit_ds.MERIT`, :class:`merit_ds.LAMB` (exact under ZeRO through
+  :mod:`merit_ds.sharding`), checked by :func:`merit_ds.integrations.verify.assert_merit_is_stepping`
+  (class, a sharding layout for every flat partition, decay split);
 * ``adamw``: DeepSpeed's ``AdamW``: ``torch.optim.AdamW``, or DeepSpeed's FusedAdam /
   DeepSpeedCPUAdam in AdamW mode (decoupled weight decay); checked here (class and mode, decay
   split). Element-wise, so nothing about its sharding to check.
@@ -74,50 +73,24 @@ def _is_adamw(opt: Any) -> bool:
     return False
 
 
-def _check_lamb_sharding(engine: Any, basic) -> None:
-    """Under ZeRO every flat-partition group of LAMB needs a layout from merit_ds.sharding
-    (otherwise a partition would be one tensor to the trust ratio)."""
-    from merit_ds.sharding import ShardingLayoutError, layout_of
-
-    wrapper = next((o for o in _chain(engine) if any(hasattr(o, a) for a in
-                                                        ("bit16_groups", "bf16_groups", "sub_group_to_group_id"))), None)
-    if wrapper is None:
-        return
-    if hasattr(wrapper, "sub_group_to_group_id"):  # ZeRO 3: a sub-group's flat partition joins its group in step()
-        groups = [{**basic.param_groups[wrapper.sub_group_to_group_id[s]], "params": [flat]}
-                  for s, flat in enumerate(wrapper.fp32_partitioned_groups_flat)]
-    else:
-        groups = [g for g in basic.param_groups if g["params"]]
-    for i, group in enumerate(groups):
-        try:
-            layout_of(basic, group)
-        except ShardingLayoutError as exc:
-            raise WrongOptimizerError(f"flat partition {i} of LAMB under {type(wrapper).__name__} has no sharding "
-                                      f"layout: {exc}") from exc
-
-
 def verify_optimizer_is_stepping(engine: Any, optimizer: str, model: torch.nn.Module | None = None):
     """Fail fast unless the optimizer DeepSpeed/Accelerate actually step is the chosen one,
     correctly sharded, with no bias/norm parameter decayed. Returns it (the basic optimizer)."""
+    from merit_ds.integrations.verify import NotMeritError, assert_merit_is_stepping
+    from merit_ds.optim import LAMB, MERIT
+
     model = engine.module if model is None else model
-    if optimizer == "merit":
-        from merit_ds.integrations.verify import assert_merit_is_stepping
-
-        return assert_merit_is_stepping(engine, model)
-    basic = unwrap_optimizer(engine)
-    if optimizer == "lamb":
-        from merit_ds.optim import LAMB
-
-        ok = isinstance(basic, LAMB)
-    elif optimizer == "adamw":
-        ok = _is_adamw(basic)
-    else:
+    if optimizer in ("merit", "lamb"):  # class, a sharding layout per ZeRO partition, decay split
+        try:
+            return assert_merit_is_stepping(engine, model, expected={"merit": MERIT, "lamb": LAMB}[optimizer])
+        except NotMeritError as exc:
+            raise WrongOptimizerError(f"--optimizer {optimizer}: {exc}") from exc
+    if optimizer != "adamw":
         raise ValueError(f"unknown optimizer {optimizer!r}")
-    if not ok:
-        raise WrongOptimizerError(f"--optimizer {optimizer}, but the optimizer stepping the weights is "
+    basic = unwrap_optimizer(engine)
+    if not _is_adamw(basic):
+        raise WrongOptimizerError(f"--optimizer adamw, but the optimizer stepping the weights is "
                                   f"{type(basic).__module__}.{type(basic).__qualname__} (wrappers: {_wrappers(engine)})")
-    if optimizer == "lamb":
-        _check_lamb_sharding(engine, basic)
     check_decay_split(decay_groups(engine), model)
     return basic
 
