@@ -119,3 +119,17 @@ def test_partial_maxima_of_arange_fragment_by_hand():
     F.fragment_maxima_(x[7:18], 7, 5, 1, row, col)
     assert row.tolist() == [0, 9, 14, 17]
     assert col.tolist() == [15, 16, 17, 13, 14]
+
+
+def test_gpu_smoke_without_a_gpu_exits_0_and_writes_nothing(tmp_path):
+    """benchmarks/gpu_smoke.py on a CPU-only machine (CI): exit 0, no results file."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "gpu_smoke"
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "gpu_smoke.py"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120, env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not out.with_suffix(".md").exists() and not out.with_suffix(".json").exists()

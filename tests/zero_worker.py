@@ -129,10 +129,13 @@ class Tiny(nn.Module):
         return nn.functional.cross_entropy(logits.view(-1, VOCAB), y.view(-1))
 
 
+DEVICE = torch.device("cpu")  # where batches and collectives live: cuda:<local rank> with --backend nccl
+
+
 def batch(step, rank, world, micro=MICRO):
     g = torch.Generator().manual_seed(1000 * step + rank)
     x = torch.randint(0, VOCAB, (micro, 5), generator=g)
-    return x, (x * 3 + 1) % VOCAB
+    return x.to(DEVICE), ((x * 3 + 1) % VOCAB).to(DEVICE)
 
 
 def ds_config(cfg, world):
@@ -170,6 +173,7 @@ def ds_config(cfg, world):
 
 
 def gather_flat(t):
+    t = t.to(DEVICE)  # an offloaded (CPU) partition meets NCCL on the GPU
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, t.contiguous())
     return parts
@@ -307,7 +311,7 @@ def run_config(name, cfg, rank, world):
         res["calls"] += 1
         if res["naive_diff"] is None:
             d = max((x - flat.detach()).abs().max().item() for flat, x in naive)
-            t = torch.tensor(d)
+            t = torch.tensor(d, device=DEVICE)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             res["naive_diff"] = t.item()
         for _, flat in active:
@@ -381,10 +385,10 @@ def run_config(name, cfg, rank, world):
         engine.step()
         if full_ref is not None and step == 0:
             xs, ys = zip(*[batch(step, r, world) for r in range(world)])
-            full_ref(torch.cat(xs), torch.cat(ys)).backward()
+            full_ref.to(DEVICE)(torch.cat(xs), torch.cat(ys)).backward()
             full_opt.step()
             res["full_batch_diff"] = max(
-                (deepspeed.utils.safe_get_full_fp32_param(p) - q.detach()).abs().max().item()
+                (deepspeed.utils.safe_get_full_fp32_param(p).cpu() - q.detach().cpu()).abs().max().item()
                 for p, q in zip(model.parameters(), full_ref.parameters())
             )
     layouts = [v[1] for v in opt.__dict__.get("_merit_layouts", {}).values()]
@@ -393,7 +397,7 @@ def run_config(name, cfg, rank, world):
         for lay in layouts for f in lay.fragments
     )
     missing = any(not lay.fragments_of(i) for lay in layouts for i in range(len(lay.shapes)))
-    flags = torch.tensor([float(mid_row), float(missing)])
+    flags = torch.tensor([float(mid_row), float(missing)], device=DEVICE)
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
     res["split_mid_row"], res["rank_without_param"] = bool(flags[0]), bool(flags[1])
     # DeepSpeed's own accessor agrees with the oracle (not under round robin: known DS bug)
@@ -402,7 +406,7 @@ def run_config(name, cfg, rank, world):
         for i, flat in enumerate(oracle.partitions()):
             full = oracle.full(i, gather_flat(flat.detach()))
             for p, w in full.items():
-                dd = max(dd, (deepspeed.utils.safe_get_full_fp32_param(p).view(w.shape) - w).abs().max().item())
+                dd = max(dd, (deepspeed.utils.safe_get_full_fp32_param(p).view(w.shape).to(w.device) - w).abs().max().item())
         res["safe_get_diff"] = dd
     res["skipped_steps"] = getattr(engine, "skipped_steps", 0)
     skips = [None] * world
@@ -420,10 +424,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--configs", nargs="+", required=True)
     ap.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="merit")
+    ap.add_argument("--backend", choices=["gloo", "nccl"], default="gloo",
+                    help="nccl: on GPUs (benchmarks/gpu_smoke.sh), one per rank")
     args = ap.parse_args()
-    global OPT_CLS, OPT_FN
+    global OPT_CLS, OPT_FN, DEVICE
     OPT_CLS, OPT_FN = OPTIMIZERS[args.optimizer]
-    deepspeed.init_distributed(dist_backend="gloo")
+    if args.backend == "nccl":
+        DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(DEVICE)
+    deepspeed.init_distributed(dist_backend=args.backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     results = {}
     for name in args.configs:

@@ -1,0 +1,275 @@
+"""The GPU smoke test: what must hold, and what it costs, on a CUDA machine (see gpu_smoke.sh).
+
+    bash benchmarks/gpu_smoke.sh            # or: python benchmarks/gpu_smoke.py [--quick]
+
+Sections, each recorded in the results file even when another fails:
+
+1. ``env``: torch / CUDA / GPU / DeepSpeed versions.
+2. ``optimizer_equivalence``: on the GPU, MERIT foreach and compiled (torch.compile) against
+   MERIT single_tensor, LAMB foreach against LAMB single_tensor, one step at a time from
+   identical inputs (max abs difference; foreach must be bitwise, compiled within 1e-6).
+3. ``optimizer_step``: one step on GPT-2 Small's parameter set (124.4M fp32) on the GPU,
+   interleaved rounds: torch AdamW fused and foreach, MERIT foreach and compiled, LAMB
+   foreach (median and min..max, ms).
+4. ``sharded``: ``tests/zero_worker.py`` over NCCL on all GPUs (ZeRO 1/2/3, fp32 and bf16;
+   with one GPU, DeepSpeed still partitions, into one piece): sharded MERIT and LAMB against
+   single-device on the GPU (MERIT bitwise, LAMB within 1e-6 relative).
+5. ``train``: ``python -m merit_ds.train`` under the deepspeed launcher on all GPUs, the tiny
+   and gpt2-small presets, ZeRO-2 bf16, MERIT, a few steps on the built-in corpus: step time,
+   tokens/s, MFU and peak memory from the run's metrics, against ``merit-ds plan``.
+
+Writes benchmarks/results/gpu_smoke.{json,md} (or --out). Without a CUDA GPU it says so and
+exits 0. Never part of CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path[:0] = [str(REPO), str(HERE)]
+
+
+def section(results: dict, name: str):
+    """Decorator: run a section, record its result or its error, never stop the others."""
+
+    def wrap(fn):
+        t0 = time.perf_counter()
+        print(f"== {name}", flush=True)
+        try:
+            results[name] = {"ok": True, **fn()}
+        except Exception as e:  # noqa: BLE001 - recorded, the smoke test goes on
+            results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
+            print(results[name]["trace"], flush=True)
+        results[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        print(json.dumps({k: v for k, v in results[name].items() if k != "trace"}, indent=1)[:3000], flush=True)
+        return fn
+
+    return wrap
+
+
+def env_info():
+    import torch
+
+    info = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
+                gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
+    try:
+        import deepspeed
+
+        info["deepspeed"] = deepspeed.__version__
+    except Exception as e:  # noqa: BLE001
+        info["deepspeed"] = f"not importable: {e}"
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except Exception as e:  # noqa: BLE001
+        info["transformers"] = f"not importable: {e}"
+    return info
+
+
+def optimizer_equivalence():
+    import torch
+
+    from merit_ds import LAMB, MERIT
+
+    dev = torch.device("cuda")
+    shapes = [(768, 2304), (2304,), (50, 768), (3, 4, 5), (7,), ()]
+    gen = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
+    grads = [[torch.randn(s, generator=gen) * 1e-3 for s in shapes] for _ in range(3)]
+    out = {}
+    for label, cls, impl, ref_impl in [("merit_foreach", MERIT, "foreach", "single_tensor"),
+                                       ("merit_compiled", MERIT, "compiled", "single_tensor"),
+                                       ("lamb_foreach", LAMB, "foreach", "single_tensor")]:
+        a = [b.clone().to(dev).requires_grad_() for b in base]
+        r = [b.clone().to(dev).requires_grad_() for b in base]
+        opt_a = cls(a, lr=1e-2, weight_decay=0.1, implementation=impl)
+        opt_r = cls(r, lr=1e-2, weight_decay=0.1, implementation=ref_impl)
+        worst = 0.0
+        for g in grads:
+            for x, y, gg in zip(a, r, g):  # identical inputs each step
+                x.data.copy_(y.data)
+                x.grad, y.grad = gg.to(dev), gg.to(dev).clone()
+                if opt_r.state[y]:
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        opt_a.state[x][key].copy_(opt_r.state[y][key])
+            opt_a.step()
+            opt_r.step()
+            worst = max(worst, max((x - y).abs().max().item() for x, y in zip(a, r)))
+        out[label] = worst
+    out["foreach_bitwise"] = out["merit_foreach"] == 0.0 and out["lamb_foreach"] == 0.0
+    out["compiled_within_1e-6"] = out["merit_compiled"] <= 1e-6
+    return out
+
+
+def optimizer_step(rounds: int):
+    import torch
+
+    from bench_optimizer_step import gpt2_small_shapes
+    from merit_ds import LAMB, MERIT
+
+    dev = torch.device("cuda")
+    shapes = gpt2_small_shapes()
+    gen = torch.Generator().manual_seed(0)
+    base = [(torch.randn(s, generator=gen) * 0.02).to(dev) for s in shapes]
+    grads = [(torch.randn(s, generator=gen) * 1e-3).to(dev) for s in shapes]
+
+    def fresh():
+        ps = [b.clone().requires_grad_() for b in base]
+        for p, g in zip(ps, grads):
+            p.grad = g
+        return ps
+
+    hp = dict(lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    cands = {
+        "torch AdamW (fused)": torch.optim.AdamW(fresh(), fused=True, **hp).step,
+        "torch AdamW (foreach)": torch.optim.AdamW(fresh(), foreach=True, **hp).step,
+        "MERIT (foreach)": MERIT(fresh(), implementation="foreach", **hp).step,
+        "MERIT (compiled)": MERIT(fresh(), implementation="compiled", **hp).step,
+        "LAMB (foreach)": LAMB(fresh(), implementation="foreach", **hp).step,
+    }
+    times = {k: [] for k in cands}
+    with torch.no_grad():
+        for fn in cands.values():
+            fn()
+            fn()  # warm-up twice: state, compile
+        torch.cuda.synchronize()
+        for _ in range(rounds):
+            for name, fn in cands.items():
+                t0 = time.perf_counter()
+                fn()
+                torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - t0)
+    ref = statistics.median(times["torch AdamW (fused)"])
+    return {name: dict(median_ms=1e3 * statistics.median(t), min_ms=1e3 * min(t), max_ms=1e3 * max(t),
+                       vs_adamw_fused=statistics.median(t) / ref) for name, t in times.items()}
+
+
+def sharded(ngpu: int):
+    configs = ["z1_fp32", "z2_fp32", "z3_fp32", "z1_bf16", "z2_bf16", "z3_bf16", "bf16opt", "z2_groups", "z3_offload"]
+    out = {}
+    for optimizer in ("merit", "lamb"):
+        with tempfile.TemporaryDirectory() as d:
+            result = Path(d) / "r.json"
+            env = dict(os.environ, MERIT_TEST_RESULT=str(result),
+                       PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]))
+            env.pop("DS_ACCELERATOR", None)
+            cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ngpu}", "--master_port=29631",
+                   str(REPO / "tests" / "zero_worker.py"), "--backend", "nccl", "--optimizer", optimizer,
+                   "--configs", *configs]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{optimizer}: rc {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+            res = json.loads(result.read_text())["configs"]
+        key = "max_diff" if optimizer == "merit" else "max_rel_diff"
+        out[optimizer] = {name: r.get(key, r.get("error")) for name, r in res.items()}
+        out[f"{optimizer}_pass"] = all(isinstance(v, float) and v <= (0.0 if optimizer == "merit" else 1e-6)
+                                       for v in out[optimizer].values())
+    return out
+
+
+def train(ngpu: int, steps: int):
+    """The training loop on the GPU(s): reads the run's metrics.jsonl."""
+    out = {}
+    work = Path(tempfile.mkdtemp(prefix="merit_gpu_smoke_"))
+    data = work / "data"
+    subprocess.run([sys.executable, "-m", "merit_ds.data", "prepare", "--out", str(data)], check=True, cwd=REPO,
+                   env=dict(os.environ, PYTHONPATH=str(REPO)))
+    ds = Path(sys.executable).with_name("deepspeed")
+    launcher = [str(ds)] if ds.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    for model, batch in (("tiny", 32), ("gpt2-small", 8 * ngpu)):
+        run = work / model
+        cmd = [*launcher, "--num_gpus", str(ngpu), "--module", "merit_ds.train", "--model", model, "--data", str(data),
+               "--out", str(run), "--steps", str(steps), "--global-batch", str(batch), "--zero-stage", "2",
+               "--precision", "bf16", "--optimizer", "merit"]
+        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                              timeout=900)
+        entry = {"rc": proc.returncode, "cmd": " ".join(cmd[len(launcher):])}
+        if proc.returncode != 0:
+            entry["tail"] = (proc.stdout[-1500:] + proc.stderr[-2500:])
+        metrics = run / "metrics.jsonl"
+        if metrics.exists():
+            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            train_rows = [r for r in rows if "loss" in r]
+            entry["steps_logged"] = len(train_rows)
+            for key in ("step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "loss"):
+                vals = [r[key] for r in train_rows[1:] if key in r]  # the first step compiles/allocates
+                if vals:
+                    entry[key] = statistics.median(vals)
+        plan = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--model", model, "--global-batch", str(batch),
+                               "--world", str(ngpu), "--zero-stage", "2", "--precision", "bf16"], cwd=REPO,
+                              env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+        entry["plan"] = plan.stdout[-1500:] if plan.returncode == 0 else f"plan failed: {plan.stderr[-800:]}"
+        out[model] = entry
+    out["pass"] = all(v["rc"] == 0 for v in out.values() if isinstance(v, dict))
+    return out
+
+
+def write(results: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results, indent=1, default=str))
+    env = results.get("env", {})
+    lines = ["# GPU smoke test", "", f"`bash benchmarks/gpu_smoke.sh` on {', '.join(env.get('gpus', []))} "
+             f"(torch {env.get('torch')}, CUDA {env.get('cuda')}, DeepSpeed {env.get('deepspeed')}).", ""]
+    for name, r in results.items():
+        if name == "env":
+            continue
+        lines.append(f"## {name}: {'ok' if r.get('ok') else 'FAILED'} ({r.get('seconds')} s)")
+        lines.append("")
+        if not r.get("ok"):
+            lines += ["```", r.get("error", "")[:1500], "```", ""]
+            continue
+        if name == "optimizer_step":
+            lines += ["| optimizer | median (ms) | min..max (ms) | vs AdamW fused |", "| --- | ---: | ---: | ---: |"]
+            for k, v in r.items():
+                if isinstance(v, dict):
+                    lines.append(f"| {k} | {v['median_ms']:.2f} | {v['min_ms']:.2f}..{v['max_ms']:.2f} | "
+                                 f"{v['vs_adamw_fused']:.2f}x |")
+        else:
+            lines += ["```", json.dumps({k: v for k, v in r.items() if k not in ("ok", "seconds")}, indent=1,
+                                        default=str)[:4000], "```"]
+        lines.append("")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(HERE / "results" / "gpu_smoke"))
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--only", nargs="*", help="sections to run (default: all)")
+    args = ap.parse_args()
+    import torch
+
+    if not torch.cuda.is_available():
+        print("gpu_smoke: no CUDA GPU on this machine (torch.cuda.is_available() is False): nothing to do.")
+        return 0
+    ngpu = torch.cuda.device_count()
+    results: dict = {}
+    wanted = set(args.only or ["env", "optimizer_equivalence", "optimizer_step", "sharded", "train"])
+    todo = [("env", env_info), ("optimizer_equivalence", optimizer_equivalence),
+            ("optimizer_step", lambda: optimizer_step(args.rounds)), ("sharded", lambda: sharded(ngpu)),
+            ("train", lambda: train(ngpu, args.steps))]
+    for name, fn in todo:
+        if name in wanted:
+            section(results, name)(fn)
+            write(results, Path(args.out))  # after every section: a killed run keeps what it had
+    failed = [k for k, v in results.items() if not v.get("ok")]
+    print(f"gpu_smoke: wrote {args.out}.md; failed sections: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
