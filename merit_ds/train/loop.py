@@ -26,7 +26,7 @@ The parts, in the order :func:`run` calls them (each can be read, and tested, al
 
 then the loop itself: every step logs loss/lr/grad-norm; every ``--eval-every`` validation loss and
 perplexity; every ``--diag-every`` the large-batch diagnostics; every ``--ckpt-every`` an
-atomic checkpoint (keep-last-K) -> final eval, checkpoint, ``loss.png``.
+atomic checkpoint (keep-last-K) -> final eval, checkpoint, Hugging Face export (OUT/hf_model), ``loss.png``.
 """
 
 from __future__ import annotations

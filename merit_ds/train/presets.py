@@ -1,4 +1,4 @@
-"""Recipe presets: the one source of truth for models, batch sizes and MERIT hyperparameters.
+"""Recipe presets: the one source of truth for models, batch sizes and optimizer (MERIT, LAMB, AdamW) hyperparameters.
 
 Everything else (``ds_configs/generate.py``, the ``plan`` command, ``launch/`` headers, the
 README's recipe table, the training loop's defaults) reads these tables; nothing is
