@@ -208,8 +208,8 @@ def train(ngpu: int, steps: int):
                 vals = [r[key] for r in train_rows[1:] if key in r]  # the first step compiles/allocates
                 if vals:
                     entry[key] = statistics.median(vals)
-        plan = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--model", model, "--global-batch", str(batch),
-                               "--world", str(ngpu), "--zero-stage", "2", "--precision", "bf16"], cwd=REPO,
+        plan = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--model", model, "--batch", str(batch),
+                               "--nodes", "1", "--gpus-per-node", str(ngpu), "--gpu", "h200", "--precision", "bf16"], cwd=REPO,
                               env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
         entry["plan"] = plan.stdout[-1500:] if plan.returncode == 0 else f"plan failed: {plan.stderr[-800:]}"
         out[model] = entry
