@@ -140,3 +140,35 @@ def test_fallback_without_the_kernel_runs_foreach_and_says_so():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["1", "True"]
+
+
+def test_statistics_step_takes_the_same_path():
+    """track_stats on or off, the kernel's weights are bitwise the same (a diagnostics cadence
+    never changes the trajectory); its statistics equal the foreach path's on the same inputs
+    up to the kernel's rounding of u (count exactly; min, max, mean to 1e-6; clipped count to
+    one element per tensor, an element may sit on the clip boundary)."""
+    a, b, c = make(), make(), make()
+    opt_a = MERIT(a.values(), implementation="fused", weight_decay=0.1, **HYPER)
+    opt_b = MERIT(b.values(), implementation="fused", weight_decay=0.1, track_stats=True, **HYPER)
+    opt_c = MERIT(c.values(), implementation="foreach", weight_decay=0.1, track_stats=True, **HYPER)
+    for step in range(3):
+        grads = grads_for(a, step)
+        for k in a:
+            a[k].grad, b[k].grad, c[k].grad = grads[k], grads[k].clone(), grads[k].clone()
+            c[k].data.copy_(b[k].data)
+            if opt_b.state[b[k]]:
+                for key in ("exp_avg", "exp_avg_sq"):
+                    opt_c.state[c[k]][key].copy_(opt_b.state[b[k]][key])
+        opt_a.step()
+        opt_b.step()
+        opt_c.step()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+            got, want = opt_b.partial_stats[b[k]], opt_c.partial_stats[c[k]]
+            assert int(got.count) == int(want.count) == a[k].numel()
+            assert abs(int(got.clipped) - int(want.clipped)) <= 1, k
+            assert float(got.ratio_min) == pytest.approx(float(want.ratio_min), rel=1e-6), k
+            assert float(got.ratio_max) == pytest.approx(float(want.ratio_max), rel=1e-6), k
+            assert float(got.ratio_sum) == pytest.approx(float(want.ratio_sum), rel=1e-6)
+    clipped = sum(int(opt_b.partial_stats[b[k]].clipped) for k in b)
+    assert 0 < clipped < sum(p.numel() for p in b.values())  # some, not all: the count has teeth

@@ -201,7 +201,7 @@ def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=
     assert sim.calls == [steps] * world
     assert sim.ops == {cls.fragment_rule.reduce_op}
     # the fused form (CPU kernel) keeps no partition-sized scratch; the others do
-    fused = cls is MERIT and implementation != "foreach" and not track and kernel_available()
+    fused = cls is MERIT and implementation != "foreach" and kernel_available()
     assert all(("_merit_scratch" in o.__dict__) != fused for o in opts)
     return ref, opts, sim
 
@@ -253,13 +253,14 @@ def _check_trust_stats(ref, opts, sim, summaries, skipped, clips=True):
         assert summary["trust_ratio_mean"] == pytest.approx(ref_summary["trust_ratio_mean"], rel=1e-6, abs=0)
 
 
-@pytest.mark.parametrize("optimizer", ["merit", "lamb"])
+@pytest.mark.parametrize("optimizer, implementation", [("merit", "foreach"), ("merit", "fused"), ("lamb", "foreach")])
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("flavour", ["zero12", "zero3"])
-def test_trust_stats_reduced_over_ranks_equal_one_device(monkeypatch, world, flavour, optimizer):
+def test_trust_stats_reduced_over_ranks_equal_one_device(monkeypatch, world, flavour, optimizer, implementation):
     """track_stats on: still exactly one statistics all-reduce per step() (asserted in _run),
-    and the five scalars per rank combine into the single-device optimizer's statistics."""
-    _run(monkeypatch, world, flavour, track=True, optimizer=optimizer)
+    and the five scalars per rank combine into the single-device optimizer's statistics (the
+    CPU kernel counts them in its own pass, on fragments and on whole tensors alike)."""
+    _run(monkeypatch, world, flavour, track=True, optimizer=optimizer, implementation=implementation)
 
 
 @pytest.mark.parametrize("optimizer", ["merit", "lamb"])

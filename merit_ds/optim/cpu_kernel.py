@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -35,6 +36,7 @@ import torch
 from torch import Tensor
 
 from . import formulas as F
+from .trust_stats import PartialTrustStats, empty_trust_stats
 
 __all__ = ["load", "available", "fragment_statistics", "fragment_apply", "ratio_tables", "supports"]
 
@@ -62,6 +64,7 @@ def load():
             try:
                 from torch.utils.cpp_extension import load as cpp_load
 
+                _clear_stale_lock()
                 src = Path(__file__).with_name("csrc") / "merit_cpu.cpp"
                 _module = cpp_load(
                     name="merit_ds_cpu_kernel",
@@ -80,6 +83,27 @@ def load():
                 stacklevel=3,
             )
         return _module
+
+
+# A build takes about a minute; a lock file older than this was left by a process killed while
+# building (a timed-out test, say), and torch would wait on it forever.
+STALE_LOCK_SECONDS = 600
+
+
+def _clear_stale_lock() -> None:
+    try:  # torch's own rule for where the build lives (private; skipped if it moves)
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory("merit_ds_cpu_kernel", verbose=False)) / "lock"
+    except (ImportError, TypeError):
+        return
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return
+    if age > STALE_LOCK_SECONDS:
+        warnings.warn(f"merit_ds: removing a stale build lock ({lock}, {age:.0f} s old)", RuntimeWarning, stacklevel=3)
+        lock.unlink(missing_ok=True)
 
 
 def available() -> bool:
@@ -132,15 +156,32 @@ def ratio_tables(shape, slot: Tensor):
     return row_ratio.contiguous(), col_ratio.contiguous()
 
 
+_NO_STATS = torch.empty(0, dtype=torch.float64)
+
+
 def fragment_apply(
-    shape, start: int, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, ratios, lr: float
-) -> None:
+    shape, start: int, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, ratios, lr: float,
+    track: bool = False,
+) -> Optional[PartialTrustStats]:
     """Pass 2: ``w``, ``m``, ``v`` of the fragment updated in place from ``ratios``
-    (:func:`ratio_tables`)."""
+    (:func:`ratio_tables`). ``track``: also return the fragment's trust-ratio statistics
+    (:class:`~merit_ds.optim.trust_stats.PartialTrustStats`, from the very s and s*u the
+    update uses), so that a statistics step runs the same arithmetic as any other step."""
     beta1, beta2 = group["betas"]
     hp = (beta1, beta2, group["eps"], group["weight_decay"], lr)
+    out = torch.zeros(5, dtype=torch.float64) if track else _NO_STATS
     if F.is_matrix(shape):
         _, cols, inner = F.matrix_dims(shape)
-        load().apply_matrix(w, g, m, v, start, cols * inner, inner, *hp, *ratios)
+        load().apply_matrix(w, g, m, v, start, cols * inner, inner, *hp, *ratios, out)
     else:
-        load().apply_vector(w, g, m, v, *hp, ratios)
+        load().apply_vector(w, g, m, v, *hp, ratios, out)
+    if not track:
+        return None
+    if w.numel() == 0:
+        return empty_trust_stats()
+    count, ratio_sum, lo, hi, clipped = out.tolist()
+    return PartialTrustStats(
+        torch.tensor(int(count), dtype=torch.int64), torch.tensor(ratio_sum, dtype=torch.float64),
+        torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32),
+        torch.tensor(int(clipped), dtype=torch.int64),
+    )

@@ -111,6 +111,8 @@ class FragmentRule:
         """Phase 1 of the fused form; returns whether some gradient element is not finite."""
         raise NotImplementedError
 
-    def fused_apply(self, shape, start, w, g, m, v, group: dict, step: int, slot: Tensor, lr: float) -> None:
-        """Phase 3 of the fused form: ``w``, ``m``, ``v`` updated in place."""
+    def fused_apply(self, shape, start, w, g, m, v, group: dict, step: int, slot: Tensor, lr: float,
+                    track: bool = False):
+        """Phase 3 of the fused form: ``w``, ``m``, ``v`` updated in place; with ``track``,
+        returns the fragment's :class:`~merit_ds.optim.trust_stats.PartialTrustStats`."""
         raise NotImplementedError

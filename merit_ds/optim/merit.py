@@ -204,16 +204,17 @@ def merit(
     """Functional MERIT step over lists of tensors (see :class:`MERIT` for the math).
 
     ``stats``: a dict that receives ``{param: PartialTrustStats}`` for every parameter
-    stepped (with a fused implementation such a step runs the foreach path). Returns the
+    stepped (the CPU kernel records them in its own pass 2, so a statistics step takes the
+    same path as any other; the compiled path runs foreach for such a step). Returns the
     number of parameters whose step was skipped for a non-finite gradient.
     """
     if not params:
         return 0
     implementation = resolve_implementation(implementation, params, grads, exp_avgs, exp_avg_sqs)
-    if implementation == "cpu_kernel" and stats is None:
+    if implementation == "cpu_kernel":
         return _cpu_kernel_merit(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-            weight_decay=weight_decay, nonfinite_grads=nonfinite_grads,
+            weight_decay=weight_decay, nonfinite_grads=nonfinite_grads, stats=stats,
         )
     keep = finite_filter(params, grads, nonfinite_grads, "MERIT")
     skipped = 0
@@ -230,8 +231,8 @@ def merit(
         fn = _single_tensor_merit
     elif implementation == "foreach":
         fn = _multi_tensor_merit
-    elif implementation in ("compiled", "cpu_kernel") and stats is not None:
-        fn = _multi_tensor_merit  # the fused kernels do not expose s: a statistics step runs foreach
+    elif implementation == "compiled" and stats is not None:
+        fn = _multi_tensor_merit  # the compiled kernels do not expose s: a statistics step runs foreach
     elif implementation == "compiled":
         from .fused import fused_merit as fn  # imported lazily: torch.compile is heavy
     else:
@@ -280,9 +281,10 @@ def resolve_implementation(implementation: Optional[str], params, *tensors) -> s
 
 
 def _cpu_kernel_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-                      nonfinite_grads) -> int:
+                      nonfinite_grads, stats=None) -> int:
     """Two passes per tensor (:mod:`.cpu_kernel`): statistics of every tensor first (nothing
-    written), then the policy for non-finite gradients, then the updates."""
+    written), then the policy for non-finite gradients, then the updates (and, with
+    ``stats``, each tensor's trust-ratio statistics from the same pass)."""
     from . import cpu_kernel
 
     group = dict(betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
@@ -306,7 +308,10 @@ def _cpu_kernel_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, 
         if b:
             continue
         step += 1
-        cpu_kernel.fragment_apply(p.shape, 0, w, g, m, v, group, cpu_kernel.ratio_tables(p.shape, slot), lr)
+        recorded = cpu_kernel.fragment_apply(
+            p.shape, 0, w, g, m, v, group, cpu_kernel.ratio_tables(p.shape, slot), lr, track=stats is not None)
+        if stats is not None:
+            stats[p] = recorded
     return sum(bad)
 
 

@@ -67,10 +67,10 @@ class MeritFragmentRule(FragmentRule):
 
         return cpu_kernel.fragment_statistics(shape, start, w, g, m, v, group, slot)
 
-    def fused_apply(self, shape, start, w, g, m, v, group, step, slot, lr) -> None:
+    def fused_apply(self, shape, start, w, g, m, v, group, step, slot, lr, track=False):
         from . import cpu_kernel
 
-        cpu_kernel.fragment_apply(shape, start, w, g, m, v, group, cpu_kernel.ratio_tables(shape, slot), lr)
+        return cpu_kernel.fragment_apply(shape, start, w, g, m, v, group, cpu_kernel.ratio_tables(shape, slot), lr, track)
 
     def apply_fragment(
         self, shape, start, w, u, slot, *, group, lr, work: Optional[Tensor], record: Recorder

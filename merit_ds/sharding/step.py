@@ -191,8 +191,7 @@ def _local_statistics(s: ShardedGroupStep) -> None:
     state = _state(s)
     step = int(state["step"].item()) + 1  # the step being taken (bias correction)
     s._grad = grad
-    track = bool(getattr(s.optimizer, "track_stats", False))
-    if not track and rule.fused_available(flat, grad, state, group):
+    if rule.fused_available(flat, grad, state, group):
         # Fused form: nothing is written before phase 3, so no scratch buffer is needed.
         s._fused = True
         m, v = state["exp_avg"], state["exp_avg_sq"]
@@ -282,8 +281,10 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
         for frag in live:
             slot = slots[frag.param_index]
             sl = lambda t: t.narrow(0, frag.partition_offset, frag.numel)  # noqa: E731
-            rule.fused_apply(slot.shape, frag.param_start, sl(flat), sl(s._grad), sl(m), sl(v), group, step,
-                             s._stats.narrow(0, slot.offset, slot.size), lr)
+            recorded = rule.fused_apply(slot.shape, frag.param_start, sl(flat), sl(s._grad), sl(m), sl(v), group,
+                                        step, s._stats.narrow(0, slot.offset, slot.size), lr, track)
+            if track:  # at most one fragment per parameter in a partition
+                s.optimizer.partial_stats[(flat, frag.param_index)] = recorded
         return
 
     pieces: Optional[dict[int, list]] = {} if track else None  # param index -> partial stats

@@ -155,21 +155,50 @@ bool stats_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
   return bad != 0;
 }
 
+// Trust-ratio statistics of a pass 2, when asked for (track_stats): the same five numbers as
+// merit_ds.optim.trust_stats.partial_trust_stats over the elements updated -- count, sum of
+// s (double), min and max of s, count of |s*u| > 1 (the elements the update clips).
+struct TrustStats {
+  double count = 0, sum = 0, clipped = 0;
+  float lo = INFINITY, hi = -INFINITY;
+};
+
+inline float trust(float a, float b) { return (a < 0.0f || b < 0.0f) ? 1.0f : (a > b || a != a ? a : b); }
+
+// One element of pass 2: recompute m', v', u; w <- w - lr * clip(s * u, -1, 1); returns s*u.
+inline float apply_one(float& w, float g, float& m, float& v, float s, float neg_lr, const Hyper& h) {
+  float mn, vn;
+  const float u = direction(w, g, m, v, h, mn, vn);
+  const float x = s * u;
+  const float c = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);  // clamp; NaN passes through
+  w = w + neg_lr * c;
+  m = mn;
+  v = vn;
+  return x;
+}
+
+void write_stats(torch::Tensor out, const TrustStats& t) {
+  TORCH_CHECK(out.scalar_type() == torch::kFloat64 && out.numel() == 5 && out.is_contiguous(),
+              "merit_cpu: stats must be a contiguous float64 tensor of 5");
+  double* p = out.data_ptr<double>();
+  p[0] = t.count, p[1] = t.sum, p[2] = t.lo, p[3] = t.hi, p[4] = t.clipped;
+}
+
 // Pass 2 of a matrix fragment. row_ratio (R*K) / col_ratio (L): the trust ratios already
-// clamped below by the tensor ratio, or -1 where a maximum is 0 (there s = 1).
-void apply_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, int64_t start, int64_t row_len,
-                  int64_t inner, double beta1, double beta2, double eps, double weight_decay, double lr,
-                  torch::Tensor row_ratio, torch::Tensor col_ratio) {
-  for (auto* t : {&w, &g, &m, &v, &row_ratio, &col_ratio}) check(*t, "tensor");
+// clamped below by the tensor ratio, or -1 where a maximum is 0 (there s = 1). ``stats``:
+// an empty tensor, or 5 float64 that receive the trust-ratio statistics.
+template <bool Track>
+void apply_matrix_impl(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, int64_t start,
+                       int64_t row_len, int64_t inner, const Hyper& h, float neg_lr, torch::Tensor row_ratio,
+                       torch::Tensor col_ratio, TrustStats& out) {
   const int64_t n = w.numel();
-  if (n == 0) return;
-  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
-  const float neg_lr = static_cast<float>(-lr);
   float *pw = w.data_ptr<float>(), *pm = m.data_ptr<float>(), *pv = v.data_ptr<float>();
   const float* pg = g.data_ptr<float>();
   const float *rr = row_ratio.data_ptr<float>(), *cr = col_ratio.data_ptr<float>();
   const int64_t first_row = start / row_len, last_row = (start + n - 1) / row_len;
-#pragma omp parallel for schedule(static)
+  double count = 0, sum = 0, clipped = 0;
+  float lo = INFINITY, hi = -INFINITY;
+#pragma omp parallel for schedule(static) reduction(+ : count, sum, clipped) reduction(min : lo) reduction(max : hi)
   for (int64_t r = first_row; r <= last_row; ++r) {
     const int64_t e0 = std::max(start, r * row_len), e1 = std::min(start + n, (r + 1) * row_len);
     if (inner == 1) {
@@ -177,38 +206,56 @@ void apply_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
       const int64_t i0 = e0 - start, o0 = e0 - r * row_len, len = e1 - e0;
       float *qw = pw + i0, *qm = pm + i0, *qv = pv + i0;
       const float *qg = pg + i0, *qc = cr + o0;
+      if (Track) {
+        for (int64_t j = 0; j < len; ++j) {
+          const float s = trust(a, qc[j]);
+          const float x = apply_one(qw[j], qg[j], qm[j], qv[j], s, neg_lr, h);
+          sum += s;
+          lo = s < lo ? s : lo;
+          hi = s > hi ? s : hi;
+          clipped += std::fabs(x) > 1.0f;
+        }
+        count += len;
+      } else {
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) {
-        const float b = qc[j];
-        float mn, vn;
-        const float u = direction(qw[j], qg[j], qm[j], qv[j], h, mn, vn);
-        const float s = (a < 0.0f || b < 0.0f) ? 1.0f : (a > b || a != a ? a : b);
-        float x = s * u;
-        x = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
-        qw[j] = qw[j] + neg_lr * x;
-        qm[j] = mn;
-        qv[j] = vn;
+        for (int64_t j = 0; j < len; ++j) apply_one(qw[j], qg[j], qm[j], qv[j], trust(a, qc[j]), neg_lr, h);
       }
       continue;
     }
     for (int64_t e = e0; e < e1; ++e) {
       const int64_t i = e - start, o = e - r * row_len;
-      const float a = rr[r * inner + o % inner], b = cr[o];
-      float mn, vn;
-      const float u = direction(pw[i], pg[i], pm[i], pv[i], h, mn, vn);
-      const float s = (a < 0.0f || b < 0.0f) ? 1.0f : (a > b || a != a ? a : b);
-      float x = s * u;
-      x = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);  // clamp; NaN passes through
-      pw[i] = pw[i] + neg_lr * x;
-      pm[i] = mn;
-      pv[i] = vn;
+      const float s = trust(rr[r * inner + o % inner], cr[o]);
+      const float x = apply_one(pw[i], pg[i], pm[i], pv[i], s, neg_lr, h);
+      if (Track) {
+        sum += s;
+        lo = s < lo ? s : lo;
+        hi = s > hi ? s : hi;
+        clipped += std::fabs(x) > 1.0f;
+      }
     }
+    if (Track) count += e1 - e0;
+  }
+  out.count = count, out.sum = sum, out.clipped = clipped, out.lo = lo, out.hi = hi;
+}
+
+void apply_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, int64_t start, int64_t row_len,
+                  int64_t inner, double beta1, double beta2, double eps, double weight_decay, double lr,
+                  torch::Tensor row_ratio, torch::Tensor col_ratio, torch::Tensor stats) {
+  for (auto* t : {&w, &g, &m, &v, &row_ratio, &col_ratio}) check(*t, "tensor");
+  if (w.numel() == 0) return;
+  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
+  TrustStats t;
+  if (stats.numel() > 0) {
+    apply_matrix_impl<true>(w, g, m, v, start, row_len, inner, h, static_cast<float>(-lr), row_ratio, col_ratio, t);
+    write_stats(stats, t);
+  } else {
+    apply_matrix_impl<false>(w, g, m, v, start, row_len, inner, h, static_cast<float>(-lr), row_ratio, col_ratio, t);
   }
 }
 
 // Pass 2 of a vector fragment with its tensor-level ratio s (>= 0).
 void apply_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
-                  double eps, double weight_decay, double lr, double ratio) {
+                  double eps, double weight_decay, double lr, double ratio, torch::Tensor stats) {
   for (auto* t : {&w, &g, &m, &v}) check(*t, "tensor");
   const int64_t n = w.numel();
   if (n == 0) return;
@@ -216,15 +263,16 @@ void apply_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
   const float neg_lr = static_cast<float>(-lr), s = static_cast<float>(ratio);
   float *pw = w.data_ptr<float>(), *pm = m.data_ptr<float>(), *pv = v.data_ptr<float>();
   const float* pg = g.data_ptr<float>();
-#pragma omp parallel for simd schedule(static)
+  double clipped = 0;
+#pragma omp parallel for simd schedule(static) reduction(+ : clipped)
   for (int64_t i = 0; i < n; ++i) {
-    float mn, vn;
-    const float u = direction(pw[i], pg[i], pm[i], pv[i], h, mn, vn);
-    float x = s * u;
-    x = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);
-    pw[i] = pw[i] + neg_lr * x;
-    pm[i] = mn;
-    pv[i] = vn;
+    const float x = apply_one(pw[i], pg[i], pm[i], pv[i], s, neg_lr, h);
+    clipped += std::fabs(x) > 1.0f;
+  }
+  if (stats.numel() > 0) {
+    TrustStats t;
+    t.count = n, t.sum = static_cast<double>(s) * n, t.lo = s, t.hi = s, t.clipped = clipped;
+    write_stats(stats, t);
   }
 }
 
