@@ -141,14 +141,53 @@ def test_train_step_is_the_optimizer_applied_by_hand(data_dir, name):
     assert "max_attn_logit" not in plain and "trust_ratio_max" not in plain and plain["step"] == 2
 
 
-def test_evaluate_is_the_mean_validation_loss(data_dir):
-    trainer, model, _ = _trainer(data_dir, "adamw")
-    val = make_val_loader(data_dir, seq_len=SEQ, eval_sequences=4, micro_batch=MICRO, rank=0, world=1)
+def _val_reference(data_dir, model, blocks):
+    """Mean token loss over val blocks 0..blocks-1, read straight from val.bin in one forward."""
+    tokens = np.fromfile(data_dir / "val.bin", dtype=np.uint16).astype(np.int64)
+    rows = torch.from_numpy(np.stack([tokens[b * SEQ: b * SEQ + SEQ + 1] for b in range(blocks)]))
     with torch.no_grad():
-        want = sum(float(lm_loss(model(input_ids=x).logits, y)) for x, y in (val.get_batch(0, k) for k in range(2))) / 2
-    got = trainer.evaluate()
-    assert got == {"val_loss": want, "val_ppl": math.exp(want)}
+        return float(lm_loss(model(input_ids=rows[:, :-1]).logits, rows[:, 1:]))
+
+
+def test_evaluate_is_the_mean_validation_loss(data_dir):
+    """A fixed set, each block once, whatever the micro-batch; asking for more blocks than the
+    split holds (62 of 16 tokens in 1000) evaluates the split once, without wrapping."""
+    trainer, model, _ = _trainer(data_dir, "adamw")
+    for n, micro in [(4, 2), (7, 1), (7, 2), (7, 3), (7, 7), (100, 5)]:
+        trainer.val_loader = make_val_loader(data_dir, seq_len=SEQ, eval_sequences=n, micro_batch=micro, rank=0, world=1)
+        got = trainer.evaluate()
+        blocks = min(n, 999 // SEQ)
+        assert got["val_blocks"] == blocks == trainer.val_loader.blocks
+        want = _val_reference(data_dir, model, blocks)
+        assert got["val_loss"] == pytest.approx(want, rel=1e-6, abs=0), (n, micro)
+        assert got["val_ppl"] == pytest.approx(math.exp(want), rel=1e-6)
+    assert trainer.val_loader.capped and "holds only 62" in trainer.val_loader.describe()
     assert model.training  # back to training mode
+
+
+def test_validation_set_splits_blocks_once_over_ranks(data_dir):
+    """Every rank's slice, for worlds 1-5 and micro-batches 1-4: together each block exactly once."""
+    for world in range(1, 6):
+        for micro in range(1, 5):
+            ids = [b for r in range(world) for chunk in make_val_loader(
+                data_dir, seq_len=SEQ, eval_sequences=7, micro_batch=micro, rank=r, world=world).block_ids()
+                for b in chunk.tolist()]
+            assert sorted(ids) == list(range(7)), (world, micro)
+            assert all(len(c) <= micro for r in range(world) for c in make_val_loader(
+                data_dir, seq_len=SEQ, eval_sequences=7, micro_batch=micro, rank=r, world=world).block_ids())
+
+
+def test_validation_loss_is_the_same_at_world_1_and_2(data_dir):
+    """Real ranks (gloo): the val loss at world 2, micro-batch 1-3, equals the one-forward reference."""
+    from _dist import TESTS_DIR, launch
+
+    got = launch(TESTS_DIR / "val_worker.py", nprocs=2, args=[str(data_dir)], timeout=120)
+    _, model, _ = _trainer(data_dir, "adamw")
+    for key in ("7/1", "7/2", "7/3", "100/1", "100/2", "100/3"):
+        n = int(key.split("/")[0])
+        blocks = min(n, 999 // SEQ)
+        assert got[key]["val_blocks"] == blocks
+        assert got[key]["val_loss"] == pytest.approx(_val_reference(data_dir, model, blocks), rel=1e-6, abs=0), key
 
 
 @pytest.mark.parametrize("name", ["lamb", "adamw"])

@@ -46,7 +46,7 @@ from . import checkpoint as ckpt
 from merit_ds.integrations.param_groups import merit_param_groups
 
 from .batch import BatchConfigError
-from .data_source import DataError, check_token_data, make_train_loader, make_val_loader
+from .data_source import DEFAULT_EVAL_SEQUENCES, DataError, check_token_data, make_train_loader, make_val_loader
 from .export import export_after_training, record_run
 from .optimizers import build_client_optimizer, describe_stepping, verify_optimizer_is_stepping
 from .presets import OPTIMIZERS, gpt2_config
@@ -95,7 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data", required=True, help="prepared data directory (python -m merit_ds.data prepare)")
     g.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, tensorboard/, loss.png")
     g.add_argument("--eval-every", type=int, default=50)
-    g.add_argument("--eval-sequences", type=int, default=None, help="validation sequences (default 4 x micro x world)")
+    g.add_argument("--eval-sequences", type=int, default=None, help=f"validation blocks: a fixed set, the same at every world size and micro-batch "
+                        f"(default {DEFAULT_EVAL_SEQUENCES}, capped at the val split)")
     g.add_argument("--ckpt-every", type=int, default=100)
     g.add_argument("--keep-last", type=int, default=3)
     g.add_argument("--resume", default="auto", help="auto (latest in --out, if any) | never | PATH to a checkpoint")
@@ -273,7 +274,7 @@ def print_banner(runner: Runner, rc: RunConfig) -> None:
 
 
 def make_loaders(args, rc: RunConfig, rank: int, world: int):
-    eval_sequences = args.eval_sequences or 4 * rc.plan.micro_batch * world
+    eval_sequences = args.eval_sequences or DEFAULT_EVAL_SEQUENCES
     try:
         train_loader = make_train_loader(args.data, seq_len=rc.seq_len, global_batch=rc.plan.global_batch,
                                          micro_batch=rc.plan.micro_batch, rank=rank, world=world, seed=args.seed)
@@ -374,6 +375,7 @@ def run(args) -> int:
     rank, world, plan = runner.rank, runner.world, rc.plan
     print_banner(runner, rc)
     train_loader, val_loader = make_loaders(args, rc, rank, world)
+    _rank0_print(runner, val_loader.describe())
 
     # --- a checkpoint to resume: found and validated before anything is built or written -------------
     out = Path(args.out)

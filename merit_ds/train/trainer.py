@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from merit_ds.sharding import collective, reduce_trust_stats
 
@@ -130,17 +131,31 @@ class Trainer:
 
     # --- validation ----------------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Loss and perplexity on the fixed validation blocks (mean over every rank's)."""
-        engine = self.engine
+        """Loss and perplexity on the fixed validation blocks (:class:`.data_source.ValidationSet`).
+
+        Token-weighted mean over every block of the set, each counted once: per-rank sums of
+        token losses and token and block counts, summed over ranks in float64 (one all-reduce).
+        Independent of the world size and micro-batch up to float rounding. ``val_blocks`` is the
+        number of blocks counted over all ranks (asserted equal to the set's size)."""
+        engine, val = self.engine, self.val_loader
         engine.eval()
-        total = 0.0
+        acc = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, tokens, blocks
         with torch.no_grad():
-            for k in range(self.val_loader.grad_accum):
-                x, y = self.val_loader.get_batch(0, k)
-                total += float(lm_loss(engine(input_ids=x.to(engine.device)).logits, y.to(engine.device)))
+            for x, y in val.batches():
+                x, y = x.to(engine.device), y.to(engine.device)
+                logits = engine(input_ids=x).logits
+                losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                acc[0] += losses.double().sum()
+                acc[1] += losses.numel()
+                acc[2] += x.shape[0]
         engine.train()
-        loss = mean_over_ranks(total, self.val_loader.grad_accum)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            collective.all_reduce(acc)
+        total, tokens, blocks = (float(v) for v in acc.cpu())
+        if int(blocks) != val.blocks:
+            raise RuntimeError(f"validation counted {int(blocks)} blocks, the set holds {val.blocks}")
+        loss = total / tokens
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_blocks": int(blocks)}
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def client_state(self) -> dict:
