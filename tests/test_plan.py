@@ -63,15 +63,17 @@ def test_lr_scaling_rule_and_warmup():
 
 def test_memory_accounting_zero_paper():
     psi = 124_439_808
-    # bf16: 2 + 2 + 12 bytes/param, split per stage over Nd = 8
+    # bf16: 2 + 2 + 12 bytes/param, split per stage over Nd = 8; gradients accumulated in fp32
+    # (grad_accum_dtype): BF16_Optimizer's unpartitioned fp32 buffer at ZeRO-1 (2 + 4 bytes), an
+    # fp32 partition at ZeRO-2/3 (4 bytes / Nd)
     m0 = memory_per_gpu(psi, 8, 0)
     assert (m0.params, m0.grads, m0.optimizer) == (2 * psi, 2 * psi, 12 * psi)
     m1 = memory_per_gpu(psi, 8, 1)
-    assert (m1.params, m1.grads, m1.optimizer) == (2 * psi, 2 * psi, 12 * psi / 8)
+    assert (m1.params, m1.grads, m1.optimizer) == (2 * psi, 6 * psi, 12 * psi / 8)
     m2 = memory_per_gpu(psi, 8, 2)
-    assert (m2.params, m2.grads, m2.optimizer) == (2 * psi, 2 * psi / 8, 12 * psi / 8)
+    assert (m2.params, m2.grads, m2.optimizer) == (2 * psi, 4 * psi / 8, 12 * psi / 8)
     m3 = memory_per_gpu(psi, 8, 3)
-    assert (m3.params, m3.grads, m3.optimizer) == (2 * psi / 8, 2 * psi / 8, 12 * psi / 8)
+    assert (m3.params, m3.grads, m3.optimizer) == (2 * psi / 8, 4 * psi / 8, 12 * psi / 8)
     off = memory_per_gpu(psi, 8, 2, offload=True)
     assert (off.optimizer, off.optimizer_cpu) == (0.0, 12 * psi / 8)
     f = memory_per_gpu(psi, 4, 0, precision="fp32")

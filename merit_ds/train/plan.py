@@ -3,12 +3,15 @@
 Memory (ZeRO paper accounting, Rajbhandari et al. 2020, section 3.1; Psi = parameters, Nd =
 data-parallel ranks). Mixed precision bf16 keeps 2-byte params and grads plus K = 12 bytes/param
 of optimizer state (fp32 master 4 + MERIT's m 4 + v 4; MERIT has Adam's state, nothing more).
+The bf16 configs accumulate gradients in fp32 (``grad_accum_dtype: fp32``): ZeRO-1 runs
+DeepSpeed's BF16_Optimizer, whose fp32 gradient buffer is not partitioned (g = 2 + 4 bytes/param,
+per GPU); ZeRO-2/3 keep an fp32 gradient partition (g = 4 bytes/param, divided by Nd).
 fp32 training: params 4, grads 4, K = 8 (m, v; the params are the master copy)::
 
     stage 0 (DDP)   (p + g + K) Psi
-    stage 1         (p + g) Psi + K Psi / Nd
-    stage 2         p Psi + (g + K) Psi / Nd
-    stage 3         (p + g + K) Psi / Nd      (+ the layers gathered live, not counted)
+    stage 1         (p + g) Psi + K Psi / Nd      (bf16: g = 6)
+    stage 2         p Psi + (g + K) Psi / Nd      (bf16: g = 4)
+    stage 3         (p + g + K) Psi / Nd          (bf16: g = 4)     (+ the layers gathered live, not counted)
     offload         optimizer states (K Psi / Nd) live in CPU memory instead of the GPU
 
 Activations per micro-batch (an ESTIMATE after Korthikanti et al. 2022, "Reducing Activation
@@ -18,8 +21,7 @@ SDPA (flash / memory-efficient kernels) stores no ``s x s`` attention matrix, so
 input (``2 s b h`` bytes) and one layer is live again during backward. The LM head adds
 ``s b V`` logits in the compute dtype plus the fp32 upcast and its gradient in the loss
 (``(e + 8) s b V`` bytes). fp32 doubles the per-element sizes. Not modelled: allocator
-overhead, DeepSpeed's communication buckets, ZeRO 1/2's fp32 gradient partition handed to the
-optimizer (4 Psi / Nd), MERIT's per-step work buffers, the CUDA context; hence the planner fills
+overhead, DeepSpeed's communication buckets, MERIT's per-step work buffers, the CUDA context; hence the planner fills
 at most ``HEADROOM`` of the GPU.
 
 Wall time: ``6 N D`` FLOPs (Kaplan et al. 2020, forward + backward, N parameters, D tokens)
@@ -100,6 +102,11 @@ def memory_per_gpu(n_params: int, world: int, stage: int, *, precision: str = "b
     psi = float(n_params)
     params = p * psi / (world if stage >= 3 else 1)
     grads = g * psi / (world if stage >= 2 else 1)
+    if precision == "bf16" and stage >= 1:
+        # the configs accumulate gradients in fp32 (``data_types.grad_accum_dtype``, DeepSpeed 0.19.8):
+        # ZeRO-1 -> BF16_Optimizer, bf16 grads plus an unpartitioned fp32 buffer (2 + 4 bytes/param);
+        # ZeRO-2/3 -> an fp32 gradient partition in place of the bf16 one (4 bytes/param / Nd)
+        grads = 6 * psi if stage == 1 else 4 * psi / world
     opt = k * psi / (world if stage >= 1 else 1)
     return MemoryEstimate(stage, offload, params, grads, 0.0 if offload else opt, opt if offload else 0.0, activations)
 
