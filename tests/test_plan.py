@@ -134,9 +134,14 @@ def test_optimizer_scratch_in_the_plan():
 
 
 def test_wall_time_and_plan():
-    # 6 N D / (gpus * peak * mfu): GPT-2 Small, 7630 steps of 6k x 1024, 32 H100 at 40%
-    flops = 6 * 124_475_904 * 7630 * 6144 * 1024
-    assert wall_time_seconds(124_475_904, 7630 * 6144 * 1024, 32, 989e12, 0.4) == pytest.approx(flops / (32 * 989e12 * 0.4))
+    # (6 N + 12 L h s) D / (gpus * peak * mfu), N without the position embedding (PaLM's count):
+    # GPT-2 Small, 7630 steps of 6k x 1024, 32 H100 at 40%
+    per_token = 6 * (124_475_904 - 1024 * 768) + 12 * 12 * 768 * 1024
+    assert per_token == 855_383_040
+    from merit_ds.train.plan import flops_per_token
+    assert flops_per_token(presets.get_model_preset("gpt2-small"), 1024) == per_token
+    flops = per_token * 7630 * 6144 * 1024
+    assert wall_time_seconds(per_token, 7630 * 6144 * 1024, 32, 989e12, 0.4) == pytest.approx(flops / (32 * 989e12 * 0.4))
     p = make_plan("gpt2-small", "6k", 48e9, 4, 8, "h100")
     assert (p["steps"], p["per_gpu_batch"], p["world"]) == (7630, 192, 32)
     assert p["wall_time_s"] == pytest.approx(flops / (32 * 989e12 * 0.4))

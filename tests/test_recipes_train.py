@@ -25,6 +25,8 @@ import pytest
 
 from _dist import REPO_ROOT, dist_env, free_port
 
+from merit_ds.train.loop import TIMING_KEYS
+
 BIN = Path(sys.executable).parent
 STEPS = 12
 TINY = ["--model", "tiny", "--model-override", "n_layer=2", "--model-override", "n_embd=32",
@@ -519,7 +521,7 @@ def test_baseline_resume_is_bitwise_the_uninterrupted_run(data_dir, tmp_path, tm
     assert f"resumed from {ck / 'step_00000002'} at step 2" in r.stdout
     got, want = losses(resumed), losses(full)
     assert sorted(got["train"]) == [1, 2, 3, 4] and got["train"] == want["train"] and got["val"] == want["val"]
-    strip = lambda recs: [{k: v for k, v in x.items() if k != "step_time_s"} for x in recs]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in x.items() if k not in TIMING_KEYS} for x in recs]  # noqa: E731
     assert strip(got["records"]) == strip(want["records"])
     diag4 = next(x for x in got["records"] if x["step"] == 4 and "max_attn_logit" in x)
     assert ("trust_ratio_max" in diag4) == (optimizer == "lamb") and "gns_b_noise" in diag4
@@ -560,7 +562,7 @@ def test_baseline_under_accelerate_launch_matches_deepspeed_launcher(data_dir, t
     label = {"lamb": "LAMB", "adamw": "torch.optim.AdamW"}[optimizer]
     assert f"-> {label} verified stepping" in r.stdout
     got = losses(out)
-    strip = lambda recs: [{k: v for k, v in x.items() if k != "step_time_s"} for x in recs]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in x.items() if k not in TIMING_KEYS} for x in recs]  # noqa: E731
     assert got["train"] == want["train"] and got["val"] == want["val"]
     assert strip(got["records"]) == strip(want["records"])
 

@@ -203,5 +203,64 @@ def test_save_then_resume_in_a_fresh_trainer_continues_bitwise(data_dir, tmp_pat
     fresh, model, _ = _trainer(data_dir, name)
     assert fresh.resume(saved) == 2 and fresh.step == 2
     got = [fresh.train_step(diagnostics=True) for _ in range(2)]
-    strip = lambda r: {k: v for k, v in r.items() if k != "step_time_s"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k != "host_step_time_s"}  # noqa: E731
     assert [strip(r) for r in got] == [strip(r) for r in want[2:]]
+
+
+def test_no_host_sync_between_log_steps(data_dir):
+    """The loss stays on the device between log steps: no float()/item()/tolist()/bool() from the
+    trainer on a non-log step; the read at the log step is the mean loss of the interval."""
+    import sys as _sys
+
+    calls = []
+    trainer_file = str(Path(__import__("merit_ds.train.trainer", fromlist=["x"]).__file__))
+    originals = {name: getattr(torch.Tensor, name) for name in ("__float__", "item", "tolist", "__bool__")}
+
+    def spy(name):
+        def wrapped(self, *a, **k):
+            if _sys._getframe(1).f_code.co_filename == trainer_file:
+                calls.append(name)
+            return originals[name](self, *a, **k)
+        return wrapped
+
+    trainer, _, _ = _trainer(data_dir, "adamw")
+    ref, _, _ = _trainer(data_dir, "adamw")
+    per_step = [ref.train_step()["loss"] for _ in range(4)]
+    try:
+        for name in originals:
+            setattr(torch.Tensor, name, spy(name))
+        records = [trainer.train_step(read=False) for _ in range(3)]
+        assert calls == [], calls  # three steps, six micro-batches: not one host read
+        assert trainer.loss_acc.device == trainer.engine.device and trainer.loss_acc.dtype == torch.float64
+        last = trainer.train_step(read=True)
+        assert calls == ["__float__", "__float__"] or calls.count("__float__") >= 1  # the read (and grad norm)
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+    assert all("loss" not in r for r in records) and [r["step"] for r in records] == [1, 2, 3]
+    assert last["loss"] == pytest.approx(sum(per_step) / 4, rel=1e-12)
+    assert trainer.loss_count == 0 and float(trainer.loss_acc) == 0.0
+
+
+def test_throughput_and_mfu_by_hand():
+    """Step time, tokens/s and MFU of an interval and of the run, with a fake clock."""
+    from merit_ds.train.loop import Throughput
+    from merit_ds.train.plan import flops_per_token
+
+    small = MODEL_PRESETS["gpt2-small"]
+    fpt = flops_per_token(small, 1024)
+    assert fpt == 6 * (small.n_params - 1024 * 768) + 12 * 12 * 768 * 1024
+    now = [100.0]
+    meter = Throughput(fpt, 480 * 1024, 8, 989e12, torch.device("cpu"), clock=lambda: now[0])
+    meter.steps, now[0] = 4, 102.0          # 4 steps in 2 s
+    got = meter.interval()
+    assert got["step_time_s"] == 0.5 and got["tokens_per_s"] == 480 * 1024 / 0.5
+    assert got["mfu"] == pytest.approx(fpt * 480 * 1024 / 0.5 / (8 * 989e12), rel=1e-12)
+    assert "peak_memory_gib" not in got      # CPU
+    now[0] = 110.0                           # an eval: left out
+    meter.restart()
+    meter.steps, now[0] = 2, 113.0           # 2 steps in 3 s
+    meter.interval()
+    s = meter.summary()
+    assert s["train_step_time_s"] == 5.0 / 6 and s["train_tokens_per_s"] == 6 * 480 * 1024 / 5.0
+    assert "mfu" not in Throughput(fpt, 1, 1, None, torch.device("cpu")).interval()  # no peak known: no MFU

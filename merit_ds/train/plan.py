@@ -30,7 +30,8 @@ CPU offload (a fused CPU kernel); DeepSpeed's AdamW (FusedAdam) none. Not modell
 overhead, DeepSpeed's communication buckets, the CUDA context; hence the planner fills at most
 ``HEADROOM`` of the GPU.
 
-Wall time: ``6 N D`` FLOPs (Kaplan et al. 2020, forward + backward, N parameters, D tokens)
+Wall time: :func:`flops_per_token` x D tokens (``6 N + 12 L h s`` per token: forward +
+backward, attention included, PaLM's MFU convention; the training loop's MFU uses the same count)
 divided by ``GPUs x peak bf16 dense FLOP/s x MFU``. MFU (model FLOPs utilisation) is an
 assumption you state (default 0.40; GPT-2-sized models with SDPA typically reach 0.3-0.5).
 """
@@ -45,7 +46,8 @@ from .batch import BatchConfigError, divisors, plan_batch
 from .presets import (OPTIMIZER_LABELS, OPTIMIZERS, TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset,
                       parse_batch, scaled_lr, warmup_steps)
 
-__all__ = ["GPUS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "optimizer_scratch_bytes", "wall_time_seconds", "make_plan", "format_plan"]
+__all__ = ["GPUS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "optimizer_scratch_bytes", "flops_per_token",
+           "wall_time_seconds", "make_plan", "format_plan"]
 
 GiB = 1024 ** 3
 HEADROOM = 0.90
@@ -133,10 +135,20 @@ def memory_per_gpu(n_params: int, world: int, stage: int, *, precision: str = "b
                           scratch)
 
 
-def wall_time_seconds(n_params: int, tokens: float, gpus: int, peak_flops: float, mfu: float) -> float:
+def flops_per_token(model: ModelPreset, seq_len: int) -> float:
+    """Model FLOPs per trained token, forward + backward, attention included (PaLM, Chowdhery et
+    al. 2022, appendix B): ``6 N + 12 L h s``, ``N`` the parameters that multiply (all but the
+    position embedding; the tied token embedding counts once, as the LM head), ``12 L h s`` the
+    attention scores and their weighted sum (no causal discount). The training loop's MFU and
+    ``merit-ds plan`` both use it."""
+    n_matmul = model.n_params - model.seq_len * model.n_embd
+    return 6.0 * n_matmul + 12.0 * model.n_layer * model.n_embd * seq_len
+
+
+def wall_time_seconds(flops_per_tok: float, tokens: float, gpus: int, peak_flops: float, mfu: float) -> float:
     if not 0 < mfu <= 1:
         raise ValueError(f"MFU must be in (0, 1], got {mfu}")
-    return 6.0 * n_params * tokens / (gpus * peak_flops * mfu)
+    return flops_per_tok * tokens / (gpus * peak_flops * mfu)
 
 
 def _pick_micro_batch(per_rank: int, fits) -> Optional[int]:
@@ -191,7 +203,8 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
             "activations_gib": e.activations / GiB,
             "total_gib": e.total / GiB,
         })
-    seconds = wall_time_seconds(n, steps * base.tokens_per_step, world, GPUS[gpu]["peak_flops"], mfu)
+    fpt = flops_per_token(preset.with_overrides(seq_len=seq_len), seq_len)
+    seconds = wall_time_seconds(fpt, steps * base.tokens_per_step, world, GPUS[gpu]["peak_flops"], mfu)
     lr = scaled_lr(optim, global_batch)
     return {
         "model": model, "n_params": n, "seq_len": seq_len, "global_batch": global_batch,
@@ -199,7 +212,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
         "nodes": nodes, "gpus_per_node": gpus_per_node, "world": world, "per_gpu_batch": per_rank,
         "gpu": gpu, "gpu_mem_gib": GPUS[gpu]["mem_gib"], "peak_flops": GPUS[gpu]["peak_flops"], "mfu": mfu,
         "precision": precision, "activation_checkpointing": activation_checkpointing,
-        "flops": 6.0 * n * steps * base.tokens_per_step, "wall_time_s": seconds,
+        "flops_per_token": fpt, "flops": fpt * steps * base.tokens_per_step, "wall_time_s": seconds,
         "optimizer": optimizer, "lr": lr, "lr_source": optim.lr_source, "warmup_steps": warmup_steps(steps, optim.warmup_fraction),
         "stages": rows,
     }
@@ -225,7 +238,8 @@ def format_plan(p: dict) -> str:
         out.append(f"  {name:<11}{r['params_gib']:>8.2f}{r['grads_gib']:>8.2f}{r['optimizer_gib']:>8.2f}"
                    f"{r['optimizer_cpu_gib']:>10.2f}{r.get('scratch_gib', 0.0):>8.2f}{r['activations_gib']:>8.2f}{r['total_gib']:>8.2f}{micro!s:>7}{accum!s:>7}{note}")
     h = p["wall_time_s"] / 3600
-    out.append(f"compute: 6 x {p['n_params']:,} x {p['steps'] * p['tokens_per_step']:,} tokens = {p['flops']:.3e} FLOPs")
+    out.append(f"compute: {p['flops_per_token']:.4g} FLOPs/token (6 N + 12 L h s, attention included) x "
+               f"{p['steps'] * p['tokens_per_step']:,} tokens = {p['flops']:.3e} FLOPs")
     out.append(f"wall time: {p['flops']:.3e} / ({p['world']} x {p['peak_flops'] / 1e12:.0f} TFLOP/s x MFU {p['mfu']:.2f}) "
                f"= {h:.2f} h ({h / 24:.2f} days)")
     return "\n".join(out)

@@ -78,13 +78,22 @@ class Trainer:
         self.trust_stats = optimizer in TRUST_STATS      # MERIT and LAMB record trust ratios
         self.clip_fraction = optimizer in CLIP_FRACTION  # only MERIT clips its update
         self.step = 0
+        self.loss_acc: Optional[torch.Tensor] = None  # float64 on the device: micro-batch losses since the last read
+        self.loss_count = 0
 
     # --- one optimizer step ------------------------------------------------------------------------
-    def train_step(self, diagnostics: bool = False) -> dict:
+    def train_step(self, diagnostics: bool = False, read: bool = True) -> dict:
         """Step ``self.step + 1`` over ``grad_accum`` micro-batches; its record for metrics.jsonl.
 
+        No host sync per micro-batch: each micro-batch's loss is added (float64) to an accumulator
+        on the device (:attr:`loss_acc`). ``read=False`` (a step between log steps) leaves it
+        there and returns only ``step``, ``lr`` and ``tokens``; ``read=True`` (a log step) reads
+        it once -- summed over ranks when there are several -- and reports ``loss``, the mean
+        train loss over the steps since the last read, and the gradient norm.
+
         ``diagnostics``: also the max attention logit (first micro-batch), the trust-ratio
-        statistics of this very step (MERIT, LAMB) and the gradient noise scale (not ZeRO-3)."""
+        statistics of this very step (MERIT, LAMB) and the gradient noise scale (not ZeRO-3);
+        these read values on the host, so call them on log steps."""
         engine, basic, world = self.engine, self.basic, self.runner.world
         step = self.step + 1
         t0 = time.perf_counter()
@@ -92,8 +101,10 @@ class Trainer:
             basic.partial_stats.clear()
             basic.track_stats = True
         lr_now = basic.param_groups[0]["lr"]
-        loss_sum, first, max_logit = 0.0, None, None
+        first, max_logit = None, None
         accum = self.train_loader.grad_accum
+        if self.loss_acc is None or self.loss_acc.device != torch.device(engine.device):
+            self.loss_acc = torch.zeros((), dtype=torch.float64, device=engine.device)
         for micro_step in range(accum):
             x, y = next(self.train_loader)
             x, y = x.to(engine.device), y.to(engine.device)
@@ -106,14 +117,16 @@ class Trainer:
                 if diagnostics and micro_step == 0:
                     max_logit = self.probe.collect()
                 self.runner.backward_step(loss)
-            loss_sum += float(loss.detach())
+            self.loss_acc += loss.detach().double()  # stays on the device
+        self.loss_count += accum
         self.scheduler.step()
         self.step = step
-        train_loss = mean_over_ranks(loss_sum, accum)
-        record = {"step": step, "loss": train_loss, "lr": lr_now, "tokens": step * self.tokens_per_step}
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        record = {"step": step, "lr": lr_now, "tokens": step * self.tokens_per_step}
+        if read:
+            record["loss"] = self.read_loss()
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
         if diagnostics:
             record["max_attn_logit"] = max_logit
             if self.trust_stats:
@@ -126,8 +139,20 @@ class Trainer:
             noise = self.gns.measure(engine.module, *first, world) if self.zero_stage < 3 else None
             if noise:
                 record.update(noise)
-        record["step_time_s"] = time.perf_counter() - t0
+        record["host_step_time_s"] = time.perf_counter() - t0  # host time; the loop times intervals
         return record
+
+    def read_loss(self) -> float:
+        """Mean train loss since the last read (one host sync; one all-reduce with several ranks)."""
+        total, count = self.loss_acc, self.loss_count
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            total = total.clone()
+            collective.all_reduce(total)
+            count *= dist.get_world_size()
+        value = float(total) / count
+        self.loss_acc.zero_()
+        self.loss_count = 0
+        return value
 
     # --- validation ----------------------------------------------------------------------------------
     def evaluate(self) -> dict:
