@@ -96,6 +96,10 @@ def test_deepspeed_launcher_two_ranks(reference):
     assert all(np.isfinite(v) for v in m["train"].values())
     assert sorted(m["val"]) == [4, 8, 12]
     assert m["train"][STEPS] < m["train"][1]  # sanity only; the equalities below are the tests
+    # throughput per log step (every step here), tokens/s = tokens per step / step time; the run's in the final record
+    for r in (r for r in m["records"] if "loss" in r):
+        assert r["step_time_s"] > 0 and r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_time_s"])
+    assert m["records"][-1]["train_tokens_per_s"] > 0 and "val_blocks" in m["records"][-1]
     diag = [r for r in m["records"] if "max_attn_logit" in r]
     assert [r["step"] for r in diag] == [1, 4, 8, 12]
     for r in diag:  # GNS from B_small = 1 (half a micro-batch) and B_big = 2 x 2 sequences

@@ -277,6 +277,8 @@ def print_banner(runner: Runner, rc: RunConfig) -> None:
     _rank0_print(runner, f"merit_ds.train: launcher {rc.launcher}, {runner.world} ranks, ZeRO {rc.zero_stage}, "
                          f"{rc.precision}, model {rc.model} ({rc.preset.description}), optimizer {rc.label}")
     _rank0_print(runner, rc.plan.describe())
+    if rc.micro_note:
+        _rank0_print(runner, rc.micro_note)
     _rank0_print(runner, f"schedule: {rc.label} peak lr {rc.lr:.4g} ({rc.lr_origin}), warmup {rc.warmup} steps, "
                          f"cosine to {rc.floor} x peak; betas {tuple(p['betas'])}, eps {p['eps']}, weight decay "
                          f"{p['weight_decay']} (matrices only), clip {rc.ds_config.get('gradient_clipping')}")
@@ -431,7 +433,8 @@ def run(args) -> int:
                dynamic_ncols=True, mininterval=1.0)
     engine.train()
     last_saved = start_step if resume_from is not None else -1
-    meter = Throughput(flops_per_token(rc.preset.with_overrides(**model_overrides(rc)), rc.seq_len),
+    shape = {k: v for k, v in rc.overrides.items() if k in ("n_layer", "n_embd", "n_head", "vocab_size")}
+    meter = Throughput(flops_per_token(rc.preset.with_overrides(seq_len=rc.seq_len, **shape), rc.seq_len),
                        plan.tokens_per_step, world, peak_flops(args.peak_tflops, engine.device), engine.device)
     log_every = max(1, args.log_every)
     for step in range(start_step + 1, plan.steps + 1):
