@@ -264,3 +264,13 @@ def test_throughput_and_mfu_by_hand():
     s = meter.summary()
     assert s["train_step_time_s"] == 5.0 / 6 and s["train_tokens_per_s"] == 6 * 480 * 1024 / 5.0
     assert "mfu" not in Throughput(fpt, 1, 1, None, torch.device("cpu")).interval()  # no peak known: no MFU
+
+
+def test_checkpoint_finalisation_error_reaches_every_rank(tmp_path):
+    """Rank 0's finalize raises: both ranks raise the same CheckpointSaveError (no rank left in a
+    barrier until the launcher kills it)."""
+    from _dist import TESTS_DIR, launch
+
+    got = launch(TESTS_DIR / "save_error_worker.py", nprocs=2, args=[str(tmp_path / "ckpt")], timeout=60)
+    want = f"checkpoint {tmp_path / 'ckpt' / 'step_00000003'}: finalisation on rank 0 failed: OSError: disk full (simulated)"
+    assert got["rank0"] == got["rank1"] == want

@@ -55,7 +55,7 @@ from .plan import GPUS, flops_per_token
 from .presets import OPTIMIZERS, gpt2_config
 from .run_config import RunConfig, UsageError, resolve
 from .tracking import MetricsLog, make_trackers, plot_losses
-from .trainer import Trainer, mean_over_ranks
+from .trainer import CheckpointSaveError, Trainer, mean_over_ranks
 
 # kept for callers of the former private helper (tests/test_recipes_units.py)
 _mean_over_ranks = mean_over_ranks
@@ -556,7 +556,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (UsageError, BatchConfigError) as exc:
+    except (UsageError, BatchConfigError, CheckpointSaveError) as exc:
         # Every rank reports (a launcher may stop rank 0 before it prints a peer's error).
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         print(f"merit_ds.train: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)

@@ -42,7 +42,11 @@ from .optimizers import CLIP_FRACTION, TRUST_STATS
 from .run_config import UsageError
 from .schedule import warmup_cosine
 
-__all__ = ["Trainer", "mean_over_ranks"]
+__all__ = ["Trainer", "mean_over_ranks", "CheckpointSaveError"]
+
+
+class CheckpointSaveError(RuntimeError):
+    """Rank 0 could not finalise a checkpoint; raised on every rank with the same message."""
 
 
 def mean_over_ranks(local_sum: float, local_count: int) -> float:
@@ -207,11 +211,19 @@ class Trainer:
                                     save_latest=False)
         if world > 1:
             dist.barrier()
+        error = None
         if rank == 0:
-            ckpt.finalize(ckpt_root, f".tmp-{tag}", tag, run_info, self.step)
-            ckpt.prune(ckpt_root, keep_last)
+            try:
+                ckpt.finalize(ckpt_root, f".tmp-{tag}", tag, run_info, self.step)
+                ckpt.prune(ckpt_root, keep_last)
+            except Exception as exc:  # every rank must learn it, not wait in a barrier until killed
+                error = f"checkpoint {ckpt_root / tag}: finalisation on rank 0 failed: {type(exc).__name__}: {exc}"
         if world > 1:
-            dist.barrier()
+            verdict = [error]
+            dist.broadcast_object_list(verdict, src=0)  # instead of a barrier: carries rank 0's outcome
+            error = verdict[0]
+        if error is not None:
+            raise CheckpointSaveError(error)
         return ckpt_root / tag
 
     def resume(self, load_from: Path, resume_from: Optional[Path] = None) -> int:
