@@ -11,7 +11,9 @@ Files:
       the recipes: global batch and sqrt-scaled lr set; micro-batch = what `merit-ds plan` fits on
       32 x 80 GiB GPUs at ZeRO-2 bf16, which also divides the per-GPU batch on 8 and 16 GPUs
       (DeepSpeed derives grad-accum = train_batch_size / (micro x world)). Other cluster shapes:
-      pass --micro-batch, see `python -m merit_ds plan`.
+      the same file works on any world size dividing the batch; merit_ds.train re-plans the
+      micro-batch (largest divisor of the per-rank batch not above the file's) and prints it;
+      --micro-batch overrides it.
   gpt2-{small,medium}_{lamb,adamw}_b{480,1024,2048,4096,6144}_zero2_bf16.json
       the baselines at the same points (the reference batch 480 and the large batches), same
       batch keys, each with its own preset lr (merit_ds.train.presets): "ShardedLAMB"

@@ -41,6 +41,12 @@ def test_every_config_names_its_optimizer_and_passes_the_check(path):
         assert cfg["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
         assert cfg["zero_force_ds_cpu_optimizer"] is False
     assert cfg["bf16"]["enabled"] == ("bf16" in path.name)
+    # bf16 under ZeRO accumulates gradients in fp32 over the micro-steps (issue 12); DeepSpeed's
+    # own parser must read it so (it falls back to the model dtype when the key is missing)
+    from deepspeed.runtime.config import GRAD_ACCUM_DTYPE, get_data_types_params
+
+    want = "fp32" if cfg["bf16"]["enabled"] and cfg["zero_optimization"]["stage"] > 0 else None
+    assert get_data_types_params(cfg).get(GRAD_ACCUM_DTYPE) == want
 
 
 @pytest.mark.parametrize("optimizer", ["merit", "lamb", "adamw"])

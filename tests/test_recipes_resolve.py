@@ -189,3 +189,29 @@ def test_client_optimizer_gets_the_resolved_hyperparameters(model):
     assert (g0["lr"], g0["betas"], g0["eps"], g0["weight_decay"], g0["max_trust_ratio"]) == (
         rc.lr, (0.9, 0.95), 1e-6, 0.1, 10.0)
     assert g1["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("world", [8, 16, 32, 64, 128, 3, 6144])
+@pytest.mark.parametrize("model", ["gpt2-small", "gpt2-medium"])
+def test_6k_recipe_runs_on_any_world_size_dividing_the_batch(model, world):
+    """One recipe JSON, every world size that divides 6144: the micro-batch is the JSON's when it
+    divides the per-rank batch, else the largest divisor below it, accumulation re-derived; the
+    DeepSpeed config gets the re-planned keys (no refusal at the micro-batch check)."""
+    name = f"{model}_b6144_zero2_bf16.json"
+    cfg = _recipe(name)
+    json_micro = cfg["train_micro_batch_size_per_gpu"]
+    args = parse_args(["--model", model, "--ds-config", name, "--data", "d", "--out", "o"])
+    rc = resolve(args, launcher="deepspeed", world=world, cpu=False, base_cfg=copy.deepcopy(cfg))
+    per_rank = 6144 // world
+    want = max(d for d in range(1, min(json_micro, per_rank) + 1) if per_rank % d == 0)  # independent re-derivation
+    assert (rc.plan.micro_batch, rc.plan.grad_accum) == (want, per_rank // want)
+    assert rc.plan.micro_batch * rc.plan.grad_accum * world == 6144
+    ds = rc.ds_config
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        6144, want, per_rank // want)
+    assert ("re-planned" in rc.micro_note) == (per_rank % json_micro != 0)
+    # --micro-batch overrides the JSON
+    args = parse_args(["--model", model, "--ds-config", name, "--data", "d", "--out", "o", "--micro-batch", "1"])
+    rc = resolve(args, launcher="deepspeed", world=world, cpu=False, base_cfg=copy.deepcopy(cfg))
+    assert (rc.plan.micro_batch, rc.plan.grad_accum, rc.ds_config["train_micro_batch_size_per_gpu"]) == (1, per_rank, 1)
+    assert rc.micro_note == ("" if json_micro == 1 else f"micro-batch 1 from --micro-batch (the config says {json_micro})")

@@ -25,6 +25,8 @@ import pytest
 
 from _dist import REPO_ROOT, dist_env, free_port
 
+from merit_ds.train.loop import TIMING_KEYS
+
 BIN = Path(sys.executable).parent
 STEPS = 12
 TINY = ["--model", "tiny", "--model-override", "n_layer=2", "--model-override", "n_embd=32",
@@ -94,6 +96,10 @@ def test_deepspeed_launcher_two_ranks(reference):
     assert all(np.isfinite(v) for v in m["train"].values())
     assert sorted(m["val"]) == [4, 8, 12]
     assert m["train"][STEPS] < m["train"][1]  # sanity only; the equalities below are the tests
+    # throughput per log step (every step here), tokens/s = tokens per step / step time; the run's in the final record
+    for r in (r for r in m["records"] if "loss" in r):
+        assert r["step_time_s"] > 0 and r["tokens_per_s"] == pytest.approx(8 * 32 / r["step_time_s"])
+    assert m["records"][-1]["train_tokens_per_s"] > 0 and "val_blocks" in m["records"][-1]
     diag = [r for r in m["records"] if "max_attn_logit" in r]
     assert [r["step"] for r in diag] == [1, 4, 8, 12]
     for r in diag:  # GNS from B_small = 1 (half a micro-batch) and B_big = 2 x 2 sequences
@@ -519,7 +525,7 @@ def test_baseline_resume_is_bitwise_the_uninterrupted_run(data_dir, tmp_path, tm
     assert f"resumed from {ck / 'step_00000002'} at step 2" in r.stdout
     got, want = losses(resumed), losses(full)
     assert sorted(got["train"]) == [1, 2, 3, 4] and got["train"] == want["train"] and got["val"] == want["val"]
-    strip = lambda recs: [{k: v for k, v in x.items() if k != "step_time_s"} for x in recs]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in x.items() if k not in TIMING_KEYS} for x in recs]  # noqa: E731
     assert strip(got["records"]) == strip(want["records"])
     diag4 = next(x for x in got["records"] if x["step"] == 4 and "max_attn_logit" in x)
     assert ("trust_ratio_max" in diag4) == (optimizer == "lamb") and "gns_b_noise" in diag4
@@ -560,7 +566,7 @@ def test_baseline_under_accelerate_launch_matches_deepspeed_launcher(data_dir, t
     label = {"lamb": "LAMB", "adamw": "torch.optim.AdamW"}[optimizer]
     assert f"-> {label} verified stepping" in r.stdout
     got = losses(out)
-    strip = lambda recs: [{k: v for k, v in x.items() if k != "step_time_s"} for x in recs]  # noqa: E731
+    strip = lambda recs: [{k: v for k, v in x.items() if k not in TIMING_KEYS} for x in recs]  # noqa: E731
     assert got["train"] == want["train"] and got["val"] == want["val"]
     assert strip(got["records"]) == strip(want["records"])
 

@@ -141,14 +141,53 @@ def test_train_step_is_the_optimizer_applied_by_hand(data_dir, name):
     assert "max_attn_logit" not in plain and "trust_ratio_max" not in plain and plain["step"] == 2
 
 
-def test_evaluate_is_the_mean_validation_loss(data_dir):
-    trainer, model, _ = _trainer(data_dir, "adamw")
-    val = make_val_loader(data_dir, seq_len=SEQ, eval_sequences=4, micro_batch=MICRO, rank=0, world=1)
+def _val_reference(data_dir, model, blocks):
+    """Mean token loss over val blocks 0..blocks-1, read straight from val.bin in one forward."""
+    tokens = np.fromfile(data_dir / "val.bin", dtype=np.uint16).astype(np.int64)
+    rows = torch.from_numpy(np.stack([tokens[b * SEQ: b * SEQ + SEQ + 1] for b in range(blocks)]))
     with torch.no_grad():
-        want = sum(float(lm_loss(model(input_ids=x).logits, y)) for x, y in (val.get_batch(0, k) for k in range(2))) / 2
-    got = trainer.evaluate()
-    assert got == {"val_loss": want, "val_ppl": math.exp(want)}
+        return float(lm_loss(model(input_ids=rows[:, :-1]).logits, rows[:, 1:]))
+
+
+def test_evaluate_is_the_mean_validation_loss(data_dir):
+    """A fixed set, each block once, whatever the micro-batch; asking for more blocks than the
+    split holds (62 of 16 tokens in 1000) evaluates the split once, without wrapping."""
+    trainer, model, _ = _trainer(data_dir, "adamw")
+    for n, micro in [(4, 2), (7, 1), (7, 2), (7, 3), (7, 7), (100, 5)]:
+        trainer.val_loader = make_val_loader(data_dir, seq_len=SEQ, eval_sequences=n, micro_batch=micro, rank=0, world=1)
+        got = trainer.evaluate()
+        blocks = min(n, 999 // SEQ)
+        assert got["val_blocks"] == blocks == trainer.val_loader.blocks
+        want = _val_reference(data_dir, model, blocks)
+        assert got["val_loss"] == pytest.approx(want, rel=1e-6, abs=0), (n, micro)
+        assert got["val_ppl"] == pytest.approx(math.exp(want), rel=1e-6)
+    assert trainer.val_loader.capped and "holds only 62" in trainer.val_loader.describe()
     assert model.training  # back to training mode
+
+
+def test_validation_set_splits_blocks_once_over_ranks(data_dir):
+    """Every rank's slice, for worlds 1-5 and micro-batches 1-4: together each block exactly once."""
+    for world in range(1, 6):
+        for micro in range(1, 5):
+            ids = [b for r in range(world) for chunk in make_val_loader(
+                data_dir, seq_len=SEQ, eval_sequences=7, micro_batch=micro, rank=r, world=world).block_ids()
+                for b in chunk.tolist()]
+            assert sorted(ids) == list(range(7)), (world, micro)
+            assert all(len(c) <= micro for r in range(world) for c in make_val_loader(
+                data_dir, seq_len=SEQ, eval_sequences=7, micro_batch=micro, rank=r, world=world).block_ids())
+
+
+def test_validation_loss_is_the_same_at_world_1_and_2(data_dir):
+    """Real ranks (gloo): the val loss at world 2, micro-batch 1-3, equals the one-forward reference."""
+    from _dist import TESTS_DIR, launch
+
+    got = launch(TESTS_DIR / "val_worker.py", nprocs=2, args=[str(data_dir)], timeout=120)
+    _, model, _ = _trainer(data_dir, "adamw")
+    for key in ("7/1", "7/2", "7/3", "100/1", "100/2", "100/3"):
+        n = int(key.split("/")[0])
+        blocks = min(n, 999 // SEQ)
+        assert got[key]["val_blocks"] == blocks
+        assert got[key]["val_loss"] == pytest.approx(_val_reference(data_dir, model, blocks), rel=1e-6, abs=0), key
 
 
 @pytest.mark.parametrize("name", ["lamb", "adamw"])
@@ -164,5 +203,74 @@ def test_save_then_resume_in_a_fresh_trainer_continues_bitwise(data_dir, tmp_pat
     fresh, model, _ = _trainer(data_dir, name)
     assert fresh.resume(saved) == 2 and fresh.step == 2
     got = [fresh.train_step(diagnostics=True) for _ in range(2)]
-    strip = lambda r: {k: v for k, v in r.items() if k != "step_time_s"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if k != "host_step_time_s"}  # noqa: E731
     assert [strip(r) for r in got] == [strip(r) for r in want[2:]]
+
+
+def test_no_host_sync_between_log_steps(data_dir):
+    """The loss stays on the device between log steps: no float()/item()/tolist()/bool() from the
+    trainer on a non-log step; the read at the log step is the mean loss of the interval."""
+    import sys as _sys
+
+    calls = []
+    trainer_file = str(Path(__import__("merit_ds.train.trainer", fromlist=["x"]).__file__))
+    originals = {name: getattr(torch.Tensor, name) for name in ("__float__", "item", "tolist", "__bool__")}
+
+    def spy(name):
+        def wrapped(self, *a, **k):
+            if _sys._getframe(1).f_code.co_filename == trainer_file:
+                calls.append(name)
+            return originals[name](self, *a, **k)
+        return wrapped
+
+    trainer, _, _ = _trainer(data_dir, "adamw")
+    ref, _, _ = _trainer(data_dir, "adamw")
+    per_step = [ref.train_step()["loss"] for _ in range(4)]
+    try:
+        for name in originals:
+            setattr(torch.Tensor, name, spy(name))
+        records = [trainer.train_step(read=False) for _ in range(3)]
+        assert calls == [], calls  # three steps, six micro-batches: not one host read
+        assert trainer.loss_acc.device == trainer.engine.device and trainer.loss_acc.dtype == torch.float64
+        last = trainer.train_step(read=True)
+        assert calls == ["__float__", "__float__"] or calls.count("__float__") >= 1  # the read (and grad norm)
+    finally:
+        for name, fn in originals.items():
+            setattr(torch.Tensor, name, fn)
+    assert all("loss" not in r for r in records) and [r["step"] for r in records] == [1, 2, 3]
+    assert last["loss"] == pytest.approx(sum(per_step) / 4, rel=1e-12)
+    assert trainer.loss_count == 0 and float(trainer.loss_acc) == 0.0
+
+
+def test_throughput_and_mfu_by_hand():
+    """Step time, tokens/s and MFU of an interval and of the run, with a fake clock."""
+    from merit_ds.train.loop import Throughput
+    from merit_ds.train.plan import flops_per_token
+
+    small = MODEL_PRESETS["gpt2-small"]
+    fpt = flops_per_token(small, 1024)
+    assert fpt == 6 * (small.n_params - 1024 * 768) + 12 * 12 * 768 * 1024
+    now = [100.0]
+    meter = Throughput(fpt, 480 * 1024, 8, 989e12, torch.device("cpu"), clock=lambda: now[0])
+    meter.steps, now[0] = 4, 102.0          # 4 steps in 2 s
+    got = meter.interval()
+    assert got["step_time_s"] == 0.5 and got["tokens_per_s"] == 480 * 1024 / 0.5
+    assert got["mfu"] == pytest.approx(fpt * 480 * 1024 / 0.5 / (8 * 989e12), rel=1e-12)
+    assert "peak_memory_gib" not in got      # CPU
+    now[0] = 110.0                           # an eval: left out
+    meter.restart()
+    meter.steps, now[0] = 2, 113.0           # 2 steps in 3 s
+    meter.interval()
+    s = meter.summary()
+    assert s["train_step_time_s"] == 5.0 / 6 and s["train_tokens_per_s"] == 6 * 480 * 1024 / 5.0
+    assert "mfu" not in Throughput(fpt, 1, 1, None, torch.device("cpu")).interval()  # no peak known: no MFU
+
+
+def test_checkpoint_finalisation_error_reaches_every_rank(tmp_path):
+    """Rank 0's finalize raises: both ranks raise the same CheckpointSaveError (no rank left in a
+    barrier until the launcher kills it)."""
+    from _dist import TESTS_DIR, launch
+
+    got = launch(TESTS_DIR / "save_error_worker.py", nprocs=2, args=[str(tmp_path / "ckpt")], timeout=60)
+    want = f"checkpoint {tmp_path / 'ckpt' / 'step_00000003'}: finalisation on rank 0 failed: OSError: disk full (simulated)"
+    assert got["rank0"] == got["rank1"] == want

@@ -94,7 +94,7 @@ def test_end_of_training_export_has_the_engines_logits(data, stage, tmp_path_fac
     assert ids.view(-1).tolist() == val0.tolist()
     assert logits_sha(load(d), ids) == probe["engine_logits_sha256"]
     cfg = json.loads((d / "config.json").read_text())
-    assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["n_positions"], cfg["vocab_size"]) == (2, 32, 2, 32, 50257)
+    assert (cfg["n_layer"], cfg["n_embd"], cfg["n_head"], cfg["n_positions"], cfg["vocab_size"]) == (2, 32, 2, 32, 50304)
     card = (d / "README.md").read_text()
     final_val = [r["val_loss"] for r in metrics(run) if "val_loss" in r][-1]
     assert f"| validation loss | {final_val:.4f} " in card

@@ -39,7 +39,7 @@ WORLD2 = [
     "z2_rr", "z2_align", "z3_subgroups", "z2_offload_rr", "z3_offload", "z2_groups", "bf16opt_groups",
     "z3_groups", "z2_bf16_offload", "z2_attach", "z2_bf16_nan", "z1_fp16", "z1_offload",
     "z2_foreach", "z3_foreach", "z2_foreach_nan", "z2_kernel", "z3_kernel_offload", "z2_kernel_rr", "z2_kernel_nan",
-    "z3_offload_param", "z3_offload_param_bf16",
+    "z3_offload_param", "z3_offload_param_bf16", "z2_bf16_acc32", "z2_bf16_acc32_offload", "z3_bf16_acc32",
 ]
 # No ZeRO: DeepSpeed's FP16_UnfusedOptimizer gives MERIT same-shaped fp32 master copies;
 # MERIT's ordinary step runs (no layout, no collective).

@@ -90,6 +90,10 @@ CONFIGS = {
     "z3_offload_param_bf16": dict(stage=3, dtype="bf16", offload=True, offload_param=True),
     "z2_groups": dict(stage=2, dtype="fp32", two_groups=True),
     "bf16opt_groups": dict(stage=1, dtype="bf16", grad_accum_fp32=True, two_groups=True),
+    # what the bf16 recipes run (issue 12): ZeRO 2/3 accumulate gradients in an fp32 partition
+    "z2_bf16_acc32": dict(stage=2, dtype="bf16", grad_accum_fp32=True),
+    "z2_bf16_acc32_offload": dict(stage=2, dtype="bf16", grad_accum_fp32=True, offload=True),
+    "z3_bf16_acc32": dict(stage=3, dtype="bf16", grad_accum_fp32=True),
     "z3_groups": dict(stage=3, dtype="bf16", two_groups=True),
     "z2_bf16_offload": dict(stage=2, dtype="bf16", offload=True),
     "z2_attach": dict(stage=2, dtype="fp32", attach=True),

@@ -60,6 +60,13 @@ def make_ds_config(stage: int, precision: str, *, offload: bool = False, optim: 
     cfg["optimizer"] = {"type": JSON_TYPES[optimizer], "params": params}
     cfg["gradient_clipping"] = optim.grad_clip
     cfg["bf16"] = {"enabled": precision == "bf16"}
+    if precision == "bf16" and stage > 0:
+        # Accumulate gradients over the micro-steps in fp32, not bf16 (DeepSpeed's default is the
+        # model dtype). DeepSpeed 0.19.8: ZeRO-1 (no offload) -> BF16_Optimizer, an unpartitioned
+        # fp32 gradient buffer (4 Psi bytes per GPU on top of the 2 Psi bf16 grads); ZeRO-2/3 ->
+        # an fp32 gradient partition (4 Psi / Nd instead of the bf16 one's 2 Psi / Nd). Without
+        # ZeRO DeepSpeed refuses the mix, so stage 0 keeps bf16 accumulation.
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     zero: dict = {"stage": stage}
     if stage in (1, 2):
         # contiguous_gradients/overlap_comm are DeepSpeed's throughput defaults for stage 2;

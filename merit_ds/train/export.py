@@ -216,6 +216,7 @@ def _write(out: Path, model, tok, tok_dir, config, card: str, meta: dict) -> Pat
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    model.config.use_cache = True  # trained without a KV cache (presets); generation wants one
     model.save_pretrained(str(tmp), safe_serialization=True)
     gen = GenerationConfig(bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id,
                            pad_token_id=tok.eos_token_id, do_sample=True, top_k=50,

@@ -37,7 +37,9 @@ import math
 import os
 import socket
 import sys
+import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -46,13 +48,14 @@ from . import checkpoint as ckpt
 from merit_ds.integrations.param_groups import merit_param_groups
 
 from .batch import BatchConfigError
-from .data_source import DataError, check_token_data, make_train_loader, make_val_loader
+from .data_source import DEFAULT_EVAL_SEQUENCES, DataError, check_token_data, make_train_loader, make_val_loader
 from .export import export_after_training, record_run
 from .optimizers import build_client_optimizer, describe_stepping, verify_optimizer_is_stepping
+from .plan import GPUS, flops_per_token
 from .presets import OPTIMIZERS, gpt2_config
 from .run_config import RunConfig, UsageError, resolve
 from .tracking import MetricsLog, make_trackers, plot_losses
-from .trainer import Trainer, mean_over_ranks
+from .trainer import CheckpointSaveError, Trainer, mean_over_ranks
 
 # kept for callers of the former private helper (tests/test_recipes_units.py)
 _mean_over_ranks = mean_over_ranks
@@ -95,11 +98,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--data", required=True, help="prepared data directory (python -m merit_ds.data prepare)")
     g.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, tensorboard/, loss.png")
     g.add_argument("--eval-every", type=int, default=50)
-    g.add_argument("--eval-sequences", type=int, default=None, help="validation sequences (default 4 x micro x world)")
+    g.add_argument("--eval-sequences", type=int, default=None, help=f"validation blocks: a fixed set, the same at every world size and micro-batch "
+                        f"(default {DEFAULT_EVAL_SEQUENCES}, capped at the val split)")
     g.add_argument("--ckpt-every", type=int, default=100)
     g.add_argument("--keep-last", type=int, default=3)
     g.add_argument("--resume", default="auto", help="auto (latest in --out, if any) | never | PATH to a checkpoint")
-    g.add_argument("--diag-every", type=int, default=10, help="diagnostics cadence (0: off)")
+    g.add_argument("--diag-every", type=int, default=10, help="diagnostics cadence (0: off; diagnostics steps are log steps)")
+    g.add_argument("--log-every", type=int, default=1,
+                   help="log interval in steps: loss (mean over the interval), grad norm, step time, tokens/s, MFU, "
+                        "peak memory; between log steps the loss stays on the device (default 1)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak dense FLOP/s per device for MFU, in TFLOP/s (default: from the GPU's name, A100/H100/H200 "
+                        "bf16; none on CPU)")
     g.add_argument("--tracker", default="tensorboard", help="tensorboard | wandb | tensorboard,wandb | none")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--no-plot", action="store_true")
@@ -267,13 +277,15 @@ def print_banner(runner: Runner, rc: RunConfig) -> None:
     _rank0_print(runner, f"merit_ds.train: launcher {rc.launcher}, {runner.world} ranks, ZeRO {rc.zero_stage}, "
                          f"{rc.precision}, model {rc.model} ({rc.preset.description}), optimizer {rc.label}")
     _rank0_print(runner, rc.plan.describe())
+    if rc.micro_note:
+        _rank0_print(runner, rc.micro_note)
     _rank0_print(runner, f"schedule: {rc.label} peak lr {rc.lr:.4g} ({rc.lr_origin}), warmup {rc.warmup} steps, "
                          f"cosine to {rc.floor} x peak; betas {tuple(p['betas'])}, eps {p['eps']}, weight decay "
                          f"{p['weight_decay']} (matrices only), clip {rc.ds_config.get('gradient_clipping')}")
 
 
 def make_loaders(args, rc: RunConfig, rank: int, world: int):
-    eval_sequences = args.eval_sequences or 4 * rc.plan.micro_batch * world
+    eval_sequences = args.eval_sequences or DEFAULT_EVAL_SEQUENCES
     try:
         train_loader = make_train_loader(args.data, seq_len=rc.seq_len, global_batch=rc.plan.global_batch,
                                          micro_batch=rc.plan.micro_batch, rank=rank, world=world, seed=args.seed)
@@ -374,6 +386,7 @@ def run(args) -> int:
     rank, world, plan = runner.rank, runner.world, rc.plan
     print_banner(runner, rc)
     train_loader, val_loader = make_loaders(args, rc, rank, world)
+    _rank0_print(runner, val_loader.describe())
 
     # --- a checkpoint to resume: found and validated before anything is built or written -------------
     out = Path(args.out)
@@ -420,24 +433,44 @@ def run(args) -> int:
                dynamic_ncols=True, mininterval=1.0)
     engine.train()
     last_saved = start_step if resume_from is not None else -1
+    shape = {k: v for k, v in rc.overrides.items() if k in ("n_layer", "n_embd", "n_head", "vocab_size")}
+    meter = Throughput(flops_per_token(rc.preset.with_overrides(seq_len=rc.seq_len, **shape), rc.seq_len),
+                       plan.tokens_per_step, world, peak_flops(args.peak_tflops, engine.device), engine.device)
+    log_every = max(1, args.log_every)
     for step in range(start_step + 1, plan.steps + 1):
-        record = trainer.train_step(diagnostics=args.diag_every > 0 and (step % args.diag_every == 0 or step == 1))
-        if args.eval_every > 0 and step % args.eval_every == 0 and step != plan.steps:
-            record.update(trainer.evaluate())
-        log(record, step)
+        diagnostics = args.diag_every > 0 and (step % args.diag_every == 0 or step == 1)
+        evaluating = args.eval_every > 0 and step % args.eval_every == 0 and step != plan.steps
+        saving = args.ckpt_every > 0 and step % args.ckpt_every == 0
+        # read the loss (one host sync) on log steps, and before an eval or a checkpoint so that the
+        # interval's throughput does not include them
+        read = step % log_every == 0 or step == plan.steps or diagnostics or evaluating or saving
+        record = trainer.train_step(diagnostics=diagnostics, read=read)
+        record.pop("host_step_time_s", None)
+        meter.steps += 1
+        if read:
+            record.update(meter.interval())
+            if evaluating:
+                record.update(trainer.evaluate())
+            log(record, step)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", **(
+                {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+            if not math.isfinite(record["loss"]):
+                raise FloatingPointError(f"training loss is {record['loss']} at step {step}; last good checkpoint: "
+                                         f"{ckpt.latest_checkpoint(ckpt_root) if ckpt_root.exists() else None}")
         bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", **(
-            {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-        if not math.isfinite(record["loss"]):
-            raise FloatingPointError(f"training loss is {record['loss']} at step {step}; last good checkpoint: "
-                                     f"{ckpt.latest_checkpoint(ckpt_root) if ckpt_root.exists() else None}")
-        if args.ckpt_every > 0 and step % args.ckpt_every == 0:
+        if saving:
             save()
             last_saved = step
+        if evaluating or saving:
+            meter.restart()  # eval and checkpoint time is not training throughput
     bar.close()
     final = trainer.evaluate()
-    log({"step": plan.steps, **final}, plan.steps)
+    summary = meter.summary()
+    log({"step": plan.steps, **final, **summary}, plan.steps)
     _rank0_print(runner, f"final: val loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
+    if summary:
+        _rank0_print(runner, "throughput: " + ", ".join(
+            f"{k} {v:.4g}" for k, v in summary.items()))
     if last_saved != plan.steps:
         save()
     _rank0_print(runner, f"checkpoint: {ckpt_root / ckpt.tag_for(plan.steps)}")
@@ -454,11 +487,76 @@ def run(args) -> int:
     return 0
 
 
+#: Wall-clock keys of metrics.jsonl (they differ between otherwise identical runs).
+TIMING_KEYS = frozenset({"step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "host_step_time_s",
+                         "train_step_time_s", "train_tokens_per_s", "train_mfu"})
+
+
+def peak_flops(tflops: Optional[float], device) -> Optional[float]:
+    """Peak dense FLOP/s of one device for MFU: ``--peak-tflops``, else the GPU's bf16 datasheet
+    value by name (:data:`.plan.GPUS`), else ``None`` (CPU: no MFU)."""
+    if tflops:
+        return float(tflops) * 1e12
+    if torch.device(device).type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    for key, gpu in (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100"), ("a100", "a100")):
+        if key in name:
+            return GPUS[gpu]["peak_flops"]
+    return None
+
+
+class Throughput:
+    """Step time, tokens/s, MFU and peak memory per log interval, and over the whole run.
+
+    An interval runs from the previous read (the loss read is the host sync that makes the wall
+    time include the device's work) to this one; eval and checkpoint time are left out
+    (:meth:`restart`). MFU = model FLOPs per token (:func:`.plan.flops_per_token`, attention
+    included) x tokens/s / (ranks x peak FLOP/s per device)."""
+
+    def __init__(self, flops_per_tok: float, tokens_per_step: int, world: int, peak: Optional[float], device,
+                 clock=time.perf_counter):
+        self.flops_per_tok, self.tokens_per_step, self.world, self.peak = flops_per_tok, tokens_per_step, world, peak
+        self.cuda = torch.device(device).type == "cuda"
+        self.device, self.clock = device, clock
+        self.total_steps, self.total_time = 0, 0.0
+        self.restart()
+
+    def restart(self) -> None:
+        self.steps, self.t0 = 0, self.clock()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def interval(self) -> dict:
+        elapsed = self.clock() - self.t0
+        steps = max(self.steps, 1)
+        self.total_steps += self.steps
+        self.total_time += elapsed
+        out = self._rates(elapsed, steps)
+        if self.cuda:
+            out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024 ** 3
+        self.restart()
+        return out
+
+    def _rates(self, elapsed: float, steps: int) -> dict:
+        step_time = elapsed / steps
+        tokens_per_s = self.tokens_per_step / step_time if step_time > 0 else float("inf")
+        out = {"step_time_s": step_time, "tokens_per_s": tokens_per_s}
+        if self.peak:
+            out["mfu"] = self.flops_per_tok * tokens_per_s / (self.world * self.peak)
+        return out
+
+    def summary(self) -> dict:
+        if self.total_steps == 0:
+            return {}
+        return {f"train_{k}": v for k, v in self._rates(self.total_time, self.total_steps).items()}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (UsageError, BatchConfigError) as exc:
+    except (UsageError, BatchConfigError, CheckpointSaveError) as exc:
         # Every rank reports (a launcher may stop rank 0 before it prints a peer's error).
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
         print(f"merit_ds.train: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)

@@ -3,26 +3,35 @@
 Memory (ZeRO paper accounting, Rajbhandari et al. 2020, section 3.1; Psi = parameters, Nd =
 data-parallel ranks). Mixed precision bf16 keeps 2-byte params and grads plus K = 12 bytes/param
 of optimizer state (fp32 master 4 + MERIT's m 4 + v 4; MERIT has Adam's state, nothing more).
+The bf16 configs accumulate gradients in fp32 (``grad_accum_dtype: fp32``): ZeRO-1 runs
+DeepSpeed's BF16_Optimizer, whose fp32 gradient buffer is not partitioned (g = 2 + 4 bytes/param,
+per GPU); ZeRO-2/3 keep an fp32 gradient partition (g = 4 bytes/param, divided by Nd).
 fp32 training: params 4, grads 4, K = 8 (m, v; the params are the master copy)::
 
     stage 0 (DDP)   (p + g + K) Psi
-    stage 1         (p + g) Psi + K Psi / Nd
-    stage 2         p Psi + (g + K) Psi / Nd
-    stage 3         (p + g + K) Psi / Nd      (+ the layers gathered live, not counted)
+    stage 1         (p + g) Psi + K Psi / Nd      (bf16: g = 6)
+    stage 2         p Psi + (g + K) Psi / Nd      (bf16: g = 4)
+    stage 3         (p + g + K) Psi / Nd          (bf16: g = 4)     (+ the layers gathered live, not counted)
     offload         optimizer states (K Psi / Nd) live in CPU memory instead of the GPU
 
-Activations per micro-batch (an ESTIMATE after Korthikanti et al. 2022, "Reducing Activation
-Recomputation in Large Transformer Models", eq. 1): per layer ``34 s b h`` bytes at 16 bit;
-SDPA (flash / memory-efficient kernels) stores no ``s x s`` attention matrix, so their
-``5 a s^2 b`` term is dropped. With full activation checkpointing each layer keeps only its
-input (``2 s b h`` bytes) and one layer is live again during backward. The LM head adds
-``s b V`` logits in the compute dtype plus the fp32 upcast and its gradient in the loss
-(``(e + 8) s b V`` bytes). fp32 doubles the per-element sizes. Not modelled: allocator
-overhead, DeepSpeed's communication buckets, ZeRO 1/2's fp32 gradient partition handed to the
-optimizer (4 Psi / Nd), MERIT's per-step work buffers, the CUDA context; hence the planner fills
-at most ``HEADROOM`` of the GPU.
+Activations per micro-batch: MEASURED, not a rule of thumb (:mod:`.activations`): the bytes
+autograd saves for backward in the actual model (1- and 2-layer builds of the preset at a
+64-token sequence, so one layer's share and the rest separate), scaled to the micro-batch's
+tokens (nothing grows with ``s^2`` under SDPA). GPT-2 with the presets' ``gelu_pytorch_tanh`` and
+no KV cache saves 64.08 s b h bytes per layer in fp32 and 32.07 in bf16 (``gelu_new`` 112: the
+34 s b h of Korthikanti et al. undercounts HF GPT-2 by 2x), plus ~4.1 s b V for the loss's fp32
+log-softmax. The loss's backward then holds the logits' gradient, fp32 and in the compute dtype,
+``(4 + e) s b V`` bytes, counted on top. With full activation checkpointing each layer keeps only
+its input (``e s b h`` bytes) and one layer is live again during backward.
 
-Wall time: ``6 N D`` FLOPs (Kaplan et al. 2020, forward + backward, N parameters, D tokens)
+Optimizer scratch: MERIT's and LAMB's sharded step keep three partition-sized fp32 work buffers
+when the partition is on the GPU (12 bytes/param / Nd; ZeRO-0: the whole model) and none under
+CPU offload (a fused CPU kernel); DeepSpeed's AdamW (FusedAdam) none. Not modelled: allocator
+overhead, DeepSpeed's communication buckets, the CUDA context; hence the planner fills at most
+``HEADROOM`` of the GPU.
+
+Wall time: :func:`flops_per_token` x D tokens (``6 N + 12 L h s`` per token: forward +
+backward, attention included, PaLM's MFU convention; the training loop's MFU uses the same count)
 divided by ``GPUs x peak bf16 dense FLOP/s x MFU``. MFU (model FLOPs utilisation) is an
 assumption you state (default 0.40; GPT-2-sized models with SDPA typically reach 0.3-0.5).
 """
@@ -37,7 +46,8 @@ from .batch import BatchConfigError, divisors, plan_batch
 from .presets import (OPTIMIZER_LABELS, OPTIMIZERS, TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset,
                       parse_batch, scaled_lr, warmup_steps)
 
-__all__ = ["GPUS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "wall_time_seconds", "make_plan", "format_plan"]
+__all__ = ["GPUS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "optimizer_scratch_bytes", "flops_per_token",
+           "wall_time_seconds", "make_plan", "format_plan"]
 
 GiB = 1024 ** 3
 HEADROOM = 0.90
@@ -62,10 +72,11 @@ class MemoryEstimate:
     optimizer: float       # on the GPU (0 with offload)
     optimizer_cpu: float   # per GPU, in host memory (offload only)
     activations: float
+    scratch: float = 0.0   # the optimizer's work buffers on the GPU
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
+        return self.params + self.grads + self.optimizer + self.scratch + self.activations
 
 
 def _bytes_per_param(precision: str) -> tuple[int, int, int]:
@@ -78,20 +89,33 @@ def _bytes_per_param(precision: str) -> tuple[int, int, int]:
 
 def activation_bytes(model: ModelPreset, micro_batch: int, seq_len: int, *, precision: str = "bf16",
                      activation_checkpointing: bool = False) -> float:
-    """Activation memory estimate of one micro-batch (see module docstring)."""
+    """Activation memory of one micro-batch: measured saved bytes, scaled (module docstring),
+    plus the logits' gradient in the loss's backward."""
+    from .activations import activation_model
+
     e = 2 if precision == "bf16" else 4
-    sbh = seq_len * micro_batch * model.n_embd
-    per_layer_full = 34 * sbh * e / 2
+    act = activation_model(model, precision)
+    tokens = seq_len * micro_batch
+    per_layer = act.per_layer_per_token * tokens
     if activation_checkpointing:
-        layers = model.n_layer * e * sbh + per_layer_full
+        layers = model.n_layer * e * tokens * model.n_embd + per_layer
     else:
-        layers = model.n_layer * per_layer_full
-    logits = (e + 8) * seq_len * micro_batch * model.vocab_size
-    return layers + logits
+        layers = model.n_layer * per_layer
+    logits_grad = (4 + e) * tokens * model.vocab_size
+    return layers + act.rest_per_token * tokens + logits_grad
+
+
+def optimizer_scratch_bytes(n_params: int, world: int, stage: int, *, offload: bool = False,
+                            optimizer: str = "merit") -> float:
+    """GPU bytes of the optimizer's own work buffers (three partition-sized fp32 buffers for
+    MERIT and LAMB on the GPU; none under offload or for DeepSpeed's fused AdamW)."""
+    if optimizer == "adamw" or offload:
+        return 0.0
+    return 3 * 4 * float(n_params) / (world if stage >= 1 else 1)
 
 
 def memory_per_gpu(n_params: int, world: int, stage: int, *, precision: str = "bf16",
-                   offload: bool = False, activations: float = 0.0) -> MemoryEstimate:
+                   offload: bool = False, activations: float = 0.0, optimizer: str = "merit") -> MemoryEstimate:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
     if offload and stage == 0:
@@ -100,14 +124,31 @@ def memory_per_gpu(n_params: int, world: int, stage: int, *, precision: str = "b
     psi = float(n_params)
     params = p * psi / (world if stage >= 3 else 1)
     grads = g * psi / (world if stage >= 2 else 1)
+    if precision == "bf16" and stage >= 1:
+        # the configs accumulate gradients in fp32 (``data_types.grad_accum_dtype``, DeepSpeed 0.19.8):
+        # ZeRO-1 -> BF16_Optimizer, bf16 grads plus an unpartitioned fp32 buffer (2 + 4 bytes/param);
+        # ZeRO-2/3 -> an fp32 gradient partition in place of the bf16 one (4 bytes/param / Nd)
+        grads = 6 * psi if stage == 1 else 4 * psi / world
     opt = k * psi / (world if stage >= 1 else 1)
-    return MemoryEstimate(stage, offload, params, grads, 0.0 if offload else opt, opt if offload else 0.0, activations)
+    scratch = optimizer_scratch_bytes(n_params, world, stage, offload=offload, optimizer=optimizer)
+    return MemoryEstimate(stage, offload, params, grads, 0.0 if offload else opt, opt if offload else 0.0, activations,
+                          scratch)
 
 
-def wall_time_seconds(n_params: int, tokens: float, gpus: int, peak_flops: float, mfu: float) -> float:
+def flops_per_token(model: ModelPreset, seq_len: int) -> float:
+    """Model FLOPs per trained token, forward + backward, attention included (PaLM, Chowdhery et
+    al. 2022, appendix B): ``6 N + 12 L h s``, ``N`` the parameters that multiply (all but the
+    position embedding; the tied token embedding counts once, as the LM head), ``12 L h s`` the
+    attention scores and their weighted sum (no causal discount). The training loop's MFU and
+    ``merit-ds plan`` both use it."""
+    n_matmul = model.n_params - model.seq_len * model.n_embd
+    return 6.0 * n_matmul + 12.0 * model.n_layer * model.n_embd * seq_len
+
+
+def wall_time_seconds(flops_per_tok: float, tokens: float, gpus: int, peak_flops: float, mfu: float) -> float:
     if not 0 < mfu <= 1:
         raise ValueError(f"MFU must be in (0, 1], got {mfu}")
-    return 6.0 * n_params * tokens / (gpus * peak_flops * mfu)
+    return flops_per_tok * tokens / (gpus * peak_flops * mfu)
 
 
 def _pick_micro_batch(per_rank: int, fits) -> Optional[int]:
@@ -121,8 +162,9 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
               gpus_per_node: int = 8, gpu: str = "h100", *, precision: str = "bf16",
               micro_batch: Optional[int] = None, activation_checkpointing: bool = False,
               mfu: float = DEFAULT_MFU, seq_len: Optional[int] = None, optimizer: str = "merit") -> dict:
-    """``optimizer`` (merit | lamb | adamw) sets the peak lr shown; the memory is the same for all
-    three (fp32 master, m and v: 12 bytes/param in bf16)."""
+    """``optimizer`` (merit | lamb | adamw) sets the peak lr shown and the scratch buffers (MERIT
+    and LAMB: three partition-sized fp32 buffers on the GPU; AdamW none); the state is the same
+    for all three (fp32 master, m and v: 12 bytes/param in bf16)."""
     preset = get_model_preset(model)
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}")
@@ -143,7 +185,8 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
         def est(m):
             act = activation_bytes(preset, m, seq_len, precision=precision,
                                    activation_checkpointing=activation_checkpointing)
-            return memory_per_gpu(n, world, stage, precision=precision, offload=offload, activations=act)
+            return memory_per_gpu(n, world, stage, precision=precision, offload=offload, activations=act,
+                                  optimizer=optimizer)
         if micro_batch is not None:
             if per_rank % micro_batch:
                 raise BatchConfigError(f"micro batch {micro_batch} does not divide the {per_rank} sequences per GPU; "
@@ -156,10 +199,12 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
             "stage": stage, "offload": offload, "micro_batch": m,
             "grad_accum": per_rank // m if m else None, "fits": bool(m) and e.total <= budget,
             "params_gib": e.params / GiB, "grads_gib": e.grads / GiB, "optimizer_gib": e.optimizer / GiB,
-            "optimizer_cpu_gib": e.optimizer_cpu / GiB, "activations_gib": e.activations / GiB,
+            "optimizer_cpu_gib": e.optimizer_cpu / GiB, "scratch_gib": e.scratch / GiB,
+            "activations_gib": e.activations / GiB,
             "total_gib": e.total / GiB,
         })
-    seconds = wall_time_seconds(n, steps * base.tokens_per_step, world, GPUS[gpu]["peak_flops"], mfu)
+    fpt = flops_per_token(preset.with_overrides(seq_len=seq_len), seq_len)
+    seconds = wall_time_seconds(fpt, steps * base.tokens_per_step, world, GPUS[gpu]["peak_flops"], mfu)
     lr = scaled_lr(optim, global_batch)
     return {
         "model": model, "n_params": n, "seq_len": seq_len, "global_batch": global_batch,
@@ -167,7 +212,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
         "nodes": nodes, "gpus_per_node": gpus_per_node, "world": world, "per_gpu_batch": per_rank,
         "gpu": gpu, "gpu_mem_gib": GPUS[gpu]["mem_gib"], "peak_flops": GPUS[gpu]["peak_flops"], "mfu": mfu,
         "precision": precision, "activation_checkpointing": activation_checkpointing,
-        "flops": 6.0 * n * steps * base.tokens_per_step, "wall_time_s": seconds,
+        "flops_per_token": fpt, "flops": fpt * steps * base.tokens_per_step, "wall_time_s": seconds,
         "optimizer": optimizer, "lr": lr, "lr_source": optim.lr_source, "warmup_steps": warmup_steps(steps, optim.warmup_fraction),
         "stages": rows,
     }
@@ -183,7 +228,7 @@ def format_plan(p: dict) -> str:
         f"schedule: {OPTIMIZER_LABELS[p.get('optimizer', 'merit')]} peak lr {p['lr']:.3g} (sqrt-scaled; {p['lr_source']}), warmup {p['warmup_steps']:,} steps, cosine to 0.1x",
         f"memory per GPU ({p['precision']}, activation checkpointing {'on' if p['activation_checkpointing'] else 'off'}; GiB; "
         f"micro-batch = largest divisor of {p['per_gpu_batch']} fitting {int(HEADROOM * 100)}% of the GPU):",
-        f"  {'ZeRO':<11}{'params':>8}{'grads':>8}{'optim':>8}{'optim@CPU':>10}{'activ.':>8}{'total':>8}{'micro':>7}{'accum':>7}",
+        f"  {'ZeRO':<11}{'params':>8}{'grads':>8}{'optim':>8}{'optim@CPU':>10}{'scratch':>8}{'activ.':>8}{'total':>8}{'micro':>7}{'accum':>7}",
     ]
     for r in p["stages"]:
         name = f"{r['stage']}{' +offload' if r['offload'] else ''}"
@@ -191,9 +236,10 @@ def format_plan(p: dict) -> str:
         accum = r["grad_accum"] if r["grad_accum"] else "-"
         note = "" if r["fits"] else "  does not fit even at micro-batch 1"
         out.append(f"  {name:<11}{r['params_gib']:>8.2f}{r['grads_gib']:>8.2f}{r['optimizer_gib']:>8.2f}"
-                   f"{r['optimizer_cpu_gib']:>10.2f}{r['activations_gib']:>8.2f}{r['total_gib']:>8.2f}{micro!s:>7}{accum!s:>7}{note}")
+                   f"{r['optimizer_cpu_gib']:>10.2f}{r.get('scratch_gib', 0.0):>8.2f}{r['activations_gib']:>8.2f}{r['total_gib']:>8.2f}{micro!s:>7}{accum!s:>7}{note}")
     h = p["wall_time_s"] / 3600
-    out.append(f"compute: 6 x {p['n_params']:,} x {p['steps'] * p['tokens_per_step']:,} tokens = {p['flops']:.3e} FLOPs")
+    out.append(f"compute: {p['flops_per_token']:.4g} FLOPs/token (6 N + 12 L h s, attention included) x "
+               f"{p['steps'] * p['tokens_per_step']:,} tokens = {p['flops']:.3e} FLOPs")
     out.append(f"wall time: {p['flops']:.3e} / ({p['world']} x {p['peak_flops'] / 1e12:.0f} TFLOP/s x MFU {p['mfu']:.2f}) "
                f"= {h:.2f} h ({h / 24:.2f} days)")
     return "\n".join(out)

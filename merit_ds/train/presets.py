@@ -7,7 +7,12 @@ hand-copied.
 Sources, and what is an estimate
 --------------------------------
 * Models: GPT-2 Small (124M: 12 layers, 768 wide, 12 heads) and Medium (355M: 24 layers, 1024
-  wide, 16 heads), context 1024, vocabulary 50257 (Radford et al. 2019). Dropout 0 as in
+  wide, 16 heads), context 1024, vocabulary 50257 (Radford et al. 2019) padded to 50304, a
+  multiple of 64, for the tensor cores' tile sizes (nanoGPT's choice; the 47 padding ids are
+  never produced by the data, whose ids the start-up check bounds). Activation
+  ``gelu_pytorch_tanh``: the same tanh approximation as GPT-2's ``gelu_new`` computed by one
+  PyTorch kernel, which saves 64 s b h bytes per layer for backward in fp32 against ``gelu_new``'s
+  112 (FIELD_NOTES; measured by ``merit_ds.train.activations``). Dropout 0 as in
   nanoGPT/Sophia-style pretraining (the GPT-2 lineage the MERIT paper trains in). Attention
   through PyTorch SDPA (``attn_implementation="sdpa"``).
 * Optimizer (GPT-2 lineage of the MERIT paper, which follows the Sophia/nanoGPT setup on
@@ -79,7 +84,7 @@ class ModelPreset:
     n_embd: int
     n_head: int
     seq_len: int
-    vocab_size: int = 50257
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
     description: str = ""
 
     def config_kwargs(self, **overrides) -> dict:
@@ -87,6 +92,10 @@ class ModelPreset:
             n_layer=self.n_layer, n_embd=self.n_embd, n_head=self.n_head,
             n_positions=self.seq_len, vocab_size=self.vocab_size,
             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            activation_function="gelu_pytorch_tanh",
+            # no KV cache in training: with it every layer saves its k and v a second time
+            # (the cache's copies, 8 s b h bytes in fp32); the export switches it back on
+            use_cache=False,
             bos_token_id=50256, eos_token_id=50256,
             tie_word_embeddings=True,
         )
@@ -216,7 +225,8 @@ def count_parameters(n_layer: int, n_embd: int, n_positions: int, vocab_size: in
     """Parameters of HF's GPT2LMHeadModel with tied embeddings.
 
     wte V*d + wpe P*d + per layer (ln_1 2d, c_attn 3d^2+3d, attn c_proj d^2+d, ln_2 2d,
-    c_fc 4d^2+4d, mlp c_proj 4d^2+d = 12d^2+13d) + ln_f 2d. GPT-2 Small: 124,439,808.
+    c_fc 4d^2+4d, mlp c_proj 4d^2+d = 12d^2+13d) + ln_f 2d. GPT-2 Small: 124,439,808 at
+    vocabulary 50257, 124,475,904 at the presets' 50304.
     """
     d = n_embd
     return vocab_size * d + n_positions * d + n_layer * (12 * d * d + 13 * d) + 2 * d

@@ -74,6 +74,7 @@ class RunConfig:
     warmup: int
     floor: float
     ds_config_path: Optional[str] = None
+    micro_note: str = ""      # how the micro-batch was re-planned against the config's (printed)
 
     @property
     def label(self) -> str:
@@ -152,9 +153,24 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     if global_batch is None and base_cfg and isinstance(base_cfg.get("train_batch_size"), int):
         global_batch = base_cfg["train_batch_size"]
     global_batch = global_batch or DEFAULT_BATCH[args.model]
-    micro = args.micro_batch
-    if micro is None and base_cfg and isinstance(base_cfg.get("train_micro_batch_size_per_gpu"), int):
-        micro = base_cfg["train_micro_batch_size_per_gpu"]
+    # The JSON's micro-batch (and grad-accum) were planned for one cluster shape: they are a hint,
+    # not a constraint. --micro-batch wins; else the JSON's micro-batch if it divides this world's
+    # per-rank batch; else the largest divisor below it (no more memory per GPU than planned).
+    # Either way the JSON's micro/accum keys give way to the plan (printed at start-up).
+    micro, micro_note = args.micro_batch, ""
+    json_micro = base_cfg.get("train_micro_batch_size_per_gpu") if base_cfg else None
+    per_rank = global_batch // world if world > 0 and global_batch % world == 0 else None
+    if micro is not None and isinstance(json_micro, int) and json_micro != micro:
+        micro_note = f"micro-batch {micro} from --micro-batch (the config says {json_micro})"
+    if micro is None and isinstance(json_micro, int):
+        micro = json_micro
+        if per_rank is not None and per_rank % json_micro:
+            micro = max(d for d in range(1, min(json_micro, per_rank) + 1) if per_rank % d == 0)
+            micro_note = (f"micro-batch re-planned for {world} ranks: the config's {json_micro} does not divide "
+                          f"{per_rank} sequences per rank; using {micro} x grad_accum {per_rank // micro}")
+    if base_cfg is not None:
+        base_cfg = {k: v for k, v in base_cfg.items()
+                    if k not in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
     if args.tokens is None and args.steps is None:
         tokens, steps = (TOKEN_BUDGET, None) if args.model != "tiny" else (None, 200)
     else:
@@ -211,4 +227,4 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     return RunConfig(launcher=launcher, model=args.model, preset=preset, overrides=overrides, seq_len=seq_len,
                      precision=precision, zero_stage=zero_stage, offload=offload, plan=plan, optimizer=optimizer,
                      optim=optim, lr=lr, lr_origin=lr_origin, opt_params=opt_params, ds_config=cfg, client=client,
-                     warmup=warmup, floor=floor, ds_config_path=args.ds_config)
+                     warmup=warmup, floor=floor, ds_config_path=args.ds_config, micro_note=micro_note)

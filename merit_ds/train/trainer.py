@@ -31,6 +31,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from merit_ds.sharding import collective, reduce_trust_stats
 
@@ -41,7 +42,11 @@ from .optimizers import CLIP_FRACTION, TRUST_STATS
 from .run_config import UsageError
 from .schedule import warmup_cosine
 
-__all__ = ["Trainer", "mean_over_ranks"]
+__all__ = ["Trainer", "mean_over_ranks", "CheckpointSaveError"]
+
+
+class CheckpointSaveError(RuntimeError):
+    """Rank 0 could not finalise a checkpoint; raised on every rank with the same message."""
 
 
 def mean_over_ranks(local_sum: float, local_count: int) -> float:
@@ -77,13 +82,22 @@ class Trainer:
         self.trust_stats = optimizer in TRUST_STATS      # MERIT and LAMB record trust ratios
         self.clip_fraction = optimizer in CLIP_FRACTION  # only MERIT clips its update
         self.step = 0
+        self.loss_acc: Optional[torch.Tensor] = None  # float64 on the device: micro-batch losses since the last read
+        self.loss_count = 0
 
     # --- one optimizer step ------------------------------------------------------------------------
-    def train_step(self, diagnostics: bool = False) -> dict:
+    def train_step(self, diagnostics: bool = False, read: bool = True) -> dict:
         """Step ``self.step + 1`` over ``grad_accum`` micro-batches; its record for metrics.jsonl.
 
+        No host sync per micro-batch: each micro-batch's loss is added (float64) to an accumulator
+        on the device (:attr:`loss_acc`). ``read=False`` (a step between log steps) leaves it
+        there and returns only ``step``, ``lr`` and ``tokens``; ``read=True`` (a log step) reads
+        it once -- summed over ranks when there are several -- and reports ``loss``, the mean
+        train loss over the steps since the last read, and the gradient norm.
+
         ``diagnostics``: also the max attention logit (first micro-batch), the trust-ratio
-        statistics of this very step (MERIT, LAMB) and the gradient noise scale (not ZeRO-3)."""
+        statistics of this very step (MERIT, LAMB) and the gradient noise scale (not ZeRO-3);
+        these read values on the host, so call them on log steps."""
         engine, basic, world = self.engine, self.basic, self.runner.world
         step = self.step + 1
         t0 = time.perf_counter()
@@ -91,8 +105,10 @@ class Trainer:
             basic.partial_stats.clear()
             basic.track_stats = True
         lr_now = basic.param_groups[0]["lr"]
-        loss_sum, first, max_logit = 0.0, None, None
+        first, max_logit = None, None
         accum = self.train_loader.grad_accum
+        if self.loss_acc is None or self.loss_acc.device != torch.device(engine.device):
+            self.loss_acc = torch.zeros((), dtype=torch.float64, device=engine.device)
         for micro_step in range(accum):
             x, y = next(self.train_loader)
             x, y = x.to(engine.device), y.to(engine.device)
@@ -105,14 +121,16 @@ class Trainer:
                 if diagnostics and micro_step == 0:
                     max_logit = self.probe.collect()
                 self.runner.backward_step(loss)
-            loss_sum += float(loss.detach())
+            self.loss_acc += loss.detach().double()  # stays on the device
+        self.loss_count += accum
         self.scheduler.step()
         self.step = step
-        train_loss = mean_over_ranks(loss_sum, accum)
-        record = {"step": step, "loss": train_loss, "lr": lr_now, "tokens": step * self.tokens_per_step}
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None:
-            record["grad_norm"] = float(grad_norm)
+        record = {"step": step, "lr": lr_now, "tokens": step * self.tokens_per_step}
+        if read:
+            record["loss"] = self.read_loss()
+            grad_norm = engine.get_global_grad_norm()
+            if grad_norm is not None:
+                record["grad_norm"] = float(grad_norm)
         if diagnostics:
             record["max_attn_logit"] = max_logit
             if self.trust_stats:
@@ -125,22 +143,48 @@ class Trainer:
             noise = self.gns.measure(engine.module, *first, world) if self.zero_stage < 3 else None
             if noise:
                 record.update(noise)
-        record["step_time_s"] = time.perf_counter() - t0
+        record["host_step_time_s"] = time.perf_counter() - t0  # host time; the loop times intervals
         return record
+
+    def read_loss(self) -> float:
+        """Mean train loss since the last read (one host sync; one all-reduce with several ranks)."""
+        total, count = self.loss_acc, self.loss_count
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            total = total.clone()
+            collective.all_reduce(total)
+            count *= dist.get_world_size()
+        value = float(total) / count
+        self.loss_acc.zero_()
+        self.loss_count = 0
+        return value
 
     # --- validation ----------------------------------------------------------------------------------
     def evaluate(self) -> dict:
-        """Loss and perplexity on the fixed validation blocks (mean over every rank's)."""
-        engine = self.engine
+        """Loss and perplexity on the fixed validation blocks (:class:`.data_source.ValidationSet`).
+
+        Token-weighted mean over every block of the set, each counted once: per-rank sums of
+        token losses and token and block counts, summed over ranks in float64 (one all-reduce).
+        Independent of the world size and micro-batch up to float rounding. ``val_blocks`` is the
+        number of blocks counted over all ranks (asserted equal to the set's size)."""
+        engine, val = self.engine, self.val_loader
         engine.eval()
-        total = 0.0
+        acc = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, tokens, blocks
         with torch.no_grad():
-            for k in range(self.val_loader.grad_accum):
-                x, y = self.val_loader.get_batch(0, k)
-                total += float(lm_loss(engine(input_ids=x.to(engine.device)).logits, y.to(engine.device)))
+            for x, y in val.batches():
+                x, y = x.to(engine.device), y.to(engine.device)
+                logits = engine(input_ids=x).logits
+                losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                acc[0] += losses.double().sum()
+                acc[1] += losses.numel()
+                acc[2] += x.shape[0]
         engine.train()
-        loss = mean_over_ranks(total, self.val_loader.grad_accum)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            collective.all_reduce(acc)
+        total, tokens, blocks = (float(v) for v in acc.cpu())
+        if int(blocks) != val.blocks:
+            raise RuntimeError(f"validation counted {int(blocks)} blocks, the set holds {val.blocks}")
+        loss = total / tokens
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_blocks": int(blocks)}
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def client_state(self) -> dict:
@@ -167,11 +211,19 @@ class Trainer:
                                     save_latest=False)
         if world > 1:
             dist.barrier()
+        error = None
         if rank == 0:
-            ckpt.finalize(ckpt_root, f".tmp-{tag}", tag, run_info, self.step)
-            ckpt.prune(ckpt_root, keep_last)
+            try:
+                ckpt.finalize(ckpt_root, f".tmp-{tag}", tag, run_info, self.step)
+                ckpt.prune(ckpt_root, keep_last)
+            except Exception as exc:  # every rank must learn it, not wait in a barrier until killed
+                error = f"checkpoint {ckpt_root / tag}: finalisation on rank 0 failed: {type(exc).__name__}: {exc}"
         if world > 1:
-            dist.barrier()
+            verdict = [error]
+            dist.broadcast_object_list(verdict, src=0)  # instead of a barrier: carries rank 0's outcome
+            error = verdict[0]
+        if error is not None:
+            raise CheckpointSaveError(error)
         return ckpt_root / tag
 
     def resume(self, load_from: Path, resume_from: Optional[Path] = None) -> int:
