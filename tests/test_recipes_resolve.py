@@ -215,3 +215,20 @@ def test_6k_recipe_runs_on_any_world_size_dividing_the_batch(model, world):
     rc = resolve(args, launcher="deepspeed", world=world, cpu=False, base_cfg=copy.deepcopy(cfg))
     assert (rc.plan.micro_batch, rc.plan.grad_accum, rc.ds_config["train_micro_batch_size_per_gpu"]) == (1, per_rank, 1)
     assert rc.micro_note == ("" if json_micro == 1 else f"micro-batch 1 from --micro-batch (the config says {json_micro})")
+
+
+@pytest.mark.parametrize("lr", ["nan", "-1e-3", "inf"])
+def test_nan_or_negative_lr_is_a_usage_error(lr):
+    with pytest.raises(UsageError, match=r"peak lr .* \(--lr\) must be a finite number >= 0"):
+        _resolve(f"--lr={lr}")
+    cfg = {"optimizer": {"type": "MERIT", "params": {"lr": float(lr)}}, "zero_optimization": {"stage": 2},
+           "zero_allow_untested_optimizer": True}
+    with pytest.raises(UsageError, match=r"peak lr .* \(from cfg.json\) must be a finite number >= 0"):
+        _resolve(cfg=cfg)
+
+
+def test_fp16_config_on_cpu_points_to_bf16():
+    cfg = {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    with pytest.raises(UsageError, match=r'enables fp16, which DeepSpeed\'s CPU accelerator refuses: use "bf16"'):
+        _resolve(cfg=cfg)
+    assert _resolve(cfg=cfg, cpu=False).optimizer == "merit"  # on a GPU fp16 is DeepSpeed's business

@@ -27,6 +27,7 @@ How the optimizer reaches DeepSpeed (:attr:`RunConfig.client`):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -188,6 +189,8 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
         scaled = ("" if plan.global_batch == optim.batch_ref else
                   f"; sqrt-scaled from batch {optim.batch_ref} to {plan.global_batch}")
         lr_origin = f"preset {args.model}/{optimizer}: {optim.lr_ref:g} at batch {optim.batch_ref}, {optim.lr_source}{scaled}"
+    if not math.isfinite(lr) or lr < 0:
+        raise UsageError(f"peak lr {lr!r} ({lr_origin}) must be a finite number >= 0")
     # keys the JSON leaves out take the preset's values (what the banner prints is what steps)
     opt_params = {"betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
                   **json_params, "lr": lr}
@@ -196,6 +199,11 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     cfg = base_cfg if base_cfg is not None else make_ds_config(zero_stage, precision, offload=offload, optim=optim,
                                                                optimizer=optimizer)
     cfg = set_batch(cfg, plan.global_batch, plan.micro_batch, plan.grad_accum)
+    if cpu and (cfg.get("fp16") or {}).get("enabled") in (True, "true", "True"):
+        # DeepSpeed's CPU accelerator refuses fp16 ("Type fp16 is not supported on your device")
+        # unless oneDNN has fp16 kernels for this CPU; say so before the engine is built.
+        raise UsageError(f"{where} enables fp16, which DeepSpeed's CPU accelerator refuses: use "
+                         '"bf16": {"enabled": true} (or fp32: no fp16/bf16 section) on CPU')
     if optimizer == "merit":
         client = "optimizer" not in cfg
         if not client:
