@@ -1,0 +1,77 @@
+"""Run an unmodified training script with merit_ds registered: ``python -m merit_ds.run SCRIPT [ARGS]``.
+
+Scripts written for the HF Trainer or DeepSpeed need two things from merit_ds that they do not
+do themselves: ``import merit_ds`` (so that DeepSpeed's JSON resolves ``"type": "MERIT"`` /
+``"ShardedLAMB"``, the sharded step is registered and the Trainer/Accelerate guards are armed)
+and, for ``--optim merit`` / ``--optim sharded_lamb``, the explicit
+:func:`~merit_ds.integrations.hf_trainer.register_trainer_optim`. This runner does both, then
+runs the script as ``python SCRIPT ARGS`` would (``__name__ == "__main__"``, ``sys.argv``,
+the script's folder first on ``sys.path``), so no line of the script changes::
+
+    python -m merit_ds.run run_clm.py --optim merit --model_name_or_path ... --output_dir out
+    torchrun --nproc_per_node 8 -m merit_ds.run run_clm.py --optim merit --deepspeed ds.json ...
+    deepspeed --num_gpus 8 --module merit_ds.run train.py --deepspeed_config ds_merit.json
+    accelerate launch -m merit_ds.run run_clm.py --optim merit ...
+    python -m merit_ds.run -m package.module ARGS        # a module instead of a file
+
+The ``deepspeed`` launcher puts ``--local_rank=N`` before the module's arguments; the runner
+hands it to the script right after the script's name, where the launcher would have put it.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+__all__ = ["main", "prepare"]
+
+USAGE = "usage: python -m merit_ds.run SCRIPT.py [ARGS ...] | -m MODULE [ARGS ...]"
+
+
+def prepare() -> None:
+    """Everything a script needs from merit_ds, without editing it."""
+    import merit_ds  # noqa: F401  (JSON names, the sharded step, the Trainer/Accelerate guards)
+
+    try:
+        import transformers  # noqa: F401
+    except ImportError:  # a plain DeepSpeed script: nothing to register with the Trainer
+        return
+    from merit_ds.integrations.hf_trainer import register_trainer_optim
+
+    register_trainer_optim()
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    launcher_args = []
+    while argv and argv[0].startswith("--local_rank"):  # the deepspeed launcher's, for the script
+        launcher_args.append(argv.pop(0))
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE, file=sys.stderr if not argv else sys.stdout)
+        print(__doc__.split("\n\n")[1], file=sys.stderr if not argv else sys.stdout)
+        return 2 if not argv else 0
+    module = None
+    if argv[0] == "-m":
+        if len(argv) < 2:
+            print(USAGE, file=sys.stderr)
+            return 2
+        module, rest = argv[1], argv[2:]
+        target = module
+    else:
+        target, rest = argv[0], argv[1:]
+        if not os.path.isfile(target):
+            print(f"merit_ds.run: error: no such script: {target}", file=sys.stderr)
+            return 2
+    prepare()
+    sys.argv = [target, *launcher_args, *rest]
+    if module is not None:
+        runpy.run_module(module, run_name="__main__", alter_sys=True)
+    else:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+        runpy.run_path(target, run_name="__main__")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
