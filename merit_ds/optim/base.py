@@ -228,3 +228,21 @@ def warn_skipped(name: str, count: int, what: str = "parameter(s)", where: str =
         RuntimeWarning,
         stacklevel=5,
     )
+
+
+def workspace_views(workspace: Optional[dict], like: Tensor) -> tuple[Tensor, Tensor]:
+    """Two scratch tensors shaped like ``like``, carved from buffers reused across steps.
+
+    On CPU a fresh full-size tensor costs more (page faults) than the arithmetic done in it,
+    so the fast path computes u and |.|/s into two buffers sized for the largest parameter
+    (about 2x the largest tensor, e.g. 300 MB for GPT-2 Small's embedding in fp32).
+    """
+    n = like.numel()
+    if workspace is None:
+        return torch.empty_like(like), torch.empty_like(like)
+    key = (like.device, like.dtype)
+    buf = workspace.get(key)
+    if buf is None or buf.shape[1] < n:
+        buf = torch.empty((2, n), dtype=like.dtype, device=like.device)
+        workspace[key] = buf
+    return buf[0, :n].view(like.shape), buf[1, :n].view(like.shape)

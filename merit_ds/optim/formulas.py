@@ -54,6 +54,7 @@ from torch import Tensor
 __all__ = [
     "MatrixMaxima",
     "update_moments_",
+    "foreach_update_moments_",
     "update_direction",
     "matrix_maxima",
     "tensor_max",
@@ -121,6 +122,15 @@ def update_moments_(exp_avg: Tensor, exp_avg_sq: Tensor, grad: Tensor, beta1: fl
     """
     exp_avg.mul_(beta1).add_(grad, alpha=1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+
+
+def foreach_update_moments_(exp_avgs, exp_avg_sqs, grads, beta1: float, beta2: float) -> None:
+    """:func:`update_moments_` over lists with ``torch._foreach`` ops: the same operations in the
+    same order, so every element rounds exactly as in the single-tensor form."""
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
 
 
 def update_direction(

@@ -35,6 +35,7 @@ from .base import (
     state_dtype,
     validate_adam_hyperparameters,
     warn_skipped,
+    workspace_views,
 )
 from .lamb_fragments import LambFragmentRule
 from .trust_stats import partial_trust_stats
@@ -245,19 +246,6 @@ def _single_tensor_lamb(
 # ---------------------------------------------------------------------------------------------
 # Fast path: torch._foreach for the moments, per-tensor norms in a reused workspace
 # ---------------------------------------------------------------------------------------------
-def _workspace_views(workspace: Optional[dict], like: Tensor) -> tuple[Tensor, Tensor]:
-    """Two scratch tensors shaped like ``like`` (u and the squares), reused across steps."""
-    n = like.numel()
-    if workspace is None:
-        return torch.empty_like(like), torch.empty_like(like)
-    key = (like.device, like.dtype)
-    buf = workspace.get(key)
-    if buf is None or buf.shape[1] < n:
-        buf = torch.empty((2, n), dtype=like.dtype, device=like.device)
-        workspace[key] = buf
-    return buf[0, :n].view(like.shape), buf[1, :n].view(like.shape)
-
-
 def _multi_tensor_lamb(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay, max_trust_ratio,
     bias_correction, stats, workspace=None
@@ -267,16 +255,12 @@ def _multi_tensor_lamb(
         torch._foreach_add_(dev_steps, 1.0)
         dtype = state_dtype(dev_params[0])
         gs = dev_grads if dev_grads[0].dtype == dtype else [g.to(dtype) for g in dev_grads]
-        # The same operations as formulas.update_moments_, so each element rounds the same.
-        torch._foreach_mul_(dev_m, beta1)
-        torch._foreach_add_(dev_m, gs, alpha=1 - beta1)
-        torch._foreach_mul_(dev_v, beta2)
-        torch._foreach_addcmul_(dev_v, gs, gs, value=1 - beta2)
+        F.foreach_update_moments_(dev_m, dev_v, gs, beta1, beta2)
         del gs
         low_precision = dev_params[0].dtype != dtype
         for param, m, v, step in zip(dev_params, dev_m, dev_v, dev_steps):
             w = param.to(dtype) if low_precision else param
-            u, scratch = _workspace_views(workspace, w)
+            u, scratch = workspace_views(workspace, w)
             bc1, bc2_sqrt = L.bias_corrections(int(step.item()), beta1, beta2, bias_correction)
             L.lamb_direction(m, v, w, eps, weight_decay, bc1, bc2_sqrt, out=u)
             ratio = L.lamb_trust_ratio(L.sum_of_squares(w, scratch), L.sum_of_squares(u, scratch), max_trust_ratio, dtype)

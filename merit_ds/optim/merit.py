@@ -31,6 +31,7 @@ from .base import (
     state_dtype,
     validate_adam_hyperparameters,
     warn_skipped,
+    workspace_views,
 )
 from .merit_fragments import MeritFragmentRule
 from .trust_stats import PartialTrustStats, partial_trust_stats
@@ -355,24 +356,6 @@ def _single_tensor_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, l
 # ---------------------------------------------------------------------------------------------
 # Fast path: torch._foreach for the moments, per-tensor ratios in a reused workspace
 # ---------------------------------------------------------------------------------------------
-def _workspace_views(workspace: Optional[dict], like: Tensor) -> tuple[Tensor, Tensor]:
-    """Two scratch tensors shaped like ``like``, carved from buffers reused across steps.
-
-    On CPU a fresh full-size tensor costs more (page faults) than the arithmetic done in it,
-    so the fast path computes u and |.|/s into two buffers sized for the largest parameter
-    (about 2x the largest tensor, e.g. 300 MB for GPT-2 Small's embedding in fp32).
-    """
-    n = like.numel()
-    if workspace is None:
-        return torch.empty_like(like), torch.empty_like(like)
-    key = (like.device, like.dtype)
-    buf = workspace.get(key)
-    if buf is None or buf.shape[1] < n:
-        buf = torch.empty((2, n), dtype=like.dtype, device=like.device)
-        workspace[key] = buf
-    return buf[0, :n].view(like.shape), buf[1, :n].view(like.shape)
-
-
 def _multi_tensor_merit(
     params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay, stats, workspace=None
 ):
@@ -381,16 +364,12 @@ def _multi_tensor_merit(
         torch._foreach_add_(dev_steps, 1.0)
         dtype = state_dtype(dev_params[0])
         gs = dev_grads if dev_grads[0].dtype == dtype else [g.to(dtype) for g in dev_grads]
-        # The same operations as formulas.update_moments_, so each element rounds the same.
-        torch._foreach_mul_(dev_m, beta1)
-        torch._foreach_add_(dev_m, gs, alpha=1 - beta1)
-        torch._foreach_mul_(dev_v, beta2)
-        torch._foreach_addcmul_(dev_v, gs, gs, value=1 - beta2)
+        F.foreach_update_moments_(dev_m, dev_v, gs, beta1, beta2)
         del gs
         low_precision = dev_params[0].dtype != dtype
         for param, m, v in zip(dev_params, dev_m, dev_v):
             w = param.to(dtype) if low_precision else param
-            u, scratch = _workspace_views(workspace, w)
+            u, scratch = workspace_views(workspace, w)
             F.update_direction(m, v, w, eps, weight_decay, out=u)
             trust = _trust_ratio(w, u, scratch)
             _record_stats(stats, param, trust, u)

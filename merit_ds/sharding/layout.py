@@ -46,7 +46,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from merit_ds.optim.formulas import matrix_dims, row_pieces
+from merit_ds.optim.formulas import row_pieces
 
 __all__ = [
     "Fragment",
