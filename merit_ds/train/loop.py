@@ -291,7 +291,12 @@ def make_loaders(args, rc: RunConfig, rank: int, world: int):
                                          micro_batch=rc.plan.micro_batch, rank=rank, world=world, seed=args.seed)
         val_loader = make_val_loader(args.data, seq_len=rc.seq_len, eval_sequences=eval_sequences,
                                      micro_batch=rc.plan.micro_batch, rank=rank, world=world)
-        check_token_data(args.data, gpt2_config(rc.preset, **model_overrides(rc)).vocab_size, rank=rank, world=world)
+        # The ids the data may hold: the tokenizer's (the preset pads the embedding to a multiple of
+        # 64 with ids no tokenizer produces), or the whole embedding if the user set vocab_size.
+        vocab = gpt2_config(rc.preset, **model_overrides(rc)).vocab_size
+        if "vocab_size" not in model_overrides(rc):
+            vocab = min(vocab, rc.preset.token_vocab)
+        check_token_data(args.data, vocab, rank=rank, world=world)
     except DataError as exc:
         raise UsageError(f"data: {exc}") from None
     return train_loader, val_loader

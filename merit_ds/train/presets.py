@@ -85,6 +85,7 @@ class ModelPreset:
     n_head: int
     seq_len: int
     vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
+    token_vocab: int = 50257  # ids the tokenizer produces; ids in [token_vocab, vocab_size) are padding
     description: str = ""
 
     def config_kwargs(self, **overrides) -> dict:
