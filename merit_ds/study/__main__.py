@@ -47,8 +47,19 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--shard", default=None, help="I/N: run cells I, I+N, ... (default from SLURM_ARRAY_TASK_ID/COUNT)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds: start no cell that would end after it")
     p.add_argument("--report-only", action="store_true", help="only (re)write results.csv, plots and report.md")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per process (default 1 on the cpu preset: on a shared 2-core machine two "
+                        "OpenMP threads per process made a step 10-50x slower whenever another job ran; 0: leave as is)")
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+def _set_threads(n: int) -> None:
+    """Before any cell: OMP_NUM_THREADS for OpenMP pools not yet started, torch's intra-op threads."""
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    import torch
+
+    torch.set_num_threads(n)
 
 
 def _shard(text) -> tuple[int, int]:
@@ -129,7 +140,9 @@ def _scale(grid: Grid) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    t0 = time.time()
+    threads = args.threads if args.threads is not None else (1 if args.preset == "cpu" else 0)
+    if threads:
+        _set_threads(threads)
     try:
         grid = grid_from_args(args, prepare_data=not args.report_only)
         out = Path(args.out)
