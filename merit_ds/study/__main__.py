@@ -54,12 +54,16 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
-def _set_threads(n: int) -> None:
-    """Before any cell: OMP_NUM_THREADS for OpenMP pools not yet started, torch's intra-op threads."""
+def _set_threads(n: int, argv: list[str]) -> None:
+    """OMP_NUM_THREADS=n for the whole process: every OpenMP runtime (torch's, the MERIT CPU kernel's)
+    reads it when it starts, which may already have happened (``import merit_ds`` imports torch), so
+    the process re-executes itself once with it set (torch.set_num_threads alone did not help)."""
+    if os.environ.get("OMP_NUM_THREADS") == str(n):
+        return
     os.environ["OMP_NUM_THREADS"] = str(n)
-    import torch
-
-    torch.set_num_threads(n)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-m", "merit_ds.study", *argv])
 
 
 def _shard(text) -> tuple[int, int]:
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     threads = args.threads if args.threads is not None else (1 if args.preset == "cpu" else 0)
     if threads:
-        _set_threads(threads)
+        _set_threads(threads, argv)
     try:
         grid = grid_from_args(args, prepare_data=not args.report_only)
         out = Path(args.out)
