@@ -109,12 +109,18 @@ def steps_to_target(curve: list[tuple[int, float]], target: float) -> float:
     return math.inf
 
 
+#: The default target loss sits this far above the worst best loss (curves are stored rounded, and a
+#: seed may end a little above its mean).
+TARGET_MARGIN = 0.01
+
+
 def critical_batch(best: dict, target: float | None = None) -> tuple[float, dict]:
-    """Steps to ``target`` (default: the worst best-loss over every optimizer and batch, so every curve
-    reaches it) at each (optimizer, batch)'s best lr, mean over seeds: ``(target, {opt: {batch: steps}})``."""
+    """Steps to ``target`` (default: the worst best-loss over every optimizer and batch + :data:`TARGET_MARGIN`,
+    so that every curve can reach it) at each (optimizer, batch)'s best lr, mean over seeds (inf if a seed
+    never reaches it): ``(target, {opt: {batch: steps}})``."""
     finite = [v["loss"] for per in best.values() for v in per.values() if math.isfinite(v["loss"])]
     if target is None:
-        target = max(finite) if finite else math.nan
+        target = max(finite) + TARGET_MARGIN if finite else math.nan
     out = {}
     for opt, per in best.items():
         out[opt] = {}

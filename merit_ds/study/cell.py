@@ -120,7 +120,7 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
            "max_attn_logit": max_logit if math.isfinite(max_logit) else math.nan,
            "gns_b_noise": float(sorted(late)[len(late) // 2]) if late else math.nan,
            "diverged": int(diverged), "wall_s": round(time.perf_counter() - t0, 2),
-           "val_curve": ";".join(f"{st}:{v:.5g}" for st, v in curve)}
+           "val_curve": ";".join(f"{st}:{v:.7g}" for st, v in curve)}
     del trainer, engine, basic, train_loader, val_loader
     gc.collect()
     torch.manual_seed(0)

@@ -40,7 +40,8 @@ def make_plots(summary: dict, rows: list[dict], out: Path) -> list[Path]:
         for b, y in zip(bs, ys):
             if math.isfinite(y):
                 flag = {"low": " (edge-)", "high": " (edge+)"}.get(per[b]["edge"], "")
-                ax.annotate(f"{per[b]['lr']:.2g}{flag}", (b, y), textcoords="offset points", xytext=(4, 6), fontsize=8)
+                ax.annotate(f"{per[b]['lr']:.2g}{flag}", (b, y), textcoords="offset points", fontsize=8,
+                            xytext=(4, 6 - 12 * sorted(best).index(opt)), color=COLORS.get(opt))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch (sequences)")
     ax.set_ylabel("best final val loss (mean over seeds)")
@@ -105,8 +106,8 @@ def make_plots(summary: dict, rows: list[dict], out: Path) -> list[Path]:
         bn = summary["per_optimizer"][opt]["b_noise"]
         if math.isfinite(bn) and bn > 0:
             ax.axvline(bn, color=COLORS.get(opt), linestyle=":", alpha=0.8)
-            ax.annotate(f"B_noise {bn:.0f}", (bn, ax.get_ylim()[1] if False else per[b0]), fontsize=8,
-                        color=COLORS.get(opt), rotation=90, textcoords="offset points", xytext=(2, 0))
+            ax.text(bn, 0.03, f" B_noise {_label(opt)} {bn:.0f}", transform=ax.get_xaxis_transform(), fontsize=8,
+                    color=COLORS.get(opt), rotation=90, va="bottom")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("global batch (sequences)")
@@ -162,7 +163,9 @@ def write_report(summary: dict, out: Path, *, scale: str = "", command: str = ""
     allb = sorted({b for per in crit.values() for b in per})
     for opt in sorted(crit):
         lines.append(f"| {_label(opt)} | " + " | ".join(_fmt(crit[opt].get(b, math.nan), '.1f') for b in allb) + " |")
-    lines += ["", "Perfect scaling would divide the steps by the batch ratio; the gradient noise scale "
+    lines += ["", "Target: the worst best loss over every optimizer and batch + 0.01, so that every best-lr "
+              "curve can reach it (steps interpolated between evaluations, mean over seeds; n/a: a seed never "
+              "reached it). Perfect scaling would divide the steps by the batch ratio; the gradient noise scale "
               "(McCandlish et al. 2018) is measured by the loop's diagnostics and drawn on the same axis "
               "(critical_batch.png).", "", "## The paper's claim beside what was measured", "", f"- {PAPER_CLAIM}"]
     for opt in sorted(per_opt):
