@@ -5,7 +5,9 @@
 # Command:   bash launch/study_gpu.sh            (one node; one worker process per GPU)
 #   worker i of N: CUDA_VISIBLE_DEVICES=i python -m merit_ds.study --preset gpt2-small \
 #       --budget-divisor 100 --data data/owt --out runs/study-gpt2-small --shard i/N
-# Budget: 48e9 / BUDGET_DIVISOR tokens per cell (100 -> 480M: 977 steps at 480, 76 at 6k); a cell is
+# largest cell (6k, one GPU, budget 48e9/100):
+# batch: micro_batch 8 x grad_accum 768 x world 1 = 6144 sequences x 1024 = 6,291,456 tokens/step; 77 steps -> 484,442,112 tokens
+# Budget: 48e9 / BUDGET_DIVISOR tokens per cell (100 -> 480M: 977 steps at 480, 77 at 6k); a cell is
 # one process-group-of-one run of merit_ds.train's parts (ZeRO-2, bf16, micro-batch 8, grad-accum
 # batch/8). 75 cells; resumable: re-run the same command and finished cells are skipped.
 # Variables: MODEL=gpt2-medium GPUS=8 BUDGET_DIVISOR=100 DATA=data/owt OUT=runs/study-$MODEL

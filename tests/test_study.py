@@ -53,6 +53,11 @@ def test_grid_from_flags_counts_cells(tmp_path):
     d = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "d")]), prepare_data=False)
     assert len(d.cells()) == 84 and max(d.batches) / min(d.batches) == 16
     assert {o: len(v) for o, v in d.lrs.items()} == {"merit": 5, "lamb": 5, "adamw": 4}
+    # the GPU version: the paper's batch sizes, 48e9 / divisor tokens, GPT-2 Small's shape
+    g = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "g"), "--preset", "gpt2-small"]),
+                       prepare_data=False)
+    assert g.batches == [480, 1024, 2048, 4096, 6144] and g.tokens == 480_000_000 and len(g.cells()) == 75
+    assert g.settings["seq_len"] == 1024 and g.settings["zero_stage"] == 2 and g.settings["model"] == "gpt2-small"
     with pytest.raises(GridError, match="unknown optimizer"):
         Grid(["sgd"], [8], {"sgd": [1.0]}, [0], 1000, {}).check()
     assert _shard("1/4") == (1, 4)
