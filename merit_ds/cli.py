@@ -1,4 +1,4 @@
-"""``merit-ds`` / ``python -m merit_ds``: ``plan`` (batch, memory, wall time), ``train`` and ``export``."""
+"""``merit-ds`` / ``python -m merit_ds``: ``plan`` (batch, memory, wall time), ``train``, ``export`` and ``study``."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def main(argv=None) -> int:
 
     e = sub.add_parser("export", help="a run's checkpoint as a Hugging Face model directory (from_pretrained, pipeline)")
     export_mod.add_arguments(e)
+    sub.add_parser("study", help="the large-batch study (same as python -m merit_ds.study; see --help there)",
+                   add_help=False)
+    if argv[:1] == ["study"]:
+        from .study.__main__ import main as study_main
+        return study_main(argv[1:])
     if argv[:1] == ["train"]:
         from .train.loop import main as train_main
         return train_main(argv[1:])

@@ -1,0 +1,155 @@
+"""``results.csv`` -> what the study found: best lr per (optimizer, batch) with its seed spread and
+an edge-of-grid flag, the large-batch penalty, the lr-vs-batch scaling exponent, steps to a target
+loss (the critical-batch curve) and the measured gradient noise scale."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean, median, stdev
+
+from .grid import GridError
+
+__all__ = ["load_results", "check_one_budget", "best_per_batch", "fit_exponent", "steps_to_target",
+           "critical_batch", "summarize"]
+
+_INT = ("batch", "seed", "tokens", "tokens_trained", "steps", "seq_len", "warmup", "diverged")
+_FLOAT = ("lr", "final_val_loss", "max_attn_logit", "gns_b_noise", "wall_s")
+
+
+def load_results(path) -> list[dict]:
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            for k in _INT:
+                if r.get(k) not in (None, ""):
+                    r[k] = int(float(r[k]))
+            for k in _FLOAT:
+                if r.get(k) not in (None, ""):
+                    r[k] = float(r[k])
+            rows.append(r)
+    check_one_budget(rows)
+    return rows
+
+
+def check_one_budget(rows: list[dict]) -> int:
+    """The single token budget of ``rows``; :class:`GridError` if they mix budgets (or lengths)."""
+    budgets = sorted({int(r["tokens"]) for r in rows})
+    if len(budgets) > 1:
+        raise GridError(f"results mix token budgets {budgets}: a comparison across batch sizes is only fair at one "
+                        f"budget; analyse each budget's cells separately")
+    lengths = sorted({int(r["seq_len"]) for r in rows if r.get("seq_len") not in (None, "")})
+    if len(lengths) > 1:
+        raise GridError(f"results mix sequence lengths {lengths}")
+    return budgets[0] if budgets else 0
+
+
+def _loss(r: dict) -> float:
+    v = float(r["final_val_loss"])
+    return math.inf if int(r.get("diverged", 0)) or not math.isfinite(v) else v
+
+
+def best_per_batch(rows: list[dict]) -> dict:
+    """{optimizer: {batch: {...}}}: the lr with the lowest mean final val loss over seeds, that mean, the
+    seed spread (std, and max-min) at it, ``edge`` ("low"/"high" when it is the smallest/largest lr of
+    the grid: the optimum was not bracketed, None otherwise), the grid, and per-lr means."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        groups[(r["optimizer"], int(r["batch"]))][float(r["lr"])].append(r)
+    out = defaultdict(dict)
+    for (opt, batch), by_lr in groups.items():
+        means = {lr: mean(_loss(r) for r in rs) if all(math.isfinite(_loss(r)) for r in rs) else math.inf
+                 for lr, rs in by_lr.items()}
+        grid = sorted(by_lr)
+        best = min(grid, key=lambda lr: (means[lr], lr))
+        losses = [_loss(r) for r in by_lr[best]]
+        edge = None
+        if len(grid) > 1 and best == grid[0]:
+            edge = "low"
+        elif len(grid) > 1 and best == grid[-1]:
+            edge = "high"
+        out[opt][batch] = {"lr": best, "loss": means[best], "std": stdev(losses) if len(losses) > 1 else 0.0,
+                           "range": max(losses) - min(losses), "seeds": len(losses), "edge": edge, "grid": grid,
+                           "means": means, "rows": by_lr[best]}
+    return dict(out)
+
+
+def fit_exponent(batches, lrs) -> float:
+    """Least-squares slope of log(lr) against log(batch): lr ~ batch^alpha (0.5: sqrt rule, 1: linear)."""
+    x = [math.log(b) for b in batches]
+    y = [math.log(v) for v in lrs]
+    if len(x) < 2:
+        return math.nan
+    mx, my = mean(x), mean(y)
+    sxx = sum((a - mx) ** 2 for a in x)
+    return sum((a - mx) * (b - my) for a, b in zip(x, y)) / sxx if sxx else math.nan
+
+
+def parse_curve(text: str) -> list[tuple[int, float]]:
+    pts = []
+    for part in str(text or "").split(";"):
+        if ":" in part:
+            s, v = part.split(":")
+            pts.append((int(s), float(v)))
+    return pts
+
+
+def steps_to_target(curve: list[tuple[int, float]], target: float) -> float:
+    """First (linearly interpolated) step at which the validation curve reaches ``target``; inf if never."""
+    prev = None
+    for step, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(step)
+            s0, l0 = prev
+            return s0 + (step - s0) * (l0 - target) / (l0 - loss)
+        prev = (step, loss)
+    return math.inf
+
+
+#: The default target loss sits this far above the worst best loss (curves are stored rounded, and a
+#: seed may end a little above its mean).
+TARGET_MARGIN = 0.01
+
+
+def critical_batch(best: dict, target: float | None = None) -> tuple[float, dict]:
+    """Steps to ``target`` (default: the worst best-loss over every optimizer and batch + :data:`TARGET_MARGIN`,
+    so that every curve can reach it) at each (optimizer, batch)'s best lr, mean over seeds (inf if a seed
+    never reaches it): ``(target, {opt: {batch: steps}})``."""
+    finite = [v["loss"] for per in best.values() for v in per.values() if math.isfinite(v["loss"])]
+    if target is None:
+        target = max(finite) + TARGET_MARGIN if finite else math.nan
+    out = {}
+    for opt, per in best.items():
+        out[opt] = {}
+        for batch, v in sorted(per.items()):
+            steps = [steps_to_target(parse_curve(r.get("val_curve")), target) for r in v["rows"]]
+            out[opt][batch] = mean(steps) if steps and all(math.isfinite(s) for s in steps) else math.inf
+    return target, out
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Everything the report and the plots say, per optimizer."""
+    budget = check_one_budget(rows)
+    best = best_per_batch(rows)
+    target, crit = critical_batch(best)
+    per_opt = {}
+    for opt, per in best.items():
+        batches = sorted(per)
+        lo, hi = batches[0], batches[-1]
+        usable = [b for b in batches if per[b]["edge"] is None]
+        noise = [float(r["gns_b_noise"]) for b in batches for r in per[b]["rows"]
+                 if r.get("gns_b_noise") not in (None, "") and math.isfinite(float(r["gns_b_noise"]))]
+        per_opt[opt] = {
+            "batches": batches,
+            "penalty": per[hi]["loss"] - per[lo]["loss"],
+            "penalty_spread": math.hypot(per[hi]["std"], per[lo]["std"]),
+            "exponent": fit_exponent(batches, [per[b]["lr"] for b in batches]),
+            "exponent_bracketed": fit_exponent(usable, [per[b]["lr"] for b in usable]) if len(usable) >= 2 else math.nan,
+            "edges": {b: per[b]["edge"] for b in batches if per[b]["edge"]},
+            "b_noise": median(noise) if noise else math.nan,
+            "max_attn_logit_largest": max((float(r["max_attn_logit"]) for r in per[hi]["rows"]), default=math.nan),
+        }
+    return {"budget": budget, "best": best, "target": target, "steps_to_target": crit, "per_optimizer": per_opt}

@@ -1,0 +1,127 @@
+"""One cell of the study: one training run, in this process, through the training layer's public
+parts (:func:`merit_ds.train.loop.configure`, ``make_loaders``, ``build_engine``,
+:class:`merit_ds.train.trainer.Trainer`): the very code ``python -m merit_ds.train`` runs, without a
+launcher start-up per cell. The process group is started once (:class:`merit_ds.train.loop.Runner`)
+and reused by every cell; each cell builds its own model, optimizer and DeepSpeed engine.
+
+What a cell records comes from the loop's own metrics: the final validation loss
+(``Trainer.evaluate``), the validation curve (every ``eval_every`` steps, at the same token counts
+for every batch size), the max attention logit and the gradient noise scale (the diagnostics
+steps of ``Trainer.train_step``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["CellSpec", "cell_args", "run_cell", "DivergedError"]
+
+
+class DivergedError(FloatingPointError):
+    pass
+
+
+@dataclass(frozen=True)
+class CellSpec:
+    """Everything a cell's training run depends on (the study-wide part is in ``settings``)."""
+
+    optimizer: str
+    batch: int
+    lr: float
+    seed: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.optimizer}_b{self.batch}_lr{self.lr:.3g}_s{self.seed}"
+
+
+def _cadence(steps: int, points: int) -> int:
+    return max(1, steps // points)
+
+
+def cell_args(cell: CellSpec, s: dict, out: Path) -> list[str]:
+    """The ``python -m merit_ds.train`` arguments of this cell (what its log records, too)."""
+    args = ["--model", s["model"], "--data", str(s["data"]), "--out", str(out),
+            "--optimizer", cell.optimizer, "--global-batch", str(cell.batch), "--lr", repr(cell.lr),
+            "--seed", str(cell.seed), "--tokens", str(int(s["tokens"])),
+            "--micro-batch", str(min(cell.batch, int(s["micro_batch"]))),
+            "--eval-sequences", str(s["eval_sequences"]), "--tracker", "none", "--resume", "never",
+            "--ckpt-every", "0", "--no-plot", "--no-export", "--no-progress",
+            "--zero-stage", str(s["zero_stage"]), "--precision", s["precision"]]
+    if s.get("seq_len"):
+        args += ["--seq-len", str(s["seq_len"])]
+    for kv in s.get("model_overrides", []):
+        args += ["--model-override", kv]
+    return args
+
+
+def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
+    """Train one cell; return its results row (``diverged`` set when the loss became non-finite)."""
+    import torch
+
+    from merit_ds.train import loop
+    from merit_ds.train.presets import warmup_steps
+    from merit_ds.train.trainer import Trainer
+
+    t0 = time.perf_counter()
+    args = loop.parse_args(cell_args(cell, s, out))
+    # the schedule's steps depend on the batch: resolve once to learn them, then fix the warmup
+    # as the same share of the token budget for every batch size
+    rc = loop.configure(args, runner, "deepspeed")
+    args.warmup_steps = warmup_steps(rc.plan.steps, float(s["warmup_fraction"]))
+    rc = loop.configure(args, runner, "deepspeed")
+    steps = rc.plan.steps
+    eval_every = _cadence(steps, int(s["eval_points"]))
+    diag_every = _cadence(steps, int(s["diag_points"]))
+    with contextlib.redirect_stdout(log):
+        loop.print_banner(runner, rc)
+        train_loader, val_loader = loop.make_loaders(args, rc, runner.rank, runner.world)
+        engine, basic = loop.build_engine(args, rc, runner, rc.ds_config)
+    trainer = Trainer(engine, runner, basic, rc.optimizer, train_loader, val_loader, steps=steps,
+                      warmup=rc.warmup, floor=rc.floor, tokens_per_step=rc.plan.tokens_per_step,
+                      zero_stage=rc.zero_stage)
+    metrics = out / "metrics.jsonl"
+    curve, max_logit, noise, diverged = [], -math.inf, [], False
+    first = trainer.evaluate()
+    curve.append((0, first["val_loss"]))
+    engine.train()
+    with open(metrics, "w") as mf:
+        for step in range(1, steps + 1):
+            record = trainer.train_step(diagnostics=step % diag_every == 0 or step == 1)
+            if step % eval_every == 0 or step == steps:
+                if math.isfinite(record["loss"]):
+                    record.update(trainer.evaluate())
+                    curve.append((step, record["val_loss"]))
+            mf.write(json.dumps(record) + "\n")
+            mf.flush()
+            if record.get("max_attn_logit") is not None and math.isfinite(record["max_attn_logit"]):
+                max_logit = max(max_logit, record["max_attn_logit"])
+            if record.get("gns_b_noise") is not None and math.isfinite(record["gns_b_noise"]):
+                noise.append((step, record["gns_b_noise"]))
+            if not math.isfinite(record["loss"]):
+                diverged = True
+                print(f"step {step}: training loss {record['loss']}: diverged, cell stopped", file=log, flush=True)
+                break
+            if step % eval_every == 0 or step == steps:
+                print(f"step {step}/{steps} loss {record['loss']:.4f} val {record.get('val_loss', math.nan):.4f} "
+                      f"lr {record['lr']:.3g} max_attn_logit {max_logit:.1f}", file=log, flush=True)
+    final = curve[-1][1] if not diverged else math.inf
+    # the noise scale: the EMA's value over the second half of training (early steps are transients)
+    late = [b for st, b in noise if st > steps // 2] or [b for _, b in noise]
+    row = {"optimizer": cell.optimizer, "batch": cell.batch, "lr": cell.lr, "seed": cell.seed,
+           "tokens": int(s["tokens"]), "tokens_trained": steps * rc.plan.tokens_per_step, "steps": steps,
+           "seq_len": rc.seq_len, "warmup": rc.warmup, "final_val_loss": final,
+           "max_attn_logit": max_logit if math.isfinite(max_logit) else math.nan,
+           "gns_b_noise": float(sorted(late)[len(late) // 2]) if late else math.nan,
+           "diverged": int(diverged), "wall_s": round(time.perf_counter() - t0, 2),
+           "val_curve": ";".join(f"{st}:{v:.7g}" for st, v in curve)}
+    del trainer, engine, basic, train_loader, val_loader
+    gc.collect()
+    torch.manual_seed(0)
+    return row

@@ -1,0 +1,121 @@
+"""The grid: optimizer x global batch x peak lr x seed at one fixed token budget.
+
+``--lrs 1e-3,3e-3`` gives every optimizer the same lrs; ``--lrs "merit=1e-2,3e-2;adamw=1e-3,3e-3"``
+gives each its own (an optimizer left out of a per-optimizer spec is an error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .cell import CellSpec
+
+__all__ = ["GridError", "Grid", "parse_list", "parse_lrs", "DEFAULT_STUDY", "GPU_STUDY"]
+
+
+class GridError(ValueError):
+    """A grid that cannot be run (bad flags, or a budget other than the one already in --out)."""
+
+
+def parse_list(text: str, kind=float, name: str = "value") -> list:
+    try:
+        values = [kind(v) for v in str(text).replace(" ", "").split(",") if v != ""]
+    except ValueError:
+        raise GridError(f"cannot read {name}s from {text!r}") from None
+    if not values:
+        raise GridError(f"no {name}s in {text!r}")
+    if len(set(values)) != len(values):
+        raise GridError(f"repeated {name} in {text!r}")
+    return values
+
+
+def parse_lrs(text: str, optimizers: list[str]) -> dict[str, list[float]]:
+    """``"1e-3,3e-3"`` (all optimizers) or ``"merit=1e-2,3e-2;adamw=1e-3"`` -> {optimizer: sorted lrs}."""
+    text = str(text).strip()
+    if "=" not in text:
+        lrs = sorted(parse_list(text, float, "lr"))
+        out = {o: lrs for o in optimizers}
+    else:
+        out = {}
+        for part in text.split(";"):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise GridError(f"--lrs {text!r}: write optimizer=lr,lr;optimizer=lr,... for per-optimizer grids")
+            name, values = part.split("=", 1)
+            name = name.strip()
+            if name not in optimizers:
+                raise GridError(f"--lrs names {name!r}, which is not in --optimizers {','.join(optimizers)}")
+            out[name] = sorted(parse_list(values, float, "lr"))
+        missing = [o for o in optimizers if o not in out]
+        if missing:
+            raise GridError(f"--lrs gives no lr grid for {', '.join(missing)}")
+    for o, lrs in out.items():
+        if any(lr <= 0 for lr in lrs):
+            raise GridError(f"lrs must be positive ({o}: {lrs})")
+    return out
+
+
+@dataclass
+class Grid:
+    optimizers: list[str]
+    batches: list[int]
+    lrs: dict[str, list[float]]
+    seeds: list[int]
+    tokens: int
+    settings: dict = field(default_factory=dict)  # model, data, seq_len, ... (identical for every cell)
+
+    def cells(self) -> list[CellSpec]:
+        """Every cell, in a stable order (seed-major so a partial study covers the grid once first)."""
+        return [CellSpec(o, b, lr, s) for s in self.seeds for o in self.optimizers for b in self.batches
+                for lr in self.lrs[o]]
+
+    def check(self) -> None:
+        from merit_ds.train.presets import OPTIMIZERS
+
+        for o in self.optimizers:
+            if o not in OPTIMIZERS:
+                raise GridError(f"unknown optimizer {o!r}: choose from {', '.join(OPTIMIZERS)}")
+        if any(b <= 0 for b in self.batches):
+            raise GridError(f"batch sizes must be positive: {self.batches}")
+        seq = int(self.settings.get("seq_len") or 0)
+        if seq and self.tokens < max(self.batches) * seq:
+            raise GridError(f"--tokens {self.tokens} is less than one step of the largest batch "
+                            f"({max(self.batches)} x {seq})")
+
+
+#: The default study: built-in KJV corpus, 2 CPU cores, ~30 minutes (README: Large-batch study).
+DEFAULT_STUDY = {
+    "optimizers": ["merit", "lamb", "adamw"],
+    "batches": [8, 32, 128],
+    # chosen to bracket each optimum at batches 8 and 128 (pilot cells at batch 128, seed 0: MERIT best
+    # near 6e-2 and 1.5e-1 far worse; AdamW 1e-2 ~ 2.5e-2; FIELD_NOTES' sweep for the small batches)
+    "lrs": {"merit": [6e-3, 1.2e-2, 2.5e-2, 5e-2, 1e-1], "lamb": [6e-3, 1.2e-2, 2.5e-2, 5e-2, 1e-1],
+            "adamw": [2e-3, 5e-3, 1.2e-2, 3e-2]},
+    "seeds": [0, 1],
+    "tokens": 262_144,
+    "model": "tiny",
+    "model_overrides": ["n_layer=2", "n_embd=64", "n_head=2"],
+    "vocab": 2048,
+    "seq_len": 64,
+    "micro_batch": 32,
+    "eval_sequences": 128,
+    # ZeRO-0 (DeepSpeed engine, no partitioning): at world 1 the ZeRO stages compute the same step, and
+    # MERIT/LAMB under ZeRO-1 at world 1 on CPU took 1-3 s per step without diagnostics (vs 0.03 s
+    # for AdamW under ZeRO-1 and MERIT under ZeRO-0): README, Large-batch study
+    "zero_stage": 0,
+}
+
+#: The GPU-cluster version (``--preset gpt2-small|gpt2-medium``): the paper's batch sizes and a
+#: token budget of 48e9 / ``--budget-divisor``; lrs bracket the presets' values.
+GPU_STUDY = {
+    "optimizers": ["merit", "lamb", "adamw"],
+    "batches": [480, 1024, 2048, 4096, 6144],
+    "lrs": {"merit": [3e-4, 6e-4, 1.2e-3, 2.4e-3, 4.8e-3], "lamb": [3e-4, 6e-4, 1.2e-3, 2.4e-3, 4.8e-3],
+            "adamw": [1.5e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3]},
+    "seeds": [0],
+    "tokens": 48_000_000_000,
+    "micro_batch": 8,
+    "eval_sequences": 256,
+    "zero_stage": 2,
+}

@@ -1,0 +1,193 @@
+"""PNG plots and ``report.md`` from ``results.csv`` (nothing else is read: a synthetic table works)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from .analysis import load_results, summarize
+
+__all__ = ["make_plots", "write_report", "report_from_csv", "PLOTS", "PAPER_CLAIM"]
+
+PLOTS = ("best_loss_vs_batch.png", "lr_sensitivity.png", "max_attn_logit.png", "critical_batch.png")
+LABELS = {"merit": "MERIT", "lamb": "LAMB", "adamw": "AdamW"}
+COLORS = {"merit": "tab:red", "lamb": "tab:green", "adamw": "tab:blue"}
+PAPER_CLAIM = ("MERIT paper: GPT-2 Medium trained at batch 6k matches batch 480 at 48B tokens (no large-batch "
+               "penalty), while AdamW degrades at large batch and LAMB only partly closes the gap.")
+
+
+def _label(o):
+    return LABELS.get(o, o)
+
+
+def make_plots(summary: dict, rows: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    best, paths = summary["best"], []
+    title = f"budget {summary['budget']:,} tokens"
+
+    # 1. best final val loss vs batch, winning lr on each point, seed spread as error bars
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for opt, per in sorted(best.items()):
+        bs = sorted(per)
+        ys = [per[b]["loss"] for b in bs]
+        ax.errorbar(bs, ys, yerr=[per[b]["std"] for b in bs], marker="o", capsize=4, label=_label(opt),
+                    color=COLORS.get(opt))
+        for b, y in zip(bs, ys):
+            if math.isfinite(y):
+                flag = {"low": " (edge-)", "high": " (edge+)"}.get(per[b]["edge"], "")
+                ax.annotate(f"{per[b]['lr']:.2g}{flag}", (b, y), textcoords="offset points", fontsize=8,
+                            xytext=(4, 6 - 12 * sorted(best).index(opt)), color=COLORS.get(opt))
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("global batch (sequences)")
+    ax.set_ylabel("best final val loss (mean over seeds)")
+    ax.set_title(f"Best val loss vs batch; label = winning peak lr ({title})")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / PLOTS[0]); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+
+    # 2. val loss vs lr, one panel per batch (sensitivity)
+    batches = sorted({int(r["batch"]) for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.2 * len(batches), 4), sharey=True, squeeze=False)
+    finite = [v for per in best.values() for b in per.values() for v in b["means"].values() if math.isfinite(v)]
+    ceiling = max(finite) + 0.5 if finite else 10
+    for ax, b in zip(axes[0], batches):
+        for opt, per in sorted(best.items()):
+            if b not in per:
+                continue
+            lrs = per[b]["grid"]
+            ys = [min(per[b]["means"][lr], ceiling) for lr in lrs]
+            ax.plot(lrs, ys, marker="o", label=_label(opt), color=COLORS.get(opt))
+            for lr in lrs:
+                if not math.isfinite(per[b]["means"][lr]):
+                    ax.plot([lr], [ceiling], marker="x", color="k")
+        ax.set_xscale("log")
+        ax.set_title(f"batch {b}")
+        ax.set_xlabel("peak lr")
+    axes[0][0].set_ylabel("final val loss (mean over seeds; x = diverged)")
+    axes[0][0].legend()
+    fig.suptitle(f"lr sensitivity ({title})")
+    fig.tight_layout()
+    paths.append(out / PLOTS[1]); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+
+    # 3. max attention logit (max over training) at the largest batch, per optimizer, vs lr
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for opt, per in sorted(best.items()):
+        hi = max(per)
+        pts = sorted((float(r["lr"]), float(r["max_attn_logit"])) for r in rows
+                     if r["optimizer"] == opt and int(r["batch"]) == hi and r.get("max_attn_logit") not in (None, ""))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="", label=f"{_label(opt)} (batch {hi})",
+                    color=COLORS.get(opt))
+            ax.axvline(per[hi]["lr"], color=COLORS.get(opt), linestyle=":", alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peak lr (dotted: best lr)")
+    ax.set_ylabel("max attention logit over training")
+    ax.set_title(f"Max attention logit at the largest batch ({title})")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / PLOTS[2]); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+
+    # 4. steps to a target loss vs batch + perfect scaling + the measured gradient noise scale
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    crit = summary["steps_to_target"]
+    for opt, per in sorted(crit.items()):
+        bs = [b for b in sorted(per) if math.isfinite(per[b])]
+        if not bs:
+            continue
+        ax.plot(bs, [per[b] for b in bs], marker="o", label=_label(opt), color=COLORS.get(opt))
+        b0 = bs[0]
+        ax.plot(bs, [per[b0] * b0 / b for b in bs], linestyle="--", color=COLORS.get(opt), alpha=0.4)
+        bn = summary["per_optimizer"][opt]["b_noise"]
+        if math.isfinite(bn) and bn > 0:
+            ax.axvline(bn, color=COLORS.get(opt), linestyle=":", alpha=0.8)
+            ax.text(bn, 0.03, f" B_noise {_label(opt)} {bn:.0f}", transform=ax.get_xaxis_transform(), fontsize=8,
+                    color=COLORS.get(opt), rotation=90, va="bottom")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("global batch (sequences)")
+    ax.set_ylabel(f"steps to val loss {summary['target']:.3f}")
+    ax.set_title("Critical batch: steps to target (dashed: perfect scaling; dotted: measured noise scale)",
+                 fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / PLOTS[3]); fig.savefig(paths[-1], dpi=110); plt.close(fig)
+    return paths
+
+
+def _fmt(x, spec=".4f"):
+    return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
+
+
+def write_report(summary: dict, out: Path, *, scale: str = "", command: str = "", wall: str = "") -> Path:
+    best, per_opt = summary["best"], summary["per_optimizer"]
+    lines = ["# Large-batch study", ""]
+    if scale:
+        lines += [f"Scale: {scale}", ""]
+    if command:
+        lines += ["Command:", "", f"    {command}", ""]
+    if wall:
+        lines += [f"Wall time: {wall}", ""]
+    lines += [f"Token budget: {summary['budget']:,} tokens for every cell (one budget; cells of other budgets are "
+              f"refused).", "", "## Best lr per optimizer and batch", "",
+              "| optimizer | batch | best lr | best val loss (mean) | seed std | seed max-min | seeds | lr grid | edge of grid? |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for opt in sorted(best):
+        for b in sorted(best[opt]):
+            v = best[opt][b]
+            edge = {"low": "YES: smallest lr of the grid (optimum not bracketed)",
+                    "high": "YES: largest lr of the grid (optimum not bracketed)"}.get(v["edge"], "no")
+            lines.append(f"| {_label(opt)} | {b} | {v['lr']:.3g} | {_fmt(v['loss'])} | {_fmt(v['std'])} | "
+                         f"{_fmt(v['range'])} | {v['seeds']} | {', '.join(f'{x:.3g}' for x in v['grid'])} | {edge} |")
+    lines += ["", "## Large-batch penalty and lr scaling", "",
+              "Penalty = best loss at the largest batch minus best loss at the smallest (same tokens). "
+              "Exponent alpha: least-squares fit of log(best lr) = c + alpha log(batch) (0.5 = the sqrt rule the "
+              "recipes use, 1 = linear).", "",
+              "| optimizer | batches | penalty | penalty +- (seed std) | alpha (all batches) | alpha (bracketed optima only) | edges | noise scale B_noise | max attn logit at largest batch (best lr) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for opt in sorted(per_opt):
+        p = per_opt[opt]
+        edges = ", ".join(f"b{b}:{e}" for b, e in p["edges"].items()) or "none"
+        lines.append(f"| {_label(opt)} | {p['batches'][0]}-{p['batches'][-1]} | {_fmt(p['penalty'], '+.4f')} | "
+                     f"{_fmt(p['penalty_spread'])} | {_fmt(p['exponent'], '.2f')} | {_fmt(p['exponent_bracketed'], '.2f')} | "
+                     f"{edges} | {_fmt(p['b_noise'], '.1f')} | {_fmt(p['max_attn_logit_largest'], '.1f')} |")
+    crit = summary["steps_to_target"]
+    lines += ["", f"## Steps to val loss {_fmt(summary['target'])} (critical batch)", "",
+              "| optimizer | " + " | ".join(f"batch {b}" for b in sorted({b for per in crit.values() for b in per})) + " |",
+              "|---|" + "---|" * len({b for per in crit.values() for b in per})]
+    allb = sorted({b for per in crit.values() for b in per})
+    for opt in sorted(crit):
+        lines.append(f"| {_label(opt)} | " + " | ".join(_fmt(crit[opt].get(b, math.nan), '.1f') for b in allb) + " |")
+    lines += ["", "Target: the worst best loss over every optimizer and batch + 0.01, so that every best-lr "
+              "curve can reach it (steps interpolated between evaluations, mean over seeds; n/a: a seed never "
+              "reached it). Perfect scaling would divide the steps by the batch ratio; the gradient noise scale "
+              "(McCandlish et al. 2018) is measured by the loop's diagnostics and drawn on the same axis "
+              "(critical_batch.png).", "", "## The paper's claim beside what was measured", "", f"- {PAPER_CLAIM}"]
+    for opt in sorted(per_opt):
+        p = per_opt[opt]
+        verdict = ("within the seed spread" if abs(p["penalty"]) <= max(2 * p["penalty_spread"], 1e-12)
+                   else ("worse at the largest batch" if p["penalty"] > 0 else "better at the largest batch"))
+        lines.append(f"- Measured here: {_label(opt)} large-batch penalty {_fmt(p['penalty'], '+.4f')} "
+                     f"(batch {p['batches'][0]} -> {p['batches'][-1]}; {verdict}); best lr grows as batch^"
+                     f"{_fmt(p['exponent'], '.2f')}.")
+    if per_opt:
+        ranked = sorted(per_opt, key=lambda o: per_opt[o]["penalty"])
+        lines.append(f"- Ranking by penalty (smallest first): {', '.join(_label(o) for o in ranked)}.")
+    lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS), ""]
+    path = Path(out) / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def report_from_csv(csv_path, out=None, **kw) -> tuple[Path, list[Path], dict]:
+    csv_path = Path(csv_path)
+    out = Path(out) if out else csv_path.parent
+    rows = load_results(csv_path)
+    summary = summarize(rows)
+    plots = make_plots(summary, rows, out)
+    return write_report(summary, out, **kw), plots, summary
