@@ -38,12 +38,17 @@ def grads_for(params, step):
 
 def test_default_on_cpu_fp32_is_the_kernel():
     w = torch.zeros(3, 4)
-    assert resolve_implementation(None, [w], w, w, w) == "cpu_kernel"
-    assert resolve_implementation("fused", [w], w, w, w) == "cpu_kernel"
+    assert resolve_implementation(None, [w], [w], [w], [w]) == "cpu_kernel"
+    assert resolve_implementation("fused", [w], [w], [w], [w]) == "cpu_kernel"
     bf = w.bfloat16()
-    assert resolve_implementation(None, [bf], bf, w, w) == "foreach"  # low precision: foreach
-    assert resolve_implementation(None, [w.double()], w.double(), w.double(), w.double()) == "foreach"
-    assert resolve_implementation(None, [w.t()], w.t(), w.t(), w.t()) == "foreach"  # not contiguous
+    assert resolve_implementation(None, [bf], [bf], [w], [w]) == "foreach"  # low precision: foreach
+    d = w.double()
+    assert resolve_implementation(None, [d], [d], [d], [d]) == "foreach"
+    assert resolve_implementation(None, [w.t()], [w.t()], [w.t()], [w.t()]) == "foreach"  # not contiguous
+    assert resolve_implementation(None, [w], [w], [w], [w.t()]) == "foreach"  # any tensor of the set
+    # a bare tensor where a list belongs would be iterated element by element (and mis-paired):
+    with pytest.raises(TypeError, match="lists of tensors"):
+        resolve_implementation(None, [w.view(-1)], w.view(-1), w.view(-1), w.view(-1))
 
 
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])

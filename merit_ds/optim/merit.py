@@ -256,15 +256,18 @@ def merit(
     return skipped
 
 
-def resolve_implementation(implementation: Optional[str], params, *tensors) -> str:
+def resolve_implementation(implementation: Optional[str], params: list, *tensors: list) -> str:
     """The path that runs: ``"single_tensor"``, ``"foreach"``, ``"cpu_kernel"`` (the C++
     kernel) or ``"compiled"`` (torch.compile).
 
     ``None`` picks the fastest correct path measured on each device (see README, "Speed"):
     the CPU kernel for fp32 contiguous CPU tensors when it builds, else ``"foreach"``.
     ``"fused"`` is the device's fused kernel: the CPU kernel (``"foreach"`` if it cannot be
-    built or a tensor is not fp32/contiguous) on CPU, ``torch.compile`` elsewhere.
+    built or a tensor is not fp32/contiguous) on CPU, ``torch.compile`` elsewhere. ``params``
+    and each of ``tensors`` (grads, moments) are lists of tensors, index by index.
     """
+    if any(isinstance(t, Tensor) for t in (params, *tensors)):
+        raise TypeError("resolve_implementation takes lists of tensors")
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"unknown implementation {implementation!r}")
     on_cpu = all(p.device.type == "cpu" for p in params)

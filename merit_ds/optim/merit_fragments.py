@@ -59,7 +59,8 @@ class MeritFragmentRule(FragmentRule):
     def fused_available(self, flat, grad, state, group) -> bool:
         from .merit import resolve_implementation
 
-        impl = resolve_implementation(group.get("implementation"), [flat], grad, state["exp_avg"], state["exp_avg_sq"])
+        impl = resolve_implementation(group.get("implementation"), [flat], [grad], [state["exp_avg"]],
+                                      [state["exp_avg_sq"]])
         return impl == "cpu_kernel"
 
     def fused_statistics(self, shape, start, w, g, m, v, group, step, slot) -> bool:
