@@ -85,9 +85,10 @@ def load():
         return _module
 
 
-# A build takes about a minute; a lock file older than this was left by a process killed while
-# building (a timed-out test, say), and torch would wait on it forever.
-STALE_LOCK_SECONDS = 600
+# A build takes about a minute. torch waits on the build lock for as long as it exists, so a lock
+# left by a process killed while building (a timed-out test, say) would hang every later start:
+# wait while the lock is young, remove it once it is older than any build.
+STALE_LOCK_SECONDS = 240
 
 
 def _clear_stale_lock() -> None:
@@ -97,13 +98,16 @@ def _clear_stale_lock() -> None:
         lock = Path(_get_build_directory("merit_ds_cpu_kernel", verbose=False)) / "lock"
     except (ImportError, TypeError):
         return
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return
-    if age > STALE_LOCK_SECONDS:
-        warnings.warn(f"merit_ds: removing a stale build lock ({lock}, {age:.0f} s old)", RuntimeWarning, stacklevel=3)
-        lock.unlink(missing_ok=True)
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > STALE_LOCK_SECONDS:
+            warnings.warn(f"merit_ds: removing a stale build lock ({lock}, {age:.0f} s old)", RuntimeWarning, stacklevel=3)
+            lock.unlink(missing_ok=True)
+            return
+        time.sleep(1.0)  # another process is building: let it finish
 
 
 def available() -> bool:
