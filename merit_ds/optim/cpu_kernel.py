@@ -24,6 +24,7 @@ Nothing here imports ``torch.distributed``.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import threading
@@ -41,6 +42,10 @@ from .trust_stats import PartialTrustStats, empty_trust_stats
 __all__ = ["load", "available", "fragment_statistics", "fragment_apply", "ratio_tables", "supports"]
 
 _lock = threading.Lock()
+_SOURCE = Path(__file__).with_name("csrc") / "merit_cpu.cpp"
+# torch keys the build directory by name only and rebuilds whenever another checkout's source
+# path appears there; one name per checkout keeps each checkout's build (and lock) its own.
+_NAME = "merit_ds_cpu_kernel_" + hashlib.sha256(str(_SOURCE.resolve()).encode()).hexdigest()[:10]
 _module = None
 _tried = False
 _error: Optional[str] = None
@@ -65,10 +70,9 @@ def load():
                 from torch.utils.cpp_extension import load as cpp_load
 
                 _clear_stale_lock()
-                src = Path(__file__).with_name("csrc") / "merit_cpu.cpp"
                 _module = cpp_load(
-                    name="merit_ds_cpu_kernel",
-                    sources=[str(src)],
+                    name=_NAME,
+                    sources=[str(_SOURCE)],
                     extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno", "-march=native"],
                     extra_ldflags=["-fopenmp"],
                     verbose=False,
@@ -95,7 +99,7 @@ def _clear_stale_lock() -> None:
     try:  # torch's own rule for where the build lives (private; skipped if it moves)
         from torch.utils.cpp_extension import _get_build_directory
 
-        lock = Path(_get_build_directory("merit_ds_cpu_kernel", verbose=False)) / "lock"
+        lock = Path(_get_build_directory(_NAME, verbose=False)) / "lock"
     except (ImportError, TypeError):
         return
     while True:
