@@ -119,7 +119,7 @@ def test_cli_export_of_an_earlier_step_reproduces_the_logged_loss(data, stage, t
     loader = TokenBlockLoader(data, block_size=32, global_batch=4, micro_batch=4, seed=7, shuffle=True)
     x, y = loader.get_batch(2)
     with torch.no_grad():
-        loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.view(-1, 50257), y.reshape(-1)).item()
+        loss = torch.nn.functional.cross_entropy(model(input_ids=x).logits.view(-1, model.config.vocab_size), y.reshape(-1)).item()
     logged = {r["step"]: r["loss"] for r in metrics(run) if "loss" in r}
     assert loss == pytest.approx(logged[3], rel=1e-5)
     assert abs(loss - logged[2]) > 1e-4  # and it is not the step-1 weights' loss: the test has teeth

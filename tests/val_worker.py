@@ -41,6 +41,9 @@ def main():
     if rank == 0:
         with open(os.environ["MERIT_TEST_RESULT"], "w") as f:
             json.dump(out, f)
+    # every rank past its last collective before any tears gloo down (else a peer still
+    # reading the final all-reduce can abort with "terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
 
 

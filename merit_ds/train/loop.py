@@ -564,7 +564,10 @@ def main(argv=None) -> int:
     except (UsageError, BatchConfigError, CheckpointSaveError) as exc:
         # Every rank reports (a launcher may stop rank 0 before it prints a peer's error).
         rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
-        print(f"merit_ds.train: error{f' (rank {rank})' if rank else ''}: {exc}", file=sys.stderr, flush=True)
+        # one write() per message: ranks share the launcher's stderr pipe, and print() writes the
+        # text and its newline separately, so two ranks' messages could land on one line
+        sys.stderr.write(f"merit_ds.train: error{f' (rank {rank})' if rank else ''}: {exc}\n")
+        sys.stderr.flush()
         if dist.is_initialized():
             dist.destroy_process_group()
         return 2
