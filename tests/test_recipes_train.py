@@ -82,9 +82,14 @@ def snapshot(directory: Path) -> dict:
 @pytest.fixture(scope="module")
 def reference(data_dir, tmp_path_factory) -> Path:
     """Uninterrupted run: deepspeed launcher, 2 ranks on one node."""
+    from merit_ds.integrations.deepspeed_shm import stale_buffers
+
     out = tmp_path_factory.mktemp("reference") / "run"
-    r = run(deepspeed_cmd(_args(data_dir, out), port=free_port(), launcher_args=["--num_gpus", "2"]))
+    port = free_port()
+    r = run(deepspeed_cmd(_args(data_dir, out), port=port, launcher_args=["--num_gpus", "2"]))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    # the loop released DeepSpeed's /dev/shm all-reduce buffers (DeepSpeed leaves ~34 MiB per rank)
+    assert stale_buffers(port) == []
     assert "batch: micro_batch 2 x grad_accum 2 x world 2 = global batch 8 sequences" in r.stdout
     assert "DeepSpeedZeroOptimizer -> MERIT verified stepping" in r.stdout
     return out

@@ -89,9 +89,11 @@ DEFAULT_STUDY = {
     "optimizers": ["merit", "lamb", "adamw"],
     "batches": [8, 32, 128],
     # chosen to bracket each optimum at batches 8 and 128 (pilot cells at batch 128, seed 0: MERIT best
-    # near 6e-2 and 1.5e-1 far worse; AdamW 1e-2 ~ 2.5e-2; FIELD_NOTES' sweep for the small batches)
+    # near 6e-2 and 1.5e-1 far worse; AdamW 1e-2 ~ 2.5e-2; FIELD_NOTES' sweep for the small batches).
+    # AdamW's 5e-4 and 1e-3 were added after the first full run found its best lr at the grid's
+    # lower edge (2e-3) at batches 8 and 32 (docs/study/report.md)
     "lrs": {"merit": [6e-3, 1.2e-2, 2.5e-2, 5e-2, 1e-1], "lamb": [6e-3, 1.2e-2, 2.5e-2, 5e-2, 1e-1],
-            "adamw": [2e-3, 5e-3, 1.2e-2, 3e-2]},
+            "adamw": [5e-4, 1e-3, 2e-3, 5e-3, 1.2e-2, 3e-2]},
     "seeds": [0, 1],
     "tokens": 262_144,
     "model": "tiny",

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from merit_ds.integrations.deepspeed_shm import release_cpu_allreduce_buffer
 from merit_ds.integrations.param_groups import merit_param_groups
 
 from .batch import BatchConfigError
@@ -211,6 +212,9 @@ class Runner:
     def close(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+            # every rank is past its last collective: DeepSpeed's CPU shm buffer can go (it
+            # never unlinks it itself; integrations/deepspeed_shm.py)
+            release_cpu_allreduce_buffer(dist.get_rank())
             dist.destroy_process_group()  # FIELD_NOTES: avoids rare aborts at interpreter exit
 
 
