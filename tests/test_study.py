@@ -49,10 +49,10 @@ def test_grid_from_flags_counts_cells(tmp_path):
     assert len({c.key for c in cells}) == 24
     assert grid.tokens == 65536 and grid.batches == [16, 128] and grid.seeds == [0, 1]
     assert cells[0] == CellSpec("merit", 16, 1e-2, 0)
-    # the default study: 3 optimizers x 3 batches spanning 16x x (5 + 5 + 4) lrs x 2 seeds
+    # the default study: 3 optimizers x 3 batches spanning 16x x (5 + 5 + 6) lrs x 2 seeds
     d = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "d")]), prepare_data=False)
-    assert len(d.cells()) == 84 and max(d.batches) / min(d.batches) == 16
-    assert {o: len(v) for o, v in d.lrs.items()} == {"merit": 5, "lamb": 5, "adamw": 4}
+    assert len(d.cells()) == 96 and max(d.batches) / min(d.batches) == 16
+    assert {o: len(v) for o, v in d.lrs.items()} == {"merit": 5, "lamb": 5, "adamw": 6}
     # the GPU version: the paper's batch sizes, 48e9 / divisor tokens, GPT-2 Small's shape
     g = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "g"), "--preset", "gpt2-small"]),
                        prepare_data=False)
