@@ -1,7 +1,7 @@
 """MERIT's fused CPU kernel (merit_ds/optim/csrc/merit_cpu.cpp), the default on CPU for fp32.
 
-The kernel computes the formulas in fp32 without contraction; torch's vectorised ops may
-fuse multiply-adds, so the kernel is held to the single-tensor reference within fp32
+The kernel computes the formulas in fp32 with explicit fused multiply-adds (torch's ops round
+their products separately or fuse them their own way), so the kernel is held to the single-tensor reference within fp32
 rounding, one step at a time from identical inputs (TOL below). Kernel against kernel
 (whole tensors vs fragments, sharded) is bitwise: test_zero_step_simulated.py.
 """

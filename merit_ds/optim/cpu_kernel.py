@@ -14,8 +14,8 @@ a non-finite gradient (detected in pass 1, on any rank) leaves the state untouch
 
 The trust ratios between the passes are computed here from the maxima with the formulas of
 :mod:`merit_ds.optim.formulas`. The kernel's arithmetic is the formulas' per element, in
-float32, compiled without floating-point contraction; it is not bitwise the ``torch`` ops
-(whose vectorised kernels may fuse multiply-adds), so tests hold it to the reference within a
+float32, with explicit fused multiply-adds where the formulas multiply and add (and no other
+contraction); it is not bitwise the ``torch`` ops, so tests hold it to the reference within a
 stated tolerance. Sharded and single-device runs of the kernel are bitwise equal: the same
 per-element code runs on the same floats, and the maxima are exact.
 

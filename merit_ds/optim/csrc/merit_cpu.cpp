@@ -53,6 +53,17 @@ inline float direction(float w, float g, float m, float v, const Hyper& h, float
   return std::fma(h.weight_decay, w, m_new / (std::sqrt(v_new) + h.eps));
 }
 
+// Below this many elements a tensor or fragment is stepped by one thread. A parallel region
+// costs a fork and a barrier: microseconds on an idle machine, but a scheduler time slice when
+// the cores are shared with other processes (a waiting thread spins, then sleeps), and GPT-2
+// Small has 98 vectors of 768 to 3,072 elements, each worth less work than one barrier.
+constexpr int64_t kParallelMin = 1 << 16;
+
+inline int threads_for(int64_t n, int64_t rows) {
+  if (n < kParallelMin) return 1;
+  return static_cast<int>(std::min<int64_t>(omp_get_max_threads(), rows));
+}
+
 inline bool not_finite(float g) { return !(std::fabs(g) <= FLT_MAX); }
 
 void check(const torch::Tensor& t, const char* name) {
@@ -76,7 +87,7 @@ bool stats_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
   float *cw = col_w.data_ptr<float>(), *cu = col_u.data_ptr<float>();
   const int64_t first_row = start / row_len, last_row = (start + n - 1) / row_len;
   const int64_t rows = last_row - first_row + 1;
-  const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), rows));
+  const int threads = threads_for(n, rows);
   std::vector<float> col_parts(static_cast<size_t>(threads) * 2 * row_len, 0.0f);
   int bad = 0;
 #pragma omp parallel num_threads(threads) reduction(| : bad)
@@ -145,7 +156,7 @@ bool stats_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
               *pv = v.data_ptr<float>();
   float mw = 0.0f, mu = 0.0f;
   int bad = 0;
-#pragma omp parallel for simd schedule(static) reduction(max : mw, mu) reduction(| : bad)
+#pragma omp parallel for simd schedule(static) reduction(max : mw, mu) reduction(| : bad) num_threads(threads_for(n, n))
   for (int64_t i = 0; i < n; ++i) {
     float mn, vn;
     const float u = direction(pw[i], pg[i], pm[i], pv[i], h, mn, vn);
@@ -203,7 +214,8 @@ void apply_matrix_impl(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch:
   const int64_t first_row = start / row_len, last_row = (start + n - 1) / row_len;
   double count = 0, sum = 0, clipped = 0;
   float lo = INFINITY, hi = -INFINITY;
-#pragma omp parallel for schedule(static) reduction(+ : count, sum, clipped) reduction(min : lo) reduction(max : hi)
+#pragma omp parallel for schedule(static) reduction(+ : count, sum, clipped) reduction(min : lo) reduction(max : hi) \
+    num_threads(threads_for(n, last_row - first_row + 1))
   for (int64_t r = first_row; r <= last_row; ++r) {
     const int64_t e0 = std::max(start, r * row_len), e1 = std::min(start + n, (r + 1) * row_len);
     if (inner == 1) {
@@ -269,7 +281,7 @@ void apply_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
   float *pw = w.data_ptr<float>(), *pm = m.data_ptr<float>(), *pv = v.data_ptr<float>();
   const float* pg = g.data_ptr<float>();
   double clipped = 0;
-#pragma omp parallel for simd schedule(static) reduction(+ : clipped)
+#pragma omp parallel for simd schedule(static) reduction(+ : clipped) num_threads(threads_for(n, n))
   for (int64_t i = 0; i < n; ++i) {
     const float x = apply_one(pw[i], pg[i], pm[i], pv[i], s, neg_lr, h);
     clipped += std::fabs(x) > 1.0f;
