@@ -161,7 +161,7 @@ def optimizer_step(rounds: int):
                        vs_adamw_fused=statistics.median(t) / ref) for name, t in times.items()}
 
 
-def segmented_step(rounds: int, device: str = "cuda", shapes=None):
+def segmented_step(rounds: int, device: str = "cuda", shapes=None, deepspeed_adam: bool = True):
     """The segmented whole-partition MERIT step (merit_ds/optim/segmented.py) on one flat fp32
     partition holding GPT-2 Small's parameters (124.4M, as ZeRO lays out one group at world 1),
     eager and torch.compile'd, against DeepSpeed's FusedAdam (torch AdamW fused if DeepSpeed's
@@ -215,6 +215,8 @@ def segmented_step(rounds: int, device: str = "cuda", shapes=None):
     adam_w = w0.clone().requires_grad_()
     adam_w.grad = g
     try:
+        if not deepspeed_adam:  # the CPU dry run: no JIT build of DeepSpeed's op
+            raise ImportError("not asked for")
         from deepspeed.ops.adam import FusedAdam
 
         adam = FusedAdam([adam_w], lr=1e-3, adam_w_mode=True, **hp)
