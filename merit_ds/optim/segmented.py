@@ -30,8 +30,9 @@ result equals the per-fragment sharded step and single-device MERIT; the tests c
 CPU with the single-tensor reference (``tests/test_optim_segmented.py``). It is written in
 torch operations so that the same code runs, and is tested, on CPU; on CUDA it is meant to
 be wrapped by ``torch.compile`` (one fused kernel per phase and chunk). It has not been timed
-on a GPU yet (``benchmarks/gpu_smoke.py`` has the row for it) and is not wired into the
-optimizer's automatic choice.
+on a GPU yet (``benchmarks/gpu_smoke.py`` has the row for it). The sharded step
+(:mod:`merit_ds.sharding.step`, ``segmented_wanted``) runs it for MERIT on CUDA partitions
+with the default implementation, except on statistics steps.
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ def _direction(w, g, m, v, group):
 
 
 def statistics(p: SegmentedPlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, buffer: Tensor,
-               chunk: int = DEFAULT_CHUNK) -> None:
-    """Phase 1: this partition's maxima and non-finite flags combined (max) into ``buffer``."""
+               chunk: int = DEFAULT_CHUNK, flags: bool = True) -> None:
+    """Phase 1: this partition's maxima and (``flags``) non-finite flags combined (max) into
+    ``buffer``."""
     if len(p.ends) == 0:
         return
     for a, b in _chunks(p.partition_numel, chunk):
@@ -162,8 +164,9 @@ def statistics(p: SegmentedPlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, gro
         buffer.scatter_reduce_(0, row_idx + span_r, au, "amax")
         buffer.scatter_reduce_(0, col_idx, aw, "amax")
         buffer.scatter_reduce_(0, col_idx + span_c, au, "amax")
-        bad = (valid & ~torch.isfinite(gs)).to(buffer.dtype)
-        buffer.scatter_reduce_(0, p.flag_base + p.param[frag], bad, "amax")
+        if flags:
+            bad = (valid & ~torch.isfinite(gs)).to(buffer.dtype)
+            buffer.scatter_reduce_(0, p.flag_base + p.param[frag], bad, "amax")
 
 
 def apply(p: SegmentedPlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, buffer: Tensor, lr: float,
