@@ -20,8 +20,9 @@ Nothing is written before phase 3, as in the CPU kernel, so no partition-sized b
 the persistent scratch is the plan's tables (``SegmentedPlan.persistent_bytes``: a few
 integers per fragment and 24 bytes per matrix row, 2.8 MB for GPT-2 Small against its 498 MB
 of fp32 parameters). The temporaries live for one chunk: about twenty chunk-sized tensors,
-int64 indices included (~100 bytes per element, ~400 MB at the default chunk of 4M elements;
-pass a smaller ``chunk`` to trade launches for memory). No operation reads a value
+int64 indices included (estimated at 160 bytes per element); the default chunk is 1/64 of the
+partition (at least 65,536 elements), so they stay near 2.5 bytes per partition element,
+under one fp32 partition (``transient_bytes``); pass ``chunk`` to trade launches for memory. No operation reads a value
 back to the host, so a CUDA step is queued without waiting (``nonfinite_grads="raise"`` needs
 the flags on the host and is the caller's business).
 
@@ -47,7 +48,23 @@ from . import formulas as F
 
 __all__ = ["SegmentedPlan", "plan", "statistics", "apply", "DEFAULT_CHUNK"]
 
-DEFAULT_CHUNK = 1 << 22  # elements per chunk: temporaries of ~20 chunk-sized tensors
+# Elements per chunk, by default: 1/CHUNKS_PER_PARTITION of the partition (at least
+# MIN_CHUNK). The temporaries of a chunk (int64 indices, gathered maxima, m', v', u, s, masks)
+# are about TEMP_BYTES_PER_ELEMENT per element, so 64 chunks keep them at ~2.5 bytes per
+# partition element: under one fp32 partition (4 bytes per element), as the issue asks.
+CHUNKS_PER_PARTITION = 64
+MIN_CHUNK = 1 << 16
+TEMP_BYTES_PER_ELEMENT = 160
+DEFAULT_CHUNK = None
+
+
+def default_chunk(partition_numel: int) -> int:
+    return max(MIN_CHUNK, -(-partition_numel // CHUNKS_PER_PARTITION))
+
+
+def transient_bytes(partition_numel: int) -> int:
+    """Estimated peak bytes of one chunk's temporaries at the default chunk size."""
+    return TEMP_BYTES_PER_ELEMENT * min(partition_numel, default_chunk(partition_numel))
 
 
 @dataclass
@@ -118,7 +135,8 @@ def plan(shapes: Sequence[tuple], fragments, slots, flag_base: int, partition_nu
     )
 
 
-def _chunks(n: int, chunk: int):
+def _chunks(n: int, chunk):
+    chunk = chunk or default_chunk(n)
     for a in range(0, n, chunk):
         yield a, min(n, a + chunk)
 
