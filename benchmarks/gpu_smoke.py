@@ -11,6 +11,10 @@ Sections, each recorded in the results file even when another fails:
 3. ``optimizer_step``: one step on GPT-2 Small's parameter set (124.4M fp32) on the GPU,
    interleaved rounds: torch AdamW fused and foreach, MERIT foreach and compiled, LAMB
    foreach (median and min..max, ms).
+3b. ``segmented_step``: the segmented whole-partition MERIT step (eager, torch.compile'd) on
+   one flat partition of GPT-2 Small's parameters against DeepSpeed FusedAdam on the same
+   partition (median and min..max, ms), its difference from single-tensor MERIT, and the
+   plan's persistent bytes against the partition's.
 4. ``sharded``: ``tests/zero_worker.py`` over NCCL on all GPUs (ZeRO 1/2/3, fp32 and bf16;
    with one GPU, DeepSpeed still partitions, into one piece): sharded MERIT and LAMB against
    single-device on the GPU (MERIT bitwise, LAMB within 1e-6 relative).
@@ -157,6 +161,98 @@ def optimizer_step(rounds: int):
                        vs_adamw_fused=statistics.median(t) / ref) for name, t in times.items()}
 
 
+def segmented_step(rounds: int, device: str = "cuda", shapes=None, deepspeed_adam: bool = True):
+    """The segmented whole-partition MERIT step (merit_ds/optim/segmented.py) on one flat fp32
+    partition holding GPT-2 Small's parameters (124.4M, as ZeRO lays out one group at world 1),
+    eager and torch.compile'd, against DeepSpeed's FusedAdam (torch AdamW fused if DeepSpeed's
+    op cannot build) on the same partition; plus its max abs difference from single-tensor
+    MERIT on the same step (the CPU tests assert it bitwise)."""
+    import math
+
+    import torch
+
+    from bench_optimizer_step import gpt2_small_shapes
+    from merit_ds import MERIT
+    from merit_ds.optim import segmented
+    from merit_ds.optim.merit_fragments import MeritFragmentRule
+    from merit_ds.sharding.layout import layout_from_offsets, stats_layout
+
+    dev = torch.device(device)  # "cpu" and small shapes: a dry run of this section's code
+    shapes = [tuple(s) for s in (shapes or gpt2_small_shapes())]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    offsets, at = [], 0
+    for sh in shapes:
+        offsets.append(at)
+        at += math.prod(sh)
+    n = at
+    gen = torch.Generator().manual_seed(0)
+    w0 = (torch.randn(n, generator=gen) * 0.02).to(dev)
+    g = (torch.randn(n, generator=gen) * 1e-3).to(dev)
+    hp = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    sl = stats_layout(shapes, MeritFragmentRule().stats_size)
+    layout = layout_from_offsets(shapes, offsets, 0, n)
+    plan = segmented.plan(shapes, layout.fragments, sl.slots, sl.slots[0].flag, n, dev)
+
+    def merit_step(stats_fn, apply_fn):
+        w, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+
+        def step():
+            buf = torch.zeros(sl.buffer_numel, device=dev)
+            stats_fn(plan, w, g, m, v, hp, buf)
+            apply_fn(plan, w, g, m, v, hp, buf, 1e-3)  # world 1: no all-reduce
+        return step, w
+
+    eager, w_eager = merit_step(segmented.statistics, segmented.apply)
+    cands = {"MERIT segmented (eager)": eager}
+    try:
+        compiled, _ = merit_step(torch.compile(segmented.statistics), torch.compile(segmented.apply))
+        compiled()
+        cands["MERIT segmented (torch.compile)"] = compiled
+    except Exception as e:  # noqa: BLE001 - recorded, the eager row still runs
+        compile_error = f"{type(e).__name__}: {str(e)[:300]}"
+    else:
+        compile_error = None
+    adam_w = w0.clone().requires_grad_()
+    adam_w.grad = g
+    try:
+        if not deepspeed_adam:  # the CPU dry run: no JIT build of DeepSpeed's op
+            raise ImportError("not asked for")
+        from deepspeed.ops.adam import FusedAdam
+
+        adam = FusedAdam([adam_w], lr=1e-3, adam_w_mode=True, **hp)
+        adam_name = "DeepSpeed FusedAdam"
+    except Exception:  # noqa: BLE001
+        adam = torch.optim.AdamW([adam_w], lr=1e-3, fused=True, **hp)
+        adam_name = "torch AdamW (fused; DeepSpeed FusedAdam unavailable)"
+    cands[adam_name] = adam.step
+    # correctness on the GPU: one eager step from zero moments against single-tensor MERIT
+    ref_ps = [w0[o:o + math.prod(sh)].clone().view(sh).requires_grad_() for sh, o in zip(shapes, offsets)]
+    for p_, sh, o in zip(ref_ps, shapes, offsets):
+        p_.grad = g[o:o + math.prod(sh)].view(sh).clone()
+    MERIT(ref_ps, lr=1e-3, implementation="single_tensor", **hp).step()
+    eager()
+    diff = max(float((w_eager[o:o + math.prod(sh)].view(sh) - p_.detach()).abs().max())
+               for p_, sh, o in zip(ref_ps, shapes, offsets))
+    times = {k: [] for k in cands}
+    with torch.no_grad():
+        for fn in cands.values():
+            fn()
+        sync()
+        for _ in range(rounds):
+            for name, fn in cands.items():
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+    ref = statistics.median(times[adam_name])
+    return dict(
+        partition_numel=n, plan_persistent_bytes=plan.persistent_bytes(), partition_bytes=4 * n,
+        max_abs_diff_vs_single_tensor=diff, compile_error=compile_error,
+        times={name: dict(median_ms=1e3 * statistics.median(t), min_ms=1e3 * min(t), max_ms=1e3 * max(t),
+                          vs_adam=statistics.median(t) / ref) for name, t in times.items()},
+    )
+
+
 def sharded(ngpu: int):
     configs = ["z1_fp32", "z2_fp32", "z3_fp32", "z1_bf16", "z2_bf16", "z3_bf16", "bf16opt", "z2_groups", "z3_offload"]
     out = {}
@@ -258,9 +354,10 @@ def main():
         return 0
     ngpu = torch.cuda.device_count()
     results: dict = {}
-    wanted = set(args.only or ["env", "optimizer_equivalence", "optimizer_step", "sharded", "train"])
+    wanted = set(args.only or ["env", "optimizer_equivalence", "optimizer_step", "segmented_step", "sharded", "train"])
     todo = [("env", env_info), ("optimizer_equivalence", optimizer_equivalence),
-            ("optimizer_step", lambda: optimizer_step(args.rounds)), ("sharded", lambda: sharded(ngpu)),
+            ("optimizer_step", lambda: optimizer_step(args.rounds)),
+            ("segmented_step", lambda: segmented_step(args.rounds)), ("sharded", lambda: sharded(ngpu)),
             ("train", lambda: train(ngpu, args.steps))]
     for name, fn in todo:
         if name in wanted:

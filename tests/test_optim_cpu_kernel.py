@@ -1,7 +1,7 @@
 """MERIT's fused CPU kernel (merit_ds/optim/csrc/merit_cpu.cpp), the default on CPU for fp32.
 
-The kernel computes the formulas in fp32 without contraction; torch's vectorised ops may
-fuse multiply-adds, so the kernel is held to the single-tensor reference within fp32
+The kernel computes the formulas in fp32 with explicit fused multiply-adds (torch's ops round
+their products separately or fuse them their own way), so the kernel is held to the single-tensor reference within fp32
 rounding, one step at a time from identical inputs (TOL below). Kernel against kernel
 (whole tensors vs fragments, sharded) is bitwise: test_zero_step_simulated.py.
 """
@@ -177,3 +177,33 @@ def test_statistics_step_takes_the_same_path():
             assert float(got.ratio_sum) == pytest.approx(float(want.ratio_sum), rel=1e-6)
     clipped = sum(int(opt_b.partial_stats[b[k]].clipped) for k in b)
     assert 0 < clipped < sum(p.numel() for p in b.values())  # some, not all: the count has teeth
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 4, 2), (1, 6), (6, 1)])
+def test_ratio_tables_in_cpp_equal_the_torch_formulation_bitwise(shape):
+    """The C++ ratio tables against the formulas' torch operations, on maxima that include the
+    special cases: zeros (ratio -1, i.e. s = 1), ratios below the tensor floor (clamped),
+    infinities (inf/inf = NaN propagates through the clamp) and ordinary values."""
+    from merit_ds.optim import formulas as F
+
+    rows, cols, inner = F.matrix_dims(shape)
+    r, c = rows * inner, cols * inner
+    gen = torch.Generator().manual_seed(3)
+    for case in range(4):
+        slot = torch.rand(2 * (r + c), generator=gen) * 3
+        if case >= 1:  # a zero in each of the four tables
+            for off in (0, r, 2 * r, 2 * r + c):
+                slot[off] = 0.0
+        if case >= 2:  # an infinite |u| row maximum: the floor becomes finite/inf = 0 ...
+            slot[r + r - 1] = float("inf")
+        if case >= 3:  # ... or inf/inf = NaN when |w| is infinite too
+            slot[r - 1] = float("inf")
+        got = cpu_kernel.ratio_tables(shape, slot)
+        want = cpu_kernel.ratio_tables_reference(shape, slot)
+        for g, w in zip(got, want):
+            assert g.dtype == w.dtype and g.shape == w.shape
+            assert torch.equal(g.isnan(), w.isnan()), (case, g, w)
+            assert torch.equal(g.nan_to_num(), w.nan_to_num()), (case, g, w)
+        if case == 0:  # the clamp is exercised: some ratio below the floor was raised to it
+            floor = slot[:r].max() / slot[r:2 * r].max()
+            assert (got[0] == floor).any() or (got[1] == floor).any()

@@ -200,8 +200,10 @@ def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=
             _check_trust_stats(ref, opts, sim, summaries, skipped=nan_at == step, clips=cls.fragment_rule.clips)
     assert sim.calls == [steps] * world
     assert sim.ops == {cls.fragment_rule.reduce_op}
-    # the fused form (CPU kernel) keeps no partition-sized scratch; the others do
+    # the fused form (CPU kernel) and the segmented form keep no partition-sized scratch;
+    # the others do
     fused = cls is MERIT and implementation != "foreach" and kernel_available()
+    fused = fused or all(o.__dict__.get("_merit_segmented_plans") for o in opts)
     assert all(("_merit_scratch" in o.__dict__) != fused for o in opts)
     return ref, opts, sim
 
@@ -348,3 +350,41 @@ def test_naive_flat_partition_step_differs(monkeypatch, cls):
 @pytest.mark.parametrize("flavour", ["zero12", "zero3"])
 def test_propagate_policy_updates_moments_in_place(monkeypatch, flavour, optimizer, implementation):
     _run(monkeypatch, 3, flavour, policy="propagate", optimizer=optimizer, implementation=implementation)
+
+
+def _force_segmented(monkeypatch):
+    """Run the segmented whole-partition form (merit_ds.optim.segmented) on these CPU
+    partitions, where the step would choose it on CUDA ones; and check that it really ran."""
+    from merit_ds.optim.merit_fragments import MeritFragmentRule
+    from merit_ds.sharding import step as step_mod
+
+    ran = []
+
+    def wanted(s):
+        ok = isinstance(s.rule, MeritFragmentRule) and not getattr(s.optimizer, "track_stats", False)
+        ran.append(ok)
+        return ok
+
+    monkeypatch.setattr(step_mod, "segmented_wanted", wanted)
+    return ran
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("flavour", ["zero12", "zero3"])
+def test_segmented_sharded_step_equals_one_device_bitwise(monkeypatch, world, flavour):
+    """The segmented form inside the real sharded step (layouts, buffer, the one all-reduce,
+    step counts) against single-tensor MERIT on one device, bit for bit."""
+    ran = _force_segmented(monkeypatch)
+    _run(monkeypatch, world, flavour, implementation="foreach")
+    assert ran and all(ran)
+
+
+@pytest.mark.parametrize("flavour", ["zero12", "zero3"])
+def test_segmented_nonfinite_and_propagate_and_raise(monkeypatch, flavour):
+    ran = _force_segmented(monkeypatch)
+    ref, opts, _ = _run(monkeypatch, 3, flavour, nan_at=1, implementation="foreach")
+    assert ref.nonfinite_skips == 1 and [o.nonfinite_skips for o in opts] == [1, 1, 1]
+    _run(monkeypatch, 3, flavour, policy="propagate", implementation="foreach")
+    _run(monkeypatch, 3, flavour, policy="raise", nan_at=0, implementation="foreach")
+    _run(monkeypatch, 3, flavour, perm=[6, 2, 0, 5, 1, 4, 3], align=4, implementation="foreach")
+    assert ran and all(ran)

@@ -80,6 +80,7 @@ class ShardedGroupStep:
     _u: Optional[Tensor] = field(default=None, repr=False)
     _stats: Optional[Tensor] = field(default=None, repr=False)
     _fused: bool = field(default=False, repr=False)  # this step runs the rule's fused form
+    _segmented: Any = field(default=None, repr=False)  # this step's SegmentedPlan, if it runs that form
 
     @property
     def rule(self):
@@ -153,6 +154,7 @@ def _run_same_group(steps: list[ShardedGroupStep]) -> None:
         _apply(s, bad)
         s._grad = s._u = s._stats = s._new_moments = None
         s._fused = False
+        s._segmented = None
 
 
 def _state(s: ShardedGroupStep) -> dict:
@@ -178,6 +180,34 @@ def _scratch(s: ShardedGroupStep, count: int) -> list[Tensor]:
     return hit[1]
 
 
+def segmented_wanted(s: ShardedGroupStep) -> bool:
+    """Whether this step runs the segmented whole-partition form (merit_ds.optim.segmented):
+    MERIT on a CUDA partition with the default implementation (or "fused"), not on a
+    statistics step (the segmented form does not count trust-ratio statistics). There it
+    replaces one launch sequence and one host sync per fragment by a fixed number of
+    operations over the whole partition, and keeps no partition-sized buffer. (Tests patch
+    this to run it on CPU partitions.)"""
+    from merit_ds.optim.merit_fragments import MeritFragmentRule
+
+    return (s.flat.is_cuda and isinstance(s.rule, MeritFragmentRule)
+            and s.group.get("implementation") in (None, "fused")
+            and not getattr(s.optimizer, "track_stats", False))
+
+
+def _segmented_plan(s: ShardedGroupStep):
+    from merit_ds.optim import segmented
+
+    cache = s.optimizer.__dict__.setdefault("_merit_segmented_plans", {})
+    key = (s.flat.data_ptr(), s.flat.device, s.layout)
+    hit = cache.get(key)
+    if hit is None:
+        slots = s.stats_layout.slots
+        flag_base = slots[0].flag if slots else 0
+        hit = cache[key] = segmented.plan(s.layout.shapes, s.layout.fragments, slots, flag_base,
+                                          s.layout.partition_numel, s.flat.device)
+    return hit
+
+
 def _local_statistics(s: ShardedGroupStep) -> None:
     """Phase 1: u over the partition (or the rule's fused form), partial statistics into the
     stats buffer, flags."""
@@ -191,6 +221,14 @@ def _local_statistics(s: ShardedGroupStep) -> None:
     state = _state(s)
     step = int(state["step"].item()) + 1  # the step being taken (bias correction)
     s._grad = grad
+    s._segmented = None
+    if segmented_wanted(s):
+        from merit_ds.optim import segmented
+
+        s._segmented = _segmented_plan(s)
+        segmented.statistics(s._segmented, flat, grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats,
+                             flags=group["nonfinite_grads"] != "propagate")
+        return
     if rule.fused_available(flat, grad, state, group):
         # Fused form: nothing is written before phase 3, so no scratch buffer is needed.
         s._fused = True
@@ -254,7 +292,7 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
     if track:  # stepped parameters record afresh below; the others lose their entry
         for i in range(len(slots)):
             s.optimizer.partial_stats.pop((flat, i), None)
-    if flat.grad is None or (s._u is None and not s._fused):
+    if flat.grad is None or (s._u is None and not s._fused and s._segmented is None):
         return
     state = s.optimizer.state[flat]
     lr = as_float(group["lr"])
@@ -275,6 +313,12 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
         warn_skipped(rule.name, len(bad), where=f" ({s.source}, on all ranks)")
     if len(bad) < len(slots) or not slots:
         state["step"] += 1
+    if s._segmented is not None:  # w, m, v of every element whose parameter is not flagged
+        from merit_ds.optim import segmented
+
+        segmented.apply(s._segmented, flat, s._grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats, lr,
+                        honour_flags=group["nonfinite_grads"] != "propagate")
+        return
     if s._fused:  # the rule's fused form writes w, m, v of the fragments not skipped
         step = int(state["step"].item())
         m, v = state["exp_avg"], state["exp_avg_sq"]

@@ -24,9 +24,12 @@ log-softmax. The loss's backward then holds the logits' gradient, fp32 and in th
 ``(4 + e) s b V`` bytes, counted on top. With full activation checkpointing each layer keeps only
 its input (``e s b h`` bytes) and one layer is live again during backward.
 
-Optimizer scratch: MERIT's and LAMB's sharded step keep three partition-sized fp32 work buffers
-when the partition is on the GPU (12 bytes/param / Nd; ZeRO-0: the whole model) and none under
-CPU offload (a fused CPU kernel); DeepSpeed's AdamW (FusedAdam) none. Not modelled: allocator
+Optimizer scratch: on a GPU partition MERIT's sharded step runs the segmented whole-partition
+form (merit_ds.optim.segmented): no partition-sized buffer is kept (its index tables are ~24
+bytes per matrix row, not modelled), and its chunk temporaries peak near 2.5 bytes/param / Nd
+(1/64 of the partition per chunk at ~160 bytes per element), counted here; LAMB's sharded step
+keeps three partition-sized fp32 work buffers (12 bytes/param / Nd; ZeRO-0: the whole model);
+none under CPU offload (MERIT: the fused CPU kernel); DeepSpeed's AdamW (FusedAdam) none. Not modelled: allocator
 overhead, DeepSpeed's communication buckets, the CUDA context; hence the planner fills at most
 ``HEADROOM`` of the GPU.
 
@@ -107,10 +110,15 @@ def activation_bytes(model: ModelPreset, micro_batch: int, seq_len: int, *, prec
 
 def optimizer_scratch_bytes(n_params: int, world: int, stage: int, *, offload: bool = False,
                             optimizer: str = "merit") -> float:
-    """GPU bytes of the optimizer's own work buffers (three partition-sized fp32 buffers for
-    MERIT and LAMB on the GPU; none under offload or for DeepSpeed's fused AdamW)."""
+    """GPU bytes of the optimizer's own work memory: MERIT, the segmented step's chunk
+    temporaries (below one partition); LAMB, three partition-sized fp32 buffers; none under
+    offload or for DeepSpeed's fused AdamW."""
     if optimizer == "adamw" or offload:
         return 0.0
+    if optimizer == "merit":
+        from merit_ds.optim.segmented import transient_bytes
+
+        return float(transient_bytes(-(-int(n_params) // (world if stage >= 1 else 1))))
     return 3 * 4 * float(n_params) / (world if stage >= 1 else 1)
 
 
@@ -163,7 +171,8 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
               micro_batch: Optional[int] = None, activation_checkpointing: bool = False,
               mfu: float = DEFAULT_MFU, seq_len: Optional[int] = None, optimizer: str = "merit") -> dict:
     """``optimizer`` (merit | lamb | adamw) sets the peak lr shown and the scratch buffers (MERIT
-    and LAMB: three partition-sized fp32 buffers on the GPU; AdamW none); the state is the same
+    the segmented step's chunk temporaries, under one partition; LAMB: three partition-sized
+    fp32 buffers on the GPU; AdamW none); the state is the same
     for all three (fp32 master, m and v: 12 bytes/param in bf16)."""
     preset = get_model_preset(model)
     if gpu not in GPUS:

@@ -42,10 +42,26 @@ Hyper make_hyper(double beta1, double beta2, double eps, double weight_decay) {
 // reported by the pass-1 flag instead.
 inline float max_ign(float a, float b) { return a > b ? a : b; }
 
+// The formulas with explicit fused multiply-adds: fewer instructions than separate products
+// and sums (both passes are compute-bound on sqrt, division and these), and explicit rather
+// than left to -ffp-contract, so that the vectorised body of a loop and its scalar remainder
+// round identically (a fragment that starts mid-row shifts elements between the two; the
+// sharded and single-device steps stay bitwise equal only if they round the same).
 inline float direction(float w, float g, float m, float v, const Hyper& h, float& m_new, float& v_new) {
-  m_new = m * h.beta1 + h.one_minus_beta1 * g;
-  v_new = v * h.beta2 + h.one_minus_beta2 * g * g;
-  return m_new / (std::sqrt(v_new) + h.eps) + h.weight_decay * w;
+  m_new = std::fma(m, h.beta1, h.one_minus_beta1 * g);
+  v_new = std::fma(v, h.beta2, h.one_minus_beta2 * g * g);
+  return std::fma(h.weight_decay, w, m_new / (std::sqrt(v_new) + h.eps));
+}
+
+// Below this many elements a tensor or fragment is stepped by one thread. A parallel region
+// costs a fork and a barrier: microseconds on an idle machine, but a scheduler time slice when
+// the cores are shared with other processes (a waiting thread spins, then sleeps), and GPT-2
+// Small has 98 vectors of 768 to 3,072 elements, each worth less work than one barrier.
+constexpr int64_t kParallelMin = 1 << 16;
+
+inline int threads_for(int64_t n, int64_t rows) {
+  if (n < kParallelMin) return 1;
+  return static_cast<int>(std::min<int64_t>(omp_get_max_threads(), rows));
 }
 
 inline bool not_finite(float g) { return !(std::fabs(g) <= FLT_MAX); }
@@ -71,7 +87,7 @@ bool stats_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
   float *cw = col_w.data_ptr<float>(), *cu = col_u.data_ptr<float>();
   const int64_t first_row = start / row_len, last_row = (start + n - 1) / row_len;
   const int64_t rows = last_row - first_row + 1;
-  const int threads = static_cast<int>(std::min<int64_t>(omp_get_max_threads(), rows));
+  const int threads = threads_for(n, rows);
   std::vector<float> col_parts(static_cast<size_t>(threads) * 2 * row_len, 0.0f);
   int bad = 0;
 #pragma omp parallel num_threads(threads) reduction(| : bad)
@@ -140,7 +156,7 @@ bool stats_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
               *pv = v.data_ptr<float>();
   float mw = 0.0f, mu = 0.0f;
   int bad = 0;
-#pragma omp parallel for simd schedule(static) reduction(max : mw, mu) reduction(| : bad)
+#pragma omp parallel for simd schedule(static) reduction(max : mw, mu) reduction(| : bad) num_threads(threads_for(n, n))
   for (int64_t i = 0; i < n; ++i) {
     float mn, vn;
     const float u = direction(pw[i], pg[i], pm[i], pv[i], h, mn, vn);
@@ -171,7 +187,7 @@ inline float apply_one(float& w, float g, float& m, float& v, float s, float neg
   const float u = direction(w, g, m, v, h, mn, vn);
   const float x = s * u;
   const float c = x < -1.0f ? -1.0f : (x > 1.0f ? 1.0f : x);  // clamp; NaN passes through
-  w = w + neg_lr * c;
+  w = std::fma(neg_lr, c, w);
   m = mn;
   v = vn;
   return x;
@@ -198,7 +214,8 @@ void apply_matrix_impl(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch:
   const int64_t first_row = start / row_len, last_row = (start + n - 1) / row_len;
   double count = 0, sum = 0, clipped = 0;
   float lo = INFINITY, hi = -INFINITY;
-#pragma omp parallel for schedule(static) reduction(+ : count, sum, clipped) reduction(min : lo) reduction(max : hi)
+#pragma omp parallel for schedule(static) reduction(+ : count, sum, clipped) reduction(min : lo) reduction(max : hi) \
+    num_threads(threads_for(n, last_row - first_row + 1))
   for (int64_t r = first_row; r <= last_row; ++r) {
     const int64_t e0 = std::max(start, r * row_len), e1 = std::min(start + n, (r + 1) * row_len);
     if (inner == 1) {
@@ -264,7 +281,7 @@ void apply_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
   float *pw = w.data_ptr<float>(), *pm = m.data_ptr<float>(), *pv = v.data_ptr<float>();
   const float* pg = g.data_ptr<float>();
   double clipped = 0;
-#pragma omp parallel for simd schedule(static) reduction(+ : clipped)
+#pragma omp parallel for simd schedule(static) reduction(+ : clipped) num_threads(threads_for(n, n))
   for (int64_t i = 0; i < n; ++i) {
     const float x = apply_one(pw[i], pg[i], pm[i], pv[i], s, neg_lr, h);
     clipped += std::fabs(x) > 1.0f;
@@ -276,6 +293,31 @@ void apply_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
   }
 }
 
+// max that propagates NaN (torch.max's and clamp's semantics, unlike max_ign above).
+inline float max_nan(float a, float b) { return (a != a || b != b) ? NAN : (a > b ? a : b); }
+
+// The trust ratios pass 2 reads, from a matrix's (reduced) maxima in MERIT's slot layout
+// [row_w (r) | row_u (r) | col_w (c) | col_u (c)]: ratio w/u clamped below by the tensor ratio
+// max(row_w)/max(row_u), and -1 where either maximum is 0. The same floats as the torch
+// formulation in cpu_kernel.ratio_tables_reference (IEEE division; clamp and max propagate
+// NaN), without its dozen small tensor operations per matrix.
+std::vector<torch::Tensor> ratio_matrix(torch::Tensor slot, int64_t r, int64_t c) {
+  check(slot, "slot");
+  TORCH_CHECK(r > 0 && c > 0 && slot.numel() >= 2 * (r + c), "merit_cpu: slot too small");
+  const float* p = slot.data_ptr<float>();
+  const float *rw = p, *ru = p + r, *cw = p + 2 * r, *cu = p + 2 * r + c;
+  float mw = rw[0], mu = ru[0];
+  for (int64_t i = 1; i < r; ++i) mw = max_nan(mw, rw[i]), mu = max_nan(mu, ru[i]);
+  const float floor = mw / mu;
+  auto row = torch::empty({r}, slot.options()), col = torch::empty({c}, slot.options());
+  auto fill = [floor](const float* w, const float* u, float* out, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] = (w[i] == 0.0f || u[i] == 0.0f) ? -1.0f : max_nan(w[i] / u[i], floor);
+  };
+  fill(rw, ru, row.data_ptr<float>(), r);
+  fill(cw, cu, col.data_ptr<float>(), c);
+  return {row, col};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
@@ -284,4 +326,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("stats_vector", &stats_vector, "pass 1, vector fragment");
   mod.def("apply_matrix", &apply_matrix, "pass 2, matrix fragment");
   mod.def("apply_vector", &apply_vector, "pass 2, vector fragment");
+  mod.def("ratio_matrix", &ratio_matrix, "trust-ratio tables of a matrix from its maxima");
 }
