@@ -1,0 +1,200 @@
+"""Gradient diversity (merit_ds/train/diversity.py) and model families (merit_ds/train/families.py).
+
+Reference for the diversity: a direct loop, one backward per example on the model itself
+(``loss.backward()``, ``p.grad``), against the vmap(grad) per-example gradients of the probe. In
+fp32 the two differ by float rounding only (~1e-9 per element on this model), so the tolerance is
+rtol 1e-5 / atol 1e-7 on the sums; a wrong reduction (a mean instead of a sum, a gradient of the
+whole batch's loss, one example dropped) is off by O(1)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _dist import REPO_ROOT, TESTS_DIR, dist_env, launch
+
+from merit_ds.train.diversity import GradientDiversity, diversity_from_sums
+from merit_ds.train.families import (FAMILIES, FamilyError, non_embedding_params, solve_shape)
+from merit_ds.train.presets import count_parameters
+
+RTOL, ATOL = 1e-5, 1e-7
+
+
+def small_gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=16, vocab_size=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, use_cache=False, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0,
+                     attn_implementation="sdpa")
+    return GPT2LMHeadModel(cfg)
+
+
+def direct_sums(model, x, y):
+    """sum_i ||g_i||^2 and sum_i g_i from one backward per example (the reference)."""
+    sq, total = 0.0, None
+    for i in range(x.size(0)):
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=x[i:i + 1]).logits
+        F.cross_entropy(logits.view(-1, logits.size(-1)), y[i]).backward()
+        flat = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+        sq += float(flat.pow(2).sum())
+        total = flat if total is None else total + flat
+    model.zero_grad(set_to_none=True)
+    return sq, total
+
+
+def test_from_sums_by_hand():
+    # g1 = (1, 0), g2 = (0, 1): S = 2, T = 2 -> Delta 1, bound 2; T <= S: no extrapolation
+    r = diversity_from_sums(2.0, 2.0, 2)
+    assert (r["gdiv_delta"], r["gdiv_bound"], r["gdiv_n"]) == (1.0, 2.0, 2) and math.isnan(r["gdiv_bound_data"])
+    # g1 = g2 = (1, 0): S = 2, T = 4 -> Delta 0.5, bound 1 (identical gradients: no diversity); (n-1)S/(T-S) = 1
+    r = diversity_from_sums(2.0, 4.0, 2)
+    assert (r["gdiv_delta"], r["gdiv_bound"], r["gdiv_bound_data"]) == (0.5, 1.0, 1.0)
+
+
+def test_matches_direct_per_example_loop():
+    model = small_gpt2()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, 64, (5, 16), generator=g)
+    y = (x + 1) % 64  # one rule for every example: the per-example gradients share a direction (T > S)
+    sq, total = direct_sums(model, x, y)
+    want = diversity_from_sums(sq, float(total.pow(2).sum()), 5)
+    model.train()
+    rng = torch.get_rng_state()
+    got = GradientDiversity(probe=5, chunk=2).measure(model, x, y, zero_stage=0)  # chunks of 2, 2, 1
+    assert got["gdiv_n"] == 5 and math.isfinite(want["gdiv_bound_data"])
+    for k in ("gdiv_delta", "gdiv_bound", "gdiv_bound_data"):
+        torch.testing.assert_close(got[k], want[k], rtol=RTOL, atol=ATOL)
+    assert 1 / 5 <= got["gdiv_delta"]  # Cauchy-Schwarz: ||sum g||^2 <= n sum ||g||^2
+    # nothing left behind: no .grad, the mode as it was, no random number drawn
+    assert all(p.grad is None for p in model.parameters())
+    assert model.training
+    assert torch.equal(torch.get_rng_state(), rng)
+    # a negative control: the batch-mean gradient's norm in place of the per-example sum is far off
+    model.zero_grad()
+    logits = model(input_ids=x).logits
+    F.cross_entropy(logits.view(-1, 64), y.reshape(-1)).backward()
+    mean_g = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+    assert abs(sq / float((5 * mean_g).pow(2).sum()) - want["gdiv_delta"]) < 1e-5  # the same T, computed another way
+    assert abs(sq / float(mean_g.pow(2).sum()) - want["gdiv_delta"]) > 1.0
+
+
+def test_probe_bounds_the_examples():
+    model = small_gpt2()
+    x, y = torch.randint(0, 64, (6, 16)), torch.randint(0, 64, (6, 16))
+    got = GradientDiversity(probe=3).measure(model, x, y, zero_stage=0)
+    sq, total = direct_sums(model, x[:3], y[:3])
+    assert got["gdiv_n"] == 3
+    torch.testing.assert_close(got["gdiv_delta"], sq / float(total.pow(2).sum()), rtol=RTOL, atol=ATOL)
+    assert GradientDiversity(probe=0).measure(model, x, y, zero_stage=0) is None
+    with pytest.raises(ValueError):
+        GradientDiversity(probe=-1)
+
+
+def test_two_ranks_equal_single_process_on_the_union():
+    """2 ranks (gloo): plain process group, and a DeepSpeed ZeRO-3 engine (parameters partitioned,
+    gathered for the probe); each rank probes its own 3 examples; rank 0 compares with one process
+    on all 6."""
+    r = launch(TESTS_DIR / "diversity_worker.py", nprocs=2, timeout=600)
+    assert r["n"] == [6, 6]
+    assert r["partitioned_before_after"] == [True, True]  # ZeRO-3 gathered for the probe only
+    for key in ("plain", "zero3"):
+        got, want = r[key], r["single"]
+        for k in ("gdiv_delta", "gdiv_bound", "gdiv_bound_data"):
+            torch.testing.assert_close(got[k], want[k], rtol=RTOL, atol=ATOL, msg=f"{key} {k}")
+    assert math.isfinite(r["single"]["gdiv_bound_data"])
+    # negative control: one rank's examples alone give another value
+    assert abs(r["rank0_alone"]["gdiv_delta"] - r["single"]["gdiv_delta"]) > 1e-3
+
+
+# --- the training loop: the diagnostic does not change the trajectory ---------------------------------
+
+def test_loop_losses_bitwise_equal_with_and_without_diversity(tmp_path):
+    rng = np.random.default_rng(0)
+    rng.integers(0, 256, size=30_000, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    rng.integers(0, 256, size=4_000, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    runs = {}
+    for probe in (0, 4):
+        out = tmp_path / f"run{probe}"
+        cmd = [sys.executable, "-m", "merit_ds.train", "--model", "tiny", "--model-override", "n_layer=1",
+               "--model-override", "n_embd=32", "--model-override", "n_head=2", "--model-override", "vocab_size=256",
+               "--seq-len", "16", "--global-batch", "8", "--micro-batch", "2", "--zero-stage", "2", "--precision", "fp32",
+               "--steps", "6", "--diag-every", "2", "--eval-every", "3", "--ckpt-every", "0", "--tracker", "none",
+               "--no-progress", "--no-export", "--diversity-probe", str(probe), "--data", str(tmp_path), "--out", str(out)]
+        p = subprocess.run(cmd, cwd=REPO_ROOT, env=dist_env(), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        runs[probe] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = lambda recs, k: [(r["step"], r[k]) for r in recs if k in r]  # noqa: E731
+    assert loss(runs[0], "loss") == loss(runs[4], "loss") and len(loss(runs[0], "loss")) == 6
+    assert loss(runs[0], "val_loss") == loss(runs[4], "val_loss")
+    assert loss(runs[0], "gns_b_noise") == loss(runs[4], "gns_b_noise")
+    div = [r for r in runs[4] if "gdiv_delta" in r]
+    assert [r["step"] for r in div] == [1, 2, 4, 6] and not any("gdiv_delta" in r for r in runs[0])
+    for r in div:  # 4 of the step's 8 sequences (micro 2 x accum 4), world 1
+        assert r["gdiv_n"] == 4 and r["gdiv_batch"] == 8
+        assert 1 / 4 <= r["gdiv_delta"] and r["gdiv_bound"] == pytest.approx(4 * r["gdiv_delta"])
+    assert (tmp_path / "run4" / "diversity.png").stat().st_size > 0 and not (tmp_path / "run0" / "diversity.png").exists()
+
+
+# --- model families -------------------------------------------------------------------------------------
+
+def test_non_embedding_count_matches_the_model():
+    assert non_embedding_params(12, 768) == 85_056_000  # GPT-2 Small without wte/wpe
+    for L, d in ((12, 768), (3, 64), (7, 48)):
+        assert non_embedding_params(L, d) == count_parameters(L, d, 64, 100) - 100 * d - 64 * d
+    m = small_gpt2()
+    n = sum(p.numel() for name, p in m.named_parameters() if "wte" not in name and "wpe" not in name)
+    assert n == non_embedding_params(2, 32)
+
+
+@pytest.mark.parametrize("params,head_dim", [(2e5, 16), (85e6, 64), (3e8, 64), (1.5e5, 8)])
+def test_families_within_tolerance_and_ordered(params, head_dim):
+    shapes = {f: solve_shape(f, params, head_dim=head_dim) for f in FAMILIES}
+    for s in shapes.values():
+        assert abs(s.params / params - 1) <= 0.05
+        assert s.params == non_embedding_params(s.n_layer, s.n_embd)
+        assert s.n_embd % head_dim == 0 and s.n_head * head_dim == s.n_embd
+    w, b, d = shapes["wide"], shapes["base"], shapes["deep"]
+    assert w.n_embd > b.n_embd > d.n_embd and w.n_layer < b.n_layer < d.n_layer
+
+
+def test_family_shapes_at_the_study_size():
+    got = {f: (s.n_layer, s.n_embd, s.n_head) for f, s in ((f, solve_shape(f, 2e5, head_dim=16)) for f in FAMILIES)}
+    assert got == {"wide": (1, 128, 8), "base": (4, 64, 4), "deep": (7, 48, 3)}
+
+
+def test_family_errors_and_fixed_depth():
+    s = solve_shape("L4", 2e5, head_dim=8)
+    assert (s.n_layer, s.n_embd, s.params) == (4, 64, 200_064)
+    with pytest.raises(FamilyError, match="nearest: 6 x 48"):
+        solve_shape("L6", 2e5, head_dim=8)  # 48 -> -15.1%, 56 -> +15.1%
+    with pytest.raises(FamilyError, match="unknown model family"):
+        solve_shape("tall", 2e5)
+    with pytest.raises(FamilyError, match="within 5%"):
+        solve_shape("wide", 1e5, head_dim=16)  # 1 layer: 88 -> -5.8%, 96 -> +12%
+    with pytest.raises(FamilyError, match="positive"):
+        solve_shape("base", 0)
+
+
+def test_resolve_family_and_its_errors():
+    from merit_ds.train.loop import parse_args
+    from merit_ds.train.run_config import UsageError, resolve
+
+    base = ["--data", "d", "--out", "o", "--model", "tiny", "--steps", "2", "--zero-stage", "0"]
+    rc = resolve(parse_args(base + ["--family", "deep", "--params", "2e5", "--head-dim", "16"]), launcher="deepspeed",
+                 world=1, cpu=True)
+    assert (rc.overrides["n_layer"], rc.overrides["n_embd"], rc.overrides["n_head"]) == (7, 48, 3)
+    assert rc.family.describe().startswith("family deep: 7 layers x 48 wide, 3 heads")
+    with pytest.raises(UsageError, match="go together"):
+        resolve(parse_args(base + ["--family", "deep"]), launcher="deepspeed", world=1, cpu=True)
+    with pytest.raises(UsageError, match="drop --model-override n_layer"):
+        resolve(parse_args(base + ["--family", "deep", "--params", "2e5", "--model-override", "n_layer=2"]),
+                launcher="deepspeed", world=1, cpu=True)
