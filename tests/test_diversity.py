@@ -198,3 +198,69 @@ def test_resolve_family_and_its_errors():
     with pytest.raises(UsageError, match="drop --model-override n_layer"):
         resolve(parse_args(base + ["--family", "deep", "--params", "2e5", "--model-override", "n_layer=2"]),
                 launcher="deepspeed", world=1, cpu=True)
+
+
+# --- the study's family axis and the width-depth report -------------------------------------------------
+
+def test_width_depth_grid(tmp_path):
+    from merit_ds.study.__main__ import build_parser, grid_from_args
+    from merit_ds.study.cell import cell_args
+    from merit_ds.study.runner import study_identity
+
+    g = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "w"), "--preset", "width-depth"]),
+                       prepare_data=False)
+    cells = g.cells()
+    assert len(cells) == 24 and g.families == ["wide", "base", "deep"] and g.tokens == 131_072
+    merit = {c.batch: c.lr for c in cells if c.family == "deep" and c.optimizer == "merit"}
+    assert merit == {8: 0.012, 16: 0.017, 32: 0.024, 64: 0.0339}  # 1.2e-2 x sqrt(b / 8), 3 digits
+    assert {c.batch: c.lr for c in cells if c.family == "wide" and c.optimizer == "adamw"}[32] == 0.004
+    assert cells[0].key == "wide_merit_b8_lr0.012_s0" and len({c.key for c in cells}) == 24
+    args = cell_args(cells[0], dict(g.settings, tokens=g.tokens), tmp_path)
+    assert args[args.index("--family") + 1] == "wide" and args[args.index("--params") + 1] == "200000"
+    assert args[args.index("--head-dim") + 1] == "16" and args[args.index("--diversity-probe") + 1] == "8"
+    assert study_identity(g)["params"] == 200_000
+    # the default study's identity is unchanged (its committed study.json still matches)
+    d = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "d")]), prepare_data=False)
+    assert "params" not in study_identity(d) and d.families == [] and d.cells()[0].key == "merit_b8_lr0.006_s0"
+    from merit_ds.study.grid import Grid, GridError
+
+    with pytest.raises(GridError, match="needs --params"):
+        Grid(["merit"], [8], {"merit": [1e-2]}, [0], 4096, {"seq_len": 8}, ["wide"]).check()
+    with pytest.raises(GridError, match="unknown model family"):
+        Grid(["merit"], [8], {"merit": [1e-2]}, [0], 4096, {"seq_len": 8, "params": 2e5}, ["tall"]).check()
+
+
+def test_family_report_from_a_synthetic_table(tmp_path):
+    """Two families, one optimizer, batches 8 and 32: the wide family's steps to target fall 4x (efficiency
+    1.0), the deep family's 2x (0.5); the numbers in report.md are these."""
+    import csv
+
+    from merit_ds.study.report import report_from_csv
+    from merit_ds.study.runner import COLUMNS
+
+    rows = []
+    # val curves: loss falls linearly 6 -> 4 over the steps; target = worst best loss + 0.01
+    for fam, (L, d), steps_to_4 in (("wide", (1, 128), {8: 400, 32: 100}), ("deep", (7, 48), {8: 400, 32: 200})):
+        for b in (8, 32):
+            n = steps_to_4[b]
+            curve = ";".join(f"{s}:{6 - 2 * s / n:.7g}" for s in range(0, n + 1, n // 4))
+            rows.append({"optimizer": "merit", "batch": b, "lr": 0.01, "seed": 0, "tokens": 4096, "tokens_trained": 4096,
+                         "steps": n, "seq_len": 8, "warmup": 1, "final_val_loss": 4.0, "max_attn_logit": 3.0,
+                         "gns_b_noise": 10.0, "diverged": 0, "wall_s": 1.0, "val_curve": curve, "family": fam,
+                         "n_layer": L, "n_embd": d, "gdiv_delta": 0.9 if fam == "wide" else 0.5,
+                         "gdiv_bound": 7.2 if fam == "wide" else 4.0, "gdiv_bound_data": 50.0 if fam == "wide" else 8.0})
+    with open(tmp_path / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    report, plots, fs = report_from_csv(tmp_path / "results.csv", tmp_path)
+    # target 4.01: reached at step n * (6 - 4.01) / 2 = 0.995 n
+    assert fs["wide"]["summary"]["steps_to_target"]["merit"] == pytest.approx({8: 398.0, 32: 99.5})
+    assert fs["wide"]["efficiency"]["merit"][32] == pytest.approx(1.0)
+    assert fs["deep"]["efficiency"]["merit"][32] == pytest.approx(0.5)
+    text = report.read_text()
+    assert "| wide | 1 x 128 | MERIT | 4.010 | 398.0 | 99.5 | 1.00 |" in text
+    assert "| deep | 7 x 48 | MERIT | 4.010 | 398.0 | 199.0 | 0.50 |" in text
+    assert "| wide | MERIT | 0.900 | 7.20 | 50.0 | 10.0 |" in text and "| deep | MERIT | 0.500 | 4.00 | 8.0 | 10.0 |" in text
+    assert [p.name for p in plots] == ["family_steps_to_target.png", "family_diversity.png"]
+    assert all(p.stat().st_size > 10_000 for p in plots)
