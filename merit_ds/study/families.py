@@ -118,9 +118,9 @@ def family_plots(fs: dict, out: Path, labels: dict) -> list[Path]:
         ax.set_yscale("log")
         ax.set_xlabel("global batch of the cell (sequences)")
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("batch bound (sequences), median over the 2nd half of training")
+    axes[0][0].set_ylabel("batch bound (sequences)")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("Gradient diversity per family (best-lr cells)", fontsize=10)
+    fig.suptitle("Gradient diversity per family (best-lr cells; median over the second half of training)", fontsize=10)
     fig.tight_layout()
     paths.append(out / FAMILY_PLOTS[1]); fig.savefig(paths[-1], dpi=110); plt.close(fig)
     return paths
