@@ -132,6 +132,7 @@ def test_loop_losses_bitwise_equal_with_and_without_diversity(tmp_path):
         p = subprocess.run(cmd, cwd=REPO_ROOT, env=dist_env(), capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         runs[probe] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert ("gradient diversity at step 6: Delta" in p.stdout) == (probe > 0)
     loss = lambda recs, k: [(r["step"], r[k]) for r in recs if k in r]  # noqa: E731
     assert loss(runs[0], "loss") == loss(runs[4], "loss") and len(loss(runs[0], "loss")) == 6
     assert loss(runs[0], "val_loss") == loss(runs[4], "val_loss")

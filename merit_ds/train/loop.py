@@ -484,6 +484,13 @@ def run(args) -> int:
     summary = meter.summary()
     log({"step": plan.steps, **final, **summary}, plan.steps)
     _rank0_print(runner, f"final: val loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
+    if rank == 0:
+        div = [r for r in metrics.read() if r.get("gdiv_bound") is not None]
+        if div:  # the last measurement: the batch bound beside the batch used
+            d = div[-1]
+            print(f"gradient diversity at step {d['step']}: Delta {d['gdiv_delta']:.3g} over n = {d['gdiv_n']} sequences, "
+                  f"batch bound n x Delta {d['gdiv_bound']:.3g} (at most ~n; large-data extrapolation "
+                  f"{d['gdiv_bound_data']:.3g}) vs the global batch {d['gdiv_batch']}", flush=True)
     if summary:
         _rank0_print(runner, "throughput: " + ", ".join(
             f"{k} {v:.4g}" for k, v in summary.items()))
