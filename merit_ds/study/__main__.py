@@ -5,6 +5,9 @@ With no grid flags: the default CPU study (built-in KJV corpus, 3 optimizers x b
 2,048-id vocabulary, sequences of 64; ~30 min on 2 cores). ``--preset gpt2-small|gpt2-medium``: the GPU version (batches 480..6k, 48e9 tokens /
 ``--budget-divisor``). Re-running the same command continues a study (finished cells skipped,
 interrupted ones redone). ``--report-only`` redraws the table, plots and report.
+``--preset width-depth``: model families (wide 1x128, base 4x64, deep 7x48 at 200k non-embedding
+parameters) x MERIT/AdamW x batches 8-64, steps to target and gradient diversity per family (24 cells,
+~20 min on 2 shared cores); ``--families``/``--params`` make families an axis of any grid.
 """
 
 from __future__ import annotations
