@@ -122,16 +122,16 @@ def test_loop_losses_bitwise_equal_with_and_without_diversity(tmp_path):
     rng.integers(0, 256, size=30_000, dtype=np.uint16).tofile(tmp_path / "train.bin")
     rng.integers(0, 256, size=4_000, dtype=np.uint16).tofile(tmp_path / "val.bin")
     runs = {}
-    for probe in (0, 4):
-        out = tmp_path / f"run{probe}"
+    for probe, stage in ((0, "2"), (4, "2"), (4, "3")):
+        out = tmp_path / f"run{probe}" if stage == "2" else tmp_path / "zero3"
         cmd = [sys.executable, "-m", "merit_ds.train", "--model", "tiny", "--model-override", "n_layer=1",
                "--model-override", "n_embd=32", "--model-override", "n_head=2", "--model-override", "vocab_size=256",
-               "--seq-len", "16", "--global-batch", "8", "--micro-batch", "2", "--zero-stage", "2", "--precision", "fp32",
+               "--seq-len", "16", "--global-batch", "8", "--micro-batch", "2", "--zero-stage", stage, "--precision", "fp32",
                "--steps", "6", "--diag-every", "2", "--eval-every", "3", "--ckpt-every", "0", "--tracker", "none",
                "--no-progress", "--no-export", "--diversity-probe", str(probe), "--data", str(tmp_path), "--out", str(out)]
         p = subprocess.run(cmd, cwd=REPO_ROOT, env=dist_env(), capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-        runs[probe] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[probe if stage == "2" else "zero3"] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         assert ("gradient diversity at step 6: Delta" in p.stdout) == (probe > 0)
     loss = lambda recs, k: [(r["step"], r[k]) for r in recs if k in r]  # noqa: E731
     assert loss(runs[0], "loss") == loss(runs[4], "loss") and len(loss(runs[0], "loss")) == 6
@@ -142,6 +142,11 @@ def test_loop_losses_bitwise_equal_with_and_without_diversity(tmp_path):
     for r in div:  # 4 of the step's 8 sequences (micro 2 x accum 4), world 1
         assert r["gdiv_n"] == 4 and r["gdiv_batch"] == 8
         assert 1 / 4 <= r["gdiv_delta"] and r["gdiv_bound"] == pytest.approx(4 * r["gdiv_delta"])
+    # ZeRO-3 (parameters partitioned, gathered for the probe): the same measurement; after step 1 the
+    # weights are the ZeRO-2 run's up to reduction order (later steps may drift: MERIT amplifies last bits)
+    div3 = [r for r in runs["zero3"] if "gdiv_delta" in r]
+    assert [r["step"] for r in div3] == [1, 2, 4, 6] and all(r["gdiv_n"] == 4 for r in div3)
+    torch.testing.assert_close(div3[0]["gdiv_delta"], div[0]["gdiv_delta"], rtol=1e-4, atol=0)
     assert (tmp_path / "run4" / "diversity.png").stat().st_size > 0 and not (tmp_path / "run0" / "diversity.png").exists()
 
 
