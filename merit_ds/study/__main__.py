@@ -5,6 +5,9 @@ With no grid flags: the default CPU study (built-in KJV corpus, 3 optimizers x b
 2,048-id vocabulary, sequences of 64; ~35 min on 2 cores). ``--preset gpt2-small|gpt2-medium``: the GPU version (batches 480..6k, 48e9 tokens /
 ``--budget-divisor``). Re-running the same command continues a study (finished cells skipped,
 interrupted ones redone). ``--report-only`` redraws the table, plots and report.
+``--preset width-depth``: model families (wide 1x128, base 4x64, deep 7x48 at 200k non-embedding
+parameters) x MERIT/AdamW x batches 8-64, steps to target and gradient diversity per family (24 cells,
+~20 min on 2 shared cores); ``--families``/``--params`` make families an axis of any grid.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .grid import DEFAULT_STUDY, GPU_STUDY, Grid, GridError, parse_list, parse_lrs
+from .grid import DEFAULT_STUDY, GPU_STUDY, WIDTH_DEPTH_STUDY, Grid, GridError, parse_list, parse_lrs
 
 __all__ = ["main", "build_parser", "grid_from_args"]
 
@@ -25,8 +28,16 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p = p or argparse.ArgumentParser(prog="python -m merit_ds.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="study directory (results.csv, plots, report.md, cells/)")
-    p.add_argument("--preset", choices=["cpu", "gpt2-small", "gpt2-medium"], default="cpu",
-                   help="cpu: the default CPU study; gpt2-*: the GPU-cluster study at the paper's batch sizes")
+    p.add_argument("--preset", choices=["cpu", "width-depth", "gpt2-small", "gpt2-medium"], default="cpu",
+                   help="cpu: the default CPU study; width-depth: model families at a fixed parameter count (CPU); "
+                        "gpt2-*: the GPU-cluster study at the paper's batch sizes")
+    p.add_argument("--families", default=None, help="model families as a grid axis, e.g. wide,base,deep (with --params)")
+    p.add_argument("--params", type=float, default=None, help="non-embedding parameters of every family")
+    p.add_argument("--head-dim", type=int, default=None, help="families' widths are multiples of it (default 64)")
+    p.add_argument("--diversity-probe", type=int, default=None,
+                   help="gradient diversity from this many sequences per diagnostics step (default: 8 for width-depth, else 0)")
+    p.add_argument("--lr-ref-batch", type=int, default=None,
+                   help="the --lrs are at this batch, square-root scaled to each batch (one lr per batch)")
     p.add_argument("--optimizers", default=None, help="e.g. merit,lamb,adamw")
     p.add_argument("--batch-sizes", default=None, help="global batches (sequences), e.g. 16,128")
     p.add_argument("--lrs", default=None, help='peak lrs for all, or per optimizer: "merit=1e-2,3e-2;adamw=1e-3,3e-3"')
@@ -82,8 +93,8 @@ def _shard(text) -> tuple[int, int]:
 
 
 def grid_from_args(args, *, prepare_data: bool = True) -> Grid:
-    gpu = args.preset != "cpu"
-    base = GPU_STUDY if gpu else DEFAULT_STUDY
+    gpu = args.preset.startswith("gpt2")
+    base = GPU_STUDY if gpu else (WIDTH_DEPTH_STUDY if args.preset == "width-depth" else DEFAULT_STUDY)
     optimizers = parse_list(args.optimizers, str, "optimizer") if args.optimizers else list(base["optimizers"])
     batches = [int(b) for b in parse_list(args.batch_sizes, int, "batch size")] if args.batch_sizes else list(base["batches"])
     if args.lrs:
@@ -106,7 +117,12 @@ def grid_from_args(args, *, prepare_data: bool = True) -> Grid:
                 "eval_sequences": args.eval_sequences or base["eval_sequences"],
                 "zero_stage": args.zero_stage if args.zero_stage is not None else base["zero_stage"],
                 "precision": args.precision, "warmup_fraction": args.warmup_fraction,
-                "eval_points": 20, "diag_points": 20}
+                "eval_points": 20, "diag_points": 20,
+                "params": args.params if args.params is not None else base.get("params"),
+                "head_dim": args.head_dim or base.get("head_dim"),
+                "diversity_probe": args.diversity_probe if args.diversity_probe is not None else base.get("diversity_probe", 0),
+                "lr_ref_batch": args.lr_ref_batch or (None if args.lrs else base.get("lr_ref_batch"))}
+    families = parse_list(args.families, str, "family") if args.families else list(base.get("families", []))
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data" / "kjv"
     if vocab:
@@ -126,7 +142,7 @@ def grid_from_args(args, *, prepare_data: bool = True) -> Grid:
         from merit_ds.train.presets import get_model_preset
 
         settings["seq_len"] = get_model_preset(model).seq_len
-    grid = Grid(optimizers, batches, lrs, seeds, tokens, settings)
+    grid = Grid(optimizers, batches, lrs, seeds, tokens, settings, families)
     grid.check()
     return grid
 
@@ -136,7 +152,8 @@ def _scale(grid: Grid) -> str:
     info = s.get("vocab_info") or {}
     vocab = (f", vocabulary {info['vocab_size']} ids ({info['vocab_size'] - 1} most frequent of the corpus's "
              f"{info['distinct']} + 'other'; {100 * info['coverage']:.1f}% of tokens kept)") if info else ""
-    return (f"model {s['model']} {' '.join(s['model_overrides'])}, sequences of {s['seq_len']}{vocab}, "
+    fam = f", families {', '.join(grid.families)} at {int(s['params']):,} non-embedding parameters (head dim {s.get('head_dim') or 64})" if grid.families else ""
+    return (f"model {s['model']} {' '.join(s['model_overrides'])}{fam}, sequences of {s['seq_len']}{vocab}, "
             f"ZeRO {s['zero_stage']}, world 1 per cell, warmup {s['warmup_fraction']:.0%} of the budget, "
             f"cosine to 0.1 x peak, clip 1.0, wd 0.1 (matrices)")
 
@@ -144,7 +161,7 @@ def _scale(grid: Grid) -> str:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
-    threads = args.threads if args.threads is not None else (1 if args.preset == "cpu" else 0)
+    threads = args.threads if args.threads is not None else (0 if args.preset.startswith("gpt2") else 1)
     if threads:
         _set_threads(threads, argv)
     try:

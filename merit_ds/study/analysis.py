@@ -15,8 +15,8 @@ from .grid import GridError
 __all__ = ["load_results", "check_one_budget", "best_per_batch", "fit_exponent", "steps_to_target",
            "critical_batch", "summarize"]
 
-_INT = ("batch", "seed", "tokens", "tokens_trained", "steps", "seq_len", "warmup", "diverged")
-_FLOAT = ("lr", "final_val_loss", "max_attn_logit", "gns_b_noise", "wall_s")
+_INT = ("batch", "seed", "tokens", "tokens_trained", "steps", "seq_len", "warmup", "diverged", "n_layer", "n_embd")
+_FLOAT = ("lr", "final_val_loss", "max_attn_logit", "gns_b_noise", "wall_s", "gdiv_delta", "gdiv_bound", "gdiv_bound_data")
 
 
 def load_results(path) -> list[dict]:

@@ -35,10 +35,11 @@ class CellSpec:
     batch: int
     lr: float
     seed: int
+    family: str = ""  # a --family shape at the study's --params ("" = the study's model as it is)
 
     @property
     def key(self) -> str:
-        return f"{self.optimizer}_b{self.batch}_lr{self.lr:.3g}_s{self.seed}"
+        return f"{self.family + '_' if self.family else ''}{self.optimizer}_b{self.batch}_lr{self.lr:.3g}_s{self.seed}"
 
 
 def _cadence(steps: int, points: int) -> int:
@@ -58,6 +59,9 @@ def cell_args(cell: CellSpec, s: dict, out: Path) -> list[str]:
         args += ["--seq-len", str(s["seq_len"])]
     for kv in s.get("model_overrides", []):
         args += ["--model-override", kv]
+    if cell.family:
+        args += ["--family", cell.family, "--params", str(int(s["params"])), "--head-dim", str(int(s.get("head_dim") or 64))]
+    args += ["--diversity-probe", str(int(s.get("diversity_probe") or 0))]
     return args
 
 
@@ -85,9 +89,10 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
         engine, basic = loop.build_engine(args, rc, runner, rc.ds_config)
     trainer = Trainer(engine, runner, basic, rc.optimizer, train_loader, val_loader, steps=steps,
                       warmup=rc.warmup, floor=rc.floor, tokens_per_step=rc.plan.tokens_per_step,
-                      zero_stage=rc.zero_stage)
+                      zero_stage=rc.zero_stage, diversity_probe=args.diversity_probe)
     metrics = out / "metrics.jsonl"
     curve, max_logit, noise, diverged = [], -math.inf, [], False
+    diversity = []  # (step, delta, n * delta, extrapolated bound)
     first = trainer.evaluate()
     curve.append((0, first["val_loss"]))
     engine.train()
@@ -104,6 +109,8 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
                 max_logit = max(max_logit, record["max_attn_logit"])
             if record.get("gns_b_noise") is not None and math.isfinite(record["gns_b_noise"]):
                 noise.append((step, record["gns_b_noise"]))
+            if record.get("gdiv_delta") is not None:
+                diversity.append((step, record["gdiv_delta"], record["gdiv_bound"], record["gdiv_bound_data"]))
             if not math.isfinite(record["loss"]):
                 diverged = True
                 print(f"step {step}: training loss {record['loss']}: diverged, cell stopped", file=log, flush=True)
@@ -114,12 +121,20 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
     final = curve[-1][1] if not diverged else math.inf
     # the noise scale: the EMA's value over the second half of training (early steps are transients)
     late = [b for st, b in noise if st > steps // 2] or [b for _, b in noise]
+    late_div = [d for d in diversity if d[0] > steps // 2] or diversity
+
+    def median(values):  # NaN-free median (the extrapolated bound is NaN when the probe cannot resolve G)
+        values = sorted(v for v in values if math.isfinite(v))
+        return float(values[len(values) // 2]) if values else math.nan
     row = {"optimizer": cell.optimizer, "batch": cell.batch, "lr": cell.lr, "seed": cell.seed,
            "tokens": int(s["tokens"]), "tokens_trained": steps * rc.plan.tokens_per_step, "steps": steps,
            "seq_len": rc.seq_len, "warmup": rc.warmup, "final_val_loss": final,
            "max_attn_logit": max_logit if math.isfinite(max_logit) else math.nan,
            "gns_b_noise": float(sorted(late)[len(late) // 2]) if late else math.nan,
            "diverged": int(diverged), "wall_s": round(time.perf_counter() - t0, 2),
+           "family": cell.family, "n_layer": engine.module.config.n_layer, "n_embd": engine.module.config.n_embd,
+           "gdiv_delta": median(d[1] for d in late_div), "gdiv_bound": median(d[2] for d in late_div),
+           "gdiv_bound_data": median(d[3] for d in late_div),
            "val_curve": ";".join(f"{st}:{v:.7g}" for st, v in curve)}
     del trainer, engine, basic, train_loader, val_loader
     gc.collect()

@@ -64,11 +64,18 @@ class Grid:
     seeds: list[int]
     tokens: int
     settings: dict = field(default_factory=dict)  # model, data, seq_len, ... (identical for every cell)
+    families: list = field(default_factory=list)  # model families (--family) at settings["params"]; [] = the model as is
+
+    def lr_at(self, lr: float, batch: int) -> float:
+        """With ``settings["lr_ref_batch"]`` the grid's lrs are given at that batch and square-root
+        scaled to each batch (one lr per batch, the recipes' rule); otherwise used as they are."""
+        ref = self.settings.get("lr_ref_batch")
+        return float(f"{lr * (batch / ref) ** 0.5:.3g}") if ref else lr
 
     def cells(self) -> list[CellSpec]:
         """Every cell, in a stable order (seed-major so a partial study covers the grid once first)."""
-        return [CellSpec(o, b, lr, s) for s in self.seeds for o in self.optimizers for b in self.batches
-                for lr in self.lrs[o]]
+        return [CellSpec(o, b, self.lr_at(lr, b), s, f) for s in self.seeds for f in (self.families or [""])
+                for o in self.optimizers for b in self.batches for lr in self.lrs[o]]
 
     def check(self) -> None:
         from merit_ds.train.presets import OPTIMIZERS
@@ -78,6 +85,16 @@ class Grid:
                 raise GridError(f"unknown optimizer {o!r}: choose from {', '.join(OPTIMIZERS)}")
         if any(b <= 0 for b in self.batches):
             raise GridError(f"batch sizes must be positive: {self.batches}")
+        if self.families:
+            from merit_ds.train.families import FamilyError, solve_shape
+
+            if not self.settings.get("params"):
+                raise GridError("--families needs --params (non-embedding parameters of every family)")
+            for f in self.families:
+                try:
+                    solve_shape(f, self.settings["params"], head_dim=int(self.settings.get("head_dim") or 64))
+                except FamilyError as exc:
+                    raise GridError(str(exc)) from None
         seq = int(self.settings.get("seq_len") or 0)
         if seq and self.tokens < max(self.batches) * seq:
             raise GridError(f"--tokens {self.tokens} is less than one step of the largest batch "
@@ -107,6 +124,16 @@ DEFAULT_STUDY = {
     # for AdamW under ZeRO-1 and MERIT under ZeRO-0): README, Large-batch study
     "zero_stage": 0,
 }
+
+#: ``--preset width-depth``: Chen et al.'s question at CPU scale. Three GPT-2 shapes of ~200k non-embedding
+#: parameters (wide 1 x 128, base 4 x 64, deep 7 x 48; head dim 16), MERIT and AdamW, batches 8-64, one lr
+#: per optimizer square-root scaled from the default study's measured best at batch 8 (MERIT 1.2e-2, AdamW
+#: 2e-3: docs/study), gradient diversity on 8 sequences per diagnostics step (n = 8 at every batch).
+#: 24 cells at 131,072 tokens: sized for a shared 2-core machine (README: Width vs depth).
+WIDTH_DEPTH_STUDY = dict(DEFAULT_STUDY, optimizers=["merit", "adamw"], batches=[8, 16, 32, 64],
+                         lrs={"merit": [1.2e-2], "adamw": [2e-3]}, seeds=[0], tokens=131_072,
+                         model_overrides=[], families=["wide", "base", "deep"], params=200_000, head_dim=16,
+                         lr_ref_batch=8, diversity_probe=8)
 
 #: The GPU-cluster version (``--preset gpt2-small|gpt2-medium``): the paper's batch sizes and a
 #: token budget of 48e9 / ``--budget-divisor``; lrs bracket the presets' values.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from .analysis import load_results, summarize
+from .analysis import check_one_budget, load_results, summarize
 
 __all__ = ["make_plots", "write_report", "report_from_csv", "PLOTS", "PAPER_CLAIM"]
 
@@ -184,10 +184,32 @@ def write_report(summary: dict, out: Path, *, scale: str = "", command: str = ""
     return path
 
 
+def write_family_report(rows: list[dict], out: Path, *, scale: str = "", command: str = "", wall: str = ""):
+    """A study with a ``family`` axis: every table and plot is per family (cells of different shapes
+    are never pooled); see :mod:`.families`."""
+    from .families import family_plots, family_report_lines, family_summary
+
+    fs = family_summary(rows)
+    lines = ["# Width vs depth at large batch", ""]
+    if scale:
+        lines += [f"Scale: {scale}", ""]
+    if command:
+        lines += ["Command:", "", f"    {command}", ""]
+    if wall:
+        lines += [f"Wall time: {wall}", ""]
+    lines += [f"Token budget: {check_one_budget(rows):,} tokens for every cell.", ""]
+    lines += family_report_lines(fs, LABELS)
+    path = Path(out) / "report.md"
+    path.write_text("\n".join(lines))
+    return path, family_plots(fs, out, LABELS), fs
+
+
 def report_from_csv(csv_path, out=None, **kw) -> tuple[Path, list[Path], dict]:
     csv_path = Path(csv_path)
     out = Path(out) if out else csv_path.parent
     rows = load_results(csv_path)
+    if any(r.get("family") for r in rows):
+        return write_family_report(rows, out, **kw)
     summary = summarize(rows)
     plots = make_plots(summary, rows, out)
     return write_report(summary, out, **kw), plots, summary

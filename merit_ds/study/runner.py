@@ -29,7 +29,8 @@ from .grid import Grid, GridError
 __all__ = ["COLUMNS", "run_grid", "collect_results", "write_results", "study_identity"]
 
 COLUMNS = ["optimizer", "batch", "lr", "seed", "tokens", "tokens_trained", "steps", "seq_len", "warmup",
-           "final_val_loss", "max_attn_logit", "gns_b_noise", "diverged", "wall_s", "val_curve"]
+           "final_val_loss", "max_attn_logit", "gns_b_noise", "diverged", "wall_s", "val_curve",
+           "family", "n_layer", "n_embd", "gdiv_delta", "gdiv_bound", "gdiv_bound_data"]
 
 
 def study_identity(grid: Grid) -> dict:
@@ -37,7 +38,8 @@ def study_identity(grid: Grid) -> dict:
     return {"tokens": int(grid.tokens), "model": s.get("model"), "model_overrides": list(s.get("model_overrides", [])),
             "seq_len": s.get("seq_len"), "data": str(s.get("data")), "warmup_fraction": s.get("warmup_fraction"),
             "eval_sequences": s.get("eval_sequences"), "micro_batch": s.get("micro_batch"),
-            "zero_stage": s.get("zero_stage"), "precision": s.get("precision")}
+            "zero_stage": s.get("zero_stage"), "precision": s.get("precision"),
+            **{k: s[k] for k in ("params", "head_dim", "diversity_probe", "lr_ref_batch") if s.get(k)}}
 
 
 def _check_identity(out: Path, grid: Grid) -> None:
@@ -69,7 +71,7 @@ def collect_results(out: Path) -> list[dict]:
         if budget is not None and int(row["tokens"]) != budget:
             raise GridError(f"{f} was trained at {row['tokens']} tokens, the study at {budget}: refusing to mix budgets")
         rows.append(row)
-    rows.sort(key=lambda r: (r["optimizer"], r["batch"], r["lr"], r["seed"]))
+    rows.sort(key=lambda r: (r.get("family", ""), r["optimizer"], r["batch"], r["lr"], r["seed"]))
     return rows
 
 

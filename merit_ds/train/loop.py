@@ -76,6 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--seq-len", type=int, default=None, help="default: the preset's (tiny 128, GPT-2 1024)")
     g.add_argument("--activation-checkpointing", action="store_true")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (engine.compile)")
+    g.add_argument("--family", default=None,
+                   help="a shape at a fixed non-embedding parameter count (with --params): wide (d/L 128), base (32), "
+                        "deep (8) or L<layers>; replaces the preset's n_layer/n_embd/n_head (merit_ds/train/families.py)")
+    g.add_argument("--params", type=float, default=None, help="non-embedding parameters of --family, e.g. 85e6")
+    g.add_argument("--head-dim", type=int, default=64, help="--family widths are multiples of this (n_head = width / it)")
     g = p.add_argument_group("batch and length")
     g.add_argument("--global-batch", default=None, help="sequences per step, or a preset: 480 1k 2k 4k 6k")
     g.add_argument("--micro-batch", type=int, default=None, help="sequences per forward per rank")
@@ -105,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--keep-last", type=int, default=3)
     g.add_argument("--resume", default="auto", help="auto (latest in --out, if any) | never | PATH to a checkpoint")
     g.add_argument("--diag-every", type=int, default=10, help="diagnostics cadence (0: off; diagnostics steps are log steps)")
+    g.add_argument("--diversity-probe", type=int, default=8,
+                   help="gradient diversity on diagnostics steps from per-example gradients of up to this many of each "
+                        "rank's sequences of the step (0: off)")
     g.add_argument("--log-every", type=int, default=1,
                    help="log interval in steps: loss (mean over the interval), grad norm, step time, tokens/s, MFU, "
                         "peak memory; between log steps the loss stays on the device (default 1)")
@@ -280,6 +288,8 @@ def print_banner(runner: Runner, rc: RunConfig) -> None:
     p = rc.opt_params
     _rank0_print(runner, f"merit_ds.train: launcher {rc.launcher}, {runner.world} ranks, ZeRO {rc.zero_stage}, "
                          f"{rc.precision}, model {rc.model} ({rc.preset.description}), optimizer {rc.label}")
+    if rc.family is not None:
+        _rank0_print(runner, rc.family.describe())
     _rank0_print(runner, rc.plan.describe())
     if rc.micro_note:
         _rank0_print(runner, rc.micro_note)
@@ -408,7 +418,8 @@ def run(args) -> int:
 
     engine, basic = build_engine(args, rc, runner, cfg)
     trainer = Trainer(engine, runner, basic, rc.optimizer, train_loader, val_loader, steps=plan.steps,
-                      warmup=rc.warmup, floor=rc.floor, tokens_per_step=plan.tokens_per_step, zero_stage=rc.zero_stage)
+                      warmup=rc.warmup, floor=rc.floor, tokens_per_step=plan.tokens_per_step, zero_stage=rc.zero_stage,
+                      diversity_probe=args.diversity_probe)
     start_step = 0
     if resume_from is not None:
         start_step = trainer.resume(load_from, resume_from)
@@ -477,6 +488,13 @@ def run(args) -> int:
     summary = meter.summary()
     log({"step": plan.steps, **final, **summary}, plan.steps)
     _rank0_print(runner, f"final: val loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
+    if rank == 0:
+        div = [r for r in metrics.read() if r.get("gdiv_bound") is not None]
+        if div:  # the last measurement: the batch bound beside the batch used
+            d = div[-1]
+            print(f"gradient diversity at step {d['step']}: Delta {d['gdiv_delta']:.3g} over n = {d['gdiv_n']} sequences, "
+                  f"batch bound n x Delta {d['gdiv_bound']:.3g} (at most ~n; large-data extrapolation "
+                  f"{d['gdiv_bound_data']:.3g}) vs the global batch {d['gdiv_batch']}", flush=True)
     if summary:
         _rank0_print(runner, "throughput: " + ", ".join(
             f"{k} {v:.4g}" for k, v in summary.items()))
@@ -492,6 +510,11 @@ def run(args) -> int:
             png = plot_losses(metrics.read(), out / "loss.png", f"{rc.model} + {rc.label}, ZeRO {rc.zero_stage}, "
                                                                 f"batch {plan.global_batch} x {rc.seq_len}, {world} ranks")
             print(f"plot: {png}", flush=True)
+            from .diversity import plot_diversity
+
+            png = plot_diversity(metrics.read(), out / "diversity.png")
+            if png:
+                print(f"plot: {png}", flush=True)
     runner.close()
     return 0
 

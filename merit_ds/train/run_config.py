@@ -76,6 +76,7 @@ class RunConfig:
     floor: float
     ds_config_path: Optional[str] = None
     micro_note: str = ""      # how the micro-batch was re-planned against the config's (printed)
+    family: Optional[object] = None  # .families.FamilyShape when --family chose the shape
 
     @property
     def label(self) -> str:
@@ -126,6 +127,9 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     overrides = parse_overrides(args.model_override)
+    family = _family(args, overrides)
+    if family is not None:
+        overrides.update(family.overrides())
     seq_len = args.seq_len or overrides.get("n_positions", preset.seq_len)
     precision = args.precision if args.precision != "auto" else ("fp32" if cpu else "bf16")
     where = args.ds_config or "the DeepSpeed config"
@@ -235,4 +239,22 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     return RunConfig(launcher=launcher, model=args.model, preset=preset, overrides=overrides, seq_len=seq_len,
                      precision=precision, zero_stage=zero_stage, offload=offload, plan=plan, optimizer=optimizer,
                      optim=optim, lr=lr, lr_origin=lr_origin, opt_params=opt_params, ds_config=cfg, client=client,
-                     warmup=warmup, floor=floor, ds_config_path=args.ds_config, micro_note=micro_note)
+                     warmup=warmup, floor=floor, ds_config_path=args.ds_config, micro_note=micro_note, family=family)
+
+
+def _family(args, overrides: dict):
+    """The shape ``--family F --params N`` asks for (:mod:`.families`), or None."""
+    name, params = getattr(args, "family", None), getattr(args, "params", None)
+    if name is None and params is None:
+        return None
+    if name is None or params is None:
+        raise UsageError("--family and --params go together (e.g. --family wide --params 2e5)")
+    clash = sorted(k for k in ("n_layer", "n_embd", "n_head") if k in overrides)
+    if clash:
+        raise UsageError(f"--family sets the shape; drop --model-override {', '.join(clash)}")
+    from .families import FamilyError, solve_shape
+
+    try:
+        return solve_shape(name, params, head_dim=getattr(args, "head_dim", 64))
+    except FamilyError as exc:
+        raise UsageError(str(exc)) from None

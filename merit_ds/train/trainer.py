@@ -38,6 +38,7 @@ from merit_ds.sharding import collective, reduce_trust_stats
 from . import checkpoint as ckpt
 from .data_source import DataError
 from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss
+from .diversity import GradientDiversity
 from .optimizers import CLIP_FRACTION, TRUST_STATS
 from .run_config import UsageError
 from .schedule import warmup_cosine
@@ -72,13 +73,15 @@ class Trainer:
     """Step, evaluate, save, resume. :attr:`step` counts completed optimizer steps."""
 
     def __init__(self, engine, runner, basic, optimizer: str, train_loader, val_loader, *, steps: int,
-                 warmup: int, floor: float, tokens_per_step: int, zero_stage: int):
+                 warmup: int, floor: float, tokens_per_step: int, zero_stage: int, diversity_probe: int = 0):
         self.engine, self.runner, self.basic = engine, runner, basic
         self.train_loader, self.val_loader = train_loader, val_loader
         self.steps, self.tokens_per_step, self.zero_stage = steps, tokens_per_step, zero_stage
         self.scheduler = warmup_cosine(basic, warmup, steps, floor)
         self.probe = AttentionLogitProbe(engine.module)
         self.gns = GradientNoiseScale()
+        # per-example gradients of up to this many of each rank's sequences per diagnostics step (0: off)
+        self.diversity = GradientDiversity(diversity_probe)
         self.trust_stats = optimizer in TRUST_STATS      # MERIT and LAMB record trust ratios
         self.clip_fraction = optimizer in CLIP_FRACTION  # only MERIT clips its update
         self.step = 0
@@ -106,6 +109,8 @@ class Trainer:
             basic.track_stats = True
         lr_now = basic.param_groups[0]["lr"]
         first, max_logit = None, None
+        probe: list = []  # the first sequences of this rank's share of the step, for the gradient diversity
+        want = self.diversity.probe if diagnostics else 0
         accum = self.train_loader.grad_accum
         if self.loss_acc is None or self.loss_acc.device != torch.device(engine.device):
             self.loss_acc = torch.zeros((), dtype=torch.float64, device=engine.device)
@@ -114,6 +119,8 @@ class Trainer:
             x, y = x.to(engine.device), y.to(engine.device)
             if first is None:
                 first = (x, y)
+            if sum(p[0].size(0) for p in probe) < want:
+                probe.append((x, y))
             if diagnostics and micro_step == 0:
                 self.probe.arm()
             with self.runner.micro_context():
@@ -143,6 +150,11 @@ class Trainer:
             noise = self.gns.measure(engine.module, *first, world) if self.zero_stage < 3 else None
             if noise:
                 record.update(noise)
+            if want:
+                diversity = self.diversity.measure(engine.module, torch.cat([p[0] for p in probe]),
+                                                   torch.cat([p[1] for p in probe]), self.zero_stage)
+                # the bound beside the batch this step used (sequences over all ranks)
+                record.update(diversity, gdiv_batch=accum * first[0].size(0) * world)
         record["host_step_time_s"] = time.perf_counter() - t0  # host time; the loop times intervals
         return record
 
