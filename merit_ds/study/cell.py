@@ -121,6 +121,7 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
            "gns_b_noise": float(sorted(late)[len(late) // 2]) if late else math.nan,
            "diverged": int(diverged), "wall_s": round(time.perf_counter() - t0, 2),
            "val_curve": ";".join(f"{st}:{v:.7g}" for st, v in curve)}
+    getattr(train_loader, "close", lambda: None)()  # the prefetching loader's worker thread
     del trainer, engine, basic, train_loader, val_loader
     gc.collect()
     torch.manual_seed(0)

@@ -16,6 +16,7 @@ The parts, in the order :func:`run` calls them (each can be read, and tested, al
                         arithmetic, optimizer, lr and where it came from; impossible combinations
                         stop here); print_banner
     make_loaders        train/val token-block loaders; every shard verified (checksums, vocabulary)
+    check_shared_out    --out is one directory for every rank (:mod:`.shared_fs`), else stop here
     describe_run        what a checkpoint records about the run
     locate_checkpoint   found and validated on rank 0, verdict on every rank (a corrupt or
                         incompatible one stops here, before anything is written; another world
@@ -45,6 +46,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from merit_ds.data.prefetch import PrefetchLoader
 from merit_ds.integrations.param_groups import merit_param_groups
 
 from .batch import BatchConfigError
@@ -54,6 +56,7 @@ from .optimizers import build_client_optimizer, describe_stepping, verify_optimi
 from .plan import GPUS, flops_per_token
 from .presets import OPTIMIZERS, gpt2_config
 from .run_config import RunConfig, UsageError, resolve
+from .shared_fs import check_shared_out
 from .tracking import MetricsLog, make_trackers, plot_losses
 from .trainer import CheckpointSaveError, Trainer, mean_over_ranks
 
@@ -100,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=50)
     g.add_argument("--eval-sequences", type=int, default=None, help=f"validation blocks: a fixed set, the same at every world size and micro-batch "
                         f"(default {DEFAULT_EVAL_SEQUENCES}, capped at the val split)")
+    g.add_argument("--prefetch", type=int, default=2,
+                   help="micro-batches a worker thread reads ahead while the device computes (pinned memory on "
+                        "CUDA); 0: read in the loop. Resume is exact either way (default 2)")
     g.add_argument("--ckpt-every", type=int, default=100)
     g.add_argument("--keep-last", type=int, default=3)
     g.add_argument("--resume", default="auto", help="auto (latest in --out, if any) | never | PATH to a checkpoint")
@@ -299,6 +305,10 @@ def make_loaders(args, rc: RunConfig, rank: int, world: int):
         check_token_data(args.data, vocab, rank=rank, world=world)
     except DataError as exc:
         raise UsageError(f"data: {exc}") from None
+    if args.prefetch < 0:
+        raise UsageError(f"--prefetch must be >= 0, got {args.prefetch}")
+    if args.prefetch:  # the same batches, read while the previous micro-batch computes
+        train_loader = PrefetchLoader(train_loader, depth=args.prefetch)
     return train_loader, val_loader
 
 
@@ -395,6 +405,8 @@ def run(args) -> int:
 
     # --- a checkpoint to resume: found and validated before anything is built or written -------------
     out = Path(args.out)
+    # a node-local --out would fail only at the first resume: refuse it now, on every rank
+    check_shared_out(out, rank, world)
     ckpt_root = out / "checkpoints"
     run_info = describe_run(rc, world, train_loader)
     resume_from, load_from = locate_checkpoint(args.resume, ckpt_root, run_info, runner)
@@ -429,7 +441,9 @@ def run(args) -> int:
                 t.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
 
     def save() -> None:
-        trainer.save(ckpt_root, run_info, args.keep_last)
+        # rank 0 hashes and finalises in a thread while every rank trains on (Trainer.save);
+        # its outcome is collected at the next save or finish_save
+        trainer.save(ckpt_root, run_info, args.keep_last, background=True)
 
     # --- train -------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -478,6 +492,9 @@ def run(args) -> int:
             f"{k} {v:.4g}" for k, v in summary.items()))
     if last_saved != plan.steps:
         save()
+    trainer.finish_save()  # the last checkpoint final (or its error on every rank) before we report it
+    if isinstance(train_loader, PrefetchLoader):
+        train_loader.close()
     _rank0_print(runner, f"checkpoint: {ckpt_root / ckpt.tag_for(plan.steps)}")
     if not args.no_export:  # every rank: the probe forward is collective under ZeRO 3
         export_after_training(engine, data=args.data, run=out, seq_len=rc.seq_len)  # prints "exported: DIR"
