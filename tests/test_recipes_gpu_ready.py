@@ -59,3 +59,36 @@ def test_node_local_out_stops_the_loop_at_start_up_on_every_rank(data_dir, tmp_p
     assert all(f"--out {out} is not one directory shared by every rank" in ln and "rank 1 on" in ln for ln in lines)
     assert "optimizer:" not in r.stdout  # stopped before the engine was built
     assert not out.exists() and not Path(f"{out}-node1").exists()
+
+
+# --- 4. --compile end to end -------------------------------------------------------------------------
+def test_compile_end_to_end_no_recompiles_and_the_eager_losses(data_dir, tmp_path):
+    """``--compile`` (inductor, one process): the run completes; after the first evaluation
+    (step 2) no graph is compiled any more although steps 3-6 alternate diagnostics steps
+    (armed probe, noise-scale passes on half micro-batches) with plain ones and step 4 and the end
+    evaluate again; the
+    losses equal the eager run's within 1e-4 relative (inductor fuses and reorders float
+    arithmetic; the eager run is the reference)."""
+    import json
+
+    def train(out, *extra):
+        args = [*TINY, "--micro-batch", "2", "--steps", "6", "--diag-every", "2", "--eval-every", "2", "--ckpt-every", "0",
+                "--data", str(data_dir), "--out", str(out), *extra]
+        r = subprocess.run([sys.executable, "-m", "merit_ds.train", *args], env=dist_env(), cwd=REPO_ROOT,
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    eager = train(tmp_path / "eager")
+    compiled = train(tmp_path / "compiled", "--compile")
+    graphs = [r["compile_graphs"] for r in compiled if "compile_graphs" in r]
+    assert len(graphs) == 7 and graphs[0] > 0  # steps 1-6 and the final record
+    assert graphs[1:] == [graphs[1]] * 6, graphs  # nothing compiled after step 2's plain step and evaluation
+    for key in ("loss", "val_loss"):
+        want = [r[key] for r in eager if key in r]
+        got = [r[key] for r in compiled if key in r]
+        assert len(got) == len(want) > 0
+        assert got == pytest.approx(want, rel=1e-4), key
+    assert sum("gns_b_noise" in r for r in compiled) == 4  # steps 1, 2, 4, 6: the half-batch passes ran
+    assert [r.get("max_attn_logit") for r in compiled] == pytest.approx([r.get("max_attn_logit") for r in eager],
+                                                                       rel=1e-4)

@@ -109,7 +109,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--ckpt-every", type=int, default=100)
     g.add_argument("--keep-last", type=int, default=3)
     g.add_argument("--resume", default="auto", help="auto (latest in --out, if any) | never | PATH to a checkpoint")
-    g.add_argument("--diag-every", type=int, default=10, help="diagnostics cadence (0: off; diagnostics steps are log steps)")
+    # 100: a diagnostics step costs up to one extra step (the noise scale's passes at grad_accum 1,
+    # the batch-480 recipes); every 10 steps that was ~10% of training (benchmarks/bench_diag_cost.py)
+    g.add_argument("--diag-every", type=int, default=100,
+                   help="diagnostics cadence in steps (0: off; also at step 1; diagnostics steps are log steps; "
+                        "default 100: under 1%% of training at batch 480, see README)")
     g.add_argument("--log-every", type=int, default=1,
                    help="log interval in steps: loss (mean over the interval), grad norm, step time, tokens/s, MFU, "
                         "peak memory; between log steps the loss stays on the device (default 1)")
@@ -470,6 +474,8 @@ def run(args) -> int:
             record.update(meter.interval())
             if evaluating:
                 record.update(trainer.evaluate())
+            if args.compile:  # graphs dynamo compiled so far: flat after warm-up, or something recompiles
+                record["compile_graphs"] = compiled_graphs()
             log(record, step)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", **(
                 {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
@@ -485,7 +491,8 @@ def run(args) -> int:
     bar.close()
     final = trainer.evaluate()
     summary = meter.summary()
-    log({"step": plan.steps, **final, **summary}, plan.steps)
+    log({"step": plan.steps, **final, **summary, **({"compile_graphs": compiled_graphs()} if args.compile else {})},
+        plan.steps)
     _rank0_print(runner, f"final: val loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
     if summary:
         _rank0_print(runner, "throughput: " + ", ".join(
@@ -512,6 +519,13 @@ def run(args) -> int:
 #: Wall-clock keys of metrics.jsonl (they differ between otherwise identical runs).
 TIMING_KEYS = frozenset({"step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "host_step_time_s",
                          "train_step_time_s", "train_tokens_per_s", "train_mfu"})
+
+
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has compiled in this process (recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def peak_flops(tflops: Optional[float], device) -> Optional[float]:

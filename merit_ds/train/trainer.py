@@ -21,6 +21,7 @@ called by every rank.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
@@ -67,6 +68,12 @@ def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     np.random.set_state(s["numpy"])
     random.setstate(s["python"])
+
+
+def _eager(on: bool):
+    """Run compiled modules eagerly inside (``torch.compiler.set_stance``: no compile, no
+    recompile, the compiled code kept for the next call); nothing when ``on`` is false."""
+    return torch.compiler.set_stance("force_eager") if on else contextlib.nullcontext()
 
 
 class _Finaliser:
@@ -142,11 +149,14 @@ class Trainer:
             x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
             if first is None:
                 first = (x, y)
-            if diagnostics and micro_step == 0:
+            probing = diagnostics and micro_step == 0
+            if probing:
                 self.probe.arm()
-            with self.runner.micro_context():
+            # The probed forward runs eager under --compile: its hooks read values on the host
+            # and guard on `armed`, which would recompile the model for diagnostics steps.
+            with self.runner.micro_context(), _eager(probing and self.compiled):
                 loss = lm_loss(engine(input_ids=x).logits, y)
-                if diagnostics and micro_step == 0:
+                if probing:
                     max_logit = self.probe.collect()
                 self.runner.backward_step(loss)
             self.loss_acc += loss.detach().double()  # stays on the device
@@ -168,11 +178,18 @@ class Trainer:
                     if not self.clip_fraction:  # LAMB does not clip: the fraction would always be 0
                         summary.pop("clip_fraction", None)
                     record.update(summary)
-            noise = self.gns.measure(engine.module, *first, world) if self.zero_stage < 3 else None
+            with _eager(self.compiled):  # half micro-batches: new shapes, a recompile under --compile
+                noise = self.gns.measure(engine.module, *first, world) if self.zero_stage < 3 else None
             if noise:
                 record.update(noise)
         record["host_step_time_s"] = time.perf_counter() - t0  # host time; the loop times intervals
         return record
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the model is ``torch.compile``d (``engine.compile`` = ``nn.Module.compile``).
+        Checked before touching ``torch.compiler``: its first use imports dynamo (seconds)."""
+        return getattr(self.engine.module, "_compiled_call_impl", None) is not None
 
     def read_loss(self) -> float:
         """Mean train loss since the last read (one host sync; one all-reduce with several ranks)."""
