@@ -15,7 +15,8 @@ The parts, in the order :func:`run` calls them (each can be read, and tested, al
     configure           arguments + JSON -> RunConfig (:func:`.run_config.resolve`, pure: batch
                         arithmetic, optimizer, lr and where it came from; impossible combinations
                         stop here); print_banner
-    make_loaders        train/val token-block loaders; every shard verified (checksums, vocabulary)
+    make_loaders        train/val token-block loaders; every shard verified (checksums, vocabulary);
+                        the train loader prefetched by a worker thread (--prefetch)
     check_shared_out    --out is one directory for every rank (:mod:`.shared_fs`), else stop here
     describe_run        what a checkpoint records about the run
     locate_checkpoint   found and validated on rank 0, verdict on every rank (a corrupt or
@@ -27,7 +28,7 @@ The parts, in the order :func:`run` calls them (each can be read, and tested, al
 
 then the loop itself: every step logs loss/lr/grad-norm; every ``--eval-every`` validation loss and
 perplexity; every ``--diag-every`` the large-batch diagnostics; every ``--ckpt-every`` an
-atomic checkpoint (keep-last-K) -> final eval, checkpoint, Hugging Face export (OUT/hf_model), ``loss.png``.
+atomic checkpoint (keep-last-K; rank 0 hashes it in the background) -> final eval, checkpoint, Hugging Face export (OUT/hf_model), ``loss.png``.
 """
 
 from __future__ import annotations
