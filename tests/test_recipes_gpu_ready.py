@@ -90,5 +90,5 @@ def test_compile_end_to_end_no_recompiles_and_the_eager_losses(data_dir, tmp_pat
         assert len(got) == len(want) > 0
         assert got == pytest.approx(want, rel=1e-4), key
     assert sum("gns_b_noise" in r for r in compiled) == 4  # steps 1, 2, 4, 6: the half-batch passes ran
-    assert [r.get("max_attn_logit") for r in compiled] == pytest.approx([r.get("max_attn_logit") for r in eager],
-                                                                       rel=1e-4)
+    logits = [[r["max_attn_logit"] for r in run if "max_attn_logit" in r] for run in (eager, compiled)]
+    assert len(logits[0]) == 4 and logits[1] == pytest.approx(logits[0], rel=1e-4)
