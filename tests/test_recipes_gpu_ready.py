@@ -84,10 +84,13 @@ def test_compile_end_to_end_no_recompiles_and_the_eager_losses(data_dir, tmp_pat
     graphs = [r["compile_graphs"] for r in compiled if "compile_graphs" in r]
     assert len(graphs) == 7 and graphs[0] > 0  # steps 1-6 and the final record
     assert graphs[1:] == [graphs[1]] * 6, graphs  # nothing compiled after step 2's plain step and evaluation
+    print(f"compile_graphs per logged record: {graphs}")
     for key in ("loss", "val_loss"):
         want = [r[key] for r in eager if key in r]
         got = [r[key] for r in compiled if key in r]
         assert len(got) == len(want) > 0
+        print(f"{key}: largest relative difference compiled vs eager "
+              f"{max(abs(g - w) / abs(w) for g, w in zip(got, want)):.2e} over {len(got)} values")
         assert got == pytest.approx(want, rel=1e-4), key
     assert sum("gns_b_noise" in r for r in compiled) == 4  # steps 1, 2, 4, 6: the half-batch passes ran
     logits = [[r["max_attn_logit"] for r in run if "max_attn_logit" in r] for run in (eager, compiled)]
