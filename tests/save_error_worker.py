@@ -1,5 +1,6 @@
 """Rank worker: Trainer.save when rank 0's checkpoint finalisation raises. Every rank must raise
-the same CheckpointSaveError (none left waiting). argv: OUT_DIR."""
+the same CheckpointSaveError (none left waiting): from save itself, and with background=True from
+finish_save (save returns first). argv: OUT_DIR."""
 
 import json
 import os
@@ -24,12 +25,19 @@ def main():
     ckpt.finalize = broken_finalize
     engine = SimpleNamespace(save_checkpoint=lambda root, tag, client_state, save_latest: None)
     fake = SimpleNamespace(runner=SimpleNamespace(rank=rank, world=dist.get_world_size()), step=3, engine=engine,
-                           client_state=lambda: {})
-    try:
-        trainer_mod.Trainer.save(fake, out, {"world": 2}, keep_last=1)
-        result = "no error"
-    except trainer_mod.CheckpointSaveError as exc:
-        result = str(exc)
+                           client_state=lambda: {}, _pending=None)
+    fake.finish_save = lambda: trainer_mod.Trainer.finish_save(fake)
+    # in the foreground: save raises; in the background: save returns, the next sync point raises
+    results = []
+    for background in (False, True):
+        try:
+            trainer_mod.Trainer.save(fake, out, {"world": 2}, keep_last=1, background=background)
+            results.append("returned")
+            trainer_mod.Trainer.finish_save(fake)
+            results.append("no error")
+        except trainer_mod.CheckpointSaveError as exc:
+            results.append(str(exc))
+    result = "\n".join(results)
     (out.parent / f"rank{rank}.txt").write_text(result)
     dist.barrier()
     if rank == 0:

@@ -270,3 +270,18 @@ def test_family_report_from_a_synthetic_table(tmp_path):
     assert "| wide | MERIT | 0.900 | 7.20 | 50.0 | 10.0 |" in text and "| deep | MERIT | 0.500 | 4.00 | 8.0 | 10.0 |" in text
     assert [p.name for p in plots] == ["family_steps_to_target.png", "family_diversity.png"]
     assert all(p.stat().st_size > 10_000 for p in plots)
+
+
+def test_the_cost_benchmark_times_the_loops_default_probe():
+    """benchmarks/bench_diag_cost.py states the cost of the default cadences: it must time the
+    probe size the loop uses by default."""
+    import importlib.util
+
+    from merit_ds.train.loop import parse_args
+
+    spec = importlib.util.spec_from_file_location("bench_diag_cost", REPO_ROOT / "benchmarks" / "bench_diag_cost.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = parse_args(["--data", "d", "--out", "o"])
+    assert bench.DIVERSITY_PROBE == args.diversity_probe
+    assert (args.diag_every, args.eval_every) in bench.CADENCES.values()

@@ -273,4 +273,91 @@ def test_checkpoint_finalisation_error_reaches_every_rank(tmp_path):
 
     got = launch(TESTS_DIR / "save_error_worker.py", nprocs=2, args=[str(tmp_path / "ckpt")], timeout=60)
     want = f"checkpoint {tmp_path / 'ckpt' / 'step_00000003'}: finalisation on rank 0 failed: OSError: disk full (simulated)"
-    assert got["rank0"] == got["rank1"] == want
+    # foreground: save raises; background: save returns, finish_save raises the same on both ranks
+    assert got["rank0"] == got["rank1"] == "\n".join([want, "returned", want])
+
+
+def test_background_finalisation_returns_before_hashing_and_a_crash_keeps_the_previous(data_dir, tmp_path, monkeypatch):
+    """save(background=True) returns while rank 0 is still hashing (the hash is held by the test,
+    not timed); training continues meanwhile; until the metadata is written ``latest`` names the
+    previous checkpoint, which still validates and resumes bitwise (what a crash then leaves);
+    once released the manifest holds every file's true sha256 and the new checkpoint resumes
+    bitwise too."""
+    import hashlib
+    import threading
+
+    root, info = tmp_path / "checkpoints", {"optimizer": "adamw", "world": 1, "zero_stage": 0}
+    strip = lambda r: {k: v for k, v in r.items() if k != "host_step_time_s"}  # noqa: E731
+    ref, _, _ = _trainer(data_dir, "adamw")
+    want = [strip(ref.train_step(diagnostics=True)) for _ in range(6)]
+
+    trainer, _, _ = _trainer(data_dir, "adamw")
+    got = [strip(trainer.train_step(diagnostics=True)) for _ in range(2)]
+    first = trainer.save(root, info, keep_last=3, background=True)
+    trainer.finish_save()
+    assert ckpt.latest_checkpoint(root) == first
+    got += [strip(trainer.train_step(diagnostics=True)) for _ in range(2)]
+
+    hashing, release, real = threading.Event(), threading.Event(), ckpt.sha256_file
+
+    def held(path):  # only the finaliser's hashing waits; the test's own checks hash normally
+        if threading.current_thread().name.startswith("merit_ds-finalise"):
+            hashing.set()
+            assert release.wait(60)
+        return real(path)
+
+    monkeypatch.setattr(ckpt, "sha256_file", held)
+    second = trainer.save(root, info, keep_last=3, background=True)
+    assert hashing.wait(60)  # save returned and rank 0's thread is hashing
+    assert second == root / "step_00000004" and not second.exists() and (root / ".tmp-step_00000004").is_dir()
+    assert ckpt.latest_checkpoint(root) == first and ckpt.validate(first, info)["step"] == 2
+    got += [strip(trainer.train_step(diagnostics=True)) for _ in range(2)]  # training goes on meanwhile
+    assert trainer.step == 6 and trainer._pending.thread.is_alive()
+    crashed, _, _ = _trainer(data_dir, "adamw")  # a crash now: the resume finds step 2
+    assert crashed.resume(ckpt.latest_checkpoint(root)) == 2
+    assert [strip(crashed.train_step(diagnostics=True)) for _ in range(2)] == want[2:4]
+
+    release.set()
+    trainer.finish_save()
+    assert ckpt.latest_checkpoint(root) == second and not (root / ".tmp-step_00000004").exists()
+    meta = ckpt.validate(second, info)
+    assert meta["files"] == {rel: {"bytes": (second / rel).stat().st_size,
+                                   "sha256": hashlib.sha256((second / rel).read_bytes()).hexdigest()}
+                             for rel in ["state.pt"]}
+    assert got == want
+    fresh, _, _ = _trainer(data_dir, "adamw")
+    assert fresh.resume(second) == 4
+    assert [strip(fresh.train_step(diagnostics=True)) for _ in range(2)] == want[4:]
+
+
+@pytest.mark.parametrize("name", ["merit", "adamw"])
+def test_compiled_model_diagnostics_steps_compile_nothing(data_dir, name):
+    """``model.compile`` (what ``engine.compile`` does): after one plain step and one evaluation
+    have compiled, diagnostics steps (probe hooks armed, half-micro-batch noise-scale passes),
+    plain steps and evaluations compile nothing more -- not even once for the diagnostics; the records equal the eager run's
+    bitwise (the counting backend runs dynamo's graphs unchanged). Negative control: without
+    ``_eager`` the armed probe and the half micro-batches recompile (checked: this test fails)."""
+    import torch._dynamo
+
+    graphs = []
+
+    def counting(gm, example_inputs):  # dynamo calls the backend once per graph it compiles
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    strip = lambda r: {k: v for k, v in r.items() if k != "host_step_time_s"}  # noqa: E731
+    diag = [False, True, False, True, True, False, True, True]
+    ref, _, _ = _trainer(data_dir, name, steps=8)
+    want = [strip(ref.train_step(diagnostics=d)) for d in diag[:1]] + [ref.evaluate()]
+    want += [strip(ref.train_step(diagnostics=d)) for d in diag[1:]] + [ref.evaluate()]
+
+    trainer, model, _ = _trainer(data_dir, name, steps=8)
+    model.compile(backend=counting)
+    got = [strip(trainer.train_step(diagnostics=d)) for d in diag[:1]] + [trainer.evaluate()]
+    warm = len(graphs)
+    assert warm > 0  # the plain step and the evaluation went through dynamo
+    got += [strip(trainer.train_step(diagnostics=d)) for d in diag[1:]] + [trainer.evaluate()]
+    assert len(graphs) == warm, f"{len(graphs) - warm} graphs compiled after warm-up"
+    assert got == want
+    torch._dynamo.reset()

@@ -126,10 +126,11 @@ class TokenBlockLoader:
         return self.global_batch * self.block_size
 
     # --- random access -----------------------------------------------------------------------
-    def block_ids(self, start: int, micro_step: int) -> np.ndarray:
-        """Global block ids of this rank's ``micro_step``-th micro-batch of the step starting at ``start``."""
+    def block_ids(self, start: int, micro_step: int, order: BlockOrder | None = None) -> np.ndarray:
+        """Global block ids of this rank's ``micro_step``-th micro-batch of the step starting at ``start``
+        (``order``: another thread's copy of :attr:`order`, whose permutation cache is not thread-safe)."""
         first = start + self.rank * (self.global_batch // self.world_size) + micro_step * self.micro_batch
-        return self.order.take(first, self.micro_batch)
+        return (order or self.order).take(first, self.micro_batch)
 
     def blocks_to_tensors(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         T = self.block_size

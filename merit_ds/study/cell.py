@@ -136,6 +136,7 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
            "gdiv_delta": median(d[1] for d in late_div), "gdiv_bound": median(d[2] for d in late_div),
            "gdiv_bound_data": median(d[3] for d in late_div),
            "val_curve": ";".join(f"{st}:{v:.7g}" for st, v in curve)}
+    getattr(train_loader, "close", lambda: None)()  # the prefetching loader's worker thread
     del trainer, engine, basic, train_loader, val_loader
     gc.collect()
     torch.manual_seed(0)

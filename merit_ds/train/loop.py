@@ -15,7 +15,9 @@ The parts, in the order :func:`run` calls them (each can be read, and tested, al
     configure           arguments + JSON -> RunConfig (:func:`.run_config.resolve`, pure: batch
                         arithmetic, optimizer, lr and where it came from; impossible combinations
                         stop here); print_banner
-    make_loaders        train/val token-block loaders; every shard verified (checksums, vocabulary)
+    make_loaders        train/val token-block loaders; every shard verified (checksums, vocabulary);
+                        the train loader prefetched by a worker thread (--prefetch)
+    check_shared_out    --out is one directory for every rank (:mod:`.shared_fs`), else stop here
     describe_run        what a checkpoint records about the run
     locate_checkpoint   found and validated on rank 0, verdict on every rank (a corrupt or
                         incompatible one stops here, before anything is written; another world
@@ -26,7 +28,7 @@ The parts, in the order :func:`run` calls them (each can be read, and tested, al
 
 then the loop itself: every step logs loss/lr/grad-norm; every ``--eval-every`` validation loss and
 perplexity; every ``--diag-every`` the large-batch diagnostics; every ``--ckpt-every`` an
-atomic checkpoint (keep-last-K) -> final eval, checkpoint, Hugging Face export (OUT/hf_model), ``loss.png``.
+atomic checkpoint (keep-last-K; rank 0 hashes it in the background) -> final eval, checkpoint, Hugging Face export (OUT/hf_model), ``loss.png``.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from merit_ds.data.prefetch import PrefetchLoader
 from merit_ds.integrations.deepspeed_shm import release_cpu_allreduce_buffer
 from merit_ds.integrations.param_groups import merit_param_groups
 
@@ -55,6 +58,7 @@ from .optimizers import build_client_optimizer, describe_stepping, verify_optimi
 from .plan import GPUS, flops_per_token
 from .presets import OPTIMIZERS, gpt2_config
 from .run_config import RunConfig, UsageError, resolve
+from .shared_fs import check_shared_out
 from .tracking import MetricsLog, make_trackers, plot_losses
 from .trainer import CheckpointSaveError, Trainer, mean_over_ranks
 
@@ -106,10 +110,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--eval-every", type=int, default=50)
     g.add_argument("--eval-sequences", type=int, default=None, help=f"validation blocks: a fixed set, the same at every world size and micro-batch "
                         f"(default {DEFAULT_EVAL_SEQUENCES}, capped at the val split)")
+    g.add_argument("--prefetch", type=int, default=2,
+                   help="micro-batches a worker thread reads ahead while the device computes (pinned memory on "
+                        "CUDA); 0: read in the loop. Resume is exact either way (default 2)")
     g.add_argument("--ckpt-every", type=int, default=100)
     g.add_argument("--keep-last", type=int, default=3)
     g.add_argument("--resume", default="auto", help="auto (latest in --out, if any) | never | PATH to a checkpoint")
-    g.add_argument("--diag-every", type=int, default=10, help="diagnostics cadence (0: off; diagnostics steps are log steps)")
+    # 100: a diagnostics step costs up to one extra step (the noise scale's passes at grad_accum 1,
+    # the batch-480 recipes); every 10 steps that was ~10% of training (benchmarks/bench_diag_cost.py)
+    g.add_argument("--diag-every", type=int, default=100,
+                   help="diagnostics cadence in steps (0: off; also at step 1; diagnostics steps are log steps; "
+                        "default 100: under 1%% of training at batch 480, see README)")
     g.add_argument("--diversity-probe", type=int, default=8,
                    help="gradient diversity on diagnostics steps from per-example gradients of up to this many of each "
                         "rank's sequences of the step (0: off)")
@@ -313,6 +324,10 @@ def make_loaders(args, rc: RunConfig, rank: int, world: int):
         check_token_data(args.data, vocab, rank=rank, world=world)
     except DataError as exc:
         raise UsageError(f"data: {exc}") from None
+    if args.prefetch < 0:
+        raise UsageError(f"--prefetch must be >= 0, got {args.prefetch}")
+    if args.prefetch:  # the same batches, read while the previous micro-batch computes
+        train_loader = PrefetchLoader(train_loader, depth=args.prefetch)
     return train_loader, val_loader
 
 
@@ -409,6 +424,8 @@ def run(args) -> int:
 
     # --- a checkpoint to resume: found and validated before anything is built or written -------------
     out = Path(args.out)
+    # a node-local --out would fail only at the first resume: refuse it now, on every rank
+    check_shared_out(out, rank, world)
     ckpt_root = out / "checkpoints"
     run_info = describe_run(rc, world, train_loader)
     resume_from, load_from = locate_checkpoint(args.resume, ckpt_root, run_info, runner)
@@ -444,7 +461,9 @@ def run(args) -> int:
                 t.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
 
     def save() -> None:
-        trainer.save(ckpt_root, run_info, args.keep_last)
+        # rank 0 hashes and finalises in a thread while every rank trains on (Trainer.save);
+        # its outcome is collected at the next save or finish_save
+        trainer.save(ckpt_root, run_info, args.keep_last, background=True)
 
     # --- train -------------------------------------------------------------------------------------
     from tqdm.auto import tqdm
@@ -471,6 +490,8 @@ def run(args) -> int:
             record.update(meter.interval())
             if evaluating:
                 record.update(trainer.evaluate())
+            if args.compile:  # graphs dynamo compiled so far: flat after warm-up, or something recompiles
+                record["compile_graphs"] = compiled_graphs()
             log(record, step)
             bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", **(
                 {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
@@ -486,7 +507,8 @@ def run(args) -> int:
     bar.close()
     final = trainer.evaluate()
     summary = meter.summary()
-    log({"step": plan.steps, **final, **summary}, plan.steps)
+    log({"step": plan.steps, **final, **summary, **({"compile_graphs": compiled_graphs()} if args.compile else {})},
+        plan.steps)
     _rank0_print(runner, f"final: val loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
     if rank == 0:
         div = [r for r in metrics.read() if r.get("gdiv_bound") is not None]
@@ -500,6 +522,9 @@ def run(args) -> int:
             f"{k} {v:.4g}" for k, v in summary.items()))
     if last_saved != plan.steps:
         save()
+    trainer.finish_save()  # the last checkpoint final (or its error on every rank) before we report it
+    if isinstance(train_loader, PrefetchLoader):
+        train_loader.close()
     _rank0_print(runner, f"checkpoint: {ckpt_root / ckpt.tag_for(plan.steps)}")
     if not args.no_export:  # every rank: the probe forward is collective under ZeRO 3
         export_after_training(engine, data=args.data, run=out, seq_len=rc.seq_len)  # prints "exported: DIR"
@@ -522,6 +547,13 @@ def run(args) -> int:
 #: Wall-clock keys of metrics.jsonl (they differ between otherwise identical runs).
 TIMING_KEYS = frozenset({"step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "host_step_time_s",
                          "train_step_time_s", "train_tokens_per_s", "train_mfu"})
+
+
+def compiled_graphs() -> int:
+    """Graphs ``torch.compile`` has compiled in this process (recompiles included)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def peak_flops(tflops: Optional[float], device) -> Optional[float]:

@@ -21,9 +21,11 @@ called by every rank.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import shutil
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -69,6 +71,37 @@ def _set_rng_state(s: dict) -> None:
     random.setstate(s["python"])
 
 
+def _eager(on: bool):
+    """Run compiled modules eagerly inside (``torch.compiler.set_stance``: no compile, no
+    recompile, the compiled code kept for the next call); nothing when ``on`` is false."""
+    return torch.compiler.set_stance("force_eager") if on else contextlib.nullcontext()
+
+
+class _Finaliser:
+    """Rank 0's part of a save, :func:`.checkpoint.finalize` + :func:`.checkpoint.prune`, in a
+    thread. hashlib and file reads release the GIL, so the hashing overlaps the training steps
+    that follow. Non-daemon: an interpreter exiting normally completes the checkpoint first."""
+
+    def __init__(self, ckpt_root: Path, tag: str, run_info: dict, step: int, keep_last: int, start: bool):
+        self.path, self.error, self.thread = ckpt_root / tag, None, None
+        if start:
+            self.thread = threading.Thread(target=self._run, args=(ckpt_root, tag, run_info, step, keep_last),
+                                           name=f"merit_ds-finalise-{tag}")
+            self.thread.start()
+
+    def _run(self, ckpt_root, tag, run_info, step, keep_last) -> None:
+        try:
+            ckpt.finalize(ckpt_root, f".tmp-{tag}", tag, run_info, step)
+            ckpt.prune(ckpt_root, keep_last)
+        except Exception as exc:  # every rank must learn it, not wait in a barrier until killed
+            self.error = f"checkpoint {self.path}: finalisation on rank 0 failed: {type(exc).__name__}: {exc}"
+
+    def join(self) -> Optional[str]:
+        if self.thread is not None:
+            self.thread.join()
+        return self.error
+
+
 class Trainer:
     """Step, evaluate, save, resume. :attr:`step` counts completed optimizer steps."""
 
@@ -87,6 +120,7 @@ class Trainer:
         self.step = 0
         self.loss_acc: Optional[torch.Tensor] = None  # float64 on the device: micro-batch losses since the last read
         self.loss_count = 0
+        self._pending: Optional[_Finaliser] = None  # a checkpoint being finalised (rank 0: in a thread)
 
     # --- one optimizer step ------------------------------------------------------------------------
     def train_step(self, diagnostics: bool = False, read: bool = True) -> dict:
@@ -116,16 +150,20 @@ class Trainer:
             self.loss_acc = torch.zeros((), dtype=torch.float64, device=engine.device)
         for micro_step in range(accum):
             x, y = next(self.train_loader)
-            x, y = x.to(engine.device), y.to(engine.device)
+            # asynchronous from pinned memory (the prefetching loader pins on CUDA); a no-op on CPU
+            x, y = x.to(engine.device, non_blocking=True), y.to(engine.device, non_blocking=True)
             if first is None:
                 first = (x, y)
             if sum(p[0].size(0) for p in probe) < want:
                 probe.append((x, y))
-            if diagnostics and micro_step == 0:
+            probing = diagnostics and micro_step == 0
+            if probing:
                 self.probe.arm()
-            with self.runner.micro_context():
+            # The probed forward runs eager under --compile: its hooks read values on the host
+            # and guard on `armed`, which would recompile the model for diagnostics steps.
+            with self.runner.micro_context(), _eager(probing and self.compiled):
                 loss = lm_loss(engine(input_ids=x).logits, y)
-                if diagnostics and micro_step == 0:
+                if probing:
                     max_logit = self.probe.collect()
                 self.runner.backward_step(loss)
             self.loss_acc += loss.detach().double()  # stays on the device
@@ -147,16 +185,24 @@ class Trainer:
                     if not self.clip_fraction:  # LAMB does not clip: the fraction would always be 0
                         summary.pop("clip_fraction", None)
                     record.update(summary)
-            noise = self.gns.measure(engine.module, *first, world) if self.zero_stage < 3 else None
+            with _eager(self.compiled):  # half micro-batches: new shapes, a recompile under --compile
+                noise = self.gns.measure(engine.module, *first, world) if self.zero_stage < 3 else None
             if noise:
                 record.update(noise)
             if want:
-                diversity = self.diversity.measure(engine.module, torch.cat([p[0] for p in probe]),
-                                                   torch.cat([p[1] for p in probe]), self.zero_stage)
+                with _eager(self.compiled):  # vmap over per-example gradients: never through the compiled graph
+                    diversity = self.diversity.measure(engine.module, torch.cat([p[0] for p in probe]),
+                                                       torch.cat([p[1] for p in probe]), self.zero_stage)
                 # the bound beside the batch this step used (sequences over all ranks)
                 record.update(diversity, gdiv_batch=accum * first[0].size(0) * world)
         record["host_step_time_s"] = time.perf_counter() - t0  # host time; the loop times intervals
         return record
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the model is ``torch.compile``d (``engine.compile`` = ``nn.Module.compile``).
+        Checked before touching ``torch.compiler``: its first use imports dynamo (seconds)."""
+        return getattr(self.engine.module, "_compiled_call_impl", None) is not None
 
     def read_loss(self) -> float:
         """Mean train loss since the last read (one host sync; one all-reduce with several ranks)."""
@@ -208,8 +254,18 @@ class Trainer:
         return {"step": self.step, "loader": self.train_loader.state_dict(), "scheduler": self.scheduler.state_dict(),
                 "rng": _rng_state(), "gns": self.gns.state_dict()}
 
-    def save(self, ckpt_root: Path, run_info: dict, keep_last: int) -> Path:
-        """An atomic checkpoint of step :attr:`step` (see :mod:`.checkpoint`); returns its path."""
+    def save(self, ckpt_root: Path, run_info: dict, keep_last: int, *, background: bool = False) -> Path:
+        """An atomic checkpoint of step :attr:`step` (see :mod:`.checkpoint`); returns its path.
+
+        Every rank writes its DeepSpeed files into ``.tmp-<tag>``; rank 0 then finalises (fsync,
+        sha256 of every file, metadata, rename, ``latest``, prune). Hashing reads every byte of
+        the checkpoint -- GBs at GPT-2 scale -- so with ``background=True`` rank 0 finalises in a
+        thread and every rank returns to training at once: nothing touches the ``.tmp`` files
+        until the next save, ``latest`` moves only once the metadata is written, so a crash while
+        hashing leaves the previous checkpoint the latest valid one. Rank 0's outcome reaches
+        every rank at the next :meth:`save` or at :meth:`finish_save` (the loop calls it at the
+        end), as the same :class:`CheckpointSaveError` everywhere."""
+        self.finish_save()  # the previous save's files are final before this one starts
         rank, world = self.runner.rank, self.runner.world
         tag = ckpt.tag_for(self.step)
         if rank == 0:
@@ -222,21 +278,25 @@ class Trainer:
         self.engine.save_checkpoint(str(ckpt_root), tag=f".tmp-{tag}", client_state={"merit_ds": self.client_state()},
                                     save_latest=False)
         if world > 1:
-            dist.barrier()
-        error = None
-        if rank == 0:
-            try:
-                ckpt.finalize(ckpt_root, f".tmp-{tag}", tag, run_info, self.step)
-                ckpt.prune(ckpt_root, keep_last)
-            except Exception as exc:  # every rank must learn it, not wait in a barrier until killed
-                error = f"checkpoint {ckpt_root / tag}: finalisation on rank 0 failed: {type(exc).__name__}: {exc}"
-        if world > 1:
+            dist.barrier()  # every rank's files are written
+        self._pending = _Finaliser(ckpt_root, tag, run_info, self.step, keep_last, start=rank == 0)
+        if not background:
+            self.finish_save()
+        return ckpt_root / tag
+
+    def finish_save(self) -> None:
+        """Wait for the pending checkpoint's finalisation (collective: every rank calls it);
+        raise :class:`CheckpointSaveError` on every rank if rank 0's failed. No-op without one."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        error = pending.join()  # rank 0: the thread's outcome; other ranks: None
+        if self.runner.world > 1:
             verdict = [error]
             dist.broadcast_object_list(verdict, src=0)  # instead of a barrier: carries rank 0's outcome
             error = verdict[0]
         if error is not None:
             raise CheckpointSaveError(error)
-        return ckpt_root / tag
 
     def resume(self, load_from: Path, resume_from: Optional[Path] = None) -> int:
         """Load a validated checkpoint (``load_from``: it, or its universal copy); returns the step."""
