@@ -48,7 +48,7 @@ DIVERSITY_PROBE = 8  # merit_ds.train's --diversity-probe default (tests/test_di
 CADENCES = {"loop defaults (--diag-every 100, --eval-every 50)": (100, 50),
             "former defaults (--diag-every 10, --eval-every 50)": (10, 50),
             "launch/*.sh (--diag-every 100, --eval-every 500)": (100, 500),
-            "launch/multi_node_deepspeed.sh (--diag-every 50, --eval-every 200)": (50, 200)}
+            "launch/multi_node_deepspeed.sh (--diag-every 100, --eval-every 200)": (100, 200)}
 
 
 class Engine:

@@ -25,7 +25,7 @@ DATA=${DATA:-data/owt}
 OUT=${OUT:-runs/${MODEL}-b${BATCH}}
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
 train=(--module merit_ds.train --model "$MODEL" --ds-config "ds_configs/${MODEL}_b${BATCH}_zero2_bf16.json"
-       --data "$DATA" --out "$OUT" --eval-every 200 --ckpt-every 500 --keep-last 3 --diag-every 50 "$@")
+       --data "$DATA" --out "$OUT" --eval-every 200 --ckpt-every 500 --keep-last 3 --diag-every 100 "$@")
 case "$MODE" in
   pdsh)   exec deepspeed --hostfile "$HOSTFILE" --launcher pdsh --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${train[@]}" ;;
   no-ssh) exec deepspeed --hostfile "$HOSTFILE" --no_ssh --node_rank "${NODE_RANK:?set NODE_RANK}" \
