@@ -1,4 +1,10 @@
-"""The grid: optimizer x global batch x peak lr x seed at one fixed token budget.
+"""The grid: optimizer x global batch x peak lr x seed at one fixed token budget; optionally x batch
+schedule (``--schedules``).
+
+``--schedules "const;16@0,64@100000;ramp:16..64@0..100000"``: entries separated by ``;`` (a schedule
+itself uses ``,``, ``@``, ``..`` and ``ramp:``, never ``;``). ``const`` stands for the constant-batch
+cells of ``--batch-sizes``; every other entry is a ``--batch-schedule`` (one cell per optimizer, lr
+and seed; its ``batch`` is the schedule's last phase's batch). All at the same token budget.
 
 ``--lrs 1e-3,3e-3`` gives every optimizer the same lrs; ``--lrs "merit=1e-2,3e-2;adamw=1e-3,3e-3"``
 gives each its own (an optimizer left out of a per-optimizer spec is an error).
@@ -10,7 +16,10 @@ from dataclasses import dataclass, field
 
 from .cell import CellSpec
 
-__all__ = ["GridError", "Grid", "parse_list", "parse_lrs", "DEFAULT_STUDY", "GPU_STUDY"]
+__all__ = ["GridError", "Grid", "parse_list", "parse_lrs", "parse_schedules", "CONST", "DEFAULT_STUDY", "GPU_STUDY"]
+
+#: The schedules-axis entry for the constant-batch cells of --batch-sizes.
+CONST = "const"
 
 
 class GridError(ValueError):
@@ -56,6 +65,39 @@ def parse_lrs(text: str, optimizers: list[str]) -> dict[str, list[float]]:
     return out
 
 
+def parse_schedules(text: str) -> list[str]:
+    """``"const;16@0,64@1e5;ramp:16..64@0..1e5"`` -> ``["const", "16@0,64@100000", "ramp:16..64@0..100000"]``
+    (each schedule in its canonical form; repeats and bad schedules are errors)."""
+    from merit_ds.train.batch_schedule import BatchScheduleError, parse_batch_schedule
+
+    out = []
+    for item in str(text).split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        if item == CONST:
+            spec = CONST
+        else:
+            try:
+                spec = parse_batch_schedule(item).spec
+            except BatchScheduleError as exc:
+                raise GridError(f"--schedules entry {item!r}: {exc} (entries are separated by ';', "
+                                f"'{CONST}' is the constant batches of --batch-sizes)") from None
+        if spec in out:
+            raise GridError(f"--schedules {text!r} repeats {spec!r}")
+        out.append(spec)
+    if not out:
+        raise GridError(f"no schedules in --schedules {text!r}")
+    return out
+
+
+def schedule_last_batch(spec: str) -> int:
+    from merit_ds.train.batch_schedule import parse_batch_schedule
+
+    last = parse_batch_schedule(spec).phases[-1]
+    return last.end_batch if last.ramp else last.batch
+
+
 @dataclass
 class Grid:
     optimizers: list[str]
@@ -64,11 +106,19 @@ class Grid:
     seeds: list[int]
     tokens: int
     settings: dict = field(default_factory=dict)  # model, data, seq_len, ... (identical for every cell)
+    schedules: list = field(default_factory=lambda: [CONST])  # "const" and/or batch schedules
 
     def cells(self) -> list[CellSpec]:
         """Every cell, in a stable order (seed-major so a partial study covers the grid once first)."""
-        return [CellSpec(o, b, lr, s) for s in self.seeds for o in self.optimizers for b in self.batches
-                for lr in self.lrs[o]]
+        out = []
+        for s in self.seeds:
+            for o in self.optimizers:
+                for sched in self.schedules:
+                    if sched == CONST:
+                        out += [CellSpec(o, b, lr, s) for b in self.batches for lr in self.lrs[o]]
+                    else:
+                        out += [CellSpec(o, schedule_last_batch(sched), lr, s, sched) for lr in self.lrs[o]]
+        return out
 
     def check(self) -> None:
         from merit_ds.train.presets import OPTIMIZERS
@@ -76,6 +126,9 @@ class Grid:
         for o in self.optimizers:
             if o not in OPTIMIZERS:
                 raise GridError(f"unknown optimizer {o!r}: choose from {', '.join(OPTIMIZERS)}")
+        for sched in self.schedules:
+            if sched != CONST:
+                parse_schedules(sched)
         if any(b <= 0 for b in self.batches):
             raise GridError(f"batch sizes must be positive: {self.batches}")
         seq = int(self.settings.get("seq_len") or 0)

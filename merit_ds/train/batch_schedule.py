@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = ["BatchScheduleError", "Phase", "BatchSchedule", "StepTable", "parse_batch_schedule", "build_step_table",
-           "TokenWarmupCosine", "LR_RULES"]
+           "TokenWarmupCosine", "LR_RULES", "warmup_steps_by_tokens"]
 
 #: How the lr responds to a batch change: ``tokens`` (default: the token-based schedule alone, as
 #: GPT-3 did across its batch ramp) or ``sqrt`` (also scaled by sqrt(B_t / B_0), the square-root
@@ -279,6 +279,18 @@ def build_step_table(schedule: BatchSchedule, seq_len: int, *, token_budget: Opt
         step += n
         tokens += n * per
     return StepTable(schedule, seq_len, tuple(segments), tuple(starts))
+
+
+def warmup_steps_by_tokens(table: StepTable, fraction: float) -> int:
+    """Warmup as a share of the tokens: the first step whose end reaches ``fraction`` of the run's
+    tokens (at least 1 when there is more than one step). With a constant batch this is
+    ``ceil(fraction x steps)``, the constant-batch rule (:func:`.presets.warmup_steps`)."""
+    import bisect
+
+    if table.steps <= 1:
+        return 0
+    target = fraction * table.total_tokens
+    return max(1, bisect.bisect_left(range(table.steps + 1), target, key=lambda k: table.tokens_before(k + 1)))
 
 
 def _next_change(schedule: BatchSchedule, tokens: int) -> Optional[int]:

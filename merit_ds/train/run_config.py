@@ -38,7 +38,8 @@ from typing import Optional
 from merit_ds.integrations._common import ds_offloads_optimizer
 
 from .batch import BatchPlan, plan_batch
-from .batch_schedule import LR_RULES, BatchScheduleError, StepTable, build_step_table, parse_batch_schedule
+from .batch_schedule import (LR_RULES, BatchScheduleError, StepTable, build_step_table, parse_batch_schedule,
+                             warmup_steps_by_tokens)
 from .ds_config import JSON_TYPES, make_ds_config, set_batch
 from .presets import (OPTIMIZER_LABELS, OPTIMIZERS, TOKEN_BUDGET, ModelPreset, OptimPreset, get_model_preset,
                       get_optim_preset, parse_batch, scaled_lr, warmup_steps)
@@ -298,13 +299,7 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     if args.warmup_steps is not None or table is None:
         warmup = args.warmup_steps if args.warmup_steps is not None else warmup_steps(plan.steps, optim.warmup_fraction)
     else:
-        # a share of the tokens, not of the steps: the first step whose end reaches that share
-        # (with a constant batch this is warmup_steps' ceil(fraction x steps))
-        import bisect
-
-        target = optim.warmup_fraction * table.total_tokens
-        warmup = bisect.bisect_left(range(table.steps + 1), target, key=lambda k: table.tokens_before(k + 1))
-        warmup = max(1, warmup) if table.steps > 1 else 0
+        warmup = warmup_steps_by_tokens(table, optim.warmup_fraction)  # a share of the tokens, not of the steps
     floor = args.min_lr_ratio if args.min_lr_ratio is not None else optim.min_lr_ratio
     return RunConfig(launcher=launcher, model=args.model, preset=preset, overrides=overrides, seq_len=seq_len,
                      precision=precision, zero_stage=zero_stage, offload=offload, plan=plan, optimizer=optimizer,
