@@ -328,8 +328,8 @@ def describe_schedule(rc: RunConfig) -> str:
     for ph in t.phases():
         levels = ", ".join(f"{b:,} (grad_accum {b // unit}) x {n:,} steps" for b, n in ph["levels"])
         lines.append(f"  {ph['phase']}: steps {ph['first_step']:,}-{ph['first_step'] + ph['steps'] - 1:,}: {levels}")
-    budget = (f"budget {p.token_budget:,} tokens reached" if p.token_budget is not None else f"{p.steps:,} steps")
-    lines.append(f"  {budget}: {t.steps:,} steps, {t.total_tokens:,} tokens; lr by tokens"
+    budget = f"budget {p.token_budget:,} tokens reached in " if p.token_budget is not None else ""
+    lines.append(f"  {budget}{t.steps:,} steps, {t.total_tokens:,} tokens; lr by tokens"
                  + (" x sqrt(batch / first batch)" if rc.lr_rule == "sqrt" else " (not scaled with the batch)"))
     return "\n".join(lines)
 
