@@ -205,3 +205,12 @@ def test_loss_plot_marks_phase_changes(tmp_path, monkeypatch):
                for s in range(1, 8)]
     assert plot_losses(records, tmp_path / "loss.png").exists()
     assert lines == [3.5, 5.5]
+
+
+def test_export_counts_the_scheduled_tokens():
+    from merit_ds.train.export import _tokens_at
+
+    info = {"seq_len": 32, "global_batch": 4}
+    sched = {"batch_schedule": {"segments": [[1, 3, 4], [4, 3, 16]]}, "tokens_per_step": 128}
+    assert [_tokens_at(sched, info, s) for s in (0, 1, 3, 4, 6)] == [0, 128, 384, 896, 1920]
+    assert _tokens_at({"tokens_per_step": 128}, info, 6) == 768
