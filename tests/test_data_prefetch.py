@@ -94,3 +94,34 @@ def test_pinned_when_asked(data_dir):
     x, y = next(pre)
     assert x.is_pinned() and y.is_pinned()
     pre.close()
+
+
+def test_a_batch_schedule_change_drops_what_was_prefetched_at_the_old_batch(data_dir):
+    """Global batch 24 for 3 steps, then 48 (a --batch-schedule phase change, between steps):
+    bitwise the plain loader's batches with the same changes, though the worker had read
+    micro-batches of the 4th step at the old batch (whose rank-1 share starts elsewhere)."""
+    def walk(loader, pre=None):
+        it = pre or loader
+        out = _take(it, 3 * 3)  # 3 steps x grad_accum 3 at batch 24
+        if pre is not None:
+            while pre._queue.qsize() < 3:  # the worker is ahead, at the old batch
+                threading.Event().wait(0.01)
+        (pre or loader).set_global_batch(48)
+        assert (pre or loader).grad_accum == 6
+        return out + _take(it, 4 * 6)  # 4 steps x grad_accum 6 at batch 48
+
+    plain = walk(_loader(data_dir))
+    pre = PrefetchLoader(_loader(data_dir), depth=3, pin=False)
+    got = walk(pre.loader, pre)
+    assert pre.state_dict()["consumed"] == 3 * 24 + 4 * 48
+    pre.close()
+    assert len(got) == len(plain) == 33 and all(torch.equal(a, b) for a, b in zip(plain, got))
+    # the control: the same change made on the wrapped loader alone leaves the stale batches queued
+    stale = PrefetchLoader(_loader(data_dir), depth=3, pin=False)
+    _take(stale, 9)
+    while stale._queue.qsize() < 3:
+        threading.Event().wait(0.01)
+    stale.loader.set_global_batch(48)
+    with pytest.raises(AssertionError):
+        _take(stale, 24)
+    stale.close()

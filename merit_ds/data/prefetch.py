@@ -125,5 +125,17 @@ class PrefetchLoader:
         finally:
             self._start()  # at the loaded position, or the unchanged one if the state was refused
 
+    def set_global_batch(self, global_batch: int) -> None:
+        """A batch-size schedule's change, between steps: the rank's share of every later step moves
+        (:meth:`.sampler.TokenBlockLoader.block_ids`), so what was prefetched at the old batch is
+        dropped and the worker restarts at the same position with the new batch."""
+        if global_batch == self.loader.global_batch:
+            return
+        self._halt()
+        try:
+            self.loader.set_global_batch(global_batch)
+        finally:
+            self._start()
+
     def close(self) -> None:
         self._halt()

@@ -111,6 +111,19 @@ class TokenBlockLoader:
         self.consumed = 0      # global blocks taken by completed steps
         self.micro_step = 0    # micro-batches of the current step already returned on this rank
 
+    def set_global_batch(self, global_batch: int) -> None:
+        """Change the global batch between two steps (a batch-size schedule): the micro-batch stays,
+        ``grad_accum`` follows. The global sequence continues at ``consumed`` unchanged, so the next
+        step takes the next ``global_batch`` blocks: nothing repeated, nothing skipped."""
+        if self.micro_step:
+            raise DataError(f"global batch changed in the middle of a step (micro_step {self.micro_step}): "
+                            f"change it only between steps")
+        if global_batch < 1 or global_batch % (self.micro_batch * self.world_size):
+            raise DataError(f"global_batch {global_batch} is not a multiple of micro_batch {self.micro_batch} x "
+                            f"world_size {self.world_size}")
+        self.global_batch = int(global_batch)
+        self.grad_accum = global_batch // (self.micro_batch * self.world_size)
+
     # --- sizes -------------------------------------------------------------------------------
     @property
     def steps_per_epoch(self) -> int:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from .grid import DEFAULT_STUDY, GPU_STUDY, WIDTH_DEPTH_STUDY, Grid, GridError, parse_list, parse_lrs
+from .grid import CONST, DEFAULT_STUDY, GPU_STUDY, WIDTH_DEPTH_STUDY, Grid, GridError, parse_list, parse_lrs, parse_schedules
 
 __all__ = ["main", "build_parser", "grid_from_args"]
 
@@ -42,6 +42,10 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--batch-sizes", default=None, help="global batches (sequences), e.g. 16,128")
     p.add_argument("--lrs", default=None, help='peak lrs for all, or per optimizer: "merit=1e-2,3e-2;adamw=1e-3,3e-3"')
     p.add_argument("--seeds", default=None, help="e.g. 0,1")
+    p.add_argument("--schedules", default=None,
+                   help="batch-size schedules as a grid axis, separated by ';': 'const' (the constant batches of "
+                        "--batch-sizes) and --batch-schedule specs, e.g. \"const;16@0,64@100000;ramp:16..64@0..100000\" "
+                        "(default: const); every cell at the same token budget")
     p.add_argument("--tokens", type=float, default=None, help="token budget of every cell")
     p.add_argument("--budget-divisor", type=float, default=100.0, help="gpt2-* presets: tokens = 48e9 / this")
     p.add_argument("--model", default=None, help="model preset (tiny | gpt2-small | gpt2-medium)")
@@ -142,7 +146,8 @@ def grid_from_args(args, *, prepare_data: bool = True) -> Grid:
         from merit_ds.train.presets import get_model_preset
 
         settings["seq_len"] = get_model_preset(model).seq_len
-    grid = Grid(optimizers, batches, lrs, seeds, tokens, settings, families)
+    schedules = parse_schedules(args.schedules) if args.schedules else [CONST]
+    grid = Grid(optimizers, batches, lrs, seeds, tokens, settings, families, schedules)
     grid.check()
     return grid
 

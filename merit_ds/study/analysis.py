@@ -12,8 +12,8 @@ from statistics import mean, median, stdev
 
 from .grid import GridError
 
-__all__ = ["load_results", "check_one_budget", "best_per_batch", "fit_exponent", "steps_to_target",
-           "critical_batch", "summarize"]
+__all__ = ["load_results", "check_one_budget", "best_per_batch", "best_per_schedule", "fit_exponent",
+           "steps_to_target", "critical_batch", "summarize"]
 
 _INT = ("batch", "seed", "tokens", "tokens_trained", "steps", "seq_len", "warmup", "diverged", "n_layer", "n_embd")
 _FLOAT = ("lr", "final_val_loss", "max_attn_logit", "gns_b_noise", "wall_s", "gdiv_delta", "gdiv_bound", "gdiv_bound_data")
@@ -130,9 +130,40 @@ def critical_batch(best: dict, target: float | None = None) -> tuple[float, dict
     return target, out
 
 
+def _schedule(r: dict) -> str:
+    return r.get("schedule") or "const"  # results.csv written before the schedules axis: all constant
+
+
+def best_per_schedule(rows: list[dict]) -> dict:
+    """{optimizer: {label: {...}}} over every schedule of the grid, all at the study's one budget:
+    ``const b<B>`` for each constant batch and the schedule's text otherwise; per label the lr with
+    the lowest mean final val loss over seeds, that mean, its seed std, the cell's steps and the
+    batch it ends at. Diverged cells count as infinite loss."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        label = f"const b{int(r['batch'])}" if _schedule(r) == "const" else _schedule(r)
+        groups[(r["optimizer"], label)][float(r["lr"])].append(r)
+    out = defaultdict(dict)
+    for (opt, label), by_lr in groups.items():
+        means = {lr: mean(_loss(r) for r in rs) for lr, rs in by_lr.items()}
+        lr = min(means, key=lambda x: (means[x], x))
+        losses = [_loss(r) for r in by_lr[lr]]
+        out[opt][label] = {"lr": lr, "loss": means[lr], "std": stdev(losses) if len(losses) > 1 else 0.0,
+                           "seeds": len(losses), "steps": int(by_lr[lr][0]["steps"]),
+                           "batch": int(by_lr[lr][0]["batch"]), "schedule": _schedule(by_lr[lr][0])}
+    return dict(out)
+
+
 def summarize(rows: list[dict]) -> dict:
-    """Everything the report and the plots say, per optimizer."""
+    """Everything the report and the plots say, per optimizer. The batch-size analyses (best lr per
+    batch, penalty, exponent, critical batch) read the constant-batch cells only; schedule cells are
+    compared with them in ``schedules`` (:func:`best_per_schedule`)."""
     budget = check_one_budget(rows)
+    schedules = best_per_schedule(rows) if any(_schedule(r) != "const" for r in rows) else {}
+    rows = [r for r in rows if _schedule(r) == "const"]
+    if not rows:
+        return {"budget": budget, "best": {}, "target": math.nan, "steps_to_target": {}, "per_optimizer": {},
+                "schedules": schedules}
     best = best_per_batch(rows)
     target, crit = critical_batch(best)
     per_opt = {}
@@ -152,4 +183,5 @@ def summarize(rows: list[dict]) -> dict:
             "b_noise": median(noise) if noise else math.nan,
             "max_attn_logit_largest": max((float(r["max_attn_logit"]) for r in per[hi]["rows"]), default=math.nan),
         }
-    return {"budget": budget, "best": best, "target": target, "steps_to_target": crit, "per_optimizer": per_opt}
+    return {"budget": budget, "best": best, "target": target, "steps_to_target": crit, "per_optimizer": per_opt,
+            "schedules": schedules}

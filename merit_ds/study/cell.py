@@ -32,14 +32,24 @@ class CellSpec:
     """Everything a cell's training run depends on (the study-wide part is in ``settings``)."""
 
     optimizer: str
-    batch: int
+    batch: int          # constant cells: the batch; schedule cells: the schedule's last batch
     lr: float
     seed: int
     family: str = ""  # a --family shape at the study's --params ("" = the study's model as it is)
+    schedule: str = "const"  # or a --batch-schedule in canonical form
 
     @property
     def key(self) -> str:
-        return f"{self.family + '_' if self.family else ''}{self.optimizer}_b{self.batch}_lr{self.lr:.3g}_s{self.seed}"
+        family = f"{self.family}_" if self.family else ""
+        if self.schedule == "const":
+            return f"{family}{self.optimizer}_b{self.batch}_lr{self.lr:.3g}_s{self.seed}"
+        return f"{family}{self.optimizer}_{schedule_slug(self.schedule)}_lr{self.lr:.3g}_s{self.seed}"
+
+
+def schedule_slug(spec: str) -> str:
+    """A directory-name form of a canonical schedule, one-to-one: 16@0,ramp:16..64@0..100000 ->
+    sched-16at0_ramp16-64at0-100000."""
+    return "sched-" + spec.replace("ramp:", "ramp").replace("..", "-").replace("@", "at").replace(",", "_")
 
 
 def _cadence(steps: int, points: int) -> int:
@@ -48,10 +58,18 @@ def _cadence(steps: int, points: int) -> int:
 
 def cell_args(cell: CellSpec, s: dict, out: Path) -> list[str]:
     """The ``python -m merit_ds.train`` arguments of this cell (what its log records, too)."""
+    if cell.schedule == "const":
+        batch, micro = ["--global-batch", str(cell.batch)], min(cell.batch, int(s["micro_batch"]))
+    else:  # one micro-batch for every phase: the largest divisor of their gcd within the study's micro-batch
+        from merit_ds.train.batch_schedule import parse_batch_schedule
+
+        common = math.gcd(*(p.quantum for p in parse_batch_schedule(cell.schedule).phases))
+        batch = ["--batch-schedule", cell.schedule]
+        micro = max(d for d in range(1, min(common, int(s["micro_batch"])) + 1) if common % d == 0)
     args = ["--model", s["model"], "--data", str(s["data"]), "--out", str(out),
-            "--optimizer", cell.optimizer, "--global-batch", str(cell.batch), "--lr", repr(cell.lr),
+            "--optimizer", cell.optimizer, *batch, "--lr", repr(cell.lr),
             "--seed", str(cell.seed), "--tokens", str(int(s["tokens"])),
-            "--micro-batch", str(min(cell.batch, int(s["micro_batch"]))),
+            "--micro-batch", str(micro),
             "--eval-sequences", str(s["eval_sequences"]), "--tracker", "none", "--resume", "never",
             "--ckpt-every", "0", "--no-plot", "--no-export", "--no-progress",
             "--zero-stage", str(s["zero_stage"]), "--precision", s["precision"]]
@@ -70,6 +88,7 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
     import torch
 
     from merit_ds.train import loop
+    from merit_ds.train.batch_schedule import warmup_steps_by_tokens
     from merit_ds.train.presets import warmup_steps
     from merit_ds.train.trainer import Trainer
 
@@ -78,7 +97,10 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
     # the schedule's steps depend on the batch: resolve once to learn them, then fix the warmup
     # as the same share of the token budget for every batch size
     rc = loop.configure(args, runner, "deepspeed")
-    args.warmup_steps = warmup_steps(rc.plan.steps, float(s["warmup_fraction"]))
+    if rc.batch_table is None:
+        args.warmup_steps = warmup_steps(rc.plan.steps, float(s["warmup_fraction"]))
+    else:  # the same share of the tokens (not of the steps) as every constant-batch cell
+        args.warmup_steps = warmup_steps_by_tokens(rc.batch_table, float(s["warmup_fraction"]))
     rc = loop.configure(args, runner, "deepspeed")
     steps = rc.plan.steps
     eval_every = _cadence(steps, int(s["eval_points"]))
@@ -89,7 +111,8 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
         engine, basic = loop.build_engine(args, rc, runner, rc.ds_config)
     trainer = Trainer(engine, runner, basic, rc.optimizer, train_loader, val_loader, steps=steps,
                       warmup=rc.warmup, floor=rc.floor, tokens_per_step=rc.plan.tokens_per_step,
-                      zero_stage=rc.zero_stage, diversity_probe=args.diversity_probe)
+                      zero_stage=rc.zero_stage, diversity_probe=args.diversity_probe, batch_table=rc.batch_table,
+                      lr_rule=rc.lr_rule)
     metrics = out / "metrics.jsonl"
     curve, max_logit, noise, diverged = [], -math.inf, [], False
     diversity = []  # (step, delta, n * delta, extrapolated bound)
@@ -126,8 +149,8 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
     def median(values):  # NaN-free median (the extrapolated bound is NaN when the probe cannot resolve G)
         values = sorted(v for v in values if math.isfinite(v))
         return float(values[len(values) // 2]) if values else math.nan
-    row = {"optimizer": cell.optimizer, "batch": cell.batch, "lr": cell.lr, "seed": cell.seed,
-           "tokens": int(s["tokens"]), "tokens_trained": steps * rc.plan.tokens_per_step, "steps": steps,
+    row = {"optimizer": cell.optimizer, "batch": cell.batch, "schedule": cell.schedule, "lr": cell.lr, "seed": cell.seed,
+           "tokens": int(s["tokens"]), "tokens_trained": rc.total_tokens, "steps": steps,
            "seq_len": rc.seq_len, "warmup": rc.warmup, "final_val_loss": final,
            "max_attn_logit": max_logit if math.isfinite(max_logit) else math.nan,
            "gns_b_noise": float(sorted(late)[len(late) // 2]) if late else math.nan,

@@ -1,4 +1,10 @@
-"""The grid: optimizer x global batch x peak lr x seed at one fixed token budget.
+"""The grid: optimizer x global batch x peak lr x seed at one fixed token budget; optionally x batch
+schedule (``--schedules``).
+
+``--schedules "const;16@0,64@100000;ramp:16..64@0..100000"``: entries separated by ``;`` (a schedule
+itself uses ``,``, ``@``, ``..`` and ``ramp:``, never ``;``). ``const`` stands for the constant-batch
+cells of ``--batch-sizes``; every other entry is a ``--batch-schedule`` (one cell per optimizer, lr
+and seed; its ``batch`` is the schedule's last phase's batch). All at the same token budget.
 
 ``--lrs 1e-3,3e-3`` gives every optimizer the same lrs; ``--lrs "merit=1e-2,3e-2;adamw=1e-3,3e-3"``
 gives each its own (an optimizer left out of a per-optimizer spec is an error).
@@ -10,7 +16,10 @@ from dataclasses import dataclass, field
 
 from .cell import CellSpec
 
-__all__ = ["GridError", "Grid", "parse_list", "parse_lrs", "DEFAULT_STUDY", "GPU_STUDY"]
+__all__ = ["GridError", "Grid", "parse_list", "parse_lrs", "parse_schedules", "CONST", "DEFAULT_STUDY", "GPU_STUDY"]
+
+#: The schedules-axis entry for the constant-batch cells of --batch-sizes.
+CONST = "const"
 
 
 class GridError(ValueError):
@@ -56,6 +65,45 @@ def parse_lrs(text: str, optimizers: list[str]) -> dict[str, list[float]]:
     return out
 
 
+def parse_schedules(text: str) -> list[str]:
+    """``"const;16@0,64@1e5;ramp:16..64@0..1e5"`` -> ``["const", "16@0,64@100000", "ramp:16..64@0..100000"]``
+    (each schedule in its canonical form; repeats and bad schedules are errors)."""
+    from merit_ds.train.batch_schedule import BatchScheduleError, parse_batch_schedule
+
+    out = []
+    for item in str(text).split(";"):
+        item = item.strip()
+        if not item:
+            continue
+        if item == CONST:
+            spec = CONST
+        else:
+            try:
+                spec = parse_batch_schedule(item).spec
+            except BatchScheduleError as exc:
+                raise GridError(f"--schedules entry {item!r}: {exc} (entries are separated by ';', "
+                                f"'{CONST}' is the constant batches of --batch-sizes)") from None
+        if spec in out:
+            raise GridError(f"--schedules {text!r} repeats {spec!r}")
+        out.append(spec)
+    if not out:
+        raise GridError(f"no schedules in --schedules {text!r}")
+    return out
+
+
+def schedule_last_batch(spec: str) -> int:
+    from merit_ds.train.batch_schedule import parse_batch_schedule
+
+    last = parse_batch_schedule(spec).phases[-1]
+    return last.end_batch if last.ramp else last.batch
+
+
+def schedule_first_batch(spec: str) -> int:
+    from merit_ds.train.batch_schedule import parse_batch_schedule
+
+    return parse_batch_schedule(spec).phases[0].batch
+
+
 @dataclass
 class Grid:
     optimizers: list[str]
@@ -65,17 +113,30 @@ class Grid:
     tokens: int
     settings: dict = field(default_factory=dict)  # model, data, seq_len, ... (identical for every cell)
     families: list = field(default_factory=list)  # model families (--family) at settings["params"]; [] = the model as is
+    schedules: list = field(default_factory=lambda: [CONST])  # "const" and/or batch schedules
 
     def lr_at(self, lr: float, batch: int) -> float:
         """With ``settings["lr_ref_batch"]`` the grid's lrs are given at that batch and square-root
-        scaled to each batch (one lr per batch, the recipes' rule); otherwise used as they are."""
+        scaled to each batch (one lr per batch, the recipes' rule); otherwise used as they are.
+        A schedule cell's peak lr is quoted at its first phase's batch (``--batch-schedule``)."""
         ref = self.settings.get("lr_ref_batch")
         return float(f"{lr * (batch / ref) ** 0.5:.3g}") if ref else lr
 
     def cells(self) -> list[CellSpec]:
         """Every cell, in a stable order (seed-major so a partial study covers the grid once first)."""
-        return [CellSpec(o, b, self.lr_at(lr, b), s, f) for s in self.seeds for f in (self.families or [""])
-                for o in self.optimizers for b in self.batches for lr in self.lrs[o]]
+        out = []
+        for s in self.seeds:
+            for f in self.families or [""]:
+                for o in self.optimizers:
+                    for sched in self.schedules:
+                        if sched == CONST:
+                            out += [CellSpec(o, b, self.lr_at(lr, b), s, family=f)
+                                    for b in self.batches for lr in self.lrs[o]]
+                        else:
+                            first = schedule_first_batch(sched)
+                            out += [CellSpec(o, schedule_last_batch(sched), self.lr_at(lr, first), s, family=f,
+                                             schedule=sched) for lr in self.lrs[o]]
+        return out
 
     def check(self) -> None:
         from merit_ds.train.presets import OPTIMIZERS
@@ -83,6 +144,9 @@ class Grid:
         for o in self.optimizers:
             if o not in OPTIMIZERS:
                 raise GridError(f"unknown optimizer {o!r}: choose from {', '.join(OPTIMIZERS)}")
+        for sched in self.schedules:
+            if sched != CONST:
+                parse_schedules(sched)
         if any(b <= 0 for b in self.batches):
             raise GridError(f"batch sizes must be positive: {self.batches}")
         if self.families:

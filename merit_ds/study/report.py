@@ -120,6 +120,55 @@ def make_plots(summary: dict, rows: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+SCHEDULE_PLOT = "schedules.png"
+
+
+def schedule_section(sched: dict) -> list[str]:
+    """Report lines: every schedule (constant batches included) per optimizer, at the same tokens."""
+    if not sched:
+        return []
+    lines = ["", "## Batch-size schedules at equal tokens", "",
+             "Every cell trains the same token budget; a schedule's steps follow from its batches "
+             "(`--batch-schedule`, lr by tokens). Best lr per schedule (mean over seeds).", "",
+             "| optimizer | schedule | steps | final batch | best lr | best val loss (mean) | seed std |",
+             "|---|---|---|---|---|---|---|"]
+    for opt in sorted(sched):
+        for label, v in sorted(sched[opt].items(), key=lambda kv: (kv[1]["schedule"] != "const", kv[1]["batch"], kv[0])):
+            lines.append(f"| {_label(opt)} | {label} | {v['steps']} | {v['batch']} | {v['lr']:.3g} | "
+                         f"{_fmt(v['loss'])} | {_fmt(v['std'])} |")
+    return lines
+
+
+def plot_schedules(sched: dict, out: Path) -> Path:
+    """Best val loss per schedule, one group of bars per optimizer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({lb for per in sched.values() for lb in per},
+                    key=lambda lb: (not lb.startswith("const"), int(lb[7:]) if lb.startswith("const b") else 0, lb))
+    opts = sorted(sched)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(labels) * len(opts) / 2 + 3), 4.2), dpi=110)
+    width = 0.8 / max(1, len(opts))
+    for i, opt in enumerate(opts):
+        ys = [sched[opt][lb]["loss"] if lb in sched[opt] else math.nan for lb in labels]
+        ax.bar([x + i * width for x in range(len(labels))], ys, width, label=_label(opt))
+    ax.set_xticks([x + width * (len(opts) - 1) / 2 for x in range(len(labels))])
+    ax.set_xticklabels(labels, rotation=20, ha="right", fontsize=7)
+    finite = [v["loss"] for per in sched.values() for v in per.values() if math.isfinite(v["loss"])]
+    if finite:
+        ax.set_ylim(min(finite) - 0.1, max(finite) + 0.1)
+    ax.set_ylabel("best final val loss")
+    ax.set_title("batch-size schedules at equal tokens")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(out) / SCHEDULE_PLOT
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def _fmt(x, spec=".4f"):
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
@@ -178,7 +227,9 @@ def write_report(summary: dict, out: Path, *, scale: str = "", command: str = ""
     if per_opt:
         ranked = sorted(per_opt, key=lambda o: per_opt[o]["penalty"])
         lines.append(f"- Ranking by penalty (smallest first): {', '.join(_label(o) for o in ranked)}.")
-    lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in PLOTS), ""]
+    lines += schedule_section(summary.get("schedules") or {})
+    plots = PLOTS + ((SCHEDULE_PLOT,) if summary.get("schedules") else ())
+    lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in plots), ""]
     path = Path(out) / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -211,5 +262,8 @@ def report_from_csv(csv_path, out=None, **kw) -> tuple[Path, list[Path], dict]:
     if any(r.get("family") for r in rows):
         return write_family_report(rows, out, **kw)
     summary = summarize(rows)
-    plots = make_plots(summary, rows, out)
+    const = [r for r in rows if (r.get("schedule") or "const") == "const"]
+    plots = make_plots(summary, const, out) if const else []
+    if summary.get("schedules"):
+        plots.append(plot_schedules(summary["schedules"], out))
     return write_report(summary, out, **kw), plots, summary

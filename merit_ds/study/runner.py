@@ -28,7 +28,7 @@ from .grid import Grid, GridError
 
 __all__ = ["COLUMNS", "run_grid", "collect_results", "write_results", "study_identity"]
 
-COLUMNS = ["optimizer", "batch", "lr", "seed", "tokens", "tokens_trained", "steps", "seq_len", "warmup",
+COLUMNS = ["optimizer", "batch", "schedule", "lr", "seed", "tokens", "tokens_trained", "steps", "seq_len", "warmup",
            "final_val_loss", "max_attn_logit", "gns_b_noise", "diverged", "wall_s", "val_curve",
            "family", "n_layer", "n_embd", "gdiv_delta", "gdiv_bound", "gdiv_bound_data"]
 
@@ -71,7 +71,10 @@ def collect_results(out: Path) -> list[dict]:
         if budget is not None and int(row["tokens"]) != budget:
             raise GridError(f"{f} was trained at {row['tokens']} tokens, the study at {budget}: refusing to mix budgets")
         rows.append(row)
-    rows.sort(key=lambda r: (r.get("family", ""), r["optimizer"], r["batch"], r["lr"], r["seed"]))
+    for r in rows:  # rows written before the schedules axis existed are constant-batch cells
+        r.setdefault("schedule", "const")
+    rows.sort(key=lambda r: (r.get("family", ""), r["optimizer"], r["schedule"] != "const", r["schedule"], r["batch"],
+                             r["lr"], r["seed"]))
     return rows
 
 

@@ -150,6 +150,15 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in f.read_text().splitlines() if line.strip()]
 
 
+def _tokens_at(run_json: dict, info: dict, step: int) -> int:
+    """Tokens trained by the end of ``step``: from the batch schedule's step table when the run had
+    one (``run.json``'s ``batch_schedule.segments``: first step, steps, batch), else step x tokens/step."""
+    sched = run_json.get("batch_schedule")
+    if sched:
+        return sum(max(0, min(n, step - first + 1)) * b for first, n, b in sched["segments"]) * info["seq_len"]
+    return step * (run_json.get("tokens_per_step") or info["global_batch"] * info["seq_len"])
+
+
 def _card(run: Path, meta: dict, run_json: dict, data_info: dict, tok_name: str, step: int, probe: Optional[dict]) -> str:
     info = meta["run"]
     ds = run_json.get("ds_config", {})
@@ -175,10 +184,13 @@ def _card(run: Path, meta: dict, run_json: dict, data_info: dict, tok_name: str,
         f"gradient clipping {ds.get('gradient_clipping')} |",
         f"| lr schedule | warmup {run_json.get('warmup')} steps, cosine to {run_json.get('floor')} x peak over "
         f"{run_json.get('steps')} steps |",
-        f"| batch | {info['global_batch']} sequences x {info['seq_len']} tokens = {tps:,} tokens per step "
-        f"(micro-batch {info['micro_batch']} x grad-accum {ds.get('gradient_accumulation_steps')} x "
-        f"{info['world']} ranks) |",
-        f"| tokens | {step * tps:,} ({step} steps) |",
+        (f"| batch | {info['global_batch']} sequences x {info['seq_len']} tokens = {tps:,} tokens per step "
+         f"(micro-batch {info['micro_batch']} x grad-accum {ds.get('gradient_accumulation_steps')} x "
+         f"{info['world']} ranks) |" if not run_json.get("batch_schedule") else
+         f"| batch | schedule {run_json['batch_schedule']['spec']} (sequences of {info['seq_len']} tokens; "
+         f"micro-batch {info['micro_batch']} x {info['world']} ranks, grad-accum per phase; lr "
+         f"{run_json['batch_schedule']['lr_rule']}) |"),
+        f"| tokens | {_tokens_at(run_json, info, step):,} ({step} steps) |",
         f"| training | DeepSpeed ZeRO {info['zero_stage']}, {info['precision']}, launcher {info['launcher']} |",
         f"| data | {_data_line(data_info)} |",
         f"| tokenizer | {tok_name} |",
@@ -268,7 +280,7 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike, step: Opti
         probe = {"input_ids": ids.tolist(), "shape": list(ids.shape), "engine_logits_sha256": _sha(want),
                  "export_logits_sha256": _sha(got), "max_abs_diff": float((got - want.float()).abs().max())}
     export_meta = {"run": str(run.resolve()), "checkpoint": str(path.resolve()), "step": step,
-                   "tokens": step * (run_json.get("tokens_per_step") or info["global_batch"] * info["seq_len"]),
+                   "tokens": _tokens_at(run_json, info, step),
                    "consolidation": "deepspeed.utils.zero_to_fp32" if info.get("zero_stage", 0) else "module states",
                    "probe": probe}
     card = _card(run, meta, run_json, data_info, tok_name, step, probe)

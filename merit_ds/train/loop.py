@@ -88,6 +88,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("batch and length")
     g.add_argument("--global-batch", default=None, help="sequences per step, or a preset: 480 1k 2k 4k 6k")
     g.add_argument("--micro-batch", type=int, default=None, help="sequences per forward per rank")
+    g.add_argument("--batch-schedule", default=None, metavar="SPEC",
+                   help="global batch by tokens trained, instead of --global-batch: '16@0,64@200000' (16 sequences "
+                        "from token 0, 64 from token 200,000), 'ramp:16..128@0..500000' (linear, rounded toward the "
+                        "start to multiples of gcd(16, 128)), or both mixed; the micro-batch stays, grad-accum follows")
+    g.add_argument("--batch-schedule-lr", default=None, choices=["tokens", "sqrt"],
+                   help="lr under --batch-schedule: tokens (default: the warmup-cosine schedule by tokens, whatever "
+                        "the batch) | sqrt (also x sqrt(batch / first batch))")
     g.add_argument("--tokens", type=float, default=None, help="token budget (GPT-2 default 48e9)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --tokens)")
     g = p.add_argument_group("optimizer and DeepSpeed")
@@ -178,6 +185,7 @@ class Runner:
             # sets the device itself when it starts the process group.)
             deepspeed.get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self.cpu = not torch.cuda.is_available()
+        self.micro = None  # micro-batches of the current step, once a batch schedule set the boundary
 
     def init_accelerator(self, ds_cfg: dict):
         from accelerate import Accelerator
@@ -212,9 +220,29 @@ class Runner:
             self.engine, self.optimizer = engine, optimizer
         return self.engine
 
+    def set_global_batch(self, global_batch: int) -> None:
+        """A batch schedule's next batch, between two steps: DeepSpeed's own
+        ``engine.set_train_batch_size`` (grad-accum = batch / (micro x world); the micro-batch and the
+        engine stay). The engine's managed boundary is ``(micro_steps + 1) % grad_accum == 0`` over
+        every micro-step since start (and ``micro_steps`` restarts at 0 on resume), which a changed
+        grad-accum would misplace; so from here on the boundary is set explicitly per micro-batch
+        (``set_gradient_accumulation_boundary``, the engine's API for that; Accelerate does the same
+        from its own counter, restarted here)."""
+        self.engine.set_train_batch_size(global_batch)
+        self.micro = 0
+        if self.accelerator is not None:
+            self.accelerator.gradient_accumulation_steps = self.engine.gradient_accumulation_steps()
+            self.accelerator.step = 0
+
     def backward_step(self, loss) -> None:
         """One micro-batch's backward; DeepSpeed steps (clip, optimizer, zero_grad) at the boundary."""
         if self.accelerator is None:
+            if self.micro is not None:
+                self.micro += 1
+                boundary = self.micro == self.engine.gradient_accumulation_steps()
+                self.engine.set_gradient_accumulation_boundary(boundary)
+                if boundary:
+                    self.micro = 0
             self.engine.backward(loss)
             self.engine.step()
         else:
@@ -301,12 +329,30 @@ def print_banner(runner: Runner, rc: RunConfig) -> None:
                          f"{rc.precision}, model {rc.model} ({rc.preset.description}), optimizer {rc.label}")
     if rc.family is not None:
         _rank0_print(runner, rc.family.describe())
-    _rank0_print(runner, rc.plan.describe())
+    if rc.batch_table is None:
+        _rank0_print(runner, rc.plan.describe())
+    else:
+        _rank0_print(runner, describe_schedule(rc))
     if rc.micro_note:
         _rank0_print(runner, rc.micro_note)
     _rank0_print(runner, f"schedule: {rc.label} peak lr {rc.lr:.4g} ({rc.lr_origin}), warmup {rc.warmup} steps, "
                          f"cosine to {rc.floor} x peak; betas {tuple(p['betas'])}, eps {p['eps']}, weight decay "
                          f"{p['weight_decay']} (matrices only), clip {rc.ds_config.get('gradient_clipping')}")
+
+
+def describe_schedule(rc: RunConfig) -> str:
+    """The banner's batch lines under --batch-schedule: every phase, its steps and grad-accum."""
+    t, p = rc.batch_table, rc.plan
+    unit = p.micro_batch * p.world
+    lines = [f"batch schedule {t.schedule.spec}: micro_batch {p.micro_batch} x world {p.world} fixed, grad_accum "
+             f"per phase; a step takes the batch of the token count it starts at"]
+    for ph in t.phases():
+        levels = ", ".join(f"{b:,} (grad_accum {b // unit}) x {n:,} steps" for b, n in ph["levels"])
+        lines.append(f"  {ph['phase']}: steps {ph['first_step']:,}-{ph['first_step'] + ph['steps'] - 1:,}: {levels}")
+    budget = f"budget {p.token_budget:,} tokens reached in " if p.token_budget is not None else ""
+    lines.append(f"  {budget}{t.steps:,} steps, {t.total_tokens:,} tokens; lr by tokens"
+                 + (" x sqrt(batch / first batch)" if rc.lr_rule == "sqrt" else " (not scaled with the batch)"))
+    return "\n".join(lines)
 
 
 def make_loaders(args, rc: RunConfig, rank: int, world: int):
@@ -345,7 +391,10 @@ def describe_run(rc: RunConfig, world: int, train_loader) -> dict:
             "world": world, "zero_stage": rc.zero_stage, "precision": rc.precision, "launcher": rc.launcher,
             # the lr schedule is part of the trajectory: a different length/peak would silently
             # continue under the checkpoint's schedule (LambdaLR restores its factor object)
-            "schedule": {"steps": rc.plan.steps, "warmup": rc.warmup, "floor": rc.floor, "lr": rc.lr},
+            "schedule": {"steps": rc.plan.steps, "warmup": rc.warmup, "floor": rc.floor, "lr": rc.lr,
+                         # only with a batch schedule, so constant-batch checkpoints stay compatible
+                         **({"batch_schedule": rc.batch_table.schedule.spec, "lr_rule": rc.lr_rule}
+                            if rc.batch_table is not None else {})},
             "data": getattr(getattr(train_loader, "tokens", None), "fingerprint", None) or
             train_loader.state_dict().get("data")}
 
@@ -436,7 +485,7 @@ def run(args) -> int:
     engine, basic = build_engine(args, rc, runner, cfg)
     trainer = Trainer(engine, runner, basic, rc.optimizer, train_loader, val_loader, steps=plan.steps,
                       warmup=rc.warmup, floor=rc.floor, tokens_per_step=plan.tokens_per_step, zero_stage=rc.zero_stage,
-                      diversity_probe=args.diversity_probe)
+                      diversity_probe=args.diversity_probe, batch_table=rc.batch_table, lr_rule=rc.lr_rule)
     start_step = 0
     if resume_from is not None:
         start_step = trainer.resume(load_from, resume_from)
@@ -449,6 +498,10 @@ def run(args) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "run.json").write_text(json.dumps(dict(run_info, steps=plan.steps, lr=rc.lr, warmup=rc.warmup,
                                                       floor=rc.floor, tokens_per_step=plan.tokens_per_step,
+                                                      batch_schedule=None if rc.batch_table is None else {
+                                                          "spec": rc.batch_table.schedule.spec, "lr_rule": rc.lr_rule,
+                                                          "segments": rc.batch_table.segments,
+                                                          "total_tokens": rc.batch_table.total_tokens},
                                                       ds_config=cfg), indent=1))
         metrics.truncate_after(start_step)
         record_run(out, engine.module.config, args.data, rc.label)  # for merit-ds export
@@ -486,6 +539,7 @@ def run(args) -> int:
         record = trainer.train_step(diagnostics=diagnostics, read=read)
         record.pop("host_step_time_s", None)
         meter.steps += 1
+        meter.tokens += record["global_batch"] * rc.seq_len
         if read:
             record.update(meter.interval())
             if evaluating:
@@ -532,8 +586,9 @@ def run(args) -> int:
         for t in trackers:
             t.finish()
         if not args.no_plot:
+            batch = plan.global_batch if rc.batch_table is None else f"schedule {rc.batch_table.schedule.spec}"
             png = plot_losses(metrics.read(), out / "loss.png", f"{rc.model} + {rc.label}, ZeRO {rc.zero_stage}, "
-                                                                f"batch {plan.global_batch} x {rc.seq_len}, {world} ranks")
+                                                                f"batch {batch} x {rc.seq_len}, {world} ranks")
             print(f"plot: {png}", flush=True)
             from .diversity import plot_diversity
 
@@ -583,11 +638,12 @@ class Throughput:
         self.flops_per_tok, self.tokens_per_step, self.world, self.peak = flops_per_tok, tokens_per_step, world, peak
         self.cuda = torch.device(device).type == "cuda"
         self.device, self.clock = device, clock
-        self.total_steps, self.total_time = 0, 0.0
+        self.total_steps, self.total_time, self.total_tokens = 0, 0.0, 0
         self.restart()
 
     def restart(self) -> None:
         self.steps, self.t0 = 0, self.clock()
+        self.tokens = 0  # tokens of the interval's steps, when the caller counts them (batch schedules)
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -596,15 +652,19 @@ class Throughput:
         steps = max(self.steps, 1)
         self.total_steps += self.steps
         self.total_time += elapsed
-        out = self._rates(elapsed, steps)
+        self.total_tokens += self.tokens
+        out = self._rates(elapsed, steps, self.tokens)
         if self.cuda:
             out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024 ** 3
         self.restart()
         return out
 
-    def _rates(self, elapsed: float, steps: int) -> dict:
+    def _rates(self, elapsed: float, steps: int, tokens: int = 0) -> dict:
         step_time = elapsed / steps
-        tokens_per_s = self.tokens_per_step / step_time if step_time > 0 else float("inf")
+        if tokens:  # counted by the caller: steps of different sizes (batch schedule)
+            tokens_per_s = tokens / elapsed if elapsed > 0 else float("inf")
+        else:
+            tokens_per_s = self.tokens_per_step / step_time if step_time > 0 else float("inf")
         out = {"step_time_s": step_time, "tokens_per_s": tokens_per_s}
         if self.peak:
             out["mfu"] = self.flops_per_tok * tokens_per_s / (self.world * self.peak)
@@ -613,7 +673,7 @@ class Throughput:
     def summary(self) -> dict:
         if self.total_steps == 0:
             return {}
-        return {f"train_{k}": v for k, v in self._rates(self.total_time, self.total_steps).items()}
+        return {f"train_{k}": v for k, v in self._rates(self.total_time, self.total_steps, self.total_tokens).items()}
 
 
 def main(argv=None) -> int:

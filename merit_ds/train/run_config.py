@@ -7,6 +7,10 @@ Precedence, per value:
 * ZeRO stage and precision: the JSON's when ``--ds-config`` is given, else the flags.
 * global batch: ``--global-batch``, else the JSON's ``train_batch_size``, else 480 (tiny: 16);
   micro-batch: ``--micro-batch``, else the JSON's, else the largest that divides.
+* ``--batch-schedule`` (:mod:`.batch_schedule`): the global batch per step; it excludes
+  ``--global-batch`` and a JSON ``train_batch_size``. The micro-batch is fixed for the whole run and
+  must divide every phase's per-rank batch (default: the largest that does); the engine starts at the
+  first phase's batch; :attr:`RunConfig.batch_table` lists every step's batch.
 * optimizer: ``--optimizer`` (default ``merit``). A JSON whose ``"optimizer"`` section names an
   optimizer must name the same one (``MERIT``, ``ShardedLAMB``, ``AdamW``: see
   :data:`merit_ds.train.ds_config.JSON_TYPES`), else :class:`UsageError`.
@@ -34,6 +38,8 @@ from typing import Optional
 from merit_ds.integrations._common import ds_offloads_optimizer
 
 from .batch import BatchPlan, plan_batch
+from .batch_schedule import (LR_RULES, BatchScheduleError, StepTable, build_step_table, parse_batch_schedule,
+                             warmup_steps_by_tokens)
 from .ds_config import JSON_TYPES, make_ds_config, set_batch
 from .presets import (OPTIMIZER_LABELS, OPTIMIZERS, TOKEN_BUDGET, ModelPreset, OptimPreset, get_model_preset,
                       get_optim_preset, parse_batch, scaled_lr, warmup_steps)
@@ -77,6 +83,22 @@ class RunConfig:
     ds_config_path: Optional[str] = None
     micro_note: str = ""      # how the micro-batch was re-planned against the config's (printed)
     family: Optional[object] = None  # .families.FamilyShape when --family chose the shape
+    batch_table: Optional[StepTable] = None  # --batch-schedule: every step's global batch
+    lr_rule: str = "tokens"   # how the lr follows a batch schedule (batch_schedule.LR_RULES)
+
+    def batch_at(self, step: int) -> int:
+        """Global batch of optimizer step ``step`` (1-based)."""
+        return self.batch_table.batch(step) if self.batch_table is not None else self.plan.global_batch
+
+    def tokens_before(self, step: int) -> int:
+        """Tokens trained by the steps before ``step``."""
+        if self.batch_table is not None:
+            return self.batch_table.tokens_before(step)
+        return (step - 1) * self.plan.tokens_per_step
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens_before(self.plan.steps + 1)
 
     @property
     def label(self) -> str:
@@ -151,10 +173,31 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
         zero_stage, offload = args.zero_stage, bool(args.offload)
 
     # --- batch arithmetic --------------------------------------------------------------------------
+    schedule_text = getattr(args, "batch_schedule", None)
+    lr_rule = getattr(args, "batch_schedule_lr", None) or "tokens"
+    schedule = None
+    if lr_rule not in LR_RULES:
+        raise UsageError(f"--batch-schedule-lr {lr_rule!r}: choose from {', '.join(LR_RULES)}")
+    if schedule_text:
+        try:
+            schedule = parse_batch_schedule(schedule_text)
+        except BatchScheduleError as exc:
+            raise UsageError(str(exc)) from None
+        if args.global_batch:
+            raise UsageError(f"--global-batch {args.global_batch} and --batch-schedule {schedule_text!r} both set the "
+                             f"global batch: give one (a constant batch is --batch-schedule {args.global_batch}@0)")
+        if base_cfg and base_cfg.get("train_batch_size") not in (None, "auto"):
+            raise UsageError(f"{where} sets train_batch_size={base_cfg['train_batch_size']!r} but --batch-schedule "
+                             f"{schedule_text!r} sets the global batch per step: remove the key (or set it to "
+                             f'"auto"), or drop --batch-schedule')
+    elif getattr(args, "batch_schedule_lr", None):
+        raise UsageError("--batch-schedule-lr applies only with --batch-schedule")
     try:
         global_batch = parse_batch(args.global_batch) if args.global_batch else None
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if schedule is not None:
+        global_batch = schedule.first_batch
     if global_batch is None and base_cfg and isinstance(base_cfg.get("train_batch_size"), int):
         global_batch = base_cfg["train_batch_size"]
     global_batch = global_batch or DEFAULT_BATCH[args.model]
@@ -165,6 +208,16 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     micro, micro_note = args.micro_batch, ""
     json_micro = base_cfg.get("train_micro_batch_size_per_gpu") if base_cfg else None
     per_rank = global_batch // world if world > 0 and global_batch % world == 0 else None
+    if schedule is not None:
+        # one micro-batch for the whole run: it must divide every per-rank batch the schedule takes
+        common = math.gcd(*(p.quantum for p in schedule.phases))
+        per_rank = common // world if world > 0 and common % world == 0 else None
+        if per_rank is None:
+            raise UsageError(f"batch schedule {schedule.spec!r}: the batches it takes have no common multiple of "
+                             f"the world size {world} (their gcd is {common}): every step's batch must split evenly "
+                             f"over the ranks; use sizes that are multiples of {world}")
+        if micro is None and json_micro is None:
+            micro = per_rank
     if micro is not None and isinstance(json_micro, int) and json_micro != micro:
         micro_note = f"micro-batch {micro} from --micro-batch (the config says {json_micro})"
     if micro is None and isinstance(json_micro, int):
@@ -180,7 +233,18 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
         tokens, steps = (TOKEN_BUDGET, None) if args.model != "tiny" else (None, 200)
     else:
         tokens, steps = (int(args.tokens) if args.tokens is not None else None), args.steps
-    plan = plan_batch(global_batch, world, seq_len, micro_batch=micro, token_budget=tokens, max_steps=steps)
+    table = None
+    if schedule is not None:
+        try:
+            schedule.check_divisible(micro * world, micro, world)
+            table = build_step_table(schedule, seq_len, token_budget=tokens, max_steps=steps)
+        except BatchScheduleError as exc:
+            raise UsageError(str(exc)) from None
+        # the plan describes the first phase (what the engine is built with) and the whole run's steps
+        plan = plan_batch(global_batch, world, seq_len, micro_batch=micro, max_steps=table.steps)
+        plan = BatchPlan(**{**plan.__dict__, "token_budget": tokens})
+    else:
+        plan = plan_batch(global_batch, world, seq_len, micro_batch=micro, token_budget=tokens, max_steps=steps)
 
     # --- peak lr and where it came from -------------------------------------------------------------
     json_params = dict((section or {}).get("params", {}))
@@ -192,6 +256,8 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
         lr = scaled_lr(optim, plan.global_batch)
         scaled = ("" if plan.global_batch == optim.batch_ref else
                   f"; sqrt-scaled from batch {optim.batch_ref} to {plan.global_batch}")
+        if table is not None:
+            scaled += " (the schedule's first batch)"
         lr_origin = f"preset {args.model}/{optimizer}: {optim.lr_ref:g} at batch {optim.batch_ref}, {optim.lr_source}{scaled}"
     if not math.isfinite(lr) or lr < 0:
         raise UsageError(f"peak lr {lr!r} ({lr_origin}) must be a finite number >= 0")
@@ -234,12 +300,16 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
         except MeritConfigError as exc:
             raise UsageError(f"DeepSpeed config: {exc}") from None
 
-    warmup = args.warmup_steps if args.warmup_steps is not None else warmup_steps(plan.steps, optim.warmup_fraction)
+    if args.warmup_steps is not None or table is None:
+        warmup = args.warmup_steps if args.warmup_steps is not None else warmup_steps(plan.steps, optim.warmup_fraction)
+    else:
+        warmup = warmup_steps_by_tokens(table, optim.warmup_fraction)  # a share of the tokens, not of the steps
     floor = args.min_lr_ratio if args.min_lr_ratio is not None else optim.min_lr_ratio
     return RunConfig(launcher=launcher, model=args.model, preset=preset, overrides=overrides, seq_len=seq_len,
                      precision=precision, zero_stage=zero_stage, offload=offload, plan=plan, optimizer=optimizer,
                      optim=optim, lr=lr, lr_origin=lr_origin, opt_params=opt_params, ds_config=cfg, client=client,
-                     warmup=warmup, floor=floor, ds_config_path=args.ds_config, micro_note=micro_note, family=family)
+                     warmup=warmup, floor=floor, ds_config_path=args.ds_config, micro_note=micro_note, family=family,
+                     batch_table=table, lr_rule=lr_rule)
 
 
 def _family(args, overrides: dict):

@@ -87,7 +87,8 @@ def wandb_init_kwargs(out_dir: Path) -> dict:
 
 
 def plot_losses(records: list[dict], path: Path, title: str = "") -> Optional[Path]:
-    """Train loss per step and validation loss at eval steps, one PNG."""
+    """Train loss per step and validation loss at eval steps, one PNG; where the records' ``global_batch``
+    changes (a batch schedule), a dashed line marks the new phase."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -105,6 +106,18 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> Optional[Pa
         last = val[-1]
         ax.annotate(f"val {last[1]:.3f} (ppl {math.exp(last[1]):.1f})", xy=last, xytext=(-120, 25),
                     textcoords="offset points", arrowprops={"arrowstyle": "->"})
+    # batch-size schedule: a dashed line where the global batch changes, labelled with the new batch
+    changes, last_batch = [], None
+    for r in records:
+        b = r.get("global_batch")
+        if b is not None and "loss" in r:
+            if last_batch is not None and b != last_batch:
+                changes.append((r["step"], b))
+            last_batch = b
+    for i, (step, b) in enumerate(changes):
+        ax.axvline(step - 0.5, color="grey", ls="--", lw=0.8, label="batch change" if i == 0 else None)
+        ax.annotate(f"batch {b}", xy=(step - 0.5, 1), xycoords=("data", "axes fraction"), xytext=(2, -12),
+                    textcoords="offset points", fontsize=7, color="grey")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(title)

@@ -43,6 +43,7 @@ from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss
 from .diversity import GradientDiversity
 from .optimizers import CLIP_FRACTION, TRUST_STATS
 from .run_config import UsageError
+from .batch_schedule import TokenWarmupCosine
 from .schedule import warmup_cosine
 
 __all__ = ["Trainer", "mean_over_ranks", "CheckpointSaveError"]
@@ -106,11 +107,21 @@ class Trainer:
     """Step, evaluate, save, resume. :attr:`step` counts completed optimizer steps."""
 
     def __init__(self, engine, runner, basic, optimizer: str, train_loader, val_loader, *, steps: int,
-                 warmup: int, floor: float, tokens_per_step: int, zero_stage: int, diversity_probe: int = 0):
+                 warmup: int, floor: float, tokens_per_step: int, zero_stage: int, diversity_probe: int = 0,
+                 batch_table=None, lr_rule: str = "tokens"):
         self.engine, self.runner, self.basic = engine, runner, basic
         self.train_loader, self.val_loader = train_loader, val_loader
         self.steps, self.tokens_per_step, self.zero_stage = steps, tokens_per_step, zero_stage
-        self.scheduler = warmup_cosine(basic, warmup, steps, floor)
+        # --batch-schedule (:mod:`.batch_schedule`): every step's global batch, and the lr by tokens
+        self.batch_table = batch_table
+        self.batch_now: Optional[int] = None  # the batch the engine and loader are set to (None: not yet set)
+        if batch_table is not None:
+            if batch_table.steps != steps:
+                raise ValueError(f"the batch schedule has {batch_table.steps} steps, the run {steps}")
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(basic, TokenWarmupCosine(batch_table, warmup, floor,
+                                                                                        lr_rule))
+        else:
+            self.scheduler = warmup_cosine(basic, warmup, steps, floor)
         self.probe = AttentionLogitProbe(engine.module)
         self.gns = GradientNoiseScale()
         # per-example gradients of up to this many of each rank's sequences per diagnostics step (0: off)
@@ -143,6 +154,8 @@ class Trainer:
             basic.track_stats = True
         lr_now = basic.param_groups[0]["lr"]
         first, max_logit = None, None
+        if self.batch_table is not None:
+            self.apply_batch(self.batch_table.batch(step))
         probe: list = []  # the first sequences of this rank's share of the step, for the gradient diversity
         want = self.diversity.probe if diagnostics else 0
         accum = self.train_loader.grad_accum
@@ -170,7 +183,9 @@ class Trainer:
         self.loss_count += accum
         self.scheduler.step()
         self.step = step
-        record = {"step": step, "lr": lr_now, "tokens": step * self.tokens_per_step}
+        tokens = (self.batch_table.tokens_before(step + 1) if self.batch_table is not None
+                  else step * self.tokens_per_step)
+        record = {"step": step, "lr": lr_now, "tokens": tokens, "global_batch": self.train_loader.global_batch}
         if read:
             record["loss"] = self.read_loss()
             grad_norm = engine.get_global_grad_norm()
@@ -203,6 +218,17 @@ class Trainer:
         """Whether the model is ``torch.compile``d (``engine.compile`` = ``nn.Module.compile``).
         Checked before touching ``torch.compiler``: its first use imports dynamo (seconds)."""
         return getattr(self.engine.module, "_compiled_call_impl", None) is not None
+
+    def apply_batch(self, global_batch: int) -> None:
+        """Set the global batch of the next step (between steps only): the loader takes that many
+        sequences, the engine accumulates over the matching number of micro-batches (its own
+        ``set_train_batch_size``; the micro-batch stays). Also on the first step after a resume:
+        the engine and loader are built at the schedule's first batch."""
+        if global_batch == self.batch_now:
+            return
+        self.train_loader.set_global_batch(global_batch)
+        self.runner.set_global_batch(global_batch)
+        self.batch_now = global_batch
 
     def read_loss(self) -> float:
         """Mean train loss since the last read (one host sync; one all-reduce with several ranks)."""
@@ -315,4 +341,10 @@ class Trainer:
         if "gns" in state:  # checkpoints written before the noise scale's EMAs were saved lack it
             self.gns.load_state_dict(state["gns"])
         self.step = int(state["step"])
+        if self.batch_table is not None:
+            # the loader must stand exactly where the schedule's first `step` steps leave it
+            want = self.batch_table.sequences_before(self.step + 1)
+            if self.train_loader.consumed != want or self.train_loader.micro_step:
+                raise UsageError(f"checkpoint {resume_from}: the data loader consumed {self.train_loader.consumed} "
+                                 f"sequences in {self.step} steps, the batch schedule takes {want}")
         return self.step
