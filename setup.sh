@@ -31,4 +31,8 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$vpy" -m pip install -q "torch==2.13.0"
 # Everything else against the constraints file so torch stays the CPU build.
 "$vpy" -m pip install -q -c constraints.txt -e ".[hf,dev]"
+# MERIT's CPU kernel is JIT-built at first use (~1 min; merit_ds/optim/cpu_kernel.py): build it
+# here, not inside the first training step or timed test that needs it. Without g++ it warns and
+# the foreach path is used.
+"$vpy" -c "from merit_ds.optim import cpu_kernel; cpu_kernel.load()"
 echo "$want" > "$stamp"
