@@ -294,6 +294,18 @@ def _cpu_kernel_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, 
 
     group = dict(betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
     flat = [(p.view(-1), g.view(-1), m.view(-1), v.view(-1)) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)]
+
+    def statistics(p, w, g, m, v):  # pass 1 -> (non-finite gradient?, the tensor's maxima)
+        slot = torch.zeros(MERIT.fragment_rule.stats_size(p.shape), dtype=torch.float32)
+        return cpu_kernel.fragment_statistics(p.shape, 0, w, g, m, v, group, slot), slot
+
+    def apply(p, w, g, m, v, slot, step):  # pass 2
+        step += 1
+        recorded = cpu_kernel.fragment_apply(
+            p.shape, 0, w, g, m, v, group, cpu_kernel.ratio_tables(p.shape, slot), lr, track=stats is not None)
+        if stats is not None:
+            stats[p] = recorded
+
     if nonfinite_grads != "raise":
         # "skip" and "propagate" decide each tensor on its own gradient, so each tensor's pass 2
         # can follow its pass 1 at once: a tensor whose w, g, m, v fit in the last-level cache
@@ -304,42 +316,25 @@ def _cpu_kernel_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, 
         # before anything is modified: it takes the two-sweep order below.
         skipped = 0
         for p, (w, g, m, v), step in zip(params, flat, state_steps):
-            slot = torch.zeros(MERIT.fragment_rule.stats_size(p.shape), dtype=torch.float32)
-            if cpu_kernel.fragment_statistics(p.shape, 0, w, g, m, v, group, slot) and nonfinite_grads == "skip":
+            bad, slot = statistics(p, w, g, m, v)
+            if bad and nonfinite_grads == "skip":
                 skipped += 1
                 continue
-            step += 1
-            recorded = cpu_kernel.fragment_apply(
-                p.shape, 0, w, g, m, v, group, cpu_kernel.ratio_tables(p.shape, slot), lr, track=stats is not None)
-            if stats is not None:
-                stats[p] = recorded
+            apply(p, w, g, m, v, slot, step)
         if skipped:
             warn_skipped("MERIT", skipped)
         return skipped
-    slots, bad = [], []
-    for p, (w, g, m, v) in zip(params, flat):
-        slot = torch.zeros(MERIT.fragment_rule.stats_size(p.shape), dtype=torch.float32)
-        bad.append(cpu_kernel.fragment_statistics(p.shape, 0, w, g, m, v, group, slot))
-        slots.append(slot)
-    if nonfinite_grads == "propagate":
-        bad = [False] * len(params)
-    elif any(bad):
-        idx = [i for i, b in enumerate(bad) if b]
-        if nonfinite_grads == "raise":
-            raise FloatingPointError(
-                f"MERIT: non-finite gradient in {len(idx)} parameter(s) (indices {idx} in their group, shapes "
-                f"{[tuple(params[i].shape) for i in idx]}); nothing was modified. Use nonfinite_grads='skip' to skip them."
-            )
-        warn_skipped("MERIT", len(idx))
-    for p, (w, g, m, v), slot, b, step in zip(params, flat, slots, bad, state_steps):
-        if b:
-            continue
-        step += 1
-        recorded = cpu_kernel.fragment_apply(
-            p.shape, 0, w, g, m, v, group, cpu_kernel.ratio_tables(p.shape, slot), lr, track=stats is not None)
-        if stats is not None:
-            stats[p] = recorded
-    return sum(bad)
+    # "raise": pass 1 of every tensor, then raise before anything is written, or pass 2 of every tensor
+    bad, slots = zip(*(statistics(p, *f) for p, f in zip(params, flat))) if params else ((), ())
+    idx = [i for i, b in enumerate(bad) if b]
+    if idx:
+        raise FloatingPointError(
+            f"MERIT: non-finite gradient in {len(idx)} parameter(s) (indices {idx} in their group, shapes "
+            f"{[tuple(params[i].shape) for i in idx]}); nothing was modified. Use nonfinite_grads='skip' to skip them."
+        )
+    for p, f, slot, step in zip(params, flat, slots, state_steps):
+        apply(p, *f, slot, step)
+    return 0
 
 
 def _record_stats(stats: Optional[dict], param: Tensor, trust: Tensor, u: Tensor) -> None:

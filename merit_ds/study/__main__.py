@@ -2,7 +2,7 @@
 
 With no grid flags: the default CPU study (built-in KJV corpus, 3 optimizers x batches 8/32/128 x
 5 lrs (MERIT, LAMB) or 6 (AdamW) x 2 seeds = 96 cells at 262,144 tokens each, GPT-2 2x64 over a
-2,048-id vocabulary, sequences of 64; ~35 min on 2 cores). ``--preset gpt2-small|gpt2-medium``: the GPU version (batches 480..6k, 48e9 tokens /
+2,048-id vocabulary, sequences of 64; 84 of them took 29.6 min on 2 cores). ``--preset gpt2-small|gpt2-medium``: the GPU version (batches 480..6k, 48e9 tokens /
 ``--budget-divisor``). Re-running the same command continues a study (finished cells skipped,
 interrupted ones redone). ``--report-only`` redraws the table, plots and report.
 ``--preset width-depth``: model families (wide 1x128, base 4x64, deep 7x48 at 200k non-embedding

@@ -173,15 +173,21 @@ def _fmt(x, spec=".4f"):
     return "n/a" if x is None or (isinstance(x, float) and not math.isfinite(x)) else format(x, spec)
 
 
-def write_report(summary: dict, out: Path, *, scale: str = "", command: str = "", wall: str = "") -> Path:
-    best, per_opt = summary["best"], summary["per_optimizer"]
-    lines = ["# Large-batch study", ""]
+def _header(title: str, scale: str, command: str, wall: str) -> list[str]:
+    """A report's title and the run it describes (each line only when known)."""
+    lines = [f"# {title}", ""]
     if scale:
         lines += [f"Scale: {scale}", ""]
     if command:
         lines += ["Command:", "", f"    {command}", ""]
     if wall:
         lines += [f"Wall time: {wall}", ""]
+    return lines
+
+
+def write_report(summary: dict, out: Path, *, scale: str = "", command: str = "", wall: str = "") -> Path:
+    best, per_opt = summary["best"], summary["per_optimizer"]
+    lines = _header("Large-batch study", scale, command, wall)
     lines += [f"Token budget: {summary['budget']:,} tokens for every cell (one budget; cells of other budgets are "
               f"refused).", "", "## Best lr per optimizer and batch", "",
               "| optimizer | batch | best lr | best val loss (mean) | seed std | seed max-min | seeds | lr grid | edge of grid? |",
@@ -241,13 +247,7 @@ def write_family_report(rows: list[dict], out: Path, *, scale: str = "", command
     from .families import family_plots, family_report_lines, family_summary
 
     fs = family_summary(rows)
-    lines = ["# Width vs depth at large batch", ""]
-    if scale:
-        lines += [f"Scale: {scale}", ""]
-    if command:
-        lines += ["Command:", "", f"    {command}", ""]
-    if wall:
-        lines += [f"Wall time: {wall}", ""]
+    lines = _header("Width vs depth at large batch", scale, command, wall)
     lines += [f"Token budget: {check_one_budget(rows):,} tokens for every cell.", ""]
     lines += family_report_lines(fs, LABELS)
     path = Path(out) / "report.md"
