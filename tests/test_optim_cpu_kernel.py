@@ -207,3 +207,72 @@ def test_ratio_tables_in_cpp_equal_the_torch_formulation_bitwise(shape):
         if case == 0:  # the clamp is exercised: some ratio below the floor was raised to it
             floor = slot[:r].max() / slot[r:2 * r].max()
             assert (got[0] == floor).any() or (got[1] == floor).any()
+
+
+def _per_tensor_reference(params, grads, ms, vs, group, lr, track):
+    """The kernel driven tensor by tensor from Python (pass 1, ratio tables, pass 2): what
+    step_tensors does in one C++ call."""
+    recorded = []
+    for p, g, m, v in zip(params, grads, ms, vs):
+        w, g, m, v = p.view(-1), g.view(-1), m.view(-1), v.view(-1)
+        slot = torch.zeros(MERIT.fragment_rule.stats_size(p.shape))
+        bad = cpu_kernel.fragment_statistics(p.shape, 0, w, g, m, v, group, slot)
+        if bad:
+            recorded.append(None)
+            continue
+        ratios = cpu_kernel.ratio_tables(p.shape, slot)
+        recorded.append(cpu_kernel.fragment_apply(p.shape, 0, w, g, m, v, group, ratios, lr, track=track))
+    return recorded
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_whole_group_call_is_bitwise_the_per_tensor_calls(weight_decay):
+    """cpu_kernel.step_tensors (the default CPU step: one C++ call for the group) against the
+    same kernel driven tensor by tensor: weights, moments and statistics bitwise, over three
+    steps, with a zero matrix (ratio 1), a zero gradient, an empty tensor, a non-finite
+    gradient ("skip": that tensor untouched) and a 4-d tensor."""
+    shapes = dict(SHAPES, zeros=(4, 5), empty=(0, 3), nan=(3, 3))
+    a = make(shapes=shapes)
+    a["zeros"].data.zero_()
+    b = {k: p.detach().clone() for k, p in a.items()}
+    ma, va = ({k: torch.zeros_like(p) for k, p in a.items()} for _ in range(2))
+    mb, vb = ({k: torch.zeros_like(p) for k, p in a.items()} for _ in range(2))
+    group = dict(betas=(0.9, 0.95), eps=1e-6, weight_decay=weight_decay)
+    keys = list(a)
+    for step in range(3):
+        grads = grads_for(a, step)
+        grads["scalar"].zero_()
+        if step == 1:
+            grads["nan"][1, 2] = float("nan")
+        bad, got = cpu_kernel.step_tensors(
+            [a[k].detach() for k in keys], [grads[k] for k in keys], [ma[k] for k in keys], [va[k] for k in keys],
+            lr=0.03, betas=group["betas"], eps=group["eps"], weight_decay=weight_decay, track=True)
+        want = _per_tensor_reference([b[k] for k in keys], [grads[k] for k in keys], [mb[k] for k in keys],
+                                     [vb[k] for k in keys], group, 0.03, True)
+        assert bad == ([keys.index("nan")] if step == 1 else [])
+        for k, g_stats, w_stats in zip(keys, got, want):
+            for x, y in ((a[k], b[k]), (ma[k], mb[k]), (va[k], vb[k])):
+                assert torch.equal(x, y), (step, k)
+            if w_stats is None:  # skipped
+                continue
+            for x, y in zip(g_stats, w_stats):
+                assert torch.equal(x, y), (step, k, g_stats, w_stats)
+    assert not torch.equal(a["square"], make(shapes=shapes)["square"])  # it did step
+
+
+def test_whole_group_call_raise_and_propagate():
+    params = [torch.randn(4, 6), torch.randn(5)]
+    grads = [torch.randn(4, 6), torch.randn(5)]
+    grads[1][3] = float("inf")
+    ms, vs = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    before = [p.clone() for p in params]
+    hyper = dict(lr=0.1, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    bad, _ = cpu_kernel.step_tensors(params, grads, ms, vs, nonfinite_grads="raise", **hyper)
+    assert bad == [1]
+    for p, q, m, v in zip(params, before, ms, vs):  # nothing written, not even the clean matrix
+        assert torch.equal(p, q) and not m.any() and not v.any()
+    bad, _ = cpu_kernel.step_tensors(params, grads, ms, vs, nonfinite_grads="propagate", **hyper)
+    assert bad == [1]
+    assert not torch.equal(params[0], before[0]) and not torch.isfinite(params[1]).all()
+    with pytest.raises(ValueError, match="nonfinite_grads"):
+        cpu_kernel.step_tensors(params, grads, ms, vs, nonfinite_grads="ignore", **hyper)

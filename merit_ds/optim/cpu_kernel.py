@@ -39,7 +39,7 @@ from torch import Tensor
 from . import formulas as F
 from .trust_stats import PartialTrustStats, empty_trust_stats
 
-__all__ = ["load", "available", "fragment_statistics", "fragment_apply", "ratio_tables", "supports"]
+__all__ = ["load", "available", "fragment_statistics", "fragment_apply", "ratio_tables", "step_tensors", "supports"]
 
 _lock = threading.Lock()
 _SOURCE = Path(__file__).with_name("csrc") / "merit_cpu.cpp"
@@ -155,6 +155,8 @@ def ratio_tables(shape, slot: Tensor):
     if not F.is_matrix(shape):
         return float(F.vector_trust_ratio(slot[0], slot[1]))
     rows, cols, inner = F.matrix_dims(shape)
+    if rows * cols * inner == 0:  # an empty matrix: nothing to step
+        return torch.empty(rows * inner), torch.empty(cols * inner)
     return tuple(load().ratio_matrix(slot, rows * inner, cols * inner))
 
 
@@ -203,3 +205,52 @@ def fragment_apply(
         torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32),
         torch.tensor(int(clipped), dtype=torch.int64),
     )
+
+
+_POLICY = {"skip": 0, "propagate": 1, "raise": 2}
+
+
+def step_tensors(
+    params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, *, lr: float, betas: tuple, eps: float,
+    weight_decay: float, nonfinite_grads: str = "skip", track: bool = False,
+) -> tuple[list[int], Optional[list[PartialTrustStats]]]:
+    """A whole group of whole tensors in one C++ call (single-device MERIT): per tensor pass 1,
+    the trust ratios (:func:`ratio_tables`' arithmetic) and pass 2, with no Python between
+    them (a Python round trip per tensor cost GPT-2 Small's step about a quarter of an Adam
+    step over its 148 tensors). The same per-element code as :func:`fragment_statistics` /
+    :func:`fragment_apply`, so the result is bitwise theirs (tested).
+
+    Returns the indices of the tensors whose gradient is not finite (``"skip"``: those were
+    left untouched; ``"raise"``: nothing was written) and, with ``track``, each tensor's
+    trust-ratio statistics (those of skipped tensors are meaningless).
+    """
+    if nonfinite_grads not in _POLICY:
+        raise ValueError(f"nonfinite_grads must be one of {sorted(_POLICY)}, got {nonfinite_grads!r}")
+    row_len, inner = [], []
+    for p in params:
+        if F.is_matrix(p.shape):
+            _, cols, k = F.matrix_dims(p.shape)
+            row_len.append(cols * k)
+            inner.append(k)
+        else:
+            row_len.append(0)
+            inner.append(1)
+    out = torch.zeros(len(params), 5, dtype=torch.float64) if track else _NO_STATS
+    beta1, beta2 = betas
+    bad = load().step_tensors(
+        params, grads, exp_avgs, exp_avg_sqs, row_len, inner, beta1, beta2, eps, weight_decay, lr,
+        _POLICY[nonfinite_grads], out,
+    )
+    if not track:
+        return bad, None
+    recorded = []
+    for p, (count, ratio_sum, lo, hi, clipped) in zip(params, out.tolist()):
+        if p.numel() == 0:
+            recorded.append(empty_trust_stats())
+            continue
+        recorded.append(PartialTrustStats(
+            torch.tensor(int(count), dtype=torch.int64), torch.tensor(ratio_sum, dtype=torch.float64),
+            torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32),
+            torch.tensor(int(clipped), dtype=torch.int64),
+        ))
+    return bad, recorded

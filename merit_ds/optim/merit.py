@@ -286,55 +286,34 @@ def resolve_implementation(implementation: Optional[str], params: list, *tensors
 
 def _cpu_kernel_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
                       nonfinite_grads, stats=None) -> int:
-    """Two passes per tensor (:mod:`.cpu_kernel`): pass 1 (statistics, nothing written), the
-    policy for non-finite gradients, pass 2 (the update and, with ``stats``, the tensor's
-    trust-ratio statistics from the same pass). ``"skip"``/``"propagate"``: tensor by tensor;
-    ``"raise"``: pass 1 of every tensor first, so that nothing is modified if it raises."""
+    """The whole group in one call of the C++ kernel (:func:`.cpu_kernel.step_tensors`): per
+    tensor pass 1 (statistics, nothing written), the trust ratios, pass 2 (the update and, with
+    ``stats``, the tensor's trust-ratio statistics from the same pass). ``"skip"`` /
+    ``"propagate"``: tensor by tensor, so that a tensor that fits in the last-level cache is
+    read from DRAM once, not twice; ``"raise"``: pass 1 of every tensor first, so that nothing
+    is modified if it raises."""
     from . import cpu_kernel
 
-    group = dict(betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-    flat = [(p.view(-1), g.view(-1), m.view(-1), v.view(-1)) for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs)]
-
-    def statistics(p, w, g, m, v):  # pass 1 -> (non-finite gradient?, the tensor's maxima)
-        slot = torch.zeros(MERIT.fragment_rule.stats_size(p.shape), dtype=torch.float32)
-        return cpu_kernel.fragment_statistics(p.shape, 0, w, g, m, v, group, slot), slot
-
-    def apply(p, w, g, m, v, slot, step):  # pass 2
-        step += 1
-        recorded = cpu_kernel.fragment_apply(
-            p.shape, 0, w, g, m, v, group, cpu_kernel.ratio_tables(p.shape, slot), lr, track=stats is not None)
-        if stats is not None:
-            stats[p] = recorded
-
-    if nonfinite_grads != "raise":
-        # "skip" and "propagate" decide each tensor on its own gradient, so each tensor's pass 2
-        # can follow its pass 1 at once: a tensor whose w, g, m, v fit in the last-level cache
-        # (GPT-2 Small's 768 x 768 and 768 x 2304 matrices, the position embedding) is then read
-        # from DRAM once, not twice. Both passes are bound by memory bandwidth (measured: each
-        # pass over a DRAM-sized tensor takes as long as reading w, g, m, v once), so this is
-        # the one saving left beyond two reads per element. "raise" must see every gradient
-        # before anything is modified: it takes the two-sweep order below.
-        skipped = 0
-        for p, (w, g, m, v), step in zip(params, flat, state_steps):
-            bad, slot = statistics(p, w, g, m, v)
-            if bad and nonfinite_grads == "skip":
-                skipped += 1
-                continue
-            apply(p, w, g, m, v, slot, step)
-        if skipped:
-            warn_skipped("MERIT", skipped)
-        return skipped
-    # "raise": pass 1 of every tensor, then raise before anything is written, or pass 2 of every tensor
-    bad, slots = zip(*(statistics(p, *f) for p, f in zip(params, flat))) if params else ((), ())
-    idx = [i for i, b in enumerate(bad) if b]
-    if idx:
+    bad, recorded = cpu_kernel.step_tensors(
+        params, grads, exp_avgs, exp_avg_sqs, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay,
+        nonfinite_grads=nonfinite_grads, track=stats is not None,
+    )
+    if nonfinite_grads == "raise" and bad:
         raise FloatingPointError(
-            f"MERIT: non-finite gradient in {len(idx)} parameter(s) (indices {idx} in their group, shapes "
-            f"{[tuple(params[i].shape) for i in idx]}); nothing was modified. Use nonfinite_grads='skip' to skip them."
+            f"MERIT: non-finite gradient in {len(bad)} parameter(s) (indices {bad} in their group, shapes "
+            f"{[tuple(params[i].shape) for i in bad]}); nothing was modified. Use nonfinite_grads='skip' to skip them."
         )
-    for p, f, slot, step in zip(params, flat, slots, state_steps):
-        apply(p, *f, slot, step)
-    return 0
+    skipped = set(bad) if nonfinite_grads == "skip" else set()
+    for i, step in enumerate(state_steps):
+        if i not in skipped:
+            step += 1
+    if stats is not None:
+        for i, p in enumerate(params):
+            if i not in skipped:
+                stats[p] = recorded[i]
+    if skipped:
+        warn_skipped("MERIT", len(skipped))
+    return len(skipped)
 
 
 def _record_stats(stats: Optional[dict], param: Tensor, trust: Tensor, u: Tensor) -> None:

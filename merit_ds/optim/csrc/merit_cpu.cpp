@@ -74,17 +74,9 @@ void check(const torch::Tensor& t, const char* name) {
 
 // Pass 1 of a matrix fragment. row_w/row_u (R*K) and col_w/col_u (L) are combined with max
 // (they hold zeros, or earlier fragments' maxima). Returns whether some g is not finite.
-bool stats_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, int64_t start, int64_t row_len,
-                  int64_t inner, double beta1, double beta2, double eps, double weight_decay, torch::Tensor row_w,
-                  torch::Tensor row_u, torch::Tensor col_w, torch::Tensor col_u) {
-  for (auto* t : {&w, &g, &m, &v, &row_w, &row_u, &col_w, &col_u}) check(*t, "tensor");
-  const int64_t n = w.numel();
+bool stats_matrix_raw(const float* pw, const float* pg, const float* pm, const float* pv, int64_t n, int64_t start,
+                      int64_t row_len, int64_t inner, const Hyper& h, float* rw, float* ru, float* cw, float* cu) {
   if (n == 0) return false;
-  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
-  const float *pw = w.data_ptr<float>(), *pg = g.data_ptr<float>(), *pm = m.data_ptr<float>(),
-              *pv = v.data_ptr<float>();
-  float *rw = row_w.data_ptr<float>(), *ru = row_u.data_ptr<float>();
-  float *cw = col_w.data_ptr<float>(), *cu = col_u.data_ptr<float>();
   const int64_t first_row = start / row_len, last_row = (start + n - 1) / row_len;
   const int64_t rows = last_row - first_row + 1;
   const int threads = threads_for(n, rows);
@@ -145,15 +137,20 @@ bool stats_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
   return bad != 0;
 }
 
+bool stats_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, int64_t start, int64_t row_len,
+                  int64_t inner, double beta1, double beta2, double eps, double weight_decay, torch::Tensor row_w,
+                  torch::Tensor row_u, torch::Tensor col_w, torch::Tensor col_u) {
+  for (auto* t : {&w, &g, &m, &v, &row_w, &row_u, &col_w, &col_u}) check(*t, "tensor");
+  return stats_matrix_raw(w.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
+                          w.numel(), start, row_len, inner, make_hyper(beta1, beta2, eps, weight_decay),
+                          row_w.data_ptr<float>(), row_u.data_ptr<float>(), col_w.data_ptr<float>(),
+                          col_u.data_ptr<float>());
+}
+
 // Pass 1 of a vector fragment: out[0] = max(out[0], max|w|), out[1] = max(out[1], max|u|).
-bool stats_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
-                  double eps, double weight_decay, torch::Tensor out) {
-  for (auto* t : {&w, &g, &m, &v, &out}) check(*t, "tensor");
-  const int64_t n = w.numel();
+bool stats_vector_raw(const float* pw, const float* pg, const float* pm, const float* pv, int64_t n, const Hyper& h,
+                      float* po) {
   if (n == 0) return false;
-  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
-  const float *pw = w.data_ptr<float>(), *pg = g.data_ptr<float>(), *pm = m.data_ptr<float>(),
-              *pv = v.data_ptr<float>();
   float mw = 0.0f, mu = 0.0f;
   int bad = 0;
 #pragma omp parallel for simd schedule(static) reduction(max : mw, mu) reduction(| : bad) num_threads(threads_for(n, n))
@@ -165,10 +162,16 @@ bool stats_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tens
     mw = max_ign(aw, mw);
     mu = max_ign(au, mu);
   }
-  float* po = out.data_ptr<float>();
   po[0] = max_ign(mw, po[0]);
   po[1] = max_ign(mu, po[1]);
   return bad != 0;
+}
+
+bool stats_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
+                  double eps, double weight_decay, torch::Tensor out) {
+  for (auto* t : {&w, &g, &m, &v, &out}) check(*t, "tensor");
+  return stats_vector_raw(w.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(),
+                          w.numel(), make_hyper(beta1, beta2, eps, weight_decay), out.data_ptr<float>());
 }
 
 // Trust-ratio statistics of a pass 2, when asked for (track_stats): the same five numbers as
@@ -204,13 +207,9 @@ void write_stats(torch::Tensor out, const TrustStats& t) {
 // clamped below by the tensor ratio, or -1 where a maximum is 0 (there s = 1). ``stats``:
 // an empty tensor, or 5 float64 that receive the trust-ratio statistics.
 template <bool Track>
-void apply_matrix_impl(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, int64_t start,
-                       int64_t row_len, int64_t inner, const Hyper& h, float neg_lr, torch::Tensor row_ratio,
-                       torch::Tensor col_ratio, TrustStats& out) {
-  const int64_t n = w.numel();
-  float *pw = w.data_ptr<float>(), *pm = m.data_ptr<float>(), *pv = v.data_ptr<float>();
-  const float* pg = g.data_ptr<float>();
-  const float *rr = row_ratio.data_ptr<float>(), *cr = col_ratio.data_ptr<float>();
+void apply_matrix_impl(float* pw, const float* pg, float* pm, float* pv, int64_t n, int64_t start, int64_t row_len,
+                       int64_t inner, const Hyper& h, float neg_lr, const float* rr, const float* cr,
+                       TrustStats& out) {
   const int64_t first_row = start / row_len, last_row = (start + n - 1) / row_len;
   double count = 0, sum = 0, clipped = 0;
   float lo = INFINITY, hi = -INFINITY;
@@ -255,42 +254,55 @@ void apply_matrix_impl(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch:
   out.count = count, out.sum = sum, out.clipped = clipped, out.lo = lo, out.hi = hi;
 }
 
+// Pass 2 of a matrix fragment; ``stats``: null, or receives the trust-ratio statistics.
+void apply_matrix_raw(float* pw, const float* pg, float* pm, float* pv, int64_t n, int64_t start, int64_t row_len,
+                      int64_t inner, const Hyper& h, float neg_lr, const float* rr, const float* cr,
+                      TrustStats* stats) {
+  if (n == 0) return;
+  TrustStats t;
+  if (stats != nullptr) {
+    apply_matrix_impl<true>(pw, pg, pm, pv, n, start, row_len, inner, h, neg_lr, rr, cr, *stats);
+  } else {
+    apply_matrix_impl<false>(pw, pg, pm, pv, n, start, row_len, inner, h, neg_lr, rr, cr, t);
+  }
+}
+
 void apply_matrix(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, int64_t start, int64_t row_len,
                   int64_t inner, double beta1, double beta2, double eps, double weight_decay, double lr,
                   torch::Tensor row_ratio, torch::Tensor col_ratio, torch::Tensor stats) {
   for (auto* t : {&w, &g, &m, &v, &row_ratio, &col_ratio}) check(*t, "tensor");
   if (w.numel() == 0) return;
-  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
   TrustStats t;
-  if (stats.numel() > 0) {
-    apply_matrix_impl<true>(w, g, m, v, start, row_len, inner, h, static_cast<float>(-lr), row_ratio, col_ratio, t);
-    write_stats(stats, t);
-  } else {
-    apply_matrix_impl<false>(w, g, m, v, start, row_len, inner, h, static_cast<float>(-lr), row_ratio, col_ratio, t);
-  }
+  apply_matrix_raw(w.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), w.numel(),
+                   start, row_len, inner, make_hyper(beta1, beta2, eps, weight_decay), static_cast<float>(-lr),
+                   row_ratio.data_ptr<float>(), col_ratio.data_ptr<float>(), stats.numel() > 0 ? &t : nullptr);
+  if (stats.numel() > 0) write_stats(stats, t);
 }
 
 // Pass 2 of a vector fragment with its tensor-level ratio s (>= 0).
-void apply_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
-                  double eps, double weight_decay, double lr, double ratio, torch::Tensor stats) {
-  for (auto* t : {&w, &g, &m, &v}) check(*t, "tensor");
-  const int64_t n = w.numel();
+void apply_vector_raw(float* pw, const float* pg, float* pm, float* pv, int64_t n, const Hyper& h, float neg_lr,
+                      float s, TrustStats* stats) {
   if (n == 0) return;
-  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
-  const float neg_lr = static_cast<float>(-lr), s = static_cast<float>(ratio);
-  float *pw = w.data_ptr<float>(), *pm = m.data_ptr<float>(), *pv = v.data_ptr<float>();
-  const float* pg = g.data_ptr<float>();
   double clipped = 0;
 #pragma omp parallel for simd schedule(static) reduction(+ : clipped) num_threads(threads_for(n, n))
   for (int64_t i = 0; i < n; ++i) {
     const float x = apply_one(pw[i], pg[i], pm[i], pv[i], s, neg_lr, h);
     clipped += std::fabs(x) > 1.0f;
   }
-  if (stats.numel() > 0) {
-    TrustStats t;
-    t.count = n, t.sum = static_cast<double>(s) * n, t.lo = s, t.hi = s, t.clipped = clipped;
-    write_stats(stats, t);
+  if (stats != nullptr) {
+    stats->count = n, stats->sum = static_cast<double>(s) * n, stats->lo = s, stats->hi = s, stats->clipped = clipped;
   }
+}
+
+void apply_vector(torch::Tensor w, torch::Tensor g, torch::Tensor m, torch::Tensor v, double beta1, double beta2,
+                  double eps, double weight_decay, double lr, double ratio, torch::Tensor stats) {
+  for (auto* t : {&w, &g, &m, &v}) check(*t, "tensor");
+  if (w.numel() == 0) return;
+  TrustStats t;
+  apply_vector_raw(w.data_ptr<float>(), g.data_ptr<float>(), m.data_ptr<float>(), v.data_ptr<float>(), w.numel(),
+                   make_hyper(beta1, beta2, eps, weight_decay), static_cast<float>(-lr), static_cast<float>(ratio),
+                   stats.numel() > 0 ? &t : nullptr);
+  if (stats.numel() > 0) write_stats(stats, t);
 }
 
 // max that propagates NaN (torch.max's and clamp's semantics, unlike max_ign above).
@@ -301,21 +313,118 @@ inline float max_nan(float a, float b) { return (a != a || b != b) ? NAN : (a > 
 // max(row_w)/max(row_u), and -1 where either maximum is 0. The same floats as the torch
 // formulation in cpu_kernel.ratio_tables_reference (IEEE division; clamp and max propagate
 // NaN), without its dozen small tensor operations per matrix.
-std::vector<torch::Tensor> ratio_matrix(torch::Tensor slot, int64_t r, int64_t c) {
-  check(slot, "slot");
-  TORCH_CHECK(r > 0 && c > 0 && slot.numel() >= 2 * (r + c), "merit_cpu: slot too small");
-  const float* p = slot.data_ptr<float>();
+void ratio_matrix_raw(const float* p, int64_t r, int64_t c, float* row, float* col) {
   const float *rw = p, *ru = p + r, *cw = p + 2 * r, *cu = p + 2 * r + c;
   float mw = rw[0], mu = ru[0];
   for (int64_t i = 1; i < r; ++i) mw = max_nan(mw, rw[i]), mu = max_nan(mu, ru[i]);
   const float floor = mw / mu;
-  auto row = torch::empty({r}, slot.options()), col = torch::empty({c}, slot.options());
   auto fill = [floor](const float* w, const float* u, float* out, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] = (w[i] == 0.0f || u[i] == 0.0f) ? -1.0f : max_nan(w[i] / u[i], floor);
   };
-  fill(rw, ru, row.data_ptr<float>(), r);
-  fill(cw, cu, col.data_ptr<float>(), c);
+  fill(rw, ru, row, r);
+  fill(cw, cu, col, c);
+}
+
+std::vector<torch::Tensor> ratio_matrix(torch::Tensor slot, int64_t r, int64_t c) {
+  check(slot, "slot");
+  TORCH_CHECK(r > 0 && c > 0 && slot.numel() >= 2 * (r + c), "merit_cpu: slot too small");
+  auto row = torch::empty({r}, slot.options()), col = torch::empty({c}, slot.options());
+  ratio_matrix_raw(slot.data_ptr<float>(), r, c, row.data_ptr<float>(), col.data_ptr<float>());
   return {row, col};
+}
+
+// The tensor-level ratio of a vector: max|w| / max|u|, 1 if either is 0 (vector_trust_ratio).
+inline float ratio_vector(const float* slot) {
+  return (slot[0] == 0.0f || slot[1] == 0.0f) ? 1.0f : slot[0] / slot[1];
+}
+
+// A whole optimizer group in one call (a single device's MERIT step): per tensor, pass 1, the
+// trust ratios, pass 2, without a Python round trip between them. ``row_len[i]`` = C*K of a
+// matrix (0 for a vector), ``inner[i]`` = K. ``policy``: 0 "skip" (a tensor with a non-finite
+// gradient is left untouched), 1 "propagate" (stepped anyway), 2 "raise" (pass 1 of every
+// tensor first; if any gradient is not finite nothing is written). ``stats``: empty, or an
+// (n, 5) float64 tensor that receives each tensor's trust-ratio statistics. Returns the
+// indices of the tensors with a non-finite gradient.
+std::vector<int64_t> step_tensors(std::vector<torch::Tensor> ws, std::vector<torch::Tensor> gs,
+                                  std::vector<torch::Tensor> ms, std::vector<torch::Tensor> vs,
+                                  std::vector<int64_t> row_len, std::vector<int64_t> inner, double beta1, double beta2,
+                                  double eps, double weight_decay, double lr, int64_t policy, torch::Tensor stats) {
+  const size_t n = ws.size();
+  TORCH_CHECK(gs.size() == n && ms.size() == n && vs.size() == n && row_len.size() == n && inner.size() == n,
+              "merit_cpu: step_tensors needs lists of one length");
+  TORCH_CHECK(policy >= 0 && policy <= 2, "merit_cpu: policy must be 0 (skip), 1 (propagate) or 2 (raise)");
+  const bool track = stats.numel() > 0;
+  if (track) {
+    TORCH_CHECK(stats.scalar_type() == torch::kFloat64 && stats.is_contiguous() &&
+                    stats.numel() == static_cast<int64_t>(5 * n),
+                "merit_cpu: stats must be a contiguous float64 tensor of 5 per tensor");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    for (auto* t : {&ws[i], &gs[i], &ms[i], &vs[i]}) check(*t, "tensor");
+    const int64_t e = ws[i].numel();
+    TORCH_CHECK(gs[i].numel() == e && ms[i].numel() == e && vs[i].numel() == e, "merit_cpu: sizes differ");
+    TORCH_CHECK(row_len[i] == 0 || (inner[i] > 0 && row_len[i] % inner[i] == 0 && e % row_len[i] == 0),
+                "merit_cpu: a matrix's size must be a multiple of its row length");
+  }
+  const Hyper h = make_hyper(beta1, beta2, eps, weight_decay);
+  const float neg_lr = static_cast<float>(-lr);
+  std::vector<int64_t> bad;
+  // one scratch for every tensor's maxima ("raise": all of them are kept until pass 2)
+  std::vector<size_t> offset(n + 1, 0);
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t rows = row_len[i] ? ws[i].numel() / row_len[i] * inner[i] : 0;
+    offset[i + 1] = offset[i] + (row_len[i] ? 2 * (rows + row_len[i]) : 2);
+  }
+  std::vector<float> slots(policy == 2 ? offset[n] : 0), ratios;
+  auto statistics = [&](size_t i, float* slot) {  // pass 1 into a zeroed slot -> non-finite gradient?
+    const int64_t e = ws[i].numel();
+    const float *pw = ws[i].data_ptr<float>(), *pg = gs[i].data_ptr<float>(), *pm = ms[i].data_ptr<float>(),
+                *pv = vs[i].data_ptr<float>();
+    if (row_len[i] == 0) return stats_vector_raw(pw, pg, pm, pv, e, h, slot);
+    const int64_t r = e / row_len[i] * inner[i], c = row_len[i];
+    return stats_matrix_raw(pw, pg, pm, pv, e, 0, c, inner[i], h, slot, slot + r, slot + 2 * r, slot + 2 * r + c);
+  };
+  auto apply = [&](size_t i, const float* slot) {  // trust ratios, then pass 2
+    const int64_t e = ws[i].numel();
+    float *pw = ws[i].data_ptr<float>(), *pm = ms[i].data_ptr<float>(), *pv = vs[i].data_ptr<float>();
+    const float* pg = gs[i].data_ptr<float>();
+    TrustStats t;
+    TrustStats* tp = track ? &t : nullptr;
+    if (row_len[i] == 0) {
+      apply_vector_raw(pw, pg, pm, pv, e, h, neg_lr, ratio_vector(slot), tp);
+    } else {
+      const int64_t r = e / row_len[i] * inner[i], c = row_len[i];
+      ratios.resize(static_cast<size_t>(r + c));
+      if (e > 0) ratio_matrix_raw(slot, r, c, ratios.data(), ratios.data() + r);
+      apply_matrix_raw(pw, pg, pm, pv, e, 0, c, inner[i], h, neg_lr, ratios.data(), ratios.data() + r, tp);
+    }
+    if (track) {
+      double* q = stats.data_ptr<double>() + 5 * i;
+      if (e == 0) t = TrustStats{};
+      q[0] = t.count, q[1] = t.sum, q[2] = t.lo, q[3] = t.hi, q[4] = t.clipped;
+    }
+  };
+  if (policy == 2) {
+    for (size_t i = 0; i < n; ++i)
+      if (statistics(i, slots.data() + offset[i])) bad.push_back(static_cast<int64_t>(i));
+    if (!bad.empty()) return bad;
+    for (size_t i = 0; i < n; ++i) apply(i, slots.data() + offset[i]);
+    return bad;
+  }
+  // "skip" / "propagate": each tensor's pass 2 right after its pass 1, while the tensor may
+  // still be in the last-level cache
+  std::vector<float> slot;
+  for (size_t i = 0; i < n; ++i) {
+    slot.assign(offset[i + 1] - offset[i], 0.0f);
+    const bool b = statistics(i, slot.data());
+    if (b) bad.push_back(static_cast<int64_t>(i));
+    if (b && policy == 0) {
+      if (track) std::fill_n(stats.data_ptr<double>() + 5 * i, 5, 0.0);
+      continue;
+    }
+    apply(i, slot.data());
+  }
+  return bad;
 }
 
 }  // namespace
@@ -327,4 +436,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("apply_matrix", &apply_matrix, "pass 2, matrix fragment");
   mod.def("apply_vector", &apply_vector, "pass 2, vector fragment");
   mod.def("ratio_matrix", &ratio_matrix, "trust-ratio tables of a matrix from its maxima");
+  mod.def("step_tensors", &step_tensors, "a whole group: pass 1, trust ratios, pass 2 per tensor");
 }
