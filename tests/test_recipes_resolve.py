@@ -227,8 +227,58 @@ def test_nan_or_negative_lr_is_a_usage_error(lr):
         _resolve(cfg=cfg)
 
 
-def test_fp16_config_on_cpu_points_to_bf16():
+def test_fp16_config_on_cpu_points_to_bf16(monkeypatch):
+    """Refused exactly where DeepSpeed's CPU accelerator refuses fp16 (its own
+    is_fp16_supported: oneDNN fp16 kernels), accepted where it does not."""
+    import merit_ds.train.run_config as run_config
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    assert run_config.cpu_supports_fp16() == bool(CPU_Accelerator().is_fp16_supported())
     cfg = {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
-    with pytest.raises(UsageError, match=r'enables fp16, which DeepSpeed\'s CPU accelerator refuses: use "bf16"'):
+    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: None)  # what this project's CPU says
+    with pytest.raises(UsageError, match=r'enables fp16, which DeepSpeed\'s CPU accelerator refuses on this CPU .*'
+                                         r'use "bf16"'):
         _resolve(cfg=cfg)
     assert _resolve(cfg=cfg, cpu=False).optimizer == "merit"  # on a GPU fp16 is DeepSpeed's business
+    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: True)  # a CPU with oneDNN fp16
+    assert _resolve(cfg=cfg).ds_config["fp16"]["enabled"] is True
+
+
+@pytest.mark.parametrize("lr", ["auto", None, [0.1]])
+def test_json_lr_that_is_not_a_number_is_a_usage_error(lr):
+    cfg = {"optimizer": {"type": "MERIT", "params": {"lr": lr}}, "zero_optimization": {"stage": 2},
+           "zero_allow_untested_optimizer": True}
+    if lr is None:  # no lr in the JSON: the preset's
+        assert _resolve(cfg=cfg).lr == 1e-2 * math.sqrt(8 / 16)
+        return
+    with pytest.raises(UsageError, match=r'cfg.json: "optimizer": \{"params": \{"lr": .*\}\} is not a number'):
+        _resolve(cfg=cfg)
+    assert _resolve("--lr", "0.004", cfg=cfg).lr == 0.004  # --lr wins over the JSON
+
+
+def test_json_naming_merit_under_offload_needs_no_force_key():
+    """DeepSpeed asks for "zero_force_ds_cpu_optimizer": false only for client optimizers; a
+    JSON naming MERIT with offload_optimizer runs as written, and the loop accepts it."""
+    cfg = _recipe("zero2_offload_fp32.json")
+    cfg.pop("zero_force_ds_cpu_optimizer", None)
+    cfg["optimizer"] = {"type": "MERIT", "params": {}}
+    rc = _resolve(cfg=cfg)
+    assert rc.optimizer == "merit" and not rc.client and rc.offload
+    assert rc.ds_config["optimizer"]["type"] == "MERIT" and "zero_force_ds_cpu_optimizer" not in rc.ds_config
+    del cfg["optimizer"]  # the same config with MERIT as a client optimizer: DeepSpeed would refuse it
+    with pytest.raises(UsageError, match='"zero_force_ds_cpu_optimizer": false'):
+        _resolve(cfg=cfg)
+
+
+@pytest.mark.parametrize("key", ["momentum", "torch_adam", "adam_w_mode"])
+def test_unknown_merit_json_params_name_the_key_and_the_accepted_ones(key):
+    cfg = _recipe("zero2_fp32.json")
+    cfg["optimizer"] = {"type": "MERIT", "params": {key: True}}
+    with pytest.raises(UsageError) as err:
+        _resolve(cfg=cfg)
+    msg = str(err.value)
+    assert f"params key '{key}'" in msg
+    accepted = msg.split("accepted: ")[1].split(" (")[0].split(". ")[0].split(", ")
+    from merit_ds.integrations.deepspeed import accepted_params
+
+    assert accepted == accepted_params(MERIT) and {"lr", "betas", "eps", "weight_decay"} <= set(accepted)

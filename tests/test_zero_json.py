@@ -289,3 +289,76 @@ def test_unknown_params_refused_before_the_engine_on_every_path():
 
     with pytest.raises(MeritConfigError, match="'adam_w_mode'"):
         check_before_prepare(SimpleNamespace(state=state), DummyOptim([torch.nn.Parameter(torch.ones(2))]))
+
+
+# ----------------------------------------------------------------------------------------------
+# deepspeed.initialize checks a config naming MERIT/ShardedLAMB (any case) before building
+
+
+def test_import_merit_ds_makes_deepspeed_initialize_check_the_config(tmp_path):
+    """Armed by ``import merit_ds`` (deepspeed imported here); the wrapper raises before DeepSpeed
+    does anything (no process group exists in this process, and none is created)."""
+    import argparse
+
+    import deepspeed
+    import torch.distributed as dist
+
+    assert getattr(deepspeed.initialize, "_merit_ds_checked", False)
+    model = torch.nn.Linear(2, 2)
+    base = {"train_batch_size": 2, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    with pytest.raises(MeritConfigError, match='write "type": "MERIT", not "merit"'):
+        deepspeed.initialize(model=model, config=dict(base, optimizer={"type": "merit", "params": {}}))
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(dict(base, optimizer={"type": "MERIT", "params": {"lr": 1e-3, "momentum": 0.9}})))
+    with pytest.raises(MeritConfigError, match=r"does not accept params key 'momentum'; accepted: lr, betas, eps"):
+        deepspeed.initialize(model=model, config=str(path))  # a path
+    with pytest.raises(MeritConfigError, match=r"params key 'momentum'"):  # the old keyword
+        deepspeed.initialize(model=model, config_params=json.loads(path.read_text()))
+    with pytest.raises(MeritConfigError, match=r"params key 'momentum'"):  # args.deepspeed_config
+        deepspeed.initialize(args=argparse.Namespace(deepspeed_config=str(path)), model=model)
+    path.write_text(json.dumps(dict(base, optimizer={"type": "shardedlamb"})))
+    with pytest.raises(MeritConfigError, match='"type": "ShardedLAMB"'):
+        deepspeed.initialize(model=model, config=str(path))
+    assert not dist.is_initialized()  # nothing was built
+
+
+def test_initialize_check_passes_other_configs_through():
+    """Only configs naming MERIT/ShardedLAMB in some case are checked: DeepSpeed's own optimizers
+    (its "Lamb" under ZeRO too, which check_config alone would refuse) reach DeepSpeed unchanged."""
+    import types
+
+    from merit_ds.integrations.deepspeed import install_initialize_check
+
+    calls = []
+
+    def initialize(args=None, model=None, optimizer=None, config=None, config_params=None):
+        calls.append(config)
+        return "engine"
+
+    fake = types.SimpleNamespace(initialize=initialize)
+    install_initialize_check(fake)
+    install_initialize_check(fake)  # idempotent: one wrapper
+    assert fake.initialize.__wrapped__ is initialize
+    zero = {"zero_optimization": {"stage": 2}}
+    for cfg in ({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}, **zero},
+                {"optimizer": {"type": "Lamb", "params": {}}, **zero}, zero, None, "/no/such/file.json",
+                {"optimizer": {"type": "MERIT", "params": {"lr": 1e-3}}, "zero_allow_untested_optimizer": True, **zero}):
+        assert fake.initialize(model=None, config=cfg) == "engine"
+    assert len(calls) == 6
+    with pytest.raises(MeritConfigError, match="zero_allow_untested_optimizer"):
+        fake.initialize(config={"optimizer": {"type": "MERIT"}, **zero})
+    assert len(calls) == 6  # refused before DeepSpeed was called
+
+
+@pytest.mark.parametrize("disarm", [False, True])
+def test_initialize_check_armed_whichever_is_imported_first(disarm):
+    import os
+    import subprocess
+    import sys
+
+    code = "import merit_ds, deepspeed; print(getattr(deepspeed.initialize, '_merit_ds_checked', False))\n"
+    env = dict(os.environ, MERIT_DS_NO_DEEPSPEED_CHECK="1" if disarm else "0")
+    for order in (code, code.replace("import merit_ds, deepspeed", "import deepspeed, merit_ds")):
+        out = subprocess.run([sys.executable, "-c", order], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.split()[-1] == str(not disarm)

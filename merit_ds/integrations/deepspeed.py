@@ -35,8 +35,8 @@ from merit_ds.optim import LAMB, MERIT
 
 from ._common import JSON_NAMES, ds_forces_cpu_optimizer, ds_offloads_optimizer, is_sharded_optimizer_class, json_name_of
 
-__all__ = ["register_json_name", "check_config", "accepted_params", "JSON_NAME", "LAMB_JSON_NAME", "JSON_NAMES",
-           "MeritConfigError"]
+__all__ = ["register_json_name", "check_config", "accepted_params", "install_initialize_check", "JSON_NAME",
+           "LAMB_JSON_NAME", "JSON_NAMES", "MeritConfigError"]
 
 JSON_NAME = "MERIT"
 LAMB_JSON_NAME = "ShardedLAMB"
@@ -175,6 +175,62 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_o
         error = _unknown_params_error(name, named, params)
         if error is not None:
             raise error
+
+
+
+def _config_of_initialize_call(signature: inspect.Signature, args: tuple, kwargs: dict):
+    """The DeepSpeed config a ``deepspeed.initialize(...)`` call will use (dict or path), or None:
+    ``config=``, else ``config_params=`` (its old name), else ``args.deepspeed_config``."""
+    try:
+        bound = signature.bind_partial(*args, **kwargs).arguments
+    except TypeError:
+        return None  # DeepSpeed will report the call itself
+    for key in ("config", "config_params"):
+        if bound.get(key) is not None:
+            return bound[key]
+    return getattr(bound.get("args"), "deepspeed_config", None)
+
+
+def _names_ours_in_any_case(cfg: Mapping[str, Any]) -> bool:
+    name = (cfg.get("optimizer") or {}).get("type") if isinstance(cfg, Mapping) else None
+    return name is not None and str(name).lower() in {n.lower() for n in JSON_NAMES}
+
+
+def install_initialize_check(module=None) -> None:
+    """Run :func:`check_config` inside ``deepspeed.initialize`` before the engine is built, for a
+    config whose ``"optimizer": {"type": ...}`` is ``MERIT`` / ``ShardedLAMB`` in any case.
+
+    Without it a script that writes ``"type": "merit"`` gets DeepSpeed's bare "merit is not a
+    supported DeepSpeed Optimizer", and a leftover ``"momentum"`` in the params a ``TypeError``
+    from ``MERIT.__init__`` deep inside the engine; with it, one :class:`MeritConfigError` that
+    names the fix, on every rank, before anything is built. Configs naming any other optimizer
+    (DeepSpeed's own included) pass through untouched. Installed at ``import merit_ds`` (through
+    :mod:`.trainer_guard_hook`, when ``deepspeed`` is imported); ``MERIT_DS_NO_DEEPSPEED_CHECK=1``
+    disarms it. Idempotent.
+    """
+    import functools
+
+    if module is None:
+        import deepspeed as module
+    original = module.initialize
+    if getattr(original, "_merit_ds_checked", False):
+        return
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def initialize(*args, **kwargs):
+        config = _config_of_initialize_call(signature, args, kwargs)
+        if config is not None:
+            try:
+                cfg = _load(config)
+            except (OSError, ValueError, TypeError):
+                cfg = None  # unreadable: DeepSpeed's own error says which file
+            if cfg is not None and _names_ours_in_any_case(cfg):
+                check_config(cfg)
+        return original(*args, **kwargs)
+
+    initialize._merit_ds_checked = True
+    module.initialize = initialize
 
 
 register_json_name()

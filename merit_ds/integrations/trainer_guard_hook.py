@@ -9,16 +9,19 @@ The traps the guards close hit users who never call anything of ours beyond
   DeepSpeedCPUAdam, both silently;
 * Accelerate (:func:`merit_ds.integrations.accelerate.install_accelerate_guard`): plain
   ``accelerator.prepare(model, MERIT(...), ...)`` under ZeRO-Offload without
-  ``"zero_force_ds_cpu_optimizer": false`` trains with DeepSpeedCPUAdam, silently.
+  ``"zero_force_ds_cpu_optimizer": false`` trains with DeepSpeedCPUAdam, silently;
+* DeepSpeed (:func:`merit_ds.integrations.deepspeed.install_initialize_check`): a JSON naming
+  ``"merit"`` (wrong case) or giving MERIT a params key it does not take fails deep inside
+  ``deepspeed.initialize`` with a bare message; the check reports it first, with the fix.
 
 So ``import merit_ds`` calls :func:`arm`: for each target module (``transformers.trainer``,
-``accelerate.accelerator``) already imported the guard is installed now, otherwise a one-shot
+``accelerate.accelerator``, ``deepspeed``) already imported the guard is installed now, otherwise a one-shot
 import hook installs it right after that module loads. The guards change nothing for runs
 without MERIT/LAMB.
 
 If a guard cannot be installed (a library version whose internals differ), the import of that
 library still succeeds and a warning says so. ``MERIT_DS_NO_TRAINER_GUARD=1`` /
-``MERIT_DS_NO_ACCELERATE_GUARD=1`` disarm one of them.
+``MERIT_DS_NO_ACCELERATE_GUARD=1`` / ``MERIT_DS_NO_DEEPSPEED_CHECK=1`` disarm one of them.
 """
 
 from __future__ import annotations
@@ -47,10 +50,17 @@ def _install_accelerate(module) -> None:
     install_accelerate_guard(module)
 
 
+def _install_deepspeed_check(module) -> None:
+    from .deepspeed import install_initialize_check
+
+    install_initialize_check(module)
+
+
 # module name -> (installer, what, environment variable that disarms it)
 _TARGETS = {
     _TARGET: (_install_trainer, "HF Trainer", "MERIT_DS_NO_TRAINER_GUARD"),
     _ACCELERATE_TARGET: (_install_accelerate, "Accelerate", "MERIT_DS_NO_ACCELERATE_GUARD"),
+    "deepspeed": (_install_deepspeed_check, "deepspeed.initialize config check", "MERIT_DS_NO_DEEPSPEED_CHECK"),
 }
 
 

@@ -135,6 +135,14 @@ def parse_overrides(items) -> dict:
     return out
 
 
+def cpu_supports_fp16() -> bool:
+    """DeepSpeed's own answer for this CPU (its CPU accelerator's ``is_fp16_supported``: whether
+    oneDNN has fp16 kernels here), the check its engine applies to an fp16 config."""
+    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+
+    return bool(CPU_Accelerator().is_fp16_supported())
+
+
 def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[dict] = None) -> RunConfig:
     """One run configuration from the parsed arguments and the ``--ds-config`` JSON (a dict).
 
@@ -251,7 +259,12 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     if args.lr is not None:
         lr, lr_origin = float(args.lr), "--lr"
     elif json_params.get("lr") is not None:
-        lr, lr_origin = float(json_params["lr"]), f"from {where}"
+        lr_origin = f"from {where}"
+        try:  # a number, or a string Python reads as one; "auto" (an HF template's) is not
+            lr = float(json_params["lr"])
+        except (TypeError, ValueError):
+            raise UsageError(f'{where}: "optimizer": {{"params": {{"lr": {json.dumps(json_params["lr"])}}}}} is not a '
+                             "number; give the peak lr there or with --lr (the loop fills no \"auto\" values)") from None
     else:
         lr = scaled_lr(optim, plan.global_batch)
         scaled = ("" if plan.global_batch == optim.batch_ref else
@@ -269,11 +282,11 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     cfg = base_cfg if base_cfg is not None else make_ds_config(zero_stage, precision, offload=offload, optim=optim,
                                                                optimizer=optimizer)
     cfg = set_batch(cfg, plan.global_batch, plan.micro_batch, plan.grad_accum)
-    if cpu and (cfg.get("fp16") or {}).get("enabled") in (True, "true", "True"):
-        # DeepSpeed's CPU accelerator refuses fp16 ("Type fp16 is not supported on your device")
-        # unless oneDNN has fp16 kernels for this CPU; say so before the engine is built.
-        raise UsageError(f"{where} enables fp16, which DeepSpeed's CPU accelerator refuses: use "
-                         '"bf16": {"enabled": true} (or fp32: no fp16/bf16 section) on CPU')
+    if cpu and (cfg.get("fp16") or {}).get("enabled") in (True, "true", "True") and not cpu_supports_fp16():
+        # DeepSpeed's engine raises a bare "Type fp16 is not supported on your device" here
+        # (engine.py: fp16_enabled() and not is_fp16_supported()); say it before the engine is built.
+        raise UsageError(f"{where} enables fp16, which DeepSpeed's CPU accelerator refuses on this CPU (no oneDNN "
+                         'fp16 kernels): use "bf16": {"enabled": true} (or fp32: no fp16/bf16 section)')
     if optimizer == "merit":
         client = "optimizer" not in cfg
         if not client:
