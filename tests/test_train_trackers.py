@@ -70,7 +70,11 @@ def run(tmp_path_factory) -> Path:
     rng.integers(0, 512, size=20000).astype("<u2").tofile(d / "train.bin")
     rng.integers(0, 512, size=4000).astype("<u2").tofile(d / "val.bin")
     out = d / "run"
-    env = dist_env({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    # W&B's mode is left to the loop's rule, end to end: no WANDB_MODE, no API key, a netrc
+    # without a W&B login -> offline (files under OUT/wandb, no network, no prompt)
+    env = dist_env({"WANDB_SILENT": "true", "NETRC": str(d / "no-netrc")})
+    for key in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_DISABLED"):
+        env.pop(key, None)
     r = subprocess.run([sys.executable, "-m", "merit_ds.train", *ARGS, "--tracker", "tensorboard,wandb",
                         "--data", str(d), "--out", str(out)], env=env, cwd=REPO_ROOT, capture_output=True,
                        text=True, timeout=300)
