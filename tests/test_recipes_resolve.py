@@ -231,16 +231,18 @@ def test_fp16_config_on_cpu_points_to_bf16(monkeypatch):
     """Refused exactly where DeepSpeed's CPU accelerator refuses fp16 (its own
     is_fp16_supported: oneDNN fp16 kernels), accepted where it does not."""
     import merit_ds.train.run_config as run_config
-    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    from deepspeed.accelerator import get_accelerator
 
-    assert run_config.cpu_supports_fp16() == bool(CPU_Accelerator().is_fp16_supported())
+    accelerator = get_accelerator()
+    assert accelerator.device_name() == "cpu"
+    assert run_config.cpu_supports_fp16() == bool(accelerator.is_fp16_supported())
     cfg = {"fp16": {"enabled": True}, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
-    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: None)  # what this project's CPU says
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: None)  # what this project's CPU says
     with pytest.raises(UsageError, match=r'enables fp16, which DeepSpeed\'s CPU accelerator refuses on this CPU .*'
                                          r'use "bf16"'):
         _resolve(cfg=cfg)
     assert _resolve(cfg=cfg, cpu=False).optimizer == "merit"  # on a GPU fp16 is DeepSpeed's business
-    monkeypatch.setattr(CPU_Accelerator, "is_fp16_supported", lambda self: True)  # a CPU with oneDNN fp16
+    monkeypatch.setattr(accelerator, "is_fp16_supported", lambda: True)  # a CPU with oneDNN fp16
     assert _resolve(cfg=cfg).ds_config["fp16"]["enabled"] is True
 
 

@@ -136,11 +136,11 @@ def parse_overrides(items) -> dict:
 
 
 def cpu_supports_fp16() -> bool:
-    """DeepSpeed's own answer for this CPU (its CPU accelerator's ``is_fp16_supported``: whether
-    oneDNN has fp16 kernels here), the check its engine applies to an fp16 config."""
-    from deepspeed.accelerator.cpu_accelerator import CPU_Accelerator
+    """DeepSpeed's own answer on a CPU run (its accelerator's ``is_fp16_supported``, on CPU:
+    whether oneDNN has fp16 kernels here), the check its engine applies to an fp16 config."""
+    from deepspeed.accelerator import get_accelerator
 
-    return bool(CPU_Accelerator().is_fp16_supported())
+    return bool(get_accelerator().is_fp16_supported())
 
 
 def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[dict] = None) -> RunConfig:
