@@ -53,21 +53,25 @@ def _ds_config(tmp_path, name):
 @pytest.mark.parametrize("name, launcher", [("MERIT", "deepspeed"), ("ShardedLAMB", "torchrun")])
 def test_deepspeed_script_naming_the_optimizer_in_json_unmodified(tmp_path, name, launcher):
     cfg = _ds_config(tmp_path, name)
-    if launcher == "deepspeed":
-        ds = Path(sys.executable).with_name("deepspeed")
-        cmd = [sys.executable, str(ds), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-               "merit_ds.run", str(DS_SCRIPT), str(cfg)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "merit_ds.run", str(DS_SCRIPT), str(cfg)]
-    proc, res = _run(cmd, tmp_path)
+
+    def launcher_cmd(*target):  # a fresh master port per job
+        if launcher == "deepspeed":
+            ds = Path(sys.executable).with_name("deepspeed")
+            return [sys.executable, str(ds), "--num_gpus", "2", "--master_port", str(free_port()), *target]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                *target]
+
+    runner = ["--module", "merit_ds.run"] if launcher == "deepspeed" else ["-m", "merit_ds.run"]
+    proc, res = _run(launcher_cmd(*runner, str(DS_SCRIPT), str(cfg)), tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert res["optimizer"] == {"MERIT": "MERIT", "ShardedLAMB": "LAMB"}[name]
     assert res["sharded_partitions"] >= 1 and res["steps"] == [2.0]  # the exact sharded step ran, twice
-    # negative control: without the runner DeepSpeed cannot resolve the name
-    plain = [c for c in cmd if c not in ("--module", "-m", "merit_ds.run")]
-    proc, res = _run(plain, tmp_path)
-    assert proc.returncode != 0 and res is None
+    # negative control: the same launcher running the script directly (no runner, so no import merit_ds)
+    # gets as far as deepspeed.initialize and fails there because DeepSpeed cannot resolve the name
+    proc, res = _run(launcher_cmd(str(DS_SCRIPT), str(cfg)), tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and res is None, out[-3000:]
+    assert f"{name} is not a supported DeepSpeed Optimizer" in out, out[-3000:]
 
 
 def test_usage_errors(tmp_path):
