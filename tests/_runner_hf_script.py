@@ -1,7 +1,8 @@
 """An unmodified HF Trainer script (as the HF examples are): it parses TrainingArguments from
 the command line and knows nothing of merit_ds. test_run.py starts it under
-``python -m merit_ds.run`` with ``--optim merit``, and plainly as a negative control.
-Writes the optimizer the Trainer stepped and its step counts to $MERIT_TEST_RESULT."""
+``python -m merit_ds.run`` and ``accelerate launch -m merit_ds.run`` with ``--optim merit``, and
+plainly as negative controls. Writes the optimizer the Trainer stepped, its step counts and the
+number of ranks to $MERIT_TEST_RESULT (rank 0)."""
 
 import json
 import os
@@ -28,9 +29,10 @@ def main():
     trainer.train()
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     steps = sorted({float(s["step"]) for s in opt.state.values()})
-    with open(os.environ["MERIT_TEST_RESULT"], "w") as f:
-        json.dump({"optimizer": type(opt).__module__ + "." + type(opt).__name__, "steps": steps,
-                   "groups": len(opt.param_groups)}, f)
+    if trainer.args.process_index == 0:
+        with open(os.environ["MERIT_TEST_RESULT"], "w") as f:
+            json.dump({"optimizer": type(opt).__module__ + "." + type(opt).__name__, "steps": steps,
+                       "groups": len(opt.param_groups), "world_size": trainer.args.world_size}, f)
 
 
 if __name__ == "__main__":

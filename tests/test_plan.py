@@ -1,5 +1,6 @@
 """Batch arithmetic, presets, memory and wall-time accounting of `merit-ds plan` (hand-computed)."""
 
+import json
 import math
 import subprocess
 import sys
@@ -184,3 +185,50 @@ def test_plan_shows_the_chosen_optimizers_lr():
             assert a["total_gib"] == pytest.approx(m["total_gib"] - m["scratch_gib"])
     assert "schedule: AdamW peak lr 0.00107 (sqrt-scaled; paper value: GPT-3 table 2.1" in format_plan(adamw)
     assert "schedule: MERIT peak lr 0.00107 (sqrt-scaled; ESTIMATE" in format_plan(merit)
+
+
+def test_plan_with_a_batch_schedule():
+    """`merit-ds plan --batch-schedule`: steps and tokens hand-computed; one micro-batch for every
+    phase (the loop keeps it and changes only the accumulation); compute counts the tokens the
+    schedule trains, not steps x the first batch."""
+    p = make_plan("gpt2-small", tokens=48e9, nodes=4, gpus_per_node=8, gpu="h100", batch_schedule="512@0,4k@10e9")
+    # phase 1: 512 x 1024 = 524,288 tokens/step until a step starts at or after 10e9 tokens
+    first = math.ceil(10e9 / 524_288)
+    assert first == 19_074
+    done = first * 524_288                                   # 10,000,269,312
+    second = math.ceil((48_000_000_000 - done) / 4_194_304)  # 4096 x 1024 per step
+    assert second == 9_060
+    assert p["steps"] == first + second == 28_134
+    assert p["tokens_trained"] == done + second * 4_194_304 == 48_000_663_552
+    assert p["flops"] == p["flops_per_token"] * 48_000_663_552
+    assert p["global_batch"] == 512 and p["per_gpu_batch"] == 16 and p["batch_schedule"] == "512@0,4096@10000000000"
+    z2 = next(r for r in p["stages"] if r["stage"] == 2 and not r["offload"])
+    assert z2["micro_batch"] == 16  # divides both 16 and 128 per GPU, and fits
+    assert [(ph["first_step"], ph["steps"]) for ph in p["phases"]] == [(1, first), (first + 1, second)]
+    assert [[(lv["batch"], lv["steps"], lv["grad_accum"]) for lv in ph["levels"]] for ph in p["phases"]] == [
+        [(512, first, 1)], [(4096, second, 8)]]
+    # warmup: the preset's share of the tokens, as the loop counts it
+    frac = presets.get_optim_preset("gpt2-small", "merit").warmup_fraction
+    w = p["warmup_steps"]
+    assert w * 524_288 >= frac * 48_000_663_552 > (w - 1) * 524_288
+    text = format_plan(p)
+    assert "4096@10000000000: steps 19,075..28,134: 4,096 seq x 9,060 steps (128/GPU = 16 x 8)" in text
+    # batches per GPU 15 and 128 share no divisor but 1: the planner says so by choosing micro-batch 1
+    odd = make_plan("gpt2-small", tokens=48e9, nodes=4, gpus_per_node=8, gpu="h100", batch_schedule="480@0,4k@10e9")
+    assert {r["micro_batch"] for r in odd["stages"]} == {1}
+    with pytest.raises(BatchConfigError, match="multiples of 500 sequences, which 32 ranks cannot split"):
+        make_plan("gpt2-small", nodes=4, batch_schedule="500@0")
+    with pytest.raises(BatchConfigError, match=r"micro batch 32 does not divide every step's batch per GPU"):
+        make_plan("gpt2-small", nodes=4, batch_schedule="512@0,4k@10e9", micro_batch=32)
+    with pytest.raises(BatchConfigError, match="batch schedule"):
+        make_plan("gpt2-small", batch_schedule="512@5")  # must start at token 0
+
+
+def test_plan_cli_batch_schedule():
+    out = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--batch-schedule", "ramp:512..4k@0..10e9",
+                          "--nodes", "4", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout)
+    levels = [lv["batch"] for lv in p["phases"][0]["levels"]]
+    assert levels == list(range(512, 4097, 512))  # the ramp's levels, in multiples of gcd(512, 4096)
+    assert sum(lv["steps"] for lv in p["phases"][0]["levels"]) == p["steps"]

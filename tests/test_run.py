@@ -1,10 +1,12 @@
 """``python -m merit_ds.run``: unmodified scripts train with MERIT / ShardedLAMB.
 
 Each path is run for real (CPU): an HF Trainer script with ``--optim merit`` under
-``python -m merit_ds.run``; a DeepSpeed script whose JSON names MERIT (or ShardedLAMB), with
-no ``import merit_ds``, under ``deepspeed --module merit_ds.run`` (2 ranks: the launcher's
-``--local_rank`` is passed through) and ``torchrun -m merit_ds.run``. The same scripts run
-plainly fail (negative controls): the runner is what makes them work.
+``python -m merit_ds.run`` and under ``accelerate launch -m merit_ds.run`` (2 ranks); a
+DeepSpeed script whose JSON names MERIT (or ShardedLAMB), with no ``import merit_ds``, under
+``deepspeed --module merit_ds.run`` (2 ranks: the launcher's ``--local_rank`` is passed
+through) and ``torchrun -m merit_ds.run``. The same scripts run plainly, by the same launcher,
+fail for the reason the runner removes (negative controls: the Trainer's "invalid choice:
+'merit'", DeepSpeed's "... is not a supported DeepSpeed Optimizer").
 """
 
 import json
@@ -22,11 +24,11 @@ HF_ARGS = ["--optim", "merit", "--learning_rate", "0.01", "--max_steps", "2", "-
            "--report_to", "none", "--save_strategy", "no", "--use_cpu", "true"]
 
 
-def _run(cmd, tmp_path, timeout=300):
+def _run(cmd, tmp_path, timeout=300, env=None):
     result = tmp_path / "result.json"
     result.unlink(missing_ok=True)
-    proc = subprocess.run(cmd, env=dist_env({"MERIT_TEST_RESULT": str(result)}), cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=timeout)
+    proc = subprocess.run(cmd, env=dist_env({"MERIT_TEST_RESULT": str(result), **(env or {})}), cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=timeout)
     return proc, (json.loads(result.read_text()) if result.exists() else None)
 
 
@@ -39,6 +41,29 @@ def test_hf_script_with_optim_merit_unmodified(tmp_path):
     # negative control: the same script run plainly rejects --optim merit
     plain, res = _run([sys.executable, str(HF_SCRIPT), "--output_dir", str(tmp_path / "p"), *HF_ARGS], tmp_path)
     assert plain.returncode != 0 and res is None
+    assert "argument --optim: invalid choice: 'merit'" in plain.stderr, plain.stderr[-3000:]
+
+
+def test_hf_script_with_optim_merit_under_accelerate_launch(tmp_path):
+    """``accelerate launch -m merit_ds.run SCRIPT --optim merit``: 2 CPU ranks (DDP over gloo)."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+
+    def launch(*target):  # a fresh main-process port per job
+        return [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+                *target]
+
+    cpu = {"ACCELERATE_USE_CPU": "1"}
+    proc, res = _run(launch("-m", "merit_ds.run", str(HF_SCRIPT), "--output_dir", str(tmp_path / "o"), *HF_ARGS),
+                     tmp_path, env=cpu)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert res["optimizer"] == "merit_ds.optim.merit.MERIT"
+    assert res["steps"] == [2.0] and res["groups"] == 2 and res["world_size"] == 2
+    # negative control: the same launcher running the script directly rejects --optim merit
+    proc, res = _run(launch(str(HF_SCRIPT), "--output_dir", str(tmp_path / "p"), *HF_ARGS), tmp_path, env=cpu)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and res is None, out[-3000:]
+    assert "argument --optim: invalid choice: 'merit'" in out, out[-3000:]
 
 
 def _ds_config(tmp_path, name):
@@ -53,21 +78,25 @@ def _ds_config(tmp_path, name):
 @pytest.mark.parametrize("name, launcher", [("MERIT", "deepspeed"), ("ShardedLAMB", "torchrun")])
 def test_deepspeed_script_naming_the_optimizer_in_json_unmodified(tmp_path, name, launcher):
     cfg = _ds_config(tmp_path, name)
-    if launcher == "deepspeed":
-        ds = Path(sys.executable).with_name("deepspeed")
-        cmd = [sys.executable, str(ds), "--num_gpus", "2", "--master_port", str(free_port()), "--module",
-               "merit_ds.run", str(DS_SCRIPT), str(cfg)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-               "-m", "merit_ds.run", str(DS_SCRIPT), str(cfg)]
-    proc, res = _run(cmd, tmp_path)
+
+    def launcher_cmd(*target):  # a fresh master port per job
+        if launcher == "deepspeed":
+            ds = Path(sys.executable).with_name("deepspeed")
+            return [sys.executable, str(ds), "--num_gpus", "2", "--master_port", str(free_port()), *target]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                *target]
+
+    runner = ["--module", "merit_ds.run"] if launcher == "deepspeed" else ["-m", "merit_ds.run"]
+    proc, res = _run(launcher_cmd(*runner, str(DS_SCRIPT), str(cfg)), tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert res["optimizer"] == {"MERIT": "MERIT", "ShardedLAMB": "LAMB"}[name]
     assert res["sharded_partitions"] >= 1 and res["steps"] == [2.0]  # the exact sharded step ran, twice
-    # negative control: without the runner DeepSpeed cannot resolve the name
-    plain = [c for c in cmd if c not in ("--module", "-m", "merit_ds.run")]
-    proc, res = _run(plain, tmp_path)
-    assert proc.returncode != 0 and res is None
+    # negative control: the same launcher running the script directly (no runner, so no import merit_ds)
+    # gets as far as deepspeed.initialize and fails there because DeepSpeed cannot resolve the name
+    proc, res = _run(launcher_cmd(str(DS_SCRIPT), str(cfg)), tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and res is None, out[-3000:]
+    assert f"{name} is not a supported DeepSpeed Optimizer" in out, out[-3000:]
 
 
 def test_usage_errors(tmp_path):

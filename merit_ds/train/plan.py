@@ -42,10 +42,12 @@ assumption you state (default 0.40; GPT-2-sized models with SDPA typically reach
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Optional
 
 from .batch import BatchConfigError, divisors, plan_batch
+from .batch_schedule import BatchScheduleError, build_step_table, parse_batch_schedule, warmup_steps_by_tokens
 from .presets import (OPTIMIZER_LABELS, OPTIMIZERS, TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset,
                       parse_batch, scaled_lr, warmup_steps)
 
@@ -169,26 +171,52 @@ def _pick_micro_batch(per_rank: int, fits) -> Optional[int]:
 def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDGET, nodes: int = 1,
               gpus_per_node: int = 8, gpu: str = "h100", *, precision: str = "bf16",
               micro_batch: Optional[int] = None, activation_checkpointing: bool = False,
-              mfu: float = DEFAULT_MFU, seq_len: Optional[int] = None, optimizer: str = "merit") -> dict:
+              mfu: float = DEFAULT_MFU, seq_len: Optional[int] = None, optimizer: str = "merit",
+              batch_schedule: Optional[str] = None) -> dict:
     """``optimizer`` (merit | lamb | adamw) sets the peak lr shown and the scratch buffers (MERIT
     the segmented step's chunk temporaries, under one partition; LAMB: three partition-sized
     fp32 buffers on the GPU; AdamW none); the state is the same
-    for all three (fp32 master, m and v: 12 bytes/param in bf16)."""
+    for all three (fp32 master, m and v: 12 bytes/param in bf16).
+
+    ``batch_schedule`` (the training loop's ``--batch-schedule`` syntax, which replaces
+    ``batch``): the steps come from the schedule's step table (the loop's own,
+    :func:`~.batch_schedule.build_step_table`), the warmup is the same share of the tokens as
+    the loop's, and the micro-batch is one that every phase's batch splits into over the
+    ranks (the loop keeps the micro-batch and changes only the accumulation), so the memory
+    table holds for the whole run; ``phases`` lists each phase's steps and accumulation."""
     preset = get_model_preset(model)
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}")
     if nodes <= 0 or gpus_per_node <= 0:
         raise BatchConfigError(f"nodes and GPUs per node must be positive, got {nodes} x {gpus_per_node}")
-    global_batch = parse_batch(batch)
     world = nodes * gpus_per_node
     seq_len = seq_len or preset.seq_len
     tokens = int(tokens)
+    table = None
+    if batch_schedule is not None:
+        try:
+            schedule = parse_batch_schedule(batch_schedule)
+        except BatchScheduleError as exc:
+            raise BatchConfigError(str(exc)) from None
+        global_batch = schedule.first_batch
+        # the batches every step may take move in multiples of this many sequences
+        unit = math.gcd(*(p.quantum for p in schedule.phases))
+        if unit % world:
+            raise BatchConfigError(
+                f"batch schedule {schedule.spec}: its batches move in multiples of {unit} sequences, which "
+                f"{world} ranks cannot split evenly; use sizes that are multiples of {world}")
+        table = build_step_table(schedule, seq_len, token_budget=tokens)
+    else:
+        global_batch = parse_batch(batch)
+        unit = global_batch
     base = plan_batch(global_batch, world, seq_len, token_budget=tokens)  # validates divisibility/budget
     per_rank = global_batch // world
+    per_rank_unit = unit // world  # what every step's per-GPU batch is a multiple of
     budget = GPUS[gpu]["mem_gib"] * GiB * HEADROOM
     n = preset.n_params
     optim = get_optim_preset(model, optimizer)
-    steps = base.steps
+    steps = table.steps if table is not None else base.steps
+    trained = table.total_tokens if table is not None else steps * base.tokens_per_step
     rows = []
     for stage, offload in ((0, False), (1, False), (2, False), (3, False), (2, True), (3, True)):
         def est(m):
@@ -197,12 +225,14 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
             return memory_per_gpu(n, world, stage, precision=precision, offload=offload, activations=act,
                                   optimizer=optimizer)
         if micro_batch is not None:
-            if per_rank % micro_batch:
-                raise BatchConfigError(f"micro batch {micro_batch} does not divide the {per_rank} sequences per GPU; "
-                                       f"valid: {divisors(per_rank)}")
+            if per_rank_unit % micro_batch:
+                what = (f"the {per_rank} sequences per GPU" if table is None else
+                        f"every step's batch per GPU (multiples of {per_rank_unit} sequences under the schedule)")
+                raise BatchConfigError(f"micro batch {micro_batch} does not divide {what}; "
+                                       f"valid: {divisors(per_rank_unit)}")
             m = micro_batch
         else:
-            m = _pick_micro_batch(per_rank, lambda mm: est(mm).total <= budget)
+            m = _pick_micro_batch(per_rank_unit, lambda mm: est(mm).total <= budget)
         e = est(m if m else 1)
         rows.append({
             "stage": stage, "offload": offload, "micro_batch": m,
@@ -213,16 +243,26 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
             "total_gib": e.total / GiB,
         })
     fpt = flops_per_token(preset.with_overrides(seq_len=seq_len), seq_len)
-    seconds = wall_time_seconds(fpt, steps * base.tokens_per_step, world, GPUS[gpu]["peak_flops"], mfu)
+    seconds = wall_time_seconds(fpt, trained, world, GPUS[gpu]["peak_flops"], mfu)
     lr = scaled_lr(optim, global_batch)
+    warmup = (warmup_steps_by_tokens(table, optim.warmup_fraction) if table is not None
+              else warmup_steps(steps, optim.warmup_fraction))
+    z2 = next(r for r in rows if r["stage"] == 2 and not r["offload"])
+    phases = None
+    if table is not None:
+        phases = [{**ph, "levels": [{"batch": b, "steps": k, "per_gpu": b // world,
+                                     "grad_accum": b // world // z2["micro_batch"] if z2["micro_batch"] else None}
+                                    for b, k in ph["levels"]]}
+                  for ph in table.phases()]
     return {
         "model": model, "n_params": n, "seq_len": seq_len, "global_batch": global_batch,
-        "tokens_per_step": base.tokens_per_step, "token_budget": tokens, "steps": steps,
+        "tokens_per_step": base.tokens_per_step, "token_budget": tokens, "steps": steps, "tokens_trained": trained,
         "nodes": nodes, "gpus_per_node": gpus_per_node, "world": world, "per_gpu_batch": per_rank,
         "gpu": gpu, "gpu_mem_gib": GPUS[gpu]["mem_gib"], "peak_flops": GPUS[gpu]["peak_flops"], "mfu": mfu,
         "precision": precision, "activation_checkpointing": activation_checkpointing,
-        "flops_per_token": fpt, "flops": fpt * steps * base.tokens_per_step, "wall_time_s": seconds,
-        "optimizer": optimizer, "lr": lr, "lr_source": optim.lr_source, "warmup_steps": warmup_steps(steps, optim.warmup_fraction),
+        "flops_per_token": fpt, "flops": fpt * trained, "wall_time_s": seconds,
+        "optimizer": optimizer, "lr": lr, "lr_source": optim.lr_source, "warmup_steps": warmup,
+        "batch_schedule": table.schedule.spec if table is not None else None, "phases": phases,
         "stages": rows,
     }
 
@@ -231,12 +271,32 @@ def format_plan(p: dict) -> str:
     out = [
         f"model {p['model']}: {p['n_params']:,} parameters, seq_len {p['seq_len']}",
         f"cluster: {p['nodes']} nodes x {p['gpus_per_node']} {p['gpu']} ({p['gpu_mem_gib']} GiB) = {p['world']} data-parallel ranks",
-        f"batch: {p['global_batch']:,} sequences = {p['tokens_per_step']:,} tokens/step; "
-        f"{p['per_gpu_batch']} sequences per GPU per step",
-        f"steps: ceil({p['token_budget']:,} / {p['tokens_per_step']:,}) = {p['steps']:,}",
-        f"schedule: {OPTIMIZER_LABELS[p.get('optimizer', 'merit')]} peak lr {p['lr']:.3g} (sqrt-scaled; {p['lr_source']}), warmup {p['warmup_steps']:,} steps, cosine to 0.1x",
+    ]
+    unit = p["per_gpu_batch"]
+    if p.get("phases"):
+        z2 = next(r for r in p["stages"] if r["stage"] == 2 and not r["offload"])
+        unit = math.gcd(*(lv["per_gpu"] for ph in p["phases"] for lv in ph["levels"]))
+        out.append(f"batch schedule {p['batch_schedule']}: {p['steps']:,} steps, {p['tokens_trained']:,} tokens "
+                   f"(budget {p['token_budget']:,}); micro-batch {z2['micro_batch'] or '-'} at ZeRO-2, the same in "
+                   "every phase, accumulation per phase:")
+        for ph in p["phases"]:
+            last = ph["first_step"] + ph["steps"] - 1
+            levels = ", ".join(f"{lv['batch']:,} seq x {lv['steps']:,} steps ({lv['per_gpu']}/GPU = "
+                               f"{z2['micro_batch'] or '-'} x {lv['grad_accum'] or '-'})" for lv in ph["levels"])
+            out.append(f"  {ph['phase']}: steps {ph['first_step']:,}..{last:,}: {levels}")
+        lr_note = "sqrt-scaled to the first phase's batch"
+    else:
+        out += [
+            f"batch: {p['global_batch']:,} sequences = {p['tokens_per_step']:,} tokens/step; "
+            f"{p['per_gpu_batch']} sequences per GPU per step",
+            f"steps: ceil({p['token_budget']:,} / {p['tokens_per_step']:,}) = {p['steps']:,}",
+        ]
+        lr_note = "sqrt-scaled"
+    out += [
+        f"schedule: {OPTIMIZER_LABELS[p.get('optimizer', 'merit')]} peak lr {p['lr']:.3g} ({lr_note}; {p['lr_source']}), warmup {p['warmup_steps']:,} steps, cosine to 0.1x",
         f"memory per GPU ({p['precision']}, activation checkpointing {'on' if p['activation_checkpointing'] else 'off'}; GiB; "
-        f"micro-batch = largest divisor of {p['per_gpu_batch']} fitting {int(HEADROOM * 100)}% of the GPU):",
+        f"micro-batch = largest divisor of {unit} fitting {int(HEADROOM * 100)}% of the GPU"
+        + ("; accum: the first phase's" if p.get("phases") else "") + "):",
         f"  {'ZeRO':<11}{'params':>8}{'grads':>8}{'optim':>8}{'optim@CPU':>10}{'scratch':>8}{'activ.':>8}{'total':>8}{'micro':>7}{'accum':>7}",
     ]
     for r in p["stages"]:
@@ -248,7 +308,7 @@ def format_plan(p: dict) -> str:
                    f"{r['optimizer_cpu_gib']:>10.2f}{r.get('scratch_gib', 0.0):>8.2f}{r['activations_gib']:>8.2f}{r['total_gib']:>8.2f}{micro!s:>7}{accum!s:>7}{note}")
     h = p["wall_time_s"] / 3600
     out.append(f"compute: {p['flops_per_token']:.4g} FLOPs/token (6 N + 12 L h s, attention included) x "
-               f"{p['steps'] * p['tokens_per_step']:,} tokens = {p['flops']:.3e} FLOPs")
+               f"{p.get('tokens_trained', p['steps'] * p['tokens_per_step']):,} tokens = {p['flops']:.3e} FLOPs")
     out.append(f"wall time: {p['flops']:.3e} / ({p['world']} x {p['peak_flops'] / 1e12:.0f} TFLOP/s x MFU {p['mfu']:.2f}) "
                f"= {h:.2f} h ({h / 24:.2f} days)")
     return "\n".join(out)
@@ -275,6 +335,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", default="gpt2-small", help="tiny | gpt2-small | gpt2-medium")
     parser.add_argument("--optimizer", default="merit", choices=list(OPTIMIZERS), help="whose lr preset to show")
     parser.add_argument("--batch", default="480", help="global batch in sequences, or a preset: 480 1k 2k 4k 6k")
+    parser.add_argument("--batch-schedule", default=None, metavar="SPEC",
+                        help='a batch-size schedule instead of --batch, as the training loop takes it: '
+                             '"480@0,4k@10e9" or "ramp:480..4k@0..10e9"')
     parser.add_argument("--tokens", type=float, default=TOKEN_BUDGET, help="token budget (default 48e9)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8)
@@ -296,6 +359,6 @@ def run(args) -> int:
     p = make_plan(args.model, args.batch, args.tokens, args.nodes, args.gpus_per_node, args.gpu,
                   precision=args.precision, micro_batch=args.micro_batch,
                   activation_checkpointing=args.activation_checkpointing, mfu=args.mfu, seq_len=args.seq_len,
-                  optimizer=args.optimizer)
+                  optimizer=args.optimizer, batch_schedule=args.batch_schedule)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0
