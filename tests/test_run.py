@@ -106,3 +106,27 @@ def test_usage_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "merit_ds.run"], cwd=REPO_ROOT, capture_output=True, text=True,
                           env=dist_env(), timeout=120)
     assert proc.returncode == 2
+
+
+def test_runner_reports_a_misspelled_or_unknown_json_key_before_deepspeed_builds(tmp_path):
+    """Under the runner, a script's deepspeed.initialize checks a config naming MERIT in any case
+    (merit_ds is imported): one MeritConfigError naming the fix, raised before any process group
+    exists (a single process, no launcher). Disarmed, the same script reaches DeepSpeed."""
+    script = tmp_path / "train.py"
+    script.write_text(
+        "import sys, json, torch, deepspeed\n"
+        "cfg = json.loads(sys.argv[1])\n"
+        "deepspeed.initialize(model=torch.nn.Linear(2, 2), config=cfg)\n"
+    )
+    base = {"train_batch_size": 2, "zero_optimization": {"stage": 2}, "zero_allow_untested_optimizer": True}
+    cases = [({"type": "merit", "params": {}}, 'write "type": "MERIT", not "merit"'),
+             ({"type": "MERIT", "params": {"adam_w_mode": True}}, "does not accept params key 'adam_w_mode'")]
+    for optimizer, message in cases:
+        cfg = json.dumps(dict(base, optimizer=optimizer))
+        proc = subprocess.run([sys.executable, "-m", "merit_ds.run", str(script), cfg], cwd=REPO_ROOT,
+                              capture_output=True, text=True, env=dist_env(), timeout=180)
+        assert proc.returncode != 0 and "MeritConfigError" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
+        assert "init_distributed" not in proc.stderr  # refused before DeepSpeed started
+    proc = subprocess.run([sys.executable, "-m", "merit_ds.run", str(script), cfg], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env=dist_env({"MERIT_DS_NO_DEEPSPEED_CHECK": "1"}), timeout=180)
+    assert proc.returncode != 0 and "MeritConfigError" not in proc.stderr  # DeepSpeed's own failure instead

@@ -358,7 +358,9 @@ def test_initialize_check_armed_whichever_is_imported_first(disarm):
 
     code = "import merit_ds, deepspeed; print(getattr(deepspeed.initialize, '_merit_ds_checked', False))\n"
     env = dict(os.environ, MERIT_DS_NO_DEEPSPEED_CHECK="1" if disarm else "0")
-    for order in (code, code.replace("import merit_ds, deepspeed", "import deepspeed, merit_ds")):
+    probe_first = code.replace("import merit_ds, deepspeed",  # transformers probes for deepspeed this way
+                               "import importlib.util, merit_ds; importlib.util.find_spec('deepspeed'); import deepspeed")
+    for order in (code, code.replace("import merit_ds, deepspeed", "import deepspeed, merit_ds"), probe_first):
         out = subprocess.run([sys.executable, "-c", order], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split()[-1] == str(not disarm)

@@ -86,6 +86,9 @@ class _InstallAfterExec(importlib.abc.Loader):
 
     def exec_module(self, module):
         self._inner.exec_module(module)
+        _HOOK.pending.discard(self._name)
+        if not _HOOK.pending:
+            _disarm_hook()
         _install_quietly(self._name)
 
     def __getattr__(self, name):  # get_source, get_filename... for inspect and friends
@@ -93,16 +96,23 @@ class _InstallAfterExec(importlib.abc.Loader):
 
 
 class _GuardImportHook(importlib.abc.MetaPathFinder):
+    """Wraps the loader of each pending module so that its guard is installed right after the
+    module executes. A target stays pending until it has actually been executed: libraries
+    probe for optional packages with ``importlib.util.find_spec`` (transformers does for
+    deepspeed) without importing them, and a probe must not use the hook up."""
+
     def __init__(self):
         self.pending: set[str] = set()
+        self._finding: set[str] = set()
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in self.pending:
+        if fullname not in self.pending or fullname in self._finding:
             return None
-        self.pending.discard(fullname)
-        if not self.pending:
-            _disarm_hook()
-        spec = importlib.util.find_spec(fullname)  # this hook no longer answers for fullname
+        self._finding.add(fullname)
+        try:
+            spec = importlib.util.find_spec(fullname)  # the other finders' answer (this one steps aside)
+        finally:
+            self._finding.discard(fullname)
         if spec is not None and spec.loader is not None:
             spec.loader = _InstallAfterExec(spec.loader, fullname)
         return spec
