@@ -232,3 +232,16 @@ def test_plan_cli_batch_schedule():
     levels = [lv["batch"] for lv in p["phases"][0]["levels"]]
     assert levels == list(range(512, 4097, 512))  # the ramp's levels, in multiples of gcd(512, 4096)
     assert sum(lv["steps"] for lv in p["phases"][0]["levels"]) == p["steps"]
+
+
+def test_reduced_vocabulary_config_has_no_out_of_range_special_ids():
+    """GPT-2's end-of-text id 50256 is kept where it exists and dropped from a reduced vocabulary
+    (the study's 2,048 remapped ids), where transformers warned about it on every model build."""
+    from merit_ds.train.presets import gpt2_config
+
+    tiny = presets.get_model_preset("tiny")
+    full = gpt2_config(tiny)
+    assert (full.vocab_size, full.bos_token_id, full.eos_token_id) == (tiny.vocab_size, 50256, 50256)
+    small = gpt2_config(tiny, vocab_size=2048)
+    assert (small.bos_token_id, small.eos_token_id) == (None, None)
+    assert gpt2_config(tiny, vocab_size=2048, eos_token_id=7).eos_token_id == 7  # named: kept

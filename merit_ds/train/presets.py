@@ -101,6 +101,12 @@ class ModelPreset:
             tie_word_embeddings=True,
         )
         kw.update(overrides)
+        if kw["vocab_size"] <= 50256:
+            # a reduced vocabulary (the study's remapped ids): GPT-2's end-of-text id is not in it
+            # (transformers warns on every build); no bos/eos unless the caller names them
+            for key in ("bos_token_id", "eos_token_id"):
+                if key not in overrides:
+                    kw[key] = None
         return kw
 
     def with_overrides(self, **overrides) -> "ModelPreset":
