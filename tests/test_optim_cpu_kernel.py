@@ -244,12 +244,15 @@ def test_whole_group_call_is_bitwise_the_per_tensor_calls(weight_decay):
         grads["scalar"].zero_()
         if step == 1:
             grads["nan"][1, 2] = float("nan")
+        nan_before = (a["nan"].detach().clone(), ma["nan"].clone(), va["nan"].clone())
         bad, got = cpu_kernel.step_tensors(
             [a[k].detach() for k in keys], [grads[k] for k in keys], [ma[k] for k in keys], [va[k] for k in keys],
             lr=0.03, betas=group["betas"], eps=group["eps"], weight_decay=weight_decay, track=True)
         want = _per_tensor_reference([b[k] for k in keys], [grads[k] for k in keys], [mb[k] for k in keys],
                                      [vb[k] for k in keys], group, 0.03, True)
         assert bad == ([keys.index("nan")] if step == 1 else [])
+        nan_after = (a["nan"].detach(), ma["nan"], va["nan"])
+        assert all(torch.equal(x, y) for x, y in zip(nan_before, nan_after)) == (step == 1)  # skipped: untouched
         for k, g_stats, w_stats in zip(keys, got, want):
             for x, y in ((a[k], b[k]), (ma[k], mb[k]), (va[k], vb[k])):
                 assert torch.equal(x, y), (step, k)

@@ -203,7 +203,8 @@ def test_plan_with_a_batch_schedule():
     assert p["flops"] == p["flops_per_token"] * 48_000_663_552
     assert p["global_batch"] == 512 and p["per_gpu_batch"] == 16 and p["batch_schedule"] == "512@0,4096@10000000000"
     z2 = next(r for r in p["stages"] if r["stage"] == 2 and not r["offload"])
-    assert z2["micro_batch"] == 16  # divides both 16 and 128 per GPU, and fits
+    assert z2["micro_batch"] == p["zero2_micro_batch"] == 16  # divides both 16 and 128 per GPU, and fits
+    assert p["per_gpu_unit"] == 16  # gcd(512, 4096) / 32 ranks
     assert [(ph["first_step"], ph["steps"]) for ph in p["phases"]] == [(1, first), (first + 1, second)]
     assert [[(lv["batch"], lv["steps"], lv["grad_accum"]) for lv in ph["levels"]] for ph in p["phases"]] == [
         [(512, first, 1)], [(4096, second, 8)]]

@@ -126,7 +126,11 @@ def test_runner_reports_a_misspelled_or_unknown_json_key_before_deepspeed_builds
         proc = subprocess.run([sys.executable, "-m", "merit_ds.run", str(script), cfg], cwd=REPO_ROOT,
                               capture_output=True, text=True, env=dist_env(), timeout=180)
         assert proc.returncode != 0 and "MeritConfigError" in proc.stderr and message in proc.stderr, proc.stderr[-2000:]
-        assert "init_distributed" not in proc.stderr  # refused before DeepSpeed started
+        # refused before DeepSpeed's own initialize was entered: no frame of it in the traceback
+        assert "deepspeed/__init__.py" not in proc.stdout + proc.stderr
+    # disarmed: the same script reaches DeepSpeed, which builds and then fails inside MERIT(**params)
     proc = subprocess.run([sys.executable, "-m", "merit_ds.run", str(script), cfg], cwd=REPO_ROOT, capture_output=True,
                           text=True, env=dist_env({"MERIT_DS_NO_DEEPSPEED_CHECK": "1"}), timeout=180)
-    assert proc.returncode != 0 and "MeritConfigError" not in proc.stderr  # DeepSpeed's own failure instead
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "MeritConfigError" not in out
+    assert "deepspeed/runtime/engine.py" in out and "unexpected keyword argument 'adam_w_mode'" in out, out[-2000:]

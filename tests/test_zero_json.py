@@ -319,6 +319,15 @@ def test_import_merit_ds_makes_deepspeed_initialize_check_the_config(tmp_path):
     path.write_text(json.dumps(dict(base, optimizer={"type": "shardedlamb"})))
     with pytest.raises(MeritConfigError, match='"type": "ShardedLAMB"'):
         deepspeed.initialize(model=model, config=str(path))
+    # read as DeepSpeed reads configs: hjson (comments, trailing commas) and base64 strings
+    path.write_text('{\n  // MERIT, misspelled\n  "train_batch_size": 2,\n  "optimizer": {"type": "merit",},\n}\n')
+    with pytest.raises(MeritConfigError, match='not "merit"'):
+        deepspeed.initialize(model=model, config=str(path))
+    import base64
+
+    encoded = base64.urlsafe_b64encode(json.dumps(dict(base, optimizer={"type": "Merit"})).encode()).decode()
+    with pytest.raises(MeritConfigError, match='not "Merit"'):
+        deepspeed.initialize(model=model, config=encoded)
     assert not dist.is_initialized()  # nothing was built
 
 
@@ -342,12 +351,14 @@ def test_initialize_check_passes_other_configs_through():
     zero = {"zero_optimization": {"stage": 2}}
     for cfg in ({"optimizer": {"type": "AdamW", "params": {"torch_adam": True}}, **zero},
                 {"optimizer": {"type": "Lamb", "params": {}}, **zero}, zero, None, "/no/such/file.json",
-                {"optimizer": {"type": "MERIT", "params": {"lr": 1e-3}}, "zero_allow_untested_optimizer": True, **zero}):
+                {"optimizer": {"type": "MERIT", "params": {"lr": 1e-3}}, "zero_allow_untested_optimizer": True, **zero},
+                # malformed beyond what the check reads: DeepSpeed reports these itself
+                {"optimizer": "MERIT"}, {"optimizer": {"type": "MERIT"}, "zero_optimization": {"stage": "two"}}):
         assert fake.initialize(model=None, config=cfg) == "engine"
-    assert len(calls) == 6
+    assert len(calls) == 8
     with pytest.raises(MeritConfigError, match="zero_allow_untested_optimizer"):
         fake.initialize(config={"optimizer": {"type": "MERIT"}, **zero})
-    assert len(calls) == 6  # refused before DeepSpeed was called
+    assert len(calls) == 8  # refused before DeepSpeed was called
 
 
 @pytest.mark.parametrize("disarm", [False, True])

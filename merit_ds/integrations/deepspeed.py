@@ -25,7 +25,6 @@ these, with the fix, before DeepSpeed starts.
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from typing import Any, Mapping, Union
 
@@ -59,10 +58,23 @@ def register_json_name() -> None:
 
 
 def _load(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Mapping[str, Any]:
+    """The config as DeepSpeed reads it (``runtime/config.py``, ``DeepSpeedConfig``): a mapping as
+    is; a path to an existing file parsed with hjson (JSON plus comments and trailing commas);
+    otherwise a base64-encoded config."""
     if isinstance(config, Mapping):
         return config
-    with open(config) as f:
-        return json.load(f)
+    import hjson  # a DeepSpeed dependency
+
+    if os.path.exists(config):
+        with open(config) as f:
+            return hjson.load(f)
+    import base64
+    import binascii
+
+    try:
+        return hjson.loads(base64.urlsafe_b64decode(str(config)).decode("utf-8"))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise FileNotFoundError(f"no DeepSpeed config at {config!s} (not a file, not a base64 config)") from None
 
 
 def accepted_params(cls: type) -> list[str]:
@@ -191,8 +203,9 @@ def _config_of_initialize_call(signature: inspect.Signature, args: tuple, kwargs
     return getattr(bound.get("args"), "deepspeed_config", None)
 
 
-def _names_ours_in_any_case(cfg: Mapping[str, Any]) -> bool:
-    name = (cfg.get("optimizer") or {}).get("type") if isinstance(cfg, Mapping) else None
+def _names_ours_in_any_case(cfg: Any) -> bool:
+    optimizer = cfg.get("optimizer") if isinstance(cfg, Mapping) else None
+    name = optimizer.get("type") if isinstance(optimizer, Mapping) else None
     return name is not None and str(name).lower() in {n.lower() for n in JSON_NAMES}
 
 
@@ -223,10 +236,12 @@ def install_initialize_check(module=None) -> None:
         if config is not None:
             try:
                 cfg = _load(config)
-            except (OSError, ValueError, TypeError):
-                cfg = None  # unreadable: DeepSpeed's own error says which file
-            if cfg is not None and _names_ours_in_any_case(cfg):
-                check_config(cfg)
+                if _names_ours_in_any_case(cfg):
+                    check_config(cfg)
+            except MeritConfigError:
+                raise
+            except Exception:  # noqa: BLE001 - unreadable or malformed: DeepSpeed's own error says what
+                pass
         return original(*args, **kwargs)
 
     initialize._merit_ds_checked = True

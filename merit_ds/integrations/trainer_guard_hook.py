@@ -30,6 +30,7 @@ import importlib.abc
 import importlib.util
 import os
 import sys
+import threading
 import warnings
 
 __all__ = ["arm"]
@@ -103,16 +104,17 @@ class _GuardImportHook(importlib.abc.MetaPathFinder):
 
     def __init__(self):
         self.pending: set[str] = set()
-        self._finding: set[str] = set()
+        self._local = threading.local()  # per thread: the names this hook is resolving right now
 
     def find_spec(self, fullname, path, target=None):
-        if fullname not in self.pending or fullname in self._finding:
+        finding = self._local.__dict__.setdefault("finding", set())
+        if fullname not in self.pending or fullname in finding:
             return None
-        self._finding.add(fullname)
+        finding.add(fullname)
         try:
             spec = importlib.util.find_spec(fullname)  # the other finders' answer (this one steps aside)
         finally:
-            self._finding.discard(fullname)
+            finding.discard(fullname)
         if spec is not None and spec.loader is not None:
             spec.loader = _InstallAfterExec(spec.loader, fullname)
         return spec

@@ -1,4 +1,5 @@
-"""MERIT's fused CPU kernel: build (JIT, at first use) and the per-tensor / per-fragment steps.
+"""MERIT's fused CPU kernel: build (JIT, at first use), the single-device group step and the
+per-fragment passes of the sharded step.
 
 ``csrc/merit_cpu.cpp`` is compiled with ``torch.utils.cpp_extension.load`` (g++ with OpenMP,
 ``-O3``; cached under ``TORCH_EXTENSIONS_DIR``, about a minute the first time), the way
@@ -12,12 +13,17 @@ update and writes ``w``, ``m``, ``v``. So each element is read twice and written
 step, no scratch buffer is needed, and nothing is written before pass 2: a step skipped for
 a non-finite gradient (detected in pass 1, on any rank) leaves the state untouched.
 
-The trust ratios between the passes are computed here from the maxima with the formulas of
-:mod:`merit_ds.optim.formulas`. The kernel's arithmetic is the formulas' per element, in
-float32, with explicit fused multiply-adds where the formulas multiply and add (and no other
-contraction); it is not bitwise the ``torch`` ops, so tests hold it to the reference within a
-stated tolerance. Sharded and single-device runs of the kernel are bitwise equal: the same
-per-element code runs on the same floats, and the maxima are exact.
+Two ways in: :func:`step_tensors` steps a whole param group of whole tensors in one C++ call
+(pass 1, the trust ratios, pass 2, tensor after tensor; MERIT's default on one device), and
+:func:`fragment_statistics` / :func:`ratio_tables` / :func:`fragment_apply` are the three
+phases on one fragment, with the all-reduce of the maxima between them (the sharded step, and
+ZeRO-Offload). The trust ratios are computed in C++ from the maxima, bitwise as the torch
+formulation of :mod:`merit_ds.optim.formulas` (:func:`ratio_tables_reference`, tested). The
+kernel's arithmetic is the formulas' per element, in float32, with explicit fused
+multiply-adds where the formulas multiply and add (and no other contraction); it is not
+bitwise the ``torch`` ops, so tests hold it to the reference within a stated tolerance.
+Sharded and single-device runs of the kernel are bitwise equal: the same per-element code
+runs on the same floats, and the maxima are exact.
 
 Nothing here imports ``torch.distributed``.
 """
@@ -197,9 +203,14 @@ def fragment_apply(
         load().apply_vector(w, g, m, v, *hp, ratios, out)
     if not track:
         return None
-    if w.numel() == 0:
+    return _trust_stats(w.numel(), out.tolist())
+
+
+def _trust_stats(numel: int, row: list) -> PartialTrustStats:
+    """The kernel's five statistics (count, sum, min, max, clipped) as PartialTrustStats."""
+    if numel == 0:
         return empty_trust_stats()
-    count, ratio_sum, lo, hi, clipped = out.tolist()
+    count, ratio_sum, lo, hi, clipped = row
     return PartialTrustStats(
         torch.tensor(int(count), dtype=torch.int64), torch.tensor(ratio_sum, dtype=torch.float64),
         torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32),
@@ -244,14 +255,4 @@ def step_tensors(
     )
     if not track:
         return bad, None
-    recorded = []
-    for p, (count, ratio_sum, lo, hi, clipped) in zip(params, out.tolist()):
-        if p.numel() == 0:
-            recorded.append(empty_trust_stats())
-            continue
-        recorded.append(PartialTrustStats(
-            torch.tensor(int(count), dtype=torch.int64), torch.tensor(ratio_sum, dtype=torch.float64),
-            torch.tensor(lo, dtype=torch.float32), torch.tensor(hi, dtype=torch.float32),
-            torch.tensor(int(clipped), dtype=torch.int64),
-        ))
-    return bad, recorded
+    return bad, [_trust_stats(p.numel(), row) for p, row in zip(params, out.tolist())]

@@ -263,6 +263,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
         "flops_per_token": fpt, "flops": fpt * trained, "wall_time_s": seconds,
         "optimizer": optimizer, "lr": lr, "lr_source": optim.lr_source, "warmup_steps": warmup,
         "batch_schedule": table.schedule.spec if table is not None else None, "phases": phases,
+        "per_gpu_unit": per_rank_unit, "zero2_micro_batch": z2["micro_batch"],
         "stages": rows,
     }
 
@@ -272,17 +273,16 @@ def format_plan(p: dict) -> str:
         f"model {p['model']}: {p['n_params']:,} parameters, seq_len {p['seq_len']}",
         f"cluster: {p['nodes']} nodes x {p['gpus_per_node']} {p['gpu']} ({p['gpu_mem_gib']} GiB) = {p['world']} data-parallel ranks",
     ]
-    unit = p["per_gpu_batch"]
+    unit = p.get("per_gpu_unit", p["per_gpu_batch"])  # what make_plan fitted the micro-batch to
     if p.get("phases"):
-        z2 = next(r for r in p["stages"] if r["stage"] == 2 and not r["offload"])
-        unit = math.gcd(*(lv["per_gpu"] for ph in p["phases"] for lv in ph["levels"]))
+        micro = p["zero2_micro_batch"] or "-"
         out.append(f"batch schedule {p['batch_schedule']}: {p['steps']:,} steps, {p['tokens_trained']:,} tokens "
-                   f"(budget {p['token_budget']:,}); micro-batch {z2['micro_batch'] or '-'} at ZeRO-2, the same in "
+                   f"(budget {p['token_budget']:,}); micro-batch {micro} at ZeRO-2, the same in "
                    "every phase, accumulation per phase:")
         for ph in p["phases"]:
             last = ph["first_step"] + ph["steps"] - 1
             levels = ", ".join(f"{lv['batch']:,} seq x {lv['steps']:,} steps ({lv['per_gpu']}/GPU = "
-                               f"{z2['micro_batch'] or '-'} x {lv['grad_accum'] or '-'})" for lv in ph["levels"])
+                               f"{micro} x {lv['grad_accum'] or '-'})" for lv in ph["levels"])
             out.append(f"  {ph['phase']}: steps {ph['first_step']:,}..{last:,}: {levels}")
         lr_note = "sqrt-scaled to the first phase's batch"
     else:

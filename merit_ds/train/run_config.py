@@ -260,7 +260,9 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
         lr, lr_origin = float(args.lr), "--lr"
     elif json_params.get("lr") is not None:
         lr_origin = f"from {where}"
-        try:  # a number, or a string Python reads as one; "auto" (an HF template's) is not
+        try:  # a number, or a string Python reads as one; "auto" (an HF template's) and true are not
+            if isinstance(json_params["lr"], bool):
+                raise TypeError("a boolean")
             lr = float(json_params["lr"])
         except (TypeError, ValueError):
             raise UsageError(f'{where}: "optimizer": {{"params": {{"lr": {json.dumps(json_params["lr"])}}}}} is not a '

@@ -196,11 +196,14 @@ inline float apply_one(float& w, float g, float& m, float& v, float s, float neg
   return x;
 }
 
+void write_stats(double* p, const TrustStats& t) {
+  p[0] = t.count, p[1] = t.sum, p[2] = t.lo, p[3] = t.hi, p[4] = t.clipped;
+}
+
 void write_stats(torch::Tensor out, const TrustStats& t) {
   TORCH_CHECK(out.scalar_type() == torch::kFloat64 && out.numel() == 5 && out.is_contiguous(),
               "merit_cpu: stats must be a contiguous float64 tensor of 5");
-  double* p = out.data_ptr<double>();
-  p[0] = t.count, p[1] = t.sum, p[2] = t.lo, p[3] = t.hi, p[4] = t.clipped;
+  write_stats(out.data_ptr<double>(), t);
 }
 
 // Pass 2 of a matrix fragment. row_ratio (R*K) / col_ratio (L): the trust ratios already
@@ -398,11 +401,7 @@ std::vector<int64_t> step_tensors(std::vector<torch::Tensor> ws, std::vector<tor
       if (e > 0) ratio_matrix_raw(slot, r, c, ratios.data(), ratios.data() + r);
       apply_matrix_raw(pw, pg, pm, pv, e, 0, c, inner[i], h, neg_lr, ratios.data(), ratios.data() + r, tp);
     }
-    if (track) {
-      double* q = stats.data_ptr<double>() + 5 * i;
-      if (e == 0) t = TrustStats{};
-      q[0] = t.count, q[1] = t.sum, q[2] = t.lo, q[3] = t.hi, q[4] = t.clipped;
-    }
+    if (track) write_stats(stats.data_ptr<double>() + 5 * i, e == 0 ? TrustStats{} : t);
   };
   if (policy == 2) {
     for (size_t i = 0; i < n; ++i)
@@ -436,5 +435,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.def("apply_matrix", &apply_matrix, "pass 2, matrix fragment");
   mod.def("apply_vector", &apply_vector, "pass 2, vector fragment");
   mod.def("ratio_matrix", &ratio_matrix, "trust-ratio tables of a matrix from its maxima");
-  mod.def("step_tensors", &step_tensors, "a whole group: pass 1, trust ratios, pass 2 per tensor");
+  // the group step touches no Python object: other Python threads (the loop's prefetching loader,
+  // its background checkpoint hashing) run meanwhile
+  mod.def("step_tensors", &step_tensors, "a whole group: pass 1, trust ratios, pass 2 per tensor",
+          py::call_guard<py::gil_scoped_release>());
 }
