@@ -106,6 +106,22 @@ def main():
         state = {}
         return lambda: naive_merit_step(ps, state, 1e-3, 0.9, 0.95, 1e-8, 0.1)
 
+    def merit_per_tensor(ps):
+        """The same kernel driven tensor by tensor from Python (pass 1, ratio tables, pass 2 per
+        tensor: how MERIT stepped before the one-call group step), to measure that call's worth."""
+        from merit_ds.optim import cpu_kernel
+
+        group = dict(betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
+        state = [(p.detach().view(-1), p.grad.view(-1), torch.zeros(p.numel()), torch.zeros(p.numel())) for p in ps]
+
+        def step():
+            for p, (w, g, m, v) in zip(ps, state):
+                slot = torch.zeros(MERIT.fragment_rule.stats_size(p.shape))
+                if not cpu_kernel.fragment_statistics(p.shape, 0, w, g, m, v, group, slot):
+                    cpu_kernel.fragment_apply(p.shape, 0, w, g, m, v, group, cpu_kernel.ratio_tables(p.shape, slot),
+                                              hp["lr"])
+        return step
+
     makers = {  # key: (label, build(params) -> step callable)
         "adamw": ("torch AdamW (foreach)", lambda ps: torch.optim.AdamW(ps, foreach=True, **hp).step),
         "cpu_adam": ("DeepSpeedCPUAdam (ZeRO-Offload's Adam)", lambda ps: cpu_adam(ps).step),
@@ -115,6 +131,8 @@ def main():
         # from DRAM, where the default reads the cache-sized ones once.
         "merit_two_sweeps": ("merit_ds MERIT kernel, nonfinite_grads='raise' (all passes 1, then all passes 2)",
                              lambda ps: MERIT(ps, nonfinite_grads="raise", **hp).step),
+        "merit_per_tensor": ("merit_ds MERIT kernel driven per tensor from Python (before the one-call step)",
+                             merit_per_tensor),
         "merit_foreach": ("merit_ds MERIT (foreach)", lambda ps: MERIT(ps, implementation="foreach", **hp).step),
         "merit_compiled": ("merit_ds MERIT (compiled)", lambda ps: MERIT(ps, implementation="compiled", **hp).step),
         "merit_single": ("merit_ds MERIT (single_tensor)", lambda ps: MERIT(ps, implementation="single_tensor", **hp).step),
@@ -122,7 +140,7 @@ def main():
         "lamb_single": ("merit_ds LAMB (single_tensor)", lambda ps: LAMB(ps, implementation="single_tensor", **hp).step),
         "naive": ("naive per-parameter MERIT", naive),
     }
-    keys = args.only or ["adamw", "cpu_adam", "merit", "merit_foreach", "lamb", "naive"]
+    keys = args.only or ["adamw", "cpu_adam", "merit", "merit_per_tensor", "merit_foreach", "lamb", "naive"]
     unknown = sorted(set(keys) - set(makers))
     if unknown:
         ap.error(f"unknown candidates {unknown}; choose from {sorted(makers)}")

@@ -227,8 +227,8 @@ def step_tensors(
 ) -> tuple[list[int], Optional[list[PartialTrustStats]]]:
     """A whole group of whole tensors in one C++ call (single-device MERIT): per tensor pass 1,
     the trust ratios (:func:`ratio_tables`' arithmetic) and pass 2, with no Python between
-    them (the per-tensor Python round trips cost GPT-2 Small's step, 148 tensors, a quarter to a
-    half of an Adam step: 2.30x DeepSpeedCPUAdam before, 1.66-1.92x after, README "Speed").
+    them (measured side by side on GPT-2 Small's 148 tensors: 0.109 s against 0.115 s for the
+    same kernel driven per tensor from Python, README "Speed"), and without the GIL.
     The same per-element code as :func:`fragment_statistics` /
     :func:`fragment_apply`, so the result is bitwise theirs (tested).
 
