@@ -70,7 +70,6 @@ class PrefetchLoader:
 
     def _work(self, cursor, q: queue.Queue, stop: threading.Event) -> None:
         consumed, micro_step = cursor
-        accum, batch = self.loader.grad_accum, self.loader.global_batch
         while not stop.is_set():
             try:
                 item = ((consumed, micro_step), self._batch(consumed, micro_step))
@@ -79,9 +78,8 @@ class PrefetchLoader:
             q.put(item)  # blocks while `depth` batches wait; _halt drains the queue to release it
             if item[0] is None:
                 return
-            micro_step += 1
-            if micro_step == accum:
-                consumed, micro_step = consumed + batch, 0
+            # (a batch-size change halts this thread before the loader's sizes change)
+            consumed, micro_step = self.loader.position_after(consumed, micro_step)
 
     def _halt(self) -> None:
         if self._thread is not None:
@@ -108,10 +106,7 @@ class PrefetchLoader:
         ld = self.loader
         # the worker's cursor and the consumer's must agree; anything else is a bug here
         assert position == (ld.consumed, ld.micro_step), (position, ld.consumed, ld.micro_step)
-        ld.micro_step += 1
-        if ld.micro_step == ld.grad_accum:
-            ld.micro_step = 0
-            ld.consumed += ld.global_batch
+        ld.advance()
         return batch
 
     def state_dict(self) -> dict:

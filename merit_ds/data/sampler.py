@@ -168,11 +168,20 @@ class TokenBlockLoader:
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         batch = self.blocks_to_tensors(self.block_ids(self.consumed, self.micro_step))
-        self.micro_step += 1
-        if self.micro_step == self.grad_accum:
-            self.micro_step = 0
-            self.consumed += self.global_batch
+        self.advance()
         return batch
+
+    def advance(self) -> None:
+        """Move the cursor past one micro-batch."""
+        self.consumed, self.micro_step = self.position_after(self.consumed, self.micro_step)
+
+    def position_after(self, consumed: int, micro_step: int) -> tuple[int, int]:
+        """The cursor after the micro-batch at ``(consumed, micro_step)``: the next micro-step,
+        or, after a step's last one, the next step (a global batch of sequences later)."""
+        micro_step += 1
+        if micro_step == self.grad_accum:
+            return consumed + self.global_batch, 0
+        return consumed, micro_step
 
     # --- checkpoint state --------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -63,7 +63,7 @@ def cell_args(cell: CellSpec, s: dict, out: Path) -> list[str]:
     else:  # one micro-batch for every phase: the largest divisor of their gcd within the study's micro-batch
         from merit_ds.train.batch_schedule import parse_batch_schedule
 
-        common = math.gcd(*(p.quantum for p in parse_batch_schedule(cell.schedule).phases))
+        common = parse_batch_schedule(cell.schedule).quantum
         batch = ["--batch-schedule", cell.schedule]
         micro = max(d for d in range(1, min(common, int(s["micro_batch"])) + 1) if common % d == 0)
     args = ["--model", s["model"], "--data", str(s["data"]), "--out", str(out),

@@ -88,11 +88,8 @@ def family_plots(fs: dict, out: Path, labels: dict) -> list[Path]:
             c = FAMILY_COLORS.get(fam)
             ax.plot(bs, [per[b] for b in bs], "o-", color=c, label=f"{fam} ({f['shape']})")
             ax.plot(bs, [per[bs[0]] * bs[0] / b for b in bs], "--", color=c, alpha=0.35)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("global batch (sequences)")
+        _log_log(ax, "global batch (sequences)")
         ax.set_title(labels.get(opt, opt))
-        ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("steps to the family's target val loss")
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Steps to target vs batch per family (dashed: perfect scaling from the smallest batch)", fontsize=10)
@@ -114,10 +111,7 @@ def family_plots(fs: dict, out: Path, labels: dict) -> list[Path]:
     axes[0][0].set_title("n x Delta on the probe (capped near n)", fontsize=10)
     axes[0][1].set_title("extrapolated to a large data set: (n-1)S/(T-S)", fontsize=10)
     for ax in axes[0]:
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("global batch of the cell (sequences)")
-        ax.grid(alpha=0.3)
+        _log_log(ax, "global batch of the cell (sequences)")
     axes[0][0].set_ylabel("batch bound (sequences)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle("Gradient diversity per family (best-lr cells; median over the second half of training)", fontsize=10)
@@ -165,3 +159,11 @@ def family_report_lines(fs: dict, labels: dict) -> list[str]:
                          f"{_fmt(med['gdiv_bound'], '.2f')} | {_fmt(med['gdiv_bound_data'], '.1f')} | {_fmt(bn)} |")
     lines += ["", "Plots: " + ", ".join(f"[{p}]({p})" for p in FAMILY_PLOTS), ""]
     return lines
+
+
+def _log_log(ax, xlabel: str) -> None:
+    """Batch on a log2 axis, the quantity on a log axis, a light grid: both family plots."""
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.grid(alpha=0.3)

@@ -89,6 +89,12 @@ class BatchSchedule:
     def first_batch(self) -> int:
         return self.phases[0].batch
 
+    @property
+    def quantum(self) -> int:
+        """What every batch the schedule takes is a multiple of (the gcd of its phases' quanta):
+        the unit a micro-batch x world must divide for one micro-batch to serve the whole run."""
+        return math.gcd(*(p.quantum for p in self.phases))
+
     def batches(self) -> list[int]:
         """Every batch the schedule can take (ramp levels included)."""
         out = set()

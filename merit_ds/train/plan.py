@@ -42,7 +42,6 @@ assumption you state (default 0.40; GPT-2-sized models with SDPA typically reach
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -200,7 +199,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
             raise BatchConfigError(str(exc)) from None
         global_batch = schedule.first_batch
         # the batches every step may take move in multiples of this many sequences
-        unit = math.gcd(*(p.quantum for p in schedule.phases))
+        unit = schedule.quantum
         if unit % world:
             raise BatchConfigError(
                 f"batch schedule {schedule.spec}: its batches move in multiples of {unit} sequences, which "

@@ -218,7 +218,7 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     per_rank = global_batch // world if world > 0 and global_batch % world == 0 else None
     if schedule is not None:
         # one micro-batch for the whole run: it must divide every per-rank batch the schedule takes
-        common = math.gcd(*(p.quantum for p in schedule.phases))
+        common = schedule.quantum
         per_rank = common // world if world > 0 and common % world == 0 else None
         if per_rank is None:
             raise UsageError(f"batch schedule {schedule.spec!r}: the batches it takes have no common multiple of "
