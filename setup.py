@@ -38,7 +38,10 @@ setup(
             "pytest-timeout",
             "mpi4py>=3.1",
             "wandb>=0.18",  # the tracker test (offline)
+            "triton>=3.2",  # MERIT's GPU kernels, run under Triton's interpreter by the CPU tests
         ],
+        # MERIT's Triton kernels for sharded GPU steps (a CUDA torch usually brings triton)
+        "triton": ["triton>=3.2"],
     },
     entry_points={"console_scripts": ["merit-ds=merit_ds.cli:main"]},
 )

@@ -6,6 +6,14 @@ sys.path.insert(0, os.path.dirname(__file__))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import torch  # noqa: E402
+
+if not torch.cuda.is_available():
+    # MERIT's Triton kernels (merit_ds/optim/segmented_triton.py) run under Triton's
+    # interpreter on CPU tensors; Triton reads this when it is imported, so it is set before
+    # anything can import it.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 import pytest  # noqa: E402
 

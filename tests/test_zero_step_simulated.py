@@ -375,7 +375,30 @@ def test_segmented_sharded_step_equals_one_device_bitwise(monkeypatch, world, fl
     """The segmented form inside the real sharded step (layouts, buffer, the one all-reduce,
     step counts) against single-tensor MERIT on one device, bit for bit."""
     ran = _force_segmented(monkeypatch)
-    _run(monkeypatch, world, flavour, implementation="foreach")
+    _, opts, _ = _run(monkeypatch, world, flavour, implementation="foreach")
+    assert ran and all(ran)
+    assert _forms(opts) == {"segmented"}  # the torch form (foreach's arithmetic)
+
+
+def _forms(opts):
+    return {form.__name__.rsplit(".", 1)[-1] for o in opts for form, _ in o.__dict__["_merit_segmented_plans"].values()}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("flavour", ["zero12", "zero3"])
+def test_triton_form_inside_the_sharded_step_equals_the_cpu_kernel_bitwise(monkeypatch, world, flavour):
+    """With the default implementation the sharded step runs the Triton kernels (here under
+    Triton's interpreter, on these CPU partitions; compiled on a GPU): bit for bit single-device
+    MERIT on its CPU kernel (the same arithmetic), with skips and the 'raise' policy."""
+    from merit_ds.optim import segmented_triton
+
+    assert segmented_triton.available("cpu")  # tests run Triton interpreted (tests/conftest.py)
+    ran = _force_segmented(monkeypatch)
+    _, opts, _ = _run(monkeypatch, world, flavour, implementation=None)
+    assert _forms(opts) == {"segmented_triton"}
+    ref, opts, _ = _run(monkeypatch, world, flavour, nan_at=1, implementation=None)
+    assert ref.nonfinite_skips == 1 and [o.nonfinite_skips for o in opts] == [1] * world
+    _run(monkeypatch, world, flavour, policy="raise", nan_at=0, implementation=None)
     assert ran and all(ran)
 
 

@@ -80,7 +80,7 @@ class ShardedGroupStep:
     _u: Optional[Tensor] = field(default=None, repr=False)
     _stats: Optional[Tensor] = field(default=None, repr=False)
     _fused: bool = field(default=False, repr=False)  # this step runs the rule's fused form
-    _segmented: Any = field(default=None, repr=False)  # this step's SegmentedPlan, if it runs that form
+    _segmented: Any = field(default=None, repr=False)  # (form, plan) if this step runs a segmented form
 
     @property
     def rule(self):
@@ -195,7 +195,11 @@ def segmented_wanted(s: ShardedGroupStep) -> bool:
 
 
 def _segmented_plan(s: ShardedGroupStep):
-    from merit_ds.optim import segmented
+    """(form, plan) of this partition, built once and cached on the optimizer: the Triton
+    kernels (merit_ds.optim.segmented_triton) for a float32 partition with the default
+    implementation (or "fused") where Triton runs on its device, else the torch form
+    (merit_ds.optim.segmented). Both take the same calls."""
+    from merit_ds.optim import segmented, segmented_triton
 
     cache = s.optimizer.__dict__.setdefault("_merit_segmented_plans", {})
     key = (s.flat.data_ptr(), s.flat.device, s.layout)
@@ -203,8 +207,14 @@ def _segmented_plan(s: ShardedGroupStep):
     if hit is None:
         slots = s.stats_layout.slots
         flag_base = slots[0].flag if slots else 0
-        hit = cache[key] = segmented.plan(s.layout.shapes, s.layout.fragments, slots, flag_base,
-                                          s.layout.partition_numel, s.flat.device)
+        if (s.group.get("implementation") in (None, "fused") and s.flat.dtype == torch.float32
+                and segmented_triton.available(s.flat.device)):
+            hit = segmented_triton, segmented_triton.plan(s.layout.shapes, s.layout.fragments, slots, flag_base,
+                                                          s.flat.device)
+        else:
+            hit = segmented, segmented.plan(s.layout.shapes, s.layout.fragments, slots, flag_base,
+                                            s.layout.partition_numel, s.flat.device)
+        cache[key] = hit
     return hit
 
 
@@ -223,11 +233,10 @@ def _local_statistics(s: ShardedGroupStep) -> None:
     s._grad = grad
     s._segmented = None
     if segmented_wanted(s):
-        from merit_ds.optim import segmented
-
         s._segmented = _segmented_plan(s)
-        segmented.statistics(s._segmented, flat, grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats,
-                             flags=group["nonfinite_grads"] != "propagate")
+        form, plan = s._segmented
+        form.statistics(plan, flat, grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats,
+                        flags=group["nonfinite_grads"] != "propagate")
         return
     if rule.fused_available(flat, grad, state, group):
         # Fused form: nothing is written before phase 3, so no scratch buffer is needed.
@@ -314,10 +323,9 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
     if len(bad) < len(slots) or not slots:
         state["step"] += 1
     if s._segmented is not None:  # w, m, v of every element whose parameter is not flagged
-        from merit_ds.optim import segmented
-
-        segmented.apply(s._segmented, flat, s._grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats, lr,
-                        honour_flags=group["nonfinite_grads"] != "propagate")
+        form, plan = s._segmented
+        form.apply(plan, flat, s._grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats, lr,
+                   honour_flags=group["nonfinite_grads"] != "propagate")
         return
     if s._fused:  # the rule's fused form writes w, m, v of the fragments not skipped
         step = int(state["step"].item())

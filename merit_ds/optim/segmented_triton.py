@@ -1,0 +1,215 @@
+"""MERIT's sharded step over a whole flat partition as Triton kernels: the GPU's fast path.
+
+The same phases and statistics buffer as :mod:`merit_ds.optim.segmented` (whose torch form
+stays the portable fallback), but the partition is visited in 2-D tiles, so that the row
+and column maxima are reduced inside a tile and reach the buffer with one atomic max per row
+and per column entry of the tile, not one scatter per element::
+
+    a matrix W (R x C) whose fragment starts and ends mid-row (ZeRO 1/2 cut it there):
+
+                  col0 = 0        BLOCK_C          2*BLOCK_C        C
+        row0    [ . . . . . . x x x | x x x x x x x | x x x x ]   <- first row: the fragment's
+                [ x x x x x x x x x | x x x x x x x | x x x x ]      part only (the rest masked)
+          ...   [ ...  BLOCK_R rows per tile ...    |           ]
+                [ x x x x x . . . . | . . . . . . . | . . . . ]   <- last row: likewise
+
+        tile (row0, col0):  max over its columns -> atomic max into row |w|, row |u| entries
+                            max over its rows    -> atomic max into column |w|, column |u| entries
+                            any non-finite g     -> atomic max into the parameter's flag
+
+    a vector b (N,): the same, as rows of BLOCK_C elements whose row entries all point at its
+    one max|w| / max|u| pair (row stride 0), and no column entries.
+
+Kernels (``segmented_triton_kernels.py``), one launch each, no host sync anywhere:
+
+    statistics(...)   phase 1: u in registers, maxima and flags into the buffer (nothing
+                      written to w, m, v)
+    (the caller all-reduces the buffer with MAX)
+    apply(...)        tensor maxima of each matrix (from its reduced row maxima), then phase 3:
+                      per tile the row and column trust ratios (BLOCK_R + BLOCK_C divisions),
+                      per element m', v', u recomputed and w -= lr * clip(s * u, -1, 1);
+                      w, m, v written unless the parameter is flagged
+
+Each element is read twice (16 bytes each pass: w, g, m, v) and written once (12 bytes): 44
+bytes per element per step against 28 for a one-pass Adam, the floor of any exact two-pass
+MERIT (the column maxima need the whole matrix before the first update). The persistent
+scratch is the tile table (15 int64 per tile: ~1/3,600 of the partition's fp32 bytes at the
+default 16 x 256 tiles), the matrix table and two floats per parameter
+(:meth:`TilePlan.persistent_bytes`); there are no partition-sized temporaries.
+
+The arithmetic is the CPU kernel's, operation for operation (explicit FMAs, IEEE ``div_rn`` /
+``sqrt_rn``): a step here is bitwise the CPU kernel's step from the same floats. The tests
+run these kernels under Triton's interpreter on CPU tensors (``tests/test_optim_segmented_triton.py``)
+and compare them bit for bit with the CPU kernel, sharded across ranks as ZeRO cuts them;
+the GPU smoke test repeats that comparison on the GPU and times the step against FusedAdam.
+
+Limits: float32 partitions only (the caller uses the torch form otherwise). A matrix of more
+than two dimensions has ``K = prod(shape[2:])`` row entries interleaved along each row; its
+tiles take one atomic per element for them (correct, slower; language models have none).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import contextlib
+import os
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import formulas as F
+
+__all__ = ["TilePlan", "available", "interpreting", "plan", "statistics", "apply", "kernels", "TILE_FIELDS"]
+
+# One row of the tile table, in this order (the kernels read them by position).
+TILE_FIELDS = ("base", "lo", "hi", "nrows", "col0", "row_len", "row_entry", "row_stride", "row_span",
+               "col_entry", "col_span", "is_matrix", "flag", "param", "inner")
+BLOCK_ROWS = 16
+BLOCK_COLS = 256
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error() -> Optional[str]:
+    if os.environ.get("MERIT_DS_TRITON", "1") == "0":
+        return "MERIT_DS_TRITON=0"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    return None
+
+
+def interpreting() -> bool:
+    """Whether this process runs Triton kernels under the interpreter (``TRITON_INTERPRET=1``,
+    read by Triton when it is imported and when a kernel is decorated: one mode per process)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def available(device) -> bool:
+    """Whether the kernels can run on ``device``: compiled, on a CUDA device; interpreted
+    (``TRITON_INTERPRET=1``, the CPU tests' mode, far too slow for training), on CPU tensors.
+    ``MERIT_DS_TRITON=0`` says no."""
+    device = torch.device(device)
+    if _import_error() is not None:
+        return False
+    if interpreting():
+        return device.type == "cpu"
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
+# Triton's interpreter patches triton.language module-wide for the length of a launch, so
+# interpreted launches from several threads (the tests' simulated ranks) must take turns.
+_interpreter_lock = threading.Lock()
+
+
+def _launching():
+    return _interpreter_lock if interpreting() else contextlib.nullcontext()
+
+
+def kernels():
+    """The kernels module (imported at first use: importing triton costs time)."""
+    from . import segmented_triton_kernels
+
+    return segmented_triton_kernels
+
+
+@dataclass
+class TilePlan:
+    """The tables of one partition, on its device: tiles (int64 [T, len(TILE_FIELDS)]),
+    matrices (int64 [M, 3]: parameter, first row entry, rows) and the per-parameter tensor
+    maxima (float32 [2 * P]; vectors keep (0, 1))."""
+
+    tiles: Tensor
+    matrices: Tensor
+    tensor_max: Tensor
+    block_rows: int
+    block_cols: int
+
+    def persistent_bytes(self) -> int:
+        """Memory the plan keeps across steps, in bytes."""
+        return sum(t.numel() * t.element_size() for t in (self.tiles, self.matrices, self.tensor_max))
+
+
+def plan(shapes: Sequence[tuple], fragments, slots, flag_base: int, device, block_rows: int = BLOCK_ROWS,
+         block_cols: int = BLOCK_COLS) -> TilePlan:
+    """The tile plan of a partition (``fragments``: merit_ds.sharding.layout.Fragment, this
+    rank's; ``slots``: ParamSlots per parameter, offsets relative to the buffer)."""
+    tiles, matrices = [], set()
+    for f in fragments:
+        if f.numel == 0:
+            continue
+        slot = slots[f.param_index]
+        if F.is_matrix(slot.shape):
+            rows, cols, inner = F.matrix_dims(slot.shape)
+            row_len = cols * inner  # the elements of one row; also its statistics' column entries
+            matrices.add((f.param_index, slot.offset, rows * inner))
+            fixed = dict(row_stride=inner, row_span=rows * inner, col_span=row_len, is_matrix=1, inner=inner)
+        else:  # a vector, laid out as rows of block_cols elements
+            rows = inner = 1
+            row_len = block_cols
+            fixed = dict(row_stride=0, row_span=1, col_span=0, is_matrix=0, inner=1)
+        first_row = f.param_start // row_len
+        last_row = (f.param_start + f.numel - 1) // row_len
+        for r0 in range(first_row, last_row + 1, block_rows):
+            for c0 in range(0, row_len, block_cols):
+                t = dict(base=f.partition_offset - f.param_start + r0 * row_len, lo=f.partition_offset,
+                         hi=f.partition_offset + f.numel, nrows=min(block_rows, last_row + 1 - r0), col0=c0,
+                         row_len=row_len, row_entry=slot.offset + r0 * fixed["row_stride"],
+                         col_entry=slot.offset + 2 * rows * inner + c0 if fixed["is_matrix"] else slot.offset,
+                         flag=flag_base + f.param_index, param=f.param_index, **fixed)
+                tiles.append([t[k] for k in TILE_FIELDS])
+    tensor_max = torch.zeros(2 * len(slots), dtype=torch.float32)
+    tensor_max[1::2] = 1.0  # vectors: floor 0/1 = 0, so their own ratio decides
+    return TilePlan(
+        tiles=torch.tensor(tiles, dtype=torch.int64).reshape(-1, len(TILE_FIELDS)).to(device),
+        matrices=torch.tensor(sorted(matrices), dtype=torch.int64).reshape(-1, 3).to(device),
+        tensor_max=tensor_max.to(device), block_rows=block_rows, block_cols=block_cols,
+    )
+
+
+def _hyper(group: dict) -> tuple:
+    beta1, beta2 = group["betas"]
+    # rounded to float32 by the launch, as the CPU kernel rounds its doubles (make_hyper)
+    return beta1, beta2, 1.0 - beta1, 1.0 - beta2, group["eps"], group["weight_decay"]
+
+
+def _check(tensors: Sequence[Tensor]) -> None:
+    dev = tensors[0].device
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.device != dev:
+            raise ValueError("segmented_triton: w, g, m, v and the buffer must be contiguous float32 tensors on one "
+                             f"device (got {t.dtype}, contiguous={t.is_contiguous()}, {t.device})")
+
+
+def statistics(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, buffer: Tensor,
+               flags: bool = True) -> None:
+    """Phase 1: this partition's maxima and (``flags``) non-finite flags combined (max) into
+    ``buffer``, which must start at the group's first statistics entry."""
+    _check((w, g, m, v, buffer))
+    if p.tiles.shape[0] == 0:
+        return
+    k = kernels()
+    with _launching():
+        k.statistics_kernel[(p.tiles.shape[0],)](
+            w, g, m, v, buffer, p.tiles, *_hyper(group),
+            FLAGS=flags, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows, BLOCK_C=p.block_cols,
+        )
+
+
+def apply(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, buffer: Tensor, lr: float,
+          honour_flags: bool = True) -> None:
+    """Phase 3: w, m, v of every element whose parameter is not flagged (``honour_flags``),
+    from the reduced ``buffer``."""
+    _check((w, g, m, v, buffer))
+    if p.tiles.shape[0] == 0:
+        return
+    k = kernels()
+    with _launching():
+        if p.matrices.shape[0]:
+            k.tensor_max_kernel[(p.matrices.shape[0],)](buffer, p.tensor_max, p.matrices, BLOCK=1024)
+        k.apply_kernel[(p.tiles.shape[0],)](
+            w, g, m, v, buffer, p.tensor_max, p.tiles, *_hyper(group), -float(lr),
+            HONOUR_FLAGS=honour_flags, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows, BLOCK_C=p.block_cols,
+        )

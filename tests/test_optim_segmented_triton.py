@@ -1,0 +1,189 @@
+"""MERIT's Triton partition step (merit_ds/optim/segmented_triton.py), run on CPU tensors
+under Triton's interpreter.
+
+The kernels do the CPU kernel's arithmetic operation for operation (explicit FMAs, IEEE
+division and square root), so a group flattened as ZeRO 1/2 lays it out, cut into rank
+partitions anywhere (mid-row included), stepped with the Triton phase 1, an element-wise max
+of the buffers (the all-reduce) and the Triton phase 3, must equal single-device MERIT on its
+CPU kernel bit for bit: weights, moments, and the statistics buffer against the CPU kernel's
+per-fragment pass 1. Small tiles (2 x 8) make every parameter span many tiles and every
+fragment edge fall inside one.
+"""
+
+import math
+
+import pytest
+import torch
+
+from merit_ds import MERIT
+from merit_ds.optim import cpu_kernel, segmented_triton
+from merit_ds.optim.merit_fragments import MeritFragmentRule
+from merit_ds.sharding.layout import layout_from_offsets, stats_layout
+
+pytest.importorskip("triton", reason="triton is part of the dev install (setup.sh); the GPU path needs it")
+
+SHAPES = [(6, 5), (7,), (1, 9), (9, 1), (4, 6), (), (3, 40), (17, 19), (3, 4, 2), (300,), (5, 3, 2, 2)]
+GROUP = dict(betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
+LR = 0.03
+SMALL = dict(block_rows=2, block_cols=8)
+# The kernels divide by a zero maximum where the result is then discarded (s = 1 there, as in
+# the CPU kernel); the interpreter runs them in numpy, which warns about such IEEE divisions.
+pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning",
+                                        "ignore:invalid value encountered in divide:RuntimeWarning")
+
+
+def flat_group(shapes, gap=3):
+    offsets, at = [], 0
+    for s in shapes:
+        offsets.append(at)
+        at += math.prod(s) + gap  # alignment padding between parameters
+    return offsets, at
+
+
+def make(seed, shapes=SHAPES):
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    params[4][2].zero_()  # an all-zero row: s = 1 there
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    ms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    vs = [torch.rand(s, generator=gen) * 0.1 for s in shapes]
+    return params, grads, ms, vs
+
+
+def split(shapes, world):
+    offsets, total = flat_group(shapes)
+    total += (-total) % world
+    return offsets, total, total // world
+
+
+def flatten(tensors, offsets, total):
+    flat = torch.zeros(total)
+    for off, x in zip(offsets, tensors):
+        flat[off:off + x.numel()] = x.reshape(-1)
+    return flat
+
+
+def run_sharded(params, grads, ms, vs, world, nonfinite=None, tiles=SMALL):
+    """Triton phases 1 and 3 on each rank's partition; returns weights, moments (per
+    parameter), the reduced buffer and the flags."""
+    shapes = [tuple(p.shape) for p in params]
+    offsets, total, psize = split(shapes, world)
+    flat_w, flat_g, flat_m, flat_v = (flatten(x, offsets, total) for x in (params, grads, ms, vs))
+    if nonfinite is not None:
+        flat_g[offsets[nonfinite] + 1] = float("nan")
+    sl = stats_layout(shapes, MeritFragmentRule().stats_size)
+    flag_base = sl.slots[0].flag
+    reduced = torch.zeros(sl.buffer_numel)
+    plans, split_matrices = [], 0
+    for r in range(world):
+        layout = layout_from_offsets(shapes, offsets, r * psize, psize)
+        split_matrices += sum(1 for f in layout.fragments if f.is_matrix and f.numel < math.prod(f.shape))
+        p = segmented_triton.plan(shapes, layout.fragments, sl.slots, flag_base, "cpu", **tiles)
+        buf = torch.zeros(sl.buffer_numel)
+        part = slice(r * psize, (r + 1) * psize)
+        segmented_triton.statistics(p, flat_w[part], flat_g[part], flat_m[part], flat_v[part], GROUP, buf)
+        torch.maximum(reduced, buf, out=reduced)  # the all_reduce(MAX)
+        plans.append(p)
+    if world > 1:
+        assert split_matrices > 0  # some matrix really is cut across ranks
+    for r, p in enumerate(plans):
+        part = slice(r * psize, (r + 1) * psize)
+        segmented_triton.apply(p, flat_w[part], flat_g[part], flat_m[part], flat_v[part], GROUP, reduced, LR)
+    out = lambda t, x, off: t[off:off + x.numel()].view_as(x)  # noqa: E731
+    return ([out(flat_w, x, o) for x, o in zip(params, offsets)], [out(flat_m, x, o) for x, o in zip(params, offsets)],
+            [out(flat_v, x, o) for x, o in zip(params, offsets)], reduced, reduced[flag_base:])
+
+
+def kernel_reference(params, grads, ms, vs):
+    """Single-device MERIT on its CPU kernel (the default for fp32 on CPU)."""
+    assert cpu_kernel.available(), "the CPU kernel must build here (setup.sh builds it)"
+    ps = [p.clone().requires_grad_() for p in params]
+    opt = MERIT(ps, lr=LR, **GROUP)
+    for p, g, m, v in zip(ps, grads, ms, vs):
+        p.grad = g.clone()
+        opt.state[p].update(step=torch.tensor(1.0), exp_avg=m.clone(), exp_avg_sq=v.clone())
+    opt.step()
+    return [p.detach() for p in ps], [opt.state[p]["exp_avg"] for p in ps], [opt.state[p]["exp_avg_sq"] for p in ps]
+
+
+def kernel_statistics(params, grads, ms, vs):
+    """The statistics buffer the CPU kernel's pass 1 fills for the whole tensors."""
+    shapes = [tuple(p.shape) for p in params]
+    sl = stats_layout(shapes, MeritFragmentRule().stats_size)
+    buf = torch.zeros(sl.buffer_numel)
+    for slot, p, g, m, v in zip(sl.slots, params, grads, ms, vs):
+        bad = cpu_kernel.fragment_statistics(slot.shape, 0, p.reshape(-1), g.reshape(-1), m.reshape(-1),
+                                             v.reshape(-1), GROUP, buf.narrow(0, slot.offset, slot.size))
+        buf[slot.flag] = float(bad)
+    return buf
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 5])
+def test_triton_step_equals_the_cpu_kernel_bitwise(world):
+    params, grads, ms, vs = make(world)
+    w_ref, m_ref, v_ref = kernel_reference(params, grads, ms, vs)
+    w_t, m_t, v_t, reduced, flags = run_sharded(params, grads, ms, vs, world)
+    assert torch.equal(reduced, kernel_statistics(params, grads, ms, vs))
+    assert not flags.any()
+    for i in range(len(SHAPES)):
+        assert torch.equal(w_t[i], w_ref[i]), (i, (w_t[i] - w_ref[i]).abs().max())
+        assert torch.equal(m_t[i], m_ref[i]) and torch.equal(v_t[i], v_ref[i]), i
+        assert not torch.equal(w_t[i], params[i]), i  # every parameter moved
+
+
+def test_triton_step_with_default_tiles_and_the_reference_formulas():
+    """Default 16 x 256 tiles (a 300-column matrix spans two column blocks), two ranks; and
+    within fp32 rounding of the single-tensor reference (torch's own operations)."""
+    shapes = [(40, 300), (300,), (5, 7)]
+    params, grads, ms, vs = make(11, shapes=[(40, 300), (300,), (5, 7), (2, 3), (9,)])
+    params, grads, ms, vs = (x[:3] for x in (params, grads, ms, vs))
+    w_ref, _, _ = kernel_reference(params, grads, ms, vs)
+    w_t, _, _, _, _ = run_sharded(params, grads, ms, vs, 2, tiles={})
+    ps = [p.clone().requires_grad_() for p in params]
+    single = MERIT(ps, lr=LR, implementation="single_tensor", **GROUP)
+    for p, g, m, v in zip(ps, grads, ms, vs):
+        p.grad = g.clone()
+        single.state[p].update(step=torch.tensor(1.0), exp_avg=m.clone(), exp_avg_sq=v.clone())
+    single.step()
+    for i in range(len(shapes)):
+        assert torch.equal(w_t[i], w_ref[i]), i
+        torch.testing.assert_close(w_t[i], ps[i].detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_triton_step_skips_a_nonfinite_parameter_everywhere():
+    params, grads, ms, vs = make(9)
+    w_ref, _, _ = kernel_reference(params, grads, ms, vs)
+    w_t, m_t, v_t, _, flags = run_sharded(params, grads, ms, vs, world=3, nonfinite=2)
+    assert flags.tolist() == [1.0 if i == 2 else 0.0 for i in range(len(SHAPES))]
+    assert torch.equal(w_t[2], params[2]) and torch.equal(m_t[2], ms[2]) and torch.equal(v_t[2], vs[2])
+    for i in set(range(len(SHAPES))) - {2}:
+        assert torch.equal(w_t[i], w_ref[i]), i
+
+
+def test_plan_tables():
+    """Tile geometry on a hand-checked case, and the persistent bytes."""
+    shapes = [(3, 10), (5,)]
+    sl = stats_layout(shapes, MeritFragmentRule().stats_size)
+    offsets, total = flat_group(shapes, gap=0)  # W at 0..30, b at 30..35
+    layout = layout_from_offsets(shapes, offsets, 12, 20)  # W.flat[12:30] (row 1 from column 2), b[0:2]
+    p = segmented_triton.plan(shapes, layout.fragments, sl.slots, sl.slots[0].flag, "cpu", block_rows=2,
+                              block_cols=8)
+    got = [dict(zip(segmented_triton.TILE_FIELDS, row)) for row in p.tiles.tolist()]
+    # W: rows 1..2, column blocks 0 and 8; base = partition offset of W[1, 0] = 0 - 12 + 10
+    assert [(t["base"], t["nrows"], t["col0"], t["lo"], t["hi"], t["row_entry"], t["col_entry"]) for t in got[:2]] == [
+        (-2, 2, 0, 0, 18, 1, 6), (-2, 2, 8, 0, 18, 1, 14)]
+    # b: one virtual row of 8 at partition offset 18, its one entry pair at slot offset 26
+    assert [(t["base"], t["nrows"], t["lo"], t["hi"], t["row_entry"], t["row_stride"], t["is_matrix"])
+            for t in got[2:]] == [(18, 1, 18, 20, 26, 0, 0)]
+    assert p.matrices.tolist() == [[0, 0, 3]]
+    assert p.persistent_bytes() == 3 * 15 * 8 + 3 * 8 + 4 * 4
+
+
+def test_triton_rejects_other_dtypes():
+    shapes = [(4, 4)]
+    sl = stats_layout(shapes, MeritFragmentRule().stats_size)
+    layout = layout_from_offsets(shapes, [0], 0, 16)
+    p = segmented_triton.plan(shapes, layout.fragments, sl.slots, sl.slots[0].flag, "cpu")
+    x = torch.zeros(16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float32"):
+        segmented_triton.statistics(p, x, x, x, x, GROUP, torch.zeros(sl.buffer_numel))
