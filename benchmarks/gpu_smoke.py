@@ -11,10 +11,11 @@ Sections, each recorded in the results file even when another fails:
 3. ``optimizer_step``: one step on GPT-2 Small's parameter set (124.4M fp32) on the GPU,
    interleaved rounds: torch AdamW fused and foreach, MERIT foreach and compiled, LAMB
    foreach (median and min..max, ms).
-3b. ``segmented_step``: the segmented whole-partition MERIT step (eager, torch.compile'd) on
-   one flat partition of GPT-2 Small's parameters against DeepSpeed FusedAdam on the same
-   partition (median and min..max, ms), its difference from single-tensor MERIT, and the
-   plan's persistent bytes against the partition's.
+3b. ``segmented_step``: the whole-partition sharded MERIT step -- the Triton kernels (the
+   default on GPU partitions) and the torch form (eager, torch.compile'd) -- on one flat
+   partition of GPT-2 Small's parameters against DeepSpeed FusedAdam on the same partition
+   (median and min..max, ms, effective GB/s), the Triton step against the CPU kernel (bitwise
+   expected), the torch form against single-tensor MERIT, and the plans' persistent bytes.
 4. ``sharded``: ``tests/zero_worker.py`` over NCCL on all GPUs (ZeRO 1/2/3, fp32 and bf16;
    with one GPU, DeepSpeed still partitions, into one piece): sharded MERIT and LAMB against
    single-device on the GPU (MERIT bitwise, LAMB within 1e-6 relative).
@@ -162,18 +163,21 @@ def optimizer_step(rounds: int):
 
 
 def segmented_step(rounds: int, device: str = "cuda", shapes=None, deepspeed_adam: bool = True):
-    """The segmented whole-partition MERIT step (merit_ds/optim/segmented.py) on one flat fp32
-    partition holding GPT-2 Small's parameters (124.4M, as ZeRO lays out one group at world 1),
-    eager and torch.compile'd, against DeepSpeed's FusedAdam (torch AdamW fused if DeepSpeed's
-    op cannot build) on the same partition; plus its max abs difference from single-tensor
-    MERIT on the same step (the CPU tests assert it bitwise)."""
+    """MERIT's whole-partition sharded step on one flat fp32 partition holding GPT-2 Small's
+    parameters (124.4M, as ZeRO lays out one group at world 1): the Triton kernels (the
+    default on GPU partitions, merit_ds/optim/segmented_triton.py) and the torch form
+    (merit_ds/optim/segmented.py; eager and torch.compile'd), against DeepSpeed's FusedAdam
+    (torch AdamW fused if DeepSpeed's op cannot build) on the same partition, interleaved
+    round by round. Also: the Triton step against the CPU kernel on the same floats (bitwise
+    expected: the same arithmetic), the torch form against single-tensor MERIT (bitwise
+    expected), and the effective bandwidth (MERIT moves 44 bytes per element, Adam 28)."""
     import math
 
     import torch
 
     from bench_optimizer_step import gpt2_small_shapes
     from merit_ds import MERIT
-    from merit_ds.optim import segmented
+    from merit_ds.optim import segmented, segmented_triton
     from merit_ds.optim.merit_fragments import MeritFragmentRule
     from merit_ds.sharding.layout import layout_from_offsets, stats_layout
 
@@ -191,27 +195,36 @@ def segmented_step(rounds: int, device: str = "cuda", shapes=None, deepspeed_ada
     hp = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     sl = stats_layout(shapes, MeritFragmentRule().stats_size)
     layout = layout_from_offsets(shapes, offsets, 0, n)
-    plan = segmented.plan(shapes, layout.fragments, sl.slots, sl.slots[0].flag, n, dev)
+    flag = sl.slots[0].flag
+    plan = segmented.plan(shapes, layout.fragments, sl.slots, flag, n, dev)
 
-    def merit_step(stats_fn, apply_fn):
+    def merit_step(form, form_plan, stats_fn=None, apply_fn=None):
         w, m, v = w0.clone(), torch.zeros_like(w0), torch.zeros_like(w0)
+        stats_fn, apply_fn = stats_fn or form.statistics, apply_fn or form.apply
 
         def step():
             buf = torch.zeros(sl.buffer_numel, device=dev)
-            stats_fn(plan, w, g, m, v, hp, buf)
-            apply_fn(plan, w, g, m, v, hp, buf, 1e-3)  # world 1: no all-reduce
+            stats_fn(form_plan, w, g, m, v, hp, buf)
+            apply_fn(form_plan, w, g, m, v, hp, buf, 1e-3)  # world 1: no all-reduce
         return step, w
 
-    eager, w_eager = merit_step(segmented.statistics, segmented.apply)
-    cands = {"MERIT segmented (eager)": eager}
-    try:
-        compiled, _ = merit_step(torch.compile(segmented.statistics), torch.compile(segmented.apply))
-        compiled()
-        cands["MERIT segmented (torch.compile)"] = compiled
-    except Exception as e:  # noqa: BLE001 - recorded, the eager row still runs
-        compile_error = f"{type(e).__name__}: {str(e)[:300]}"
+    cands, notes = {}, {}
+    triton_w = None
+    if segmented_triton.available(dev):
+        notes["triton_self_check"] = segmented_triton.self_check(dev)
+        tplan = segmented_triton.plan(shapes, layout.fragments, sl.slots, flag, dev)
+        cands["MERIT Triton kernels (default)"], triton_w = merit_step(segmented_triton, tplan)
+        notes["triton_plan_persistent_bytes"] = tplan.persistent_bytes()
     else:
-        compile_error = None
+        notes["triton_unavailable"] = segmented_triton._import_error() or f"not on {dev}"
+    eager, w_eager = merit_step(segmented, plan)
+    cands["MERIT segmented torch form (eager)"] = eager
+    try:
+        compiled, _ = merit_step(segmented, plan, torch.compile(segmented.statistics), torch.compile(segmented.apply))
+        compiled()
+        cands["MERIT segmented torch form (torch.compile)"] = compiled
+    except Exception as e:  # noqa: BLE001 - recorded, the eager row still runs
+        notes["compile_error"] = f"{type(e).__name__}: {str(e)[:300]}"
     adam_w = w0.clone().requires_grad_()
     adam_w.grad = g
     try:
@@ -222,17 +235,31 @@ def segmented_step(rounds: int, device: str = "cuda", shapes=None, deepspeed_ada
         adam = FusedAdam([adam_w], lr=1e-3, adam_w_mode=True, **hp)
         adam_name = "DeepSpeed FusedAdam"
     except Exception:  # noqa: BLE001
-        adam = torch.optim.AdamW([adam_w], lr=1e-3, fused=True, **hp)
+        adam = torch.optim.AdamW([adam_w], lr=1e-3, fused=dev.type == "cuda", **hp)
         adam_name = "torch AdamW (fused; DeepSpeed FusedAdam unavailable)"
     cands[adam_name] = adam.step
-    # correctness on the GPU: one eager step from zero moments against single-tensor MERIT
+
+    # correctness, one step from identical inputs (zero moments)
     ref_ps = [w0[o:o + math.prod(sh)].clone().view(sh).requires_grad_() for sh, o in zip(shapes, offsets)]
     for p_, sh, o in zip(ref_ps, shapes, offsets):
         p_.grad = g[o:o + math.prod(sh)].view(sh).clone()
     MERIT(ref_ps, lr=1e-3, implementation="single_tensor", **hp).step()
     eager()
-    diff = max(float((w_eager[o:o + math.prod(sh)].view(sh) - p_.detach()).abs().max())
-               for p_, sh, o in zip(ref_ps, shapes, offsets))
+    notes["torch_form_max_abs_diff_vs_single_tensor"] = max(
+        float((w_eager[o:o + math.prod(sh)].view(sh) - p_.detach()).abs().max())
+        for p_, sh, o in zip(ref_ps, shapes, offsets))
+    if triton_w is not None:
+        cands["MERIT Triton kernels (default)"]()
+        # the CPU kernel on the same floats (single device, whole tensors: MERIT's CPU default)
+        cpu_ps = [w0[o:o + math.prod(sh)].cpu().view(sh).clone().requires_grad_() for sh, o in zip(shapes, offsets)]
+        for p_, sh, o in zip(cpu_ps, shapes, offsets):
+            p_.grad = g[o:o + math.prod(sh)].cpu().view(sh).clone()
+        MERIT(cpu_ps, lr=1e-3, **hp).step()
+        got = triton_w.cpu()
+        diffs = [(got[o:o + math.prod(sh)].view(sh) - p_.detach()).abs().max() for p_, sh, o in zip(cpu_ps, shapes, offsets)]
+        notes["triton_max_abs_diff_vs_cpu_kernel"] = max(float(d) for d in diffs)
+        notes["triton_bitwise_cpu_kernel"] = all(
+            torch.equal(got[o:o + math.prod(sh)].view(sh), p_.detach()) for p_, sh, o in zip(cpu_ps, shapes, offsets))
     times = {k: [] for k in cands}
     with torch.no_grad():
         for fn in cands.values():
@@ -245,11 +272,13 @@ def segmented_step(rounds: int, device: str = "cuda", shapes=None, deepspeed_ada
                 sync()
                 times[name].append(time.perf_counter() - t0)
     ref = statistics.median(times[adam_name])
+    moved = {name: (28 if name == adam_name else 44) * n for name in cands}  # bytes per step
     return dict(
-        partition_numel=n, plan_persistent_bytes=plan.persistent_bytes(), partition_bytes=4 * n,
-        max_abs_diff_vs_single_tensor=diff, compile_error=compile_error,
+        partition_numel=n, plan_persistent_bytes=plan.persistent_bytes(), partition_bytes=4 * n, **notes,
+        byte_floor_vs_adam=44 / 28,
         times={name: dict(median_ms=1e3 * statistics.median(t), min_ms=1e3 * min(t), max_ms=1e3 * max(t),
-                          vs_adam=statistics.median(t) / ref) for name, t in times.items()},
+                          vs_adam=statistics.median(t) / ref, gb_per_s=moved[name] / statistics.median(t) / 1e9)
+               for name, t in times.items()},
     )
 
 
@@ -333,6 +362,14 @@ def write(results: dict, out: Path) -> None:
                 if isinstance(v, dict):
                     lines.append(f"| {k} | {v['median_ms']:.2f} | {v['min_ms']:.2f}..{v['max_ms']:.2f} | "
                                  f"{v['vs_adamw_fused']:.2f}x |")
+        elif name == "segmented_step":
+            lines += ["| step on one partition | median (ms) | min..max (ms) | vs Adam | effective GB/s |",
+                      "| --- | ---: | ---: | ---: | ---: |"]
+            for k, v in r["times"].items():
+                lines.append(f"| {k} | {v['median_ms']:.2f} | {v['min_ms']:.2f}..{v['max_ms']:.2f} | "
+                             f"{v['vs_adam']:.2f}x | {v['gb_per_s']:.0f} |")
+            lines += ["", "```", json.dumps({k: v for k, v in r.items() if k not in ("ok", "seconds", "times")},
+                                            indent=1, default=str)[:3000], "```"]
         else:
             lines += ["```", json.dumps({k: v for k, v in r.items() if k not in ("ok", "seconds")}, indent=1,
                                         default=str)[:4000], "```"]

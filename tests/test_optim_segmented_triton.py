@@ -187,3 +187,74 @@ def test_triton_rejects_other_dtypes():
     x = torch.zeros(16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float32"):
         segmented_triton.statistics(p, x, x, x, x, GROUP, torch.zeros(sl.buffer_numel))
+
+
+def test_kernels_compile_for_nvidia_gpus_with_ieee_arithmetic():
+    """The kernels compiled ahead of time for sm_80 and sm_90 (Triton's own ptxas; no GPU
+    needed), with the step's launch options. The interpreter above checks the arithmetic; this
+    checks what a GPU would run: it compiles, every division and square root is the IEEE one
+    (no approximate forms), the FMAs are exactly the explicit ones (no contraction), and phase 1
+    stores nothing to w, m, v."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("triton_compile_worker.py")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = subprocess.run([sys.executable, str(worker), "80", "90"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    per_thread = segmented_triton.BLOCK_ROWS * segmented_triton.BLOCK_COLS // (32 * segmented_triton.LAUNCH["num_warps"])
+    for arch in (80, 90):
+        stats, apply_, tmax = (got[f"{k}@sm_{arch}"] for k in ("statistics", "apply", "tensor_max"))
+        for k in (stats, apply_, tmax):
+            assert k["cubin_bytes"] > 0
+            assert k["div.full.f32"] == k["div.approx.f32"] == k["sqrt.approx.f32"] == 0, k
+        # m', v', u: three FMAs per element; the update one more
+        assert (stats["fma.rn.f32"], stats["sqrt.rn.f32"], stats["div.rn.f32"]) == (3 * per_thread, per_thread, per_thread)
+        assert (apply_["fma.rn.f32"], apply_["sqrt.rn.f32"]) == (4 * per_thread, per_thread)
+        assert stats["st.global"] == 0 and stats["atom"] > 0  # phase 1 only combines maxima
+        assert apply_["atom"] == 0 and apply_["st.global"] == 3 * per_thread  # w, m, v once each
+
+
+def test_self_check_passes_here_and_catches_a_wrong_kernel(monkeypatch):
+    """The first-use check against the torch form: passes with the real kernels, fails (and
+    says where) when the update is wrong, and the sharded step then falls back with a warning."""
+    from merit_ds.sharding import step as step_mod
+
+    assert segmented_triton._run_self_check(torch.device("cpu")) is None
+    real = segmented_triton.apply
+    monkeypatch.setattr(segmented_triton, "apply",
+                        lambda p, w, g, m, v, group, buf, lr, **kw: real(p, w, g, m, v, group, buf, 2 * lr, **kw))
+    why = segmented_triton._run_self_check(torch.device("cpu"))
+    assert why is not None and why.startswith("AssertionError: w:"), why
+    monkeypatch.setattr(segmented_triton, "self_check", lambda device: why)
+    with pytest.warns(RuntimeWarning, match="failed their self-check"):
+        assert step_mod._triton_passes(torch.device("cpu")) is False
+    monkeypatch.setattr(segmented_triton, "self_check", lambda device: None)
+    assert step_mod._triton_passes(torch.device("cpu")) is True
+
+
+def test_the_planners_estimate_is_the_plans_size_for_gpt2_small():
+    """merit-ds plan counts MERIT's GPU scratch as the tile table; on GPT-2 Small's parameter
+    set at world 8 (one rank's partition) the estimate is the plan's size within 1%."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from bench_optimizer_step import gpt2_small_shapes
+    finally:
+        sys.path.pop(0)
+    shapes = [tuple(s) for s in gpt2_small_shapes()]
+    offsets, total = flat_group(shapes, gap=0)
+    psize = -(-total // 8)
+    sl = stats_layout(shapes, MeritFragmentRule().stats_size)
+    p = segmented_triton.plan(shapes, layout_from_offsets(shapes, offsets, 0, psize).fragments, sl.slots,
+                              sl.slots[0].flag, "cpu")
+    est = segmented_triton.estimated_persistent_bytes(psize)
+    assert est <= p.persistent_bytes() <= 1.01 * est
+    assert p.persistent_bytes() < 0.01 * 4 * psize  # under 1% of the fp32 partition

@@ -31,9 +31,11 @@ result equals the per-fragment sharded step and single-device MERIT; the tests c
 CPU with the single-tensor reference (``tests/test_optim_segmented.py``). It is written in
 torch operations so that the same code runs, and is tested, on CPU; on CUDA it is meant to
 be wrapped by ``torch.compile`` (one fused kernel per phase and chunk). It has not been timed
-on a GPU yet (``benchmarks/gpu_smoke.py`` has the row for it). The sharded step
-(:mod:`merit_ds.sharding.step`, ``segmented_wanted``) runs it for MERIT on CUDA partitions
-with the default implementation, except on statistics steps.
+on a GPU yet (``benchmarks/gpu_smoke.py`` has the row for it). On CUDA partitions the sharded
+step (:mod:`merit_ds.sharding.step`, ``segmented_wanted``) runs the Triton kernels of
+:mod:`merit_ds.optim.segmented_triton` instead, the same phases with per-tile reductions; this
+torch form is their fallback (no triton, or a failed self-check) and their self-check's
+reference.
 """
 
 from __future__ import annotations

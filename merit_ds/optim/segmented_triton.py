@@ -63,13 +63,17 @@ from torch import Tensor
 
 from . import formulas as F
 
-__all__ = ["TilePlan", "available", "interpreting", "plan", "statistics", "apply", "kernels", "TILE_FIELDS"]
+__all__ = ["TilePlan", "available", "interpreting", "plan", "statistics", "apply", "kernels", "self_check",
+           "TILE_FIELDS"]
 
 # One row of the tile table, in this order (the kernels read them by position).
 TILE_FIELDS = ("base", "lo", "hi", "nrows", "col0", "row_len", "row_entry", "row_stride", "row_span",
                "col_entry", "col_span", "is_matrix", "flag", "param", "inner")
 BLOCK_ROWS = 16
 BLOCK_COLS = 256
+# No contraction beyond the kernels' explicit FMAs (so that they round as the CPU kernel does;
+# Triton 3.9 contracts by default). The interpreter ignores launch options.
+LAUNCH = dict(enable_fp_fusion=False, num_warps=4)
 
 
 @functools.lru_cache(maxsize=None)
@@ -169,6 +173,14 @@ def plan(shapes: Sequence[tuple], fragments, slots, flag_base: int, device, bloc
     )
 
 
+def estimated_persistent_bytes(partition_numel: int) -> int:
+    """What :meth:`TilePlan.persistent_bytes` comes to for a partition of this many elements:
+    its tile table (one row per BLOCK_ROWS x BLOCK_COLS elements; partial tiles at fragment
+    edges add ~0.2% for GPT-2 Small). The matrix table and two floats per parameter are not
+    counted (kilobytes). For ``merit-ds plan``."""
+    return len(TILE_FIELDS) * 8 * -(-int(partition_numel) // (BLOCK_ROWS * BLOCK_COLS))
+
+
 def _hyper(group: dict) -> tuple:
     beta1, beta2 = group["betas"]
     # rounded to float32 by the launch, as the CPU kernel rounds its doubles (make_hyper)
@@ -194,7 +206,7 @@ def statistics(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: d
     with _launching():
         k.statistics_kernel[(p.tiles.shape[0],)](
             w, g, m, v, buffer, p.tiles, *_hyper(group),
-            FLAGS=flags, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows, BLOCK_C=p.block_cols,
+            FLAGS=flags, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows, BLOCK_C=p.block_cols, **LAUNCH,
         )
 
 
@@ -208,8 +220,60 @@ def apply(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, 
     k = kernels()
     with _launching():
         if p.matrices.shape[0]:
-            k.tensor_max_kernel[(p.matrices.shape[0],)](buffer, p.tensor_max, p.matrices, BLOCK=1024)
+            k.tensor_max_kernel[(p.matrices.shape[0],)](buffer, p.tensor_max, p.matrices, BLOCK=1024, **LAUNCH)
         k.apply_kernel[(p.tiles.shape[0],)](
             w, g, m, v, buffer, p.tensor_max, p.tiles, *_hyper(group), -float(lr),
-            HONOUR_FLAGS=honour_flags, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows, BLOCK_C=p.block_cols,
+            HONOUR_FLAGS=honour_flags, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows, BLOCK_C=p.block_cols, **LAUNCH,
         )
+
+
+_checked: dict = {}
+
+
+def self_check(device) -> Optional[str]:
+    """Run the kernels once on ``device`` against the torch form (:mod:`.segmented`) on a small
+    partition that cuts a matrix mid-row, once per device and process. ``None`` if they agree
+    within float32 rounding (the two differ only in FMA contraction), else why not: the
+    sharded step then uses the torch form and warns. This guards a machine whose Triton
+    cannot compile or launch these kernels; it costs one compilation (cached on disk by
+    Triton) and a few milliseconds."""
+    key = str(torch.device(device))
+    if key not in _checked:
+        _checked[key] = _run_self_check(torch.device(device))
+    return _checked[key]
+
+
+def _run_self_check(device) -> Optional[str]:
+    from merit_ds.optim import segmented
+    from merit_ds.optim.merit_fragments import MeritFragmentRule
+    from merit_ds.sharding.layout import layout_from_offsets, stats_layout
+
+    shapes = [(5, 300), (7,), (3, 4, 2)]
+    offsets, total = [0, 1500, 1507], 1531
+    sl = stats_layout(shapes, MeritFragmentRule().stats_size)
+    layout = layout_from_offsets(shapes, offsets, 700, total - 700)  # from the middle of row 2
+    gen = torch.Generator().manual_seed(0)
+    w, g, m = (torch.randn(layout.partition_numel, generator=gen).to(device) for _ in range(3))
+    v = torch.rand(layout.partition_numel, generator=gen).to(device)
+    group = dict(betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    flag_base = sl.slots[0].flag
+    results = []
+    try:
+        for form in ("triton", "torch"):
+            ws, ms, vs, buf = w.clone(), m.clone(), v.clone(), torch.zeros(sl.buffer_numel, device=device)
+            if form == "triton":
+                p = plan(shapes, layout.fragments, sl.slots, flag_base, device)
+                statistics(p, ws, g, ms, vs, group, buf)
+                apply(p, ws, g, ms, vs, group, buf, 1e-3)
+            else:
+                p = segmented.plan(shapes, layout.fragments, sl.slots, flag_base, layout.partition_numel, device)
+                segmented.statistics(p, ws, g, ms, vs, group, buf)
+                segmented.apply(p, ws, g, ms, vs, group, buf, 1e-3)
+            results.append((ws, ms, vs, buf))
+        for name, a, b in zip(("w", "m", "v", "statistics"), *results):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m_, n=name: f"{n}: {m_}")
+        if torch.equal(results[0][0], w):
+            return "the Triton step left the weights unchanged"
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use these kernels here
+        return f"{type(e).__name__}: {str(e)[:500]}"
+    return None

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 # the largest finite float32: |g| <= FLT_MAX is false exactly for inf, -inf and NaN
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit

@@ -43,6 +43,8 @@ bias correction uses it; its skip unit is the whole group, so all its parameters
 
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -181,7 +183,8 @@ def _scratch(s: ShardedGroupStep, count: int) -> list[Tensor]:
 
 
 def segmented_wanted(s: ShardedGroupStep) -> bool:
-    """Whether this step runs the segmented whole-partition form (merit_ds.optim.segmented):
+    """Whether this step runs a whole-partition form (the Triton kernels of
+    merit_ds.optim.segmented_triton, else the torch form merit_ds.optim.segmented):
     MERIT on a CUDA partition with the default implementation (or "fused"), not on a
     statistics step (the segmented form does not count trust-ratio statistics). There it
     replaces one launch sequence and one host sync per fragment by a fixed number of
@@ -192,6 +195,17 @@ def segmented_wanted(s: ShardedGroupStep) -> bool:
     return (s.flat.is_cuda and isinstance(s.rule, MeritFragmentRule)
             and s.group.get("implementation") in (None, "fused")
             and not getattr(s.optimizer, "track_stats", False))
+
+
+def _triton_passes(device) -> bool:
+    from merit_ds.optim import segmented_triton
+
+    why = segmented_triton.self_check(device)
+    if why is not None:
+        warnings.warn(f"MERIT: the Triton kernels failed their self-check on {device} ({why}); the sharded "
+                      "step uses the torch form instead (correct, slower). Set MERIT_DS_TRITON=0 to silence this.",
+                      RuntimeWarning, stacklevel=3)
+    return why is None
 
 
 def _segmented_plan(s: ShardedGroupStep):
@@ -208,7 +222,7 @@ def _segmented_plan(s: ShardedGroupStep):
         slots = s.stats_layout.slots
         flag_base = slots[0].flag if slots else 0
         if (s.group.get("implementation") in (None, "fused") and s.flat.dtype == torch.float32
-                and segmented_triton.available(s.flat.device)):
+                and segmented_triton.available(s.flat.device) and _triton_passes(s.flat.device)):
             hit = segmented_triton, segmented_triton.plan(s.layout.shapes, s.layout.fragments, slots, flag_base,
                                                           s.flat.device)
         else:

@@ -24,14 +24,14 @@ log-softmax. The loss's backward then holds the logits' gradient, fp32 and in th
 ``(4 + e) s b V`` bytes, counted on top. With full activation checkpointing each layer keeps only
 its input (``e s b h`` bytes) and one layer is live again during backward.
 
-Optimizer scratch: on a GPU partition MERIT's sharded step runs the segmented whole-partition
-form (merit_ds.optim.segmented): no partition-sized buffer is kept (its index tables are ~24
-bytes per matrix row, not modelled), and its chunk temporaries peak near 2.5 bytes/param / Nd
-(1/64 of the partition per chunk at ~160 bytes per element), counted here; LAMB's sharded step
-keeps three partition-sized fp32 work buffers (12 bytes/param / Nd; ZeRO-0: the whole model);
-none under CPU offload (MERIT: the fused CPU kernel); DeepSpeed's AdamW (FusedAdam) none. Not modelled: allocator
-overhead, DeepSpeed's communication buckets, the CUDA context; hence the planner fills at most
-``HEADROOM`` of the GPU.
+Optimizer scratch: on a GPU partition MERIT's sharded step runs its Triton kernels
+(merit_ds.optim.segmented_triton): the only thing they keep is a tile table of 120 bytes per
+4,096 partition elements (~0.03 bytes/param / Nd), counted here; without triton the torch form
+(merit_ds.optim.segmented) runs instead and its chunk temporaries peak near 2.5 bytes/param / Nd,
+not counted. LAMB's sharded step keeps three partition-sized fp32 work buffers (12 bytes/param /
+Nd; ZeRO-0: the whole model); none under CPU offload (MERIT: the fused CPU kernel); DeepSpeed's
+AdamW (FusedAdam) none. Not modelled: allocator overhead, DeepSpeed's communication buckets, the
+CUDA context; hence the planner fills at most ``HEADROOM`` of the GPU.
 
 Wall time: :func:`flops_per_token` x D tokens (``6 N + 12 L h s`` per token: forward +
 backward, attention included, PaLM's MFU convention; the training loop's MFU uses the same count)
@@ -111,15 +111,15 @@ def activation_bytes(model: ModelPreset, micro_batch: int, seq_len: int, *, prec
 
 def optimizer_scratch_bytes(n_params: int, world: int, stage: int, *, offload: bool = False,
                             optimizer: str = "merit") -> float:
-    """GPU bytes of the optimizer's own work memory: MERIT, the segmented step's chunk
-    temporaries (below one partition); LAMB, three partition-sized fp32 buffers; none under
-    offload or for DeepSpeed's fused AdamW."""
+    """GPU bytes of the optimizer's own work memory: MERIT, the Triton step's tile table (its
+    only scratch: ~0.03 bytes per partition element); LAMB, three partition-sized fp32
+    buffers; none under offload or for DeepSpeed's fused AdamW."""
     if optimizer == "adamw" or offload:
         return 0.0
     if optimizer == "merit":
-        from merit_ds.optim.segmented import transient_bytes
+        from merit_ds.optim.segmented_triton import estimated_persistent_bytes
 
-        return float(transient_bytes(-(-int(n_params) // (world if stage >= 1 else 1))))
+        return float(estimated_persistent_bytes(-(-int(n_params) // (world if stage >= 1 else 1))))
     return 3 * 4 * float(n_params) / (world if stage >= 1 else 1)
 
 
@@ -173,7 +173,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
               mfu: float = DEFAULT_MFU, seq_len: Optional[int] = None, optimizer: str = "merit",
               batch_schedule: Optional[str] = None) -> dict:
     """``optimizer`` (merit | lamb | adamw) sets the peak lr shown and the scratch buffers (MERIT
-    the segmented step's chunk temporaries, under one partition; LAMB: three partition-sized
+    the Triton step's tile table, ~0.03 bytes per partition element; LAMB: three partition-sized
     fp32 buffers on the GPU; AdamW none); the state is the same
     for all three (fp32 master, m and v: 12 bytes/param in bf16).
 
