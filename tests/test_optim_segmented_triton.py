@@ -209,8 +209,8 @@ def test_kernels_compile_for_nvidia_gpus_with_ieee_arithmetic():
     got = json.loads(out.stdout.strip().splitlines()[-1])
     per_thread = segmented_triton.BLOCK_ROWS * segmented_triton.BLOCK_COLS // (32 * segmented_triton.LAUNCH["num_warps"])
     for arch in (80, 90):
-        stats, apply_, tmax = (got[f"{k}@sm_{arch}"] for k in ("statistics", "apply", "tensor_max"))
-        for k in (stats, apply_, tmax):
+        stats, apply_, track, tmax = (got[f"{k}@sm_{arch}"] for k in ("statistics", "apply", "apply_track", "tensor_max"))
+        for k in (stats, apply_, track, tmax):
             assert k["cubin_bytes"] > 0
             assert k["div.full.f32"] == k["div.approx.f32"] == k["sqrt.approx.f32"] == 0, k
         # m', v', u: three FMAs per element; the update one more
@@ -218,6 +218,10 @@ def test_kernels_compile_for_nvidia_gpus_with_ieee_arithmetic():
         assert (apply_["fma.rn.f32"], apply_["sqrt.rn.f32"]) == (4 * per_thread, per_thread)
         assert stats["st.global"] == 0 and stats["atom"] > 0  # phase 1 only combines maxima
         assert apply_["atom"] == 0 and apply_["st.global"] == 3 * per_thread  # w, m, v once each
+        # a statistics step: the same arithmetic, plus one atomic per statistic per tile (Triton
+        # compiles a float atomic min / max as two integer ones, by sign: 3 + 2 * 2)
+        assert (track["fma.rn.f32"], track["sqrt.rn.f32"]) == (4 * per_thread, per_thread)
+        assert track["atom"] == 7 and track["st.global"] == 3 * per_thread
 
 
 def test_self_check_passes_here_and_catches_a_wrong_kernel(monkeypatch):

@@ -200,10 +200,11 @@ def _run(monkeypatch, world, flavour, policy="skip", steps=3, nan_at=None, perm=
             _check_trust_stats(ref, opts, sim, summaries, skipped=nan_at == step, clips=cls.fragment_rule.clips)
     assert sim.calls == [steps] * world
     assert sim.ops == {cls.fragment_rule.reduce_op}
-    # the fused form (CPU kernel) and the segmented form keep no partition-sized scratch;
-    # the others do
+    # the fused form (CPU kernel) and the whole-partition forms keep no partition-sized
+    # scratch (the torch form leaves statistics steps to the per-fragment step); the others do
     fused = cls is MERIT and implementation != "foreach" and kernel_available()
-    fused = fused or all(o.__dict__.get("_merit_segmented_plans") for o in opts)
+    whole = all(o.__dict__.get("_merit_segmented_plans") for o in opts)
+    fused = fused or (whole and (not track or _forms(opts) == {"segmented_triton"}))
     assert all(("_merit_scratch" in o.__dict__) != fused for o in opts)
     return ref, opts, sim
 
@@ -353,7 +354,7 @@ def test_propagate_policy_updates_moments_in_place(monkeypatch, flavour, optimiz
 
 
 def _force_segmented(monkeypatch):
-    """Run the segmented whole-partition form (merit_ds.optim.segmented) on these CPU
+    """Run a whole-partition form (the Triton kernels, else the torch form) on these CPU
     partitions, where the step would choose it on CUDA ones; and check that it really ran."""
     from merit_ds.optim.merit_fragments import MeritFragmentRule
     from merit_ds.sharding import step as step_mod
@@ -361,7 +362,7 @@ def _force_segmented(monkeypatch):
     ran = []
 
     def wanted(s):
-        ok = isinstance(s.rule, MeritFragmentRule) and not getattr(s.optimizer, "track_stats", False)
+        ok = isinstance(s.rule, MeritFragmentRule) and s.group.get("implementation") in (None, "fused", "foreach")
         ran.append(ok)
         return ok
 
@@ -399,6 +400,20 @@ def test_triton_form_inside_the_sharded_step_equals_the_cpu_kernel_bitwise(monke
     ref, opts, _ = _run(monkeypatch, world, flavour, nan_at=1, implementation=None)
     assert ref.nonfinite_skips == 1 and [o.nonfinite_skips for o in opts] == [1] * world
     _run(monkeypatch, world, flavour, policy="raise", nan_at=0, implementation=None)
+    assert ran and all(ran)
+
+
+@pytest.mark.parametrize("flavour", ["zero12", "zero3"])
+def test_statistics_steps_run_the_triton_form_and_count_like_the_cpu_kernel(monkeypatch, flavour):
+    """track_stats steps stay on the Triton kernels (no partition-sized buffer appears; asserted
+    in _run): the ranks' statistics merged equal single-device MERIT's on its CPU kernel (count,
+    clipped, min, max exactly; the float64 sum within 1e-6), also with a skipped parameter; the
+    torch form leaves statistics steps to the per-fragment step (asserted by the scratch check)."""
+    ran = _force_segmented(monkeypatch)
+    _, opts, _ = _run(monkeypatch, 3, flavour, track=True, implementation=None)
+    assert _forms(opts) == {"segmented_triton"}
+    _run(monkeypatch, 2, flavour, track=True, nan_at=1, implementation=None)
+    _, opts, _ = _run(monkeypatch, 2, flavour, track=True, implementation="foreach")
     assert ran and all(ran)
 
 

@@ -22,10 +22,13 @@ TILES = dict(NF=len(segmented_triton.TILE_FIELDS), BLOCK_R=segmented_triton.BLOC
              BLOCK_C=segmented_triton.BLOCK_COLS)
 OPTIONS = {k_: v for k_, v in segmented_triton.LAUNCH.items()}
 
+APPLY = {**ELEMENTWISE, "tmax_ptr": "*fp32", "tab_ptr": "*i64", "count_ptr": "*i64", "sum_ptr": "*fp64",
+         "min_ptr": "*fp32", "max_ptr": "*fp32", "clipped_ptr": "*i64", **HYPER, "neg_lr": "fp32"}
+
 KERNELS = {
     "statistics": (k.statistics_kernel, {**ELEMENTWISE, "tab_ptr": "*i64", **HYPER}, dict(FLAGS=True, **TILES)),
-    "apply": (k.apply_kernel, {**ELEMENTWISE, "tmax_ptr": "*fp32", "tab_ptr": "*i64", **HYPER, "neg_lr": "fp32"},
-              dict(HONOUR_FLAGS=True, **TILES)),
+    "apply": (k.apply_kernel, APPLY, dict(HONOUR_FLAGS=True, TRACK=False, **TILES)),
+    "apply_track": (k.apply_kernel, APPLY, dict(HONOUR_FLAGS=True, TRACK=True, **TILES)),
     "tensor_max": (k.tensor_max_kernel, {"buf_ptr": "*fp32", "tmax_ptr": "*fp32", "mat_ptr": "*i64"}, dict(BLOCK=1024)),
 }
 

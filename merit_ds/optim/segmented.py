@@ -50,6 +50,10 @@ from . import formulas as F
 
 __all__ = ["SegmentedPlan", "plan", "statistics", "apply", "DEFAULT_CHUNK"]
 
+# Whether apply(..., track=True) returns the step's trust-ratio statistics (the sharded step
+# runs this form on statistics steps only if so).
+TRACKS_STATS = False
+
 # Elements per chunk, by default: 1/CHUNKS_PER_PARTITION of the partition (at least
 # MIN_CHUNK). The temporaries of a chunk (int64 indices, gathered maxima, m', v', u, s, masks)
 # are about TEMP_BYTES_PER_ELEMENT per element, so 64 chunks keep them at ~2.5 bytes per

@@ -53,6 +53,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import contextlib
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -62,9 +63,14 @@ import torch
 from torch import Tensor
 
 from . import formulas as F
+from .trust_stats import PartialTrustStats
 
 __all__ = ["TilePlan", "available", "interpreting", "plan", "statistics", "apply", "kernels", "self_check",
            "TILE_FIELDS"]
+
+# Whether apply(..., track=True) returns the step's trust-ratio statistics (the sharded step
+# runs this form on statistics steps only if so).
+TRACKS_STATS = True
 
 # One row of the tile table, in this order (the kernels read them by position).
 TILE_FIELDS = ("base", "lo", "hi", "nrows", "col0", "row_len", "row_entry", "row_stride", "row_span",
@@ -130,6 +136,7 @@ class TilePlan:
     tensor_max: Tensor
     block_rows: int
     block_cols: int
+    params: tuple  # the parameters with elements in this partition
 
     def persistent_bytes(self) -> int:
         """Memory the plan keeps across steps, in bytes."""
@@ -170,6 +177,7 @@ def plan(shapes: Sequence[tuple], fragments, slots, flag_base: int, device, bloc
         tiles=torch.tensor(tiles, dtype=torch.int64).reshape(-1, len(TILE_FIELDS)).to(device),
         matrices=torch.tensor(sorted(matrices), dtype=torch.int64).reshape(-1, 3).to(device),
         tensor_max=tensor_max.to(device), block_rows=block_rows, block_cols=block_cols,
+        params=tuple(sorted({f.param_index for f in fragments if f.numel})),
     )
 
 
@@ -211,20 +219,35 @@ def statistics(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: d
 
 
 def apply(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, buffer: Tensor, lr: float,
-          honour_flags: bool = True) -> None:
+          honour_flags: bool = True, track: bool = False) -> Optional[dict]:
     """Phase 3: w, m, v of every element whose parameter is not flagged (``honour_flags``),
-    from the reduced ``buffer``."""
+    from the reduced ``buffer``. ``track``: also return ``{parameter index:
+    PartialTrustStats}`` of the elements this partition updated, for every parameter it holds
+    (device tensors, nothing read back; a flagged parameter's entry counts 0 elements)."""
     _check((w, g, m, v, buffer))
     if p.tiles.shape[0] == 0:
-        return
+        return {} if track else None
+    n_params = p.tensor_max.numel() // 2
+    dev = w.device
+    if track:
+        acc = (torch.zeros(n_params, dtype=torch.int64, device=dev), torch.zeros(n_params, dtype=torch.float64, device=dev),
+               torch.full((n_params,), math.inf, device=dev), torch.full((n_params,), -math.inf, device=dev),
+               torch.zeros(n_params, dtype=torch.int64, device=dev))
+    else:
+        acc = (p.tensor_max,) * 5  # not touched (TRACK off)
     k = kernels()
     with _launching():
         if p.matrices.shape[0]:
             k.tensor_max_kernel[(p.matrices.shape[0],)](buffer, p.tensor_max, p.matrices, BLOCK=1024, **LAUNCH)
         k.apply_kernel[(p.tiles.shape[0],)](
-            w, g, m, v, buffer, p.tensor_max, p.tiles, *_hyper(group), -float(lr),
-            HONOUR_FLAGS=honour_flags, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows, BLOCK_C=p.block_cols, **LAUNCH,
+            w, g, m, v, buffer, p.tensor_max, p.tiles, *acc, *_hyper(group), -float(lr),
+            HONOUR_FLAGS=honour_flags, TRACK=track, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows,
+            BLOCK_C=p.block_cols, **LAUNCH,
         )
+    if not track:
+        return None
+    count, ratio_sum, lo, hi, clipped = acc
+    return {i: PartialTrustStats(count[i], ratio_sum[i], lo[i], hi[i], clipped[i]) for i in p.params}
 
 
 _checked: dict = {}

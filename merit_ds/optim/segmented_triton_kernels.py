@@ -125,12 +125,17 @@ def _ratio(max_w, max_u, floor):
 
 @triton.jit
 def apply_kernel(w_ptr, g_ptr, m_ptr, v_ptr, buf_ptr, tmax_ptr, tab_ptr,
+                 count_ptr, sum_ptr, min_ptr, max_ptr, clipped_ptr,
                  beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, neg_lr,
-                 HONOUR_FLAGS: tl.constexpr, NF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                 HONOUR_FLAGS: tl.constexpr, TRACK: tl.constexpr, NF: tl.constexpr, BLOCK_R: tl.constexpr,
+                 BLOCK_C: tl.constexpr):
     """Phase 3 of one tile: the trust ratios of its rows and columns from the reduced maxima
     (BLOCK_R + BLOCK_C divisions, not one per element), then per element m', v', u
     recomputed, s = max(row ratio, column ratio) (1 where a maximum is 0), and
-    w -= lr * clip(s * u, -1, 1); w, m, v written unless the parameter is flagged."""
+    w -= lr * clip(s * u, -1, 1); w, m, v written unless the parameter is flagged.
+    ``TRACK``: also the trust-ratio statistics of the elements written, per parameter (count,
+    float64 sum of s, min and max of s, count of |s*u| > 1: the CPU kernel's five numbers), by
+    one atomic each per tile."""
     offs, mask, rmask, cols, row_idx, row_span, col_idx, col_span, ccmask, flag, param, inner = _tile(
         tab_ptr, NF, BLOCK_R, BLOCK_C)
     if HONOUR_FLAGS:  # a flagged parameter: no row of the tile is written
@@ -162,3 +167,14 @@ def apply_kernel(w_ptr, g_ptr, m_ptr, v_ptr, buf_ptr, tmax_ptr, tab_ptr,
     tl.store(w_ptr + offs, tl.fma(neg_lr, c, w), mask=mask)
     tl.store(m_ptr + offs, m_new, mask=mask)
     tl.store(v_ptr + offs, v_new, mask=mask)
+    if TRACK:
+        n = tl.sum(tl.sum(tl.where(mask, 1, 0).to(tl.int64), axis=1), axis=0)
+        clipped = tl.sum(tl.sum(tl.where(mask & (tl.abs(x) > 1.0), 1, 0).to(tl.int64), axis=1), axis=0)
+        total = tl.sum(tl.sum(tl.where(mask, s.to(tl.float64), 0.0), axis=1), axis=0)
+        lo = tl.min(tl.min(tl.where(mask, s, float("inf")), axis=1), axis=0)
+        hi = tl.max(tl.max(tl.where(mask, s, float("-inf")), axis=1), axis=0)
+        tl.atomic_add(count_ptr + param, n)
+        tl.atomic_add(clipped_ptr + param, clipped)
+        tl.atomic_add(sum_ptr + param, total)
+        tl.atomic_min(min_ptr + param, lo)
+        tl.atomic_max(max_ptr + param, hi)

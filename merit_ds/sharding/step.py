@@ -185,16 +185,15 @@ def _scratch(s: ShardedGroupStep, count: int) -> list[Tensor]:
 def segmented_wanted(s: ShardedGroupStep) -> bool:
     """Whether this step runs a whole-partition form (the Triton kernels of
     merit_ds.optim.segmented_triton, else the torch form merit_ds.optim.segmented):
-    MERIT on a CUDA partition with the default implementation (or "fused"), not on a
-    statistics step (the segmented form does not count trust-ratio statistics). There it
+    MERIT on a CUDA partition with the default implementation (or "fused"). There it
     replaces one launch sequence and one host sync per fragment by a fixed number of
-    operations over the whole partition, and keeps no partition-sized buffer. (Tests patch
-    this to run it on CPU partitions.)"""
+    operations over the whole partition, and keeps no partition-sized buffer. On a statistics
+    step only the Triton form runs (it counts the trust-ratio statistics; the torch form does
+    not: the per-fragment step runs then). (Tests patch this to run it on CPU partitions.)"""
     from merit_ds.optim.merit_fragments import MeritFragmentRule
 
     return (s.flat.is_cuda and isinstance(s.rule, MeritFragmentRule)
-            and s.group.get("implementation") in (None, "fused")
-            and not getattr(s.optimizer, "track_stats", False))
+            and s.group.get("implementation") in (None, "fused"))
 
 
 def _triton_passes(device) -> bool:
@@ -247,11 +246,12 @@ def _local_statistics(s: ShardedGroupStep) -> None:
     s._grad = grad
     s._segmented = None
     if segmented_wanted(s):
-        s._segmented = _segmented_plan(s)
-        form, plan = s._segmented
-        form.statistics(plan, flat, grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats,
-                        flags=group["nonfinite_grads"] != "propagate")
-        return
+        form, plan = _segmented_plan(s)
+        if form.TRACKS_STATS or not getattr(s.optimizer, "track_stats", False):
+            s._segmented = form, plan
+            form.statistics(plan, flat, grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats,
+                            flags=group["nonfinite_grads"] != "propagate")
+            return
     if rule.fused_available(flat, grad, state, group):
         # Fused form: nothing is written before phase 3, so no scratch buffer is needed.
         s._fused = True
@@ -338,8 +338,13 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
         state["step"] += 1
     if s._segmented is not None:  # w, m, v of every element whose parameter is not flagged
         form, plan = s._segmented
-        form.apply(plan, flat, s._grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats, lr,
-                   honour_flags=group["nonfinite_grads"] != "propagate")
+        recorded = form.apply(plan, flat, s._grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats, lr,
+                              honour_flags=group["nonfinite_grads"] != "propagate",
+                              **({"track": True} if track else {}))
+        if track:  # the parameters stepped here record their statistics
+            for index, stats in recorded.items():
+                if index not in bad:
+                    s.optimizer.partial_stats[(flat, index)] = stats
         return
     if s._fused:  # the rule's fused form writes w, m, v of the fragments not skipped
         step = int(state["step"].item())
