@@ -10,8 +10,10 @@ sub-group / all groups). Around each call the hook
   rebuilds the full tensors from DeepSpeed's own records (ZeRO 1/2:
   ``round_robin_bit16_offsets``; BF16_Optimizer: contiguous ``bf16_groups``; ZeRO 3:
   ``partition_numel`` pieces) -- independently of merit_ds's layout code;
-- runs single-device MERIT (functional, single_tensor) on exactly those full weights and
-  averaged gradient, with its own moments, and compares with the sharded result (atol=rtol=0);
+- runs single-device MERIT (functional; the same arithmetic as the sharded step: single_tensor
+  for the foreach path, the CPU kernel for its fused form and, on CUDA partitions, for the
+  Triton kernels, on CPU copies) on exactly those full weights and averaged gradient, with its
+  own moments, and compares with the sharded result (atol=rtol=0);
 - counts ``torch.distributed.all_reduce`` calls inside the step (must be exactly 1, with
   ``track_stats`` on);
 - compares the trust-ratio summary the sharded step recorded per fragment, combined over
@@ -53,8 +55,31 @@ OPTIMIZERS = {"merit": (MERIT, merit), "lamb": (LAMB, lamb)}
 OPT_CLS, OPT_FN = MERIT, merit  # set from --optimizer
 
 
+def _triton_steps_the_partitions(params, grp) -> bool:
+    """Whether the sharded step runs MERIT's Triton kernels here (CUDA partitions, default or
+    "fused" implementation, the kernels' self-check passed): they do the CPU kernel's
+    arithmetic, so the reference is then the CPU kernel, run on CPU copies."""
+    if OPT_CLS is not MERIT or grp["implementation"] not in (None, "fused"):
+        return False
+    dev = next((p.device for p in params if p.is_cuda), None)
+    if dev is None:
+        return False
+    from merit_ds.optim import segmented_triton
+
+    return segmented_triton.available(dev) and segmented_triton.self_check(dev) is None
+
+
 def functional_step(params, grads, exp_avgs, exp_avg_sqs, steps, grp, **extra):
     """The optimizer's functional single-device step with ``grp``'s hyperparameters."""
+    if _triton_steps_the_partitions(params, grp):
+        tensors = [params, grads, exp_avgs, exp_avg_sqs, steps]
+        on_cpu = [[t.detach().cpu().clone() for t in ts] for ts in tensors]
+        out = functional_step(*on_cpu, {**grp, "implementation": None}, **extra)
+        with torch.no_grad():
+            for ts, cs in zip(tensors, on_cpu):
+                for t, c in zip(ts, cs):
+                    t.copy_(c)
+        return out
     # The same path as the sharded step: the CPU kernel where the group resolves to it (the
     # default for fp32 on CPU; kernel vs kernel is bitwise), else the single_tensor reference
     # (bitwise equal to the foreach path the sharded step then runs).
