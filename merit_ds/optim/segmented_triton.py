@@ -284,10 +284,12 @@ def _run_self_check(device) -> Optional[str]:
     try:
         for form in ("triton", "torch"):
             ws, ms, vs, buf = w.clone(), m.clone(), v.clone(), torch.zeros(sl.buffer_numel, device=device)
-            if form == "triton":
+            if form == "triton":  # the statistics-step variant: both kernels compile and launch
                 p = plan(shapes, layout.fragments, sl.slots, flag_base, device)
                 statistics(p, ws, g, ms, vs, group, buf)
-                apply(p, ws, g, ms, vs, group, buf, 1e-3)
+                counted = apply(p, ws, g, ms, vs, group, buf, 1e-3, track=True)
+                if sum(int(st.count) for st in counted.values()) != layout.partition_numel:
+                    return "the Triton step's statistics did not count every element"
             else:
                 p = segmented.plan(shapes, layout.fragments, sl.slots, flag_base, layout.partition_numel, device)
                 segmented.statistics(p, ws, g, ms, vs, group, buf)
