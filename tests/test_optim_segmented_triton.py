@@ -262,3 +262,68 @@ def test_the_planners_estimate_is_the_plans_size_for_gpt2_small():
     est = segmented_triton.estimated_persistent_bytes(psize)
     assert est <= p.persistent_bytes() <= 1.01 * est
     assert p.persistent_bytes() < 0.01 * 4 * psize  # under 1% of the fp32 partition
+
+
+def _steps(impl, policy="skip", nan=None, track=True, steps=3):
+    """MERIT on SHAPES (an empty matrix added) for ``steps`` steps; returns each step's weights,
+    moments and statistics."""
+    shapes = SHAPES + [(0, 3)]
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(s, generator=gen).requires_grad_() for s in shapes]
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(steps)]
+    opt = MERIT(params, lr=LR, nonfinite_grads=policy, implementation=impl, **GROUP)
+    opt.track_stats = track
+    out = []
+    for k in range(steps):
+        for p, g in zip(params, grads[k]):
+            p.grad = g.clone()
+        if nan is not None and nan[0] == k:
+            params[nan[1]].grad.view(-1)[0] = float("nan")
+        opt.step()
+        out.append(([p.detach().clone() for p in params],
+                    [opt.state[p]["exp_avg"].clone() for p in params if p in opt.state],
+                    [float(opt.state[p]["step"]) for p in params if p in opt.state],
+                    {i: tuple(float(x) for x in opt.partial_stats[p]) for i, p in enumerate(params)
+                     if p in opt.partial_stats},
+                    opt.nonfinite_skips))
+    return out
+
+
+@pytest.mark.parametrize("policy,nan", [("skip", None), ("skip", (1, 2)), ("propagate", None)])
+def test_implementation_triton_equals_the_cpu_kernel_bitwise(policy, nan):
+    """MERIT(implementation="triton") on one device (each tensor a one-fragment partition;
+    interpreted here, on CUDA tensors on a GPU) against the default CPU kernel, step by step:
+    weights, moments, step counts, skips and the trust-ratio statistics all equal (the
+    statistics' float64 sum within 1e-12: another summation order)."""
+    triton_run = _steps("triton", policy, nan)
+    kernel_run = _steps(None, policy, nan)
+    for k, (a, b) in enumerate(zip(triton_run, kernel_run)):
+        for x, y in zip(a[0], b[0]):
+            assert torch.equal(x, y), k
+        for x, y in zip(a[1], b[1]):
+            assert torch.equal(x, y), k
+        assert a[2] == b[2] and a[4] == b[4], k
+        assert a[3].keys() == b[3].keys(), k
+        for i in a[3]:
+            ca, sa, lo_a, hi_a, cl_a = a[3][i]
+            cb, sb, lo_b, hi_b, cl_b = b[3][i]
+            assert (ca, lo_a, hi_a, cl_a) == (cb, lo_b, hi_b, cl_b), (k, i)
+            assert sa == pytest.approx(sb, rel=1e-12, abs=0), (k, i)
+    if nan is not None:
+        assert triton_run[-1][4] == 1 and nan[1] not in triton_run[nan[0]][3]  # skipped, no statistics
+
+
+def test_implementation_triton_raise_and_refusals():
+    params = [torch.randn(4, 5, requires_grad=True), torch.randn(5, requires_grad=True)]
+    before = [p.detach().clone() for p in params]
+    opt = MERIT(params, lr=LR, nonfinite_grads="raise", implementation="triton", **GROUP)
+    params[0].grad = torch.randn(4, 5)
+    params[1].grad = torch.full((5,), float("inf"))
+    with pytest.raises(FloatingPointError, match="nothing was modified"):
+        opt.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(params, before))
+    assert all(not opt.state[p] or float(opt.state[p]["step"]) == 0 for p in params)
+    x = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    x.grad = torch.randn(3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match="implementation='triton' cannot step these tensors"):
+        MERIT([x], implementation="triton").step()

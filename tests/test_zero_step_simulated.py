@@ -362,7 +362,8 @@ def _force_segmented(monkeypatch):
     ran = []
 
     def wanted(s):
-        ok = isinstance(s.rule, MeritFragmentRule) and s.group.get("implementation") in (None, "fused", "foreach")
+        ok = isinstance(s.rule, MeritFragmentRule) and s.group.get("implementation") in (None, "fused", "triton",
+                                                                                          "foreach")
         ran.append(ok)
         return ok
 
@@ -385,21 +386,24 @@ def _forms(opts):
     return {form.__name__.rsplit(".", 1)[-1] for o in opts for form, _ in o.__dict__["_merit_segmented_plans"].values()}
 
 
+@pytest.mark.parametrize("implementation", [None, "triton"])
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("flavour", ["zero12", "zero3"])
-def test_triton_form_inside_the_sharded_step_equals_the_cpu_kernel_bitwise(monkeypatch, world, flavour):
-    """With the default implementation the sharded step runs the Triton kernels (here under
-    Triton's interpreter, on these CPU partitions; compiled on a GPU): bit for bit single-device
-    MERIT on its CPU kernel (the same arithmetic), with skips and the 'raise' policy."""
+def test_triton_form_inside_the_sharded_step_equals_the_cpu_kernel_bitwise(monkeypatch, world, flavour,
+                                                                           implementation):
+    """With the default implementation (or "triton") the sharded step runs the Triton kernels
+    (here under Triton's interpreter, on these CPU partitions; compiled on a GPU): bit for bit
+    single-device MERIT on its CPU kernel (default) or on the same kernels per tensor
+    ("triton"), with skips and the 'raise' policy."""
     from merit_ds.optim import segmented_triton
 
     assert segmented_triton.available("cpu")  # tests run Triton interpreted (tests/conftest.py)
     ran = _force_segmented(monkeypatch)
-    _, opts, _ = _run(monkeypatch, world, flavour, implementation=None)
+    _, opts, _ = _run(monkeypatch, world, flavour, implementation=implementation)
     assert _forms(opts) == {"segmented_triton"}
-    ref, opts, _ = _run(monkeypatch, world, flavour, nan_at=1, implementation=None)
+    ref, opts, _ = _run(monkeypatch, world, flavour, nan_at=1, implementation=implementation)
     assert ref.nonfinite_skips == 1 and [o.nonfinite_skips for o in opts] == [1] * world
-    _run(monkeypatch, world, flavour, policy="raise", nan_at=0, implementation=None)
+    _run(monkeypatch, world, flavour, policy="raise", nan_at=0, implementation=implementation)
     assert ran and all(ran)
 
 

@@ -34,11 +34,11 @@ from .base import (
     workspace_views,
 )
 from .merit_fragments import MeritFragmentRule
-from .trust_stats import PartialTrustStats, partial_trust_stats
+from .trust_stats import PartialTrustStats, empty_trust_stats, partial_trust_stats
 
 __all__ = ["MERIT", "merit", "MeritStats", "PartialTrustStats", "NONFINITE_POLICIES", "IMPLEMENTATIONS"]
 
-IMPLEMENTATIONS = ("single_tensor", "foreach", "fused", "compiled")
+IMPLEMENTATIONS = ("single_tensor", "foreach", "fused", "compiled", "triton")
 
 
 class MeritStats(NamedTuple):
@@ -96,8 +96,10 @@ class MERIT(ShardableOptimizer):
             builds, else ``"foreach"`` on cpu/cuda/xpu, else ``"single_tensor"``),
             ``"single_tensor"`` (the reference), ``"foreach"``, ``"fused"`` (the device's fused
             kernel: on CPU the two-pass C++/OpenMP kernel of :mod:`.cpu_kernel`, elsewhere
-            ``torch.compile``), or ``"compiled"`` (``torch.compile``d kernels on any device;
-            compiles once per shape class). Under ZeRO the sharded step honours it too.
+            ``torch.compile``), ``"compiled"`` (``torch.compile``d kernels on any device;
+            compiles once per shape class), or ``"triton"`` (MERIT's Triton kernels, the sharded
+            GPU step's, run per tensor: fp32 CUDA tensors; the CPU kernel's arithmetic bit for
+            bit; opt-in until timed on a GPU). Under ZeRO the sharded step honours it too.
         track_stats: record trust-ratio statistics of each step (costs extra passes; off by
             default; may be switched on and off between steps, e.g. for diagnostics steps).
             :attr:`partial_stats` maps each stepped parameter to its
@@ -212,8 +214,9 @@ def merit(
     if not params:
         return 0
     implementation = resolve_implementation(implementation, params, grads, exp_avgs, exp_avg_sqs)
-    if implementation == "cpu_kernel":
-        return _cpu_kernel_merit(
+    if implementation in ("cpu_kernel", "triton"):
+        fused = _cpu_kernel_merit if implementation == "cpu_kernel" else _triton_merit
+        return fused(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, nonfinite_grads=nonfinite_grads, stats=stats,
         )
@@ -258,7 +261,8 @@ def merit(
 
 def resolve_implementation(implementation: Optional[str], params: list, *tensors: list) -> str:
     """The path that runs: ``"single_tensor"``, ``"foreach"``, ``"cpu_kernel"`` (the C++
-    kernel) or ``"compiled"`` (torch.compile).
+    kernel), ``"compiled"`` (torch.compile) or ``"triton"`` (asked for by name only; a
+    ``ValueError`` where the tensors are not fp32 contiguous tensors the kernels can run on).
 
     ``None`` picks the fastest correct path measured on each device (see README, "Speed"):
     the CPU kernel for fp32 contiguous CPU tensors when it builds, else ``"foreach"``.
@@ -270,6 +274,16 @@ def resolve_implementation(implementation: Optional[str], params: list, *tensors
         raise TypeError("resolve_implementation takes lists of tensors")
     if implementation not in (None, *IMPLEMENTATIONS):
         raise ValueError(f"unknown implementation {implementation!r}")
+    if implementation == "triton":
+        from . import segmented_triton
+
+        bad = [tuple(t.shape) for ts in zip(params, *tensors) for t in ts
+               if t.dtype != torch.float32 or not t.is_contiguous() or not segmented_triton.available(t.device)]
+        if bad:
+            why = segmented_triton._import_error() or "they need fp32 contiguous tensors on a CUDA device"
+            raise ValueError(f"implementation='triton' cannot step these tensors ({why}; e.g. shape {bad[0]}): "
+                             "use the default implementation")
+        return "triton"
     on_cpu = all(p.device.type == "cpu" for p in params)
     if implementation in (None, "fused") and on_cpu:
         from . import cpu_kernel
@@ -314,6 +328,56 @@ def _cpu_kernel_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, 
     if skipped:
         warn_skipped("MERIT", len(skipped))
     return len(skipped)
+
+
+# Tile plans of the "triton" path per (shapes of a group, device): built once (a Python loop
+# over the tiles and a copy to the device), reused every step.
+_TRITON_PLANS: dict = {}
+
+
+def _triton_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
+                  nonfinite_grads, stats=None) -> int:
+    """MERIT's Triton kernels (:mod:`.segmented_triton`), each tensor a one-fragment
+    partition: pass 1 of every tensor into one statistics buffer, one read of the non-finite
+    flags (the only host sync; none with ``"propagate"``), then the tensor-maximum and
+    apply kernels per tensor. The CPU kernel's arithmetic, so bitwise its step."""
+    from merit_ds.sharding.layout import Fragment, stats_layout
+
+    from . import segmented_triton
+
+    device = params[0].device
+    shapes = [tuple(p.shape) for p in params]
+    sl = stats_layout(shapes, MeritFragmentRule().stats_size)
+    group = dict(betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
+    flat = lambda t: t.view(-1)  # noqa: E731
+    key = (tuple(shapes), str(device))
+    plans = _TRITON_PLANS.pop(key, None) or [
+        segmented_triton.plan(shapes, [Fragment(i, shapes[i], 0, p.numel(), 0)], sl.slots, sl.slots[0].flag, device)
+        for i, p in enumerate(params)]
+    _TRITON_PLANS[key] = plans  # most recently used last
+    while len(_TRITON_PLANS) > 64:
+        _TRITON_PLANS.pop(next(iter(_TRITON_PLANS)))
+    buffer = torch.zeros(sl.buffer_numel, dtype=torch.float32, device=device)
+    flags = nonfinite_grads != "propagate"
+    for plan, p, g, m, v in zip(plans, params, grads, exp_avgs, exp_avg_sqs):
+        segmented_triton.statistics(plan, flat(p), flat(g), flat(m), flat(v), group, buffer, flags=flags)
+    bad = [i for i, f in enumerate(buffer[sl.slots[0].flag:].tolist()) if f] if flags else []
+    if nonfinite_grads == "raise" and bad:
+        raise FloatingPointError(
+            f"MERIT: non-finite gradient in {len(bad)} parameter(s) (indices {bad} in their group, shapes "
+            f"{[shapes[i] for i in bad]}); nothing was modified. Use nonfinite_grads='skip' to skip them."
+        )
+    for i, (plan, p, g, m, v) in enumerate(zip(plans, params, grads, exp_avgs, exp_avg_sqs)):
+        if i in bad:
+            continue
+        recorded = segmented_triton.apply(plan, flat(p), flat(g), flat(m), flat(v), group, buffer, lr,
+                                          honour_flags=False, track=stats is not None)
+        state_steps[i] += 1
+        if stats is not None:
+            stats[p] = recorded[i] if p.numel() else empty_trust_stats(device)
+    if bad:
+        warn_skipped("MERIT", len(bad))
+    return len(bad)
 
 
 def _record_stats(stats: Optional[dict], param: Tensor, trust: Tensor, u: Tensor) -> None:

@@ -193,7 +193,7 @@ def segmented_wanted(s: ShardedGroupStep) -> bool:
     from merit_ds.optim.merit_fragments import MeritFragmentRule
 
     return (s.flat.is_cuda and isinstance(s.rule, MeritFragmentRule)
-            and s.group.get("implementation") in (None, "fused"))
+            and s.group.get("implementation") in (None, "fused", "triton"))
 
 
 def _triton_passes(device) -> bool:
@@ -220,7 +220,11 @@ def _segmented_plan(s: ShardedGroupStep):
     if hit is None:
         slots = s.stats_layout.slots
         flag_base = slots[0].flag if slots else 0
-        if (s.group.get("implementation") in (None, "fused") and s.flat.dtype == torch.float32
+        impl = s.group.get("implementation")
+        if impl == "triton" and not (s.flat.dtype == torch.float32 and segmented_triton.available(s.flat.device)):
+            raise ValueError(f"implementation='triton' cannot step this {s.flat.dtype} partition on {s.flat.device} "
+                             f"({segmented_triton._import_error() or 'no Triton there'}): use the default implementation")
+        if (impl in (None, "fused", "triton") and s.flat.dtype == torch.float32
                 and segmented_triton.available(s.flat.device) and _triton_passes(s.flat.device)):
             hit = segmented_triton, segmented_triton.plan(s.layout.shapes, s.layout.fragments, slots, flag_base,
                                                           s.flat.device)
