@@ -6,10 +6,11 @@ Sections, each recorded in the results file even when another fails:
 
 1. ``env``: torch / CUDA / GPU / DeepSpeed versions.
 2. ``optimizer_equivalence``: on the GPU, MERIT foreach and compiled (torch.compile) against
-   MERIT single_tensor, LAMB foreach against LAMB single_tensor, one step at a time from
-   identical inputs (max abs difference; foreach must be bitwise, compiled within 1e-6).
+   MERIT single_tensor, LAMB foreach against LAMB single_tensor, MERIT triton against the CPU
+   kernel on CPU copies, one step at a time from identical inputs (max abs difference;
+   foreach and triton must be bitwise, compiled within 1e-6).
 3. ``optimizer_step``: one step on GPT-2 Small's parameter set (124.4M fp32) on the GPU,
-   interleaved rounds: torch AdamW fused and foreach, MERIT foreach and compiled, LAMB
+   interleaved rounds: torch AdamW fused and foreach, MERIT foreach, compiled and triton, LAMB
    foreach (median and min..max, ms).
 3b. ``segmented_step``: the whole-partition sharded MERIT step -- the Triton kernels (the
    default on GPU partitions) and the torch form (eager, torch.compile'd) -- on one flat
@@ -84,38 +85,49 @@ def env_info():
     return info
 
 
-def optimizer_equivalence():
+def optimizer_equivalence(device: str = "cuda", only=None, shapes=None):
+    """``device="cpu"`` with ``only`` (case labels) and small ``shapes``: a dry run of this
+    section's code."""
     import torch
 
     from merit_ds import LAMB, MERIT
 
-    dev = torch.device("cuda")
-    shapes = [(768, 2304), (2304,), (50, 768), (3, 4, 5), (7,), ()]
+    dev = torch.device(device)
+    shapes = shapes or [(768, 2304), (2304,), (50, 768), (3, 4, 5), (7,), ()]
     gen = torch.Generator().manual_seed(0)
     base = [torch.randn(s, generator=gen) * 0.02 for s in shapes]
     grads = [[torch.randn(s, generator=gen) * 1e-3 for s in shapes] for _ in range(3)]
     out = {}
-    for label, cls, impl, ref_impl in [("merit_foreach", MERIT, "foreach", "single_tensor"),
-                                       ("merit_compiled", MERIT, "compiled", "single_tensor"),
-                                       ("lamb_foreach", LAMB, "foreach", "single_tensor")]:
+    from merit_ds.optim import segmented_triton
+
+    cases = [("merit_foreach", MERIT, "foreach", "single_tensor", dev),
+             ("merit_compiled", MERIT, "compiled", "single_tensor", dev),
+             ("lamb_foreach", LAMB, "foreach", "single_tensor", dev)]
+    if segmented_triton.available(dev):  # the Triton kernels do the CPU kernel's arithmetic
+        cases.append(("merit_triton_vs_cpu_kernel", MERIT, "triton", None, torch.device("cpu")))
+    cases = [c for c in cases if only is None or c[0] in only]
+    for label, cls, impl, ref_impl, ref_dev in cases:
         a = [b.clone().to(dev).requires_grad_() for b in base]
-        r = [b.clone().to(dev).requires_grad_() for b in base]
+        r = [b.clone().to(ref_dev).requires_grad_() for b in base]
         opt_a = cls(a, lr=1e-2, weight_decay=0.1, implementation=impl)
         opt_r = cls(r, lr=1e-2, weight_decay=0.1, implementation=ref_impl)
         worst = 0.0
         for g in grads:
             for x, y, gg in zip(a, r, g):  # identical inputs each step
                 x.data.copy_(y.data)
-                x.grad, y.grad = gg.to(dev), gg.to(dev).clone()
+                x.grad, y.grad = gg.to(dev), gg.to(ref_dev).clone()
                 if opt_r.state[y]:
                     for key in ("exp_avg", "exp_avg_sq"):
                         opt_a.state[x][key].copy_(opt_r.state[y][key])
             opt_a.step()
             opt_r.step()
-            worst = max(worst, max((x - y).abs().max().item() for x, y in zip(a, r)))
+            worst = max(worst, max((x.cpu() - y.cpu()).abs().max().item() for x, y in zip(a, r)))
         out[label] = worst
-    out["foreach_bitwise"] = out["merit_foreach"] == 0.0 and out["lamb_foreach"] == 0.0
-    out["compiled_within_1e-6"] = out["merit_compiled"] <= 1e-6
+    if only is None:
+        out["foreach_bitwise"] = out["merit_foreach"] == 0.0 and out["lamb_foreach"] == 0.0
+        out["compiled_within_1e-6"] = out["merit_compiled"] <= 1e-6
+    if "merit_triton_vs_cpu_kernel" in out:
+        out["triton_bitwise_cpu_kernel"] = out["merit_triton_vs_cpu_kernel"] == 0.0
     return out
 
 
@@ -145,6 +157,10 @@ def optimizer_step(rounds: int):
         "MERIT (compiled)": MERIT(fresh(), implementation="compiled", **hp).step,
         "LAMB (foreach)": LAMB(fresh(), implementation="foreach", **hp).step,
     }
+    from merit_ds.optim import segmented_triton
+
+    if segmented_triton.available(dev):  # opt-in on one device until this row says otherwise
+        cands["MERIT (triton)"] = MERIT(fresh(), implementation="triton", **hp).step
     times = {k: [] for k in cands}
     with torch.no_grad():
         for fn in cands.values():

@@ -327,3 +327,21 @@ def test_implementation_triton_raise_and_refusals():
     x.grad = torch.randn(3, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="implementation='triton' cannot step these tensors"):
         MERIT([x], implementation="triton").step()
+
+
+def test_gpu_smoke_equivalence_section_runs_on_cpu():
+    """The GPU smoke test's optimizer_equivalence section, dry-run on CPU (Triton interpreted):
+    the triton case against the CPU kernel reads 0 over three steps."""
+    import sys
+    from pathlib import Path
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    sys.path.insert(0, bench)
+    try:
+        import gpu_smoke
+    finally:
+        sys.path.remove(bench)
+    r = gpu_smoke.optimizer_equivalence("cpu", only=("merit_foreach", "merit_triton_vs_cpu_kernel"),
+                                        shapes=[(96, 300), (300,), (50, 7), (3, 4, 5), (7,), ()])
+    assert r["merit_foreach"] == 0.0 and r["merit_triton_vs_cpu_kernel"] == 0.0
+    assert r["triton_bitwise_cpu_kernel"] is True
