@@ -176,7 +176,7 @@ def test_plan_tables():
     assert [(t["base"], t["nrows"], t["lo"], t["hi"], t["row_entry"], t["row_stride"], t["is_matrix"])
             for t in got[2:]] == [(18, 1, 18, 20, 26, 0, 0)]
     assert p.matrices.tolist() == [[0, 0, 3]]
-    assert p.persistent_bytes() == 3 * 15 * 8 + 3 * 8 + 4 * 4
+    assert p.persistent_bytes() == 3 * 16 * 8 + 3 * 8 + 4 * 4
 
 
 def test_triton_rejects_other_dtypes():

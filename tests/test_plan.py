@@ -127,15 +127,15 @@ def test_optimizer_scratch_in_the_plan():
 
     psi = presets.get_model_preset("gpt2-small").n_params
     part = -(-psi // 8)
-    # MERIT on the GPU: the Triton step's tile table, 15 int64 per 16 x 256 elements
-    assert optimizer_scratch_bytes(psi, 8, 2) == 120 * -(-part // 4096) < 0.03 * part
+    # MERIT on the GPU: the Triton step's tile table, 16 int64 per 16 x 256 elements
+    assert optimizer_scratch_bytes(psi, 8, 2) == 128 * -(-part // 4096) < 0.032 * part
     assert optimizer_scratch_bytes(psi, 8, 3, optimizer="lamb") == 12 * psi / 8   # three fp32 buffers
     assert optimizer_scratch_bytes(psi, 8, 2, offload=True) == 0.0          # fused CPU kernel
     assert optimizer_scratch_bytes(psi, 8, 2, optimizer="adamw") == 0.0     # FusedAdam, in place
-    assert optimizer_scratch_bytes(psi, 8, 0) == 120 * -(-psi // 4096)
-    assert optimizer_scratch_bytes(1000, 8, 2) == 120  # a small partition is one tile
+    assert optimizer_scratch_bytes(psi, 8, 0) == 128 * -(-psi // 4096)
+    assert optimizer_scratch_bytes(1000, 8, 2) == 128  # a small partition is one tile
     m = memory_per_gpu(psi, 8, 2, activations=1.0)
-    assert m.total == m.params + m.grads + m.optimizer + 120 * -(-part // 4096) + 1.0
+    assert m.total == m.params + m.grads + m.optimizer + 128 * -(-part // 4096) + 1.0
 
 
 def test_wall_time_and_plan():

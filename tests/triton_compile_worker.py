@@ -16,7 +16,7 @@ from triton.compiler import ASTSource
 from merit_ds.optim import segmented_triton
 from merit_ds.optim import segmented_triton_kernels as k
 
-ELEMENTWISE = {n: "*fp32" for n in ("w_ptr", "g_ptr", "m_ptr", "v_ptr", "buf_ptr")}
+ELEMENTWISE = {"addr_ptr": "*i64", "buf_ptr": "*fp32"}
 HYPER = {n: "fp32" for n in ("beta1", "beta2", "one_minus_beta1", "one_minus_beta2", "eps", "weight_decay")}
 TILES = dict(NF=len(segmented_triton.TILE_FIELDS), BLOCK_R=segmented_triton.BLOCK_ROWS,
              BLOCK_C=segmented_triton.BLOCK_COLS)

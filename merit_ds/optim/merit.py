@@ -337,10 +337,10 @@ _TRITON_PLANS: dict = {}
 
 def _triton_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
                   nonfinite_grads, stats=None) -> int:
-    """MERIT's Triton kernels (:mod:`.segmented_triton`), each tensor a one-fragment
-    partition: pass 1 of every tensor into one statistics buffer, one read of the non-finite
-    flags (the only host sync; none with ``"propagate"``), then the tensor-maximum and
-    apply kernels per tensor. The CPU kernel's arithmetic, so bitwise its step."""
+    """MERIT's Triton kernels (:mod:`.segmented_triton`) over the whole group, each tensor a
+    one-fragment partition of its own: one statistics launch, one read of the non-finite flags
+    (the only host sync; none with ``"propagate"``), one tensor-maximum and one apply launch.
+    The CPU kernel's arithmetic, so bitwise its step."""
     from merit_ds.sharding.layout import Fragment, stats_layout
 
     from . import segmented_triton
@@ -348,33 +348,31 @@ def _triton_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta
     device = params[0].device
     shapes = [tuple(p.shape) for p in params]
     sl = stats_layout(shapes, MeritFragmentRule().stats_size)
-    group = dict(betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
-    flat = lambda t: t.view(-1)  # noqa: E731
     key = (tuple(shapes), str(device))
-    plans = _TRITON_PLANS.pop(key, None) or [
-        segmented_triton.plan(shapes, [Fragment(i, shapes[i], 0, p.numel(), 0)], sl.slots, sl.slots[0].flag, device)
-        for i, p in enumerate(params)]
-    _TRITON_PLANS[key] = plans  # most recently used last
+    plan = _TRITON_PLANS.pop(key, None) or segmented_triton.plan(
+        shapes, [Fragment(i, shapes[i], 0, p.numel(), 0) for i, p in enumerate(params)], sl.slots,
+        sl.slots[0].flag, device, tensor_of=range(len(params)))
+    _TRITON_PLANS[key] = plan  # most recently used last
     while len(_TRITON_PLANS) > 64:
         _TRITON_PLANS.pop(next(iter(_TRITON_PLANS)))
+    group = dict(betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
     buffer = torch.zeros(sl.buffer_numel, dtype=torch.float32, device=device)
+    tensors = [[t.view(-1) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]
     flags = nonfinite_grads != "propagate"
-    for plan, p, g, m, v in zip(plans, params, grads, exp_avgs, exp_avg_sqs):
-        segmented_triton.statistics(plan, flat(p), flat(g), flat(m), flat(v), group, buffer, flags=flags)
+    segmented_triton.statistics(plan, *tensors, group, buffer, flags=flags)
     bad = [i for i, f in enumerate(buffer[sl.slots[0].flag:].tolist()) if f] if flags else []
     if nonfinite_grads == "raise" and bad:
         raise FloatingPointError(
             f"MERIT: non-finite gradient in {len(bad)} parameter(s) (indices {bad} in their group, shapes "
             f"{[shapes[i] for i in bad]}); nothing was modified. Use nonfinite_grads='skip' to skip them."
         )
-    for i, (plan, p, g, m, v) in enumerate(zip(plans, params, grads, exp_avgs, exp_avg_sqs)):
-        if i in bad:
-            continue
-        recorded = segmented_triton.apply(plan, flat(p), flat(g), flat(m), flat(v), group, buffer, lr,
-                                          honour_flags=False, track=stats is not None)
-        state_steps[i] += 1
-        if stats is not None:
-            stats[p] = recorded[i] if p.numel() else empty_trust_stats(device)
+    recorded = segmented_triton.apply(plan, *tensors, group, buffer, lr, honour_flags=flags,
+                                      track=stats is not None)
+    for i, step in enumerate(state_steps):
+        if i not in bad:
+            step += 1
+            if stats is not None:
+                stats[params[i]] = recorded[i] if i in recorded else empty_trust_stats(device)
     if bad:
         warn_skipped("MERIT", len(bad))
     return len(bad)

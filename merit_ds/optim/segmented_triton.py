@@ -33,7 +33,7 @@ Kernels (``segmented_triton_kernels.py``), one launch each, no host sync anywher
 Each element is read twice (16 bytes each pass: w, g, m, v) and written once (12 bytes): 44
 bytes per element per step against 28 for a one-pass Adam, the floor of any exact two-pass
 MERIT (the column maxima need the whole matrix before the first update). The persistent
-scratch is the tile table (15 int64 per tile: ~1/3,600 of the partition's fp32 bytes at the
+scratch is the tile table (16 int64 per tile: ~1/3,600 of the partition's fp32 bytes at the
 default 16 x 256 tiles), the matrix table and two floats per parameter
 (:meth:`TilePlan.persistent_bytes`); there are no partition-sized temporaries.
 
@@ -56,7 +56,7 @@ import contextlib
 import math
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
@@ -74,7 +74,7 @@ TRACKS_STATS = True
 
 # One row of the tile table, in this order (the kernels read them by position).
 TILE_FIELDS = ("base", "lo", "hi", "nrows", "col0", "row_len", "row_entry", "row_stride", "row_span",
-               "col_entry", "col_span", "is_matrix", "flag", "param", "inner")
+               "col_entry", "col_span", "is_matrix", "flag", "param", "inner", "tensor")
 BLOCK_ROWS = 16
 BLOCK_COLS = 256
 # No contraction beyond the kernels' explicit FMAs (so that they round as the CPU kernel does;
@@ -137,6 +137,7 @@ class TilePlan:
     block_rows: int
     block_cols: int
     params: tuple  # the parameters with elements in this partition
+    addresses: dict = field(default_factory=dict, repr=False)  # address tables by data pointers
 
     def persistent_bytes(self) -> int:
         """Memory the plan keeps across steps, in bytes."""
@@ -144,11 +145,15 @@ class TilePlan:
 
 
 def plan(shapes: Sequence[tuple], fragments, slots, flag_base: int, device, block_rows: int = BLOCK_ROWS,
-         block_cols: int = BLOCK_COLS) -> TilePlan:
+         block_cols: int = BLOCK_COLS, tensor_of: Optional[Sequence[int]] = None) -> TilePlan:
     """The tile plan of a partition (``fragments``: merit_ds.sharding.layout.Fragment, this
-    rank's; ``slots``: ParamSlots per parameter, offsets relative to the buffer)."""
+    rank's; ``slots``: ParamSlots per parameter, offsets relative to the buffer).
+    ``tensor_of``: per fragment, which of the tensors passed to :func:`statistics` /
+    :func:`apply` holds it (its ``partition_offset`` is then an offset in that tensor);
+    default: all in one flat partition."""
     tiles, matrices = [], set()
-    for f in fragments:
+    tensor_of = tensor_of if tensor_of is not None else [0] * len(fragments)
+    for f, tensor in zip(fragments, tensor_of):
         if f.numel == 0:
             continue
         slot = slots[f.param_index]
@@ -169,7 +174,7 @@ def plan(shapes: Sequence[tuple], fragments, slots, flag_base: int, device, bloc
                          hi=f.partition_offset + f.numel, nrows=min(block_rows, last_row + 1 - r0), col0=c0,
                          row_len=row_len, row_entry=slot.offset + r0 * fixed["row_stride"],
                          col_entry=slot.offset + 2 * rows * inner + c0 if fixed["is_matrix"] else slot.offset,
-                         flag=flag_base + f.param_index, param=f.param_index, **fixed)
+                         flag=flag_base + f.param_index, param=f.param_index, tensor=tensor, **fixed)
                 tiles.append([t[k] for k in TILE_FIELDS])
     tensor_max = torch.zeros(2 * len(slots), dtype=torch.float32)
     tensor_max[1::2] = 1.0  # vectors: floor 0/1 = 0, so their own ratio decides
@@ -203,17 +208,44 @@ def _check(tensors: Sequence[Tensor]) -> None:
                              f"device (got {t.dtype}, contiguous={t.is_contiguous()}, {t.device})")
 
 
+def _as_list(x) -> list:
+    return [x] if isinstance(x, Tensor) else list(x)
+
+
+def _addresses(p: "TilePlan", w, g, m, v, buffer: Tensor) -> Tensor:
+    """The address table (int64 [tensors, 4]: data pointers of w, g, m, v per tensor) on the
+    device, checked, and cached on the plan by the addresses themselves (the same addresses
+    make the same table, whichever tensors hold them now), so that a step whose tensors sit
+    where they sat before copies nothing to the device."""
+    ws, gs, ms, vs = (_as_list(x) for x in (w, g, m, v))
+    if not len(ws) == len(gs) == len(ms) == len(vs):
+        raise ValueError("segmented_triton: w, g, m, v must be as many tensors each")
+    for quad in zip(ws, gs, ms, vs):
+        _check((*quad, buffer))
+        if len({t.numel() for t in quad}) != 1:
+            raise ValueError("segmented_triton: w, g, m, v of one tensor must have the same number of elements")
+    key = tuple(t.data_ptr() for quad in zip(ws, gs, ms, vs) for t in quad)
+    table = p.addresses.pop(key, None)
+    if table is None:
+        table = torch.tensor(key, dtype=torch.int64).view(-1, 4).to(buffer.device)
+    p.addresses[key] = table  # most recently used last
+    while len(p.addresses) > 8:
+        p.addresses.pop(next(iter(p.addresses)))
+    return table
+
+
 def statistics(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, buffer: Tensor,
                flags: bool = True) -> None:
     """Phase 1: this partition's maxima and (``flags``) non-finite flags combined (max) into
-    ``buffer``, which must start at the group's first statistics entry."""
-    _check((w, g, m, v, buffer))
+    ``buffer``, which must start at the group's first statistics entry. ``w``, ``g``, ``m``,
+    ``v``: the flat partition's tensors, or lists of tensors (the plan's ``tensor_of``)."""
+    addresses = _addresses(p, w, g, m, v, buffer)
     if p.tiles.shape[0] == 0:
         return
     k = kernels()
     with _launching():
         k.statistics_kernel[(p.tiles.shape[0],)](
-            w, g, m, v, buffer, p.tiles, *_hyper(group),
+            addresses, buffer, p.tiles, *_hyper(group),
             FLAGS=flags, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows, BLOCK_C=p.block_cols, **LAUNCH,
         )
 
@@ -224,11 +256,11 @@ def apply(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, 
     from the reduced ``buffer``. ``track``: also return ``{parameter index:
     PartialTrustStats}`` of the elements this partition updated, for every parameter it holds
     (device tensors, nothing read back; a flagged parameter's entry counts 0 elements)."""
-    _check((w, g, m, v, buffer))
+    addresses = _addresses(p, w, g, m, v, buffer)
     if p.tiles.shape[0] == 0:
         return {} if track else None
     n_params = p.tensor_max.numel() // 2
-    dev = w.device
+    dev = buffer.device
     if track:
         acc = (torch.zeros(n_params, dtype=torch.int64, device=dev), torch.zeros(n_params, dtype=torch.float64, device=dev),
                torch.full((n_params,), math.inf, device=dev), torch.full((n_params,), -math.inf, device=dev),
@@ -240,7 +272,7 @@ def apply(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, 
         if p.matrices.shape[0]:
             k.tensor_max_kernel[(p.matrices.shape[0],)](buffer, p.tensor_max, p.matrices, BLOCK=1024, **LAUNCH)
         k.apply_kernel[(p.tiles.shape[0],)](
-            w, g, m, v, buffer, p.tensor_max, p.tiles, *acc, *_hyper(group), -float(lr),
+            addresses, buffer, p.tensor_max, p.tiles, *acc, *_hyper(group), -float(lr),
             HONOUR_FLAGS=honour_flags, TRACK=track, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows,
             BLOCK_C=p.block_cols, **LAUNCH,
         )

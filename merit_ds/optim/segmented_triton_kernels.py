@@ -5,7 +5,9 @@ them for the GPU, or runs them on CPU tensors under its interpreter in a process
 ``TRITON_INTERPRET=1`` (the tests: ``tests/conftest.py`` sets it where no GPU is present).
 
 Every kernel reads one row of the tile table per program (field order: ``TILE_FIELDS`` in
-:mod:`.segmented_triton`). The per-element arithmetic is the CPU kernel's
+:mod:`.segmented_triton`); its ``tensor`` field picks a row of the address table, the data
+pointers of that tensor's w, g, m, v (one row for a flat ZeRO partition; one per parameter for
+a single device's group, so that one launch covers the whole group). The per-element arithmetic is the CPU kernel's
 (``csrc/merit_cpu.cpp``: ``direction``, ``trust``, ``apply_one``), operation for operation:
 explicit fused multiply-adds where the formulas multiply and add, IEEE division and square
 root (``div_rn`` / ``sqrt_rn``, not the GPU's approximate defaults), NaN-ignoring maxima in
@@ -21,11 +23,22 @@ FLT_MAX = tl.constexpr(3.4028234663852886e38)
 
 
 @triton.jit
+def _tensors(addr_ptr, tab_ptr, NF: tl.constexpr):
+    """Pointers to w, g, m, v of this program's tile's tensor (a row of the address table)."""
+    a = addr_ptr + tl.load(tab_ptr + tl.program_id(0).to(tl.int64) * NF + 15) * 4
+    w = tl.load(a + 0).to(tl.pointer_type(tl.float32))
+    g = tl.load(a + 1).to(tl.pointer_type(tl.float32))
+    m = tl.load(a + 2).to(tl.pointer_type(tl.float32))
+    v = tl.load(a + 3).to(tl.pointer_type(tl.float32))
+    return w, g, m, v
+
+
+@triton.jit
 def _tile(tab_ptr, NF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """This program's tile: element offsets, masks and buffer entry indices."""
+    """This program's tile: element offsets (in its tensor), masks and buffer entry indices."""
     t = tab_ptr + tl.program_id(0).to(tl.int64) * NF
-    base = tl.load(t + 0)  # partition offset of element (row0, 0) of the parameter
-    lo = tl.load(t + 1)  # the fragment's partition range [lo, hi)
+    base = tl.load(t + 0)  # offset in the tensor of element (row0, 0) of the parameter
+    lo = tl.load(t + 1)  # the fragment's range in the tensor [lo, hi)
     hi = tl.load(t + 2)
     nrows = tl.load(t + 3)
     col0 = tl.load(t + 4)
@@ -68,7 +81,7 @@ def _abs_ignoring_nan(x, mask):
 
 
 @triton.jit
-def statistics_kernel(w_ptr, g_ptr, m_ptr, v_ptr, buf_ptr, tab_ptr,
+def statistics_kernel(addr_ptr, buf_ptr, tab_ptr,
                       beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay,
                       FLAGS: tl.constexpr, NF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """Phase 1 of one tile: u in registers; max|w|, max|u| per row and per column of the tile
@@ -76,6 +89,7 @@ def statistics_kernel(w_ptr, g_ptr, m_ptr, v_ptr, buf_ptr, tab_ptr,
     parameter's non-finite flag. Nothing is written to w, m, v."""
     offs, mask, rmask, cols, row_idx, row_span, col_idx, col_span, ccmask, flag, param, inner = _tile(
         tab_ptr, NF, BLOCK_R, BLOCK_C)
+    w_ptr, g_ptr, m_ptr, v_ptr = _tensors(addr_ptr, tab_ptr, NF)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
@@ -124,7 +138,7 @@ def _ratio(max_w, max_u, floor):
 
 
 @triton.jit
-def apply_kernel(w_ptr, g_ptr, m_ptr, v_ptr, buf_ptr, tmax_ptr, tab_ptr,
+def apply_kernel(addr_ptr, buf_ptr, tmax_ptr, tab_ptr,
                  count_ptr, sum_ptr, min_ptr, max_ptr, clipped_ptr,
                  beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay, neg_lr,
                  HONOUR_FLAGS: tl.constexpr, TRACK: tl.constexpr, NF: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -157,6 +171,7 @@ def apply_kernel(w_ptr, g_ptr, m_ptr, v_ptr, buf_ptr, tmax_ptr, tab_ptr,
     col_ratio = tl.where(ccmask, col_ratio, 0.0)  # vectors: no column ratio (0 never wins a max)
     b = col_ratio[None, :]
     s = tl.where((a < 0) | (b < 0), 1.0, tl.maximum(a, b))
+    w_ptr, g_ptr, m_ptr, v_ptr = _tensors(addr_ptr, tab_ptr, NF)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)

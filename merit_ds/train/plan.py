@@ -25,7 +25,7 @@ log-softmax. The loss's backward then holds the logits' gradient, fp32 and in th
 its input (``e s b h`` bytes) and one layer is live again during backward.
 
 Optimizer scratch: on a GPU partition MERIT's sharded step runs its Triton kernels
-(merit_ds.optim.segmented_triton): the only thing they keep is a tile table of 120 bytes per
+(merit_ds.optim.segmented_triton): the only thing they keep is a tile table of 128 bytes per
 4,096 partition elements (~0.03 bytes/param / Nd), counted here; without triton the torch form
 (merit_ds.optim.segmented) runs instead and its chunk temporaries peak near 2.5 bytes/param / Nd,
 not counted. LAMB's sharded step keeps three partition-sized fp32 work buffers (12 bytes/param /
