@@ -33,9 +33,13 @@ Kernels (``segmented_triton_kernels.py``), one launch each, no host sync anywher
 Each element is read twice (16 bytes each pass: w, g, m, v) and written once (12 bytes): 44
 bytes per element per step against 28 for a one-pass Adam, the floor of any exact two-pass
 MERIT (the column maxima need the whole matrix before the first update). The persistent
-scratch is the tile table (16 int64 per tile: ~1/3,600 of the partition's fp32 bytes at the
-default 16 x 256 tiles), the matrix table and two floats per parameter
-(:meth:`TilePlan.persistent_bytes`); there are no partition-sized temporaries.
+scratch is the tile table (16 int64 per 16 x 256 tile: 1/128 of the partition's fp32 bytes),
+the matrix table and two floats per parameter (:meth:`TilePlan.persistent_bytes`), and an
+address table per placement of the tensors; there are no partition-sized temporaries.
+
+The tensors are reached through that address table (w, g, m, v data pointers; a tile names
+its row): a ZeRO partition is one row, and ``MERIT(implementation="triton")`` on one device
+passes the whole param group, one row per parameter, so that one launch per phase covers it.
 
 The arithmetic is the CPU kernel's, operation for operation (explicit FMAs, IEEE ``div_rn`` /
 ``sqrt_rn``): a step here is bitwise the CPU kernel's step from the same floats. The tests
@@ -50,9 +54,9 @@ tiles take one atomic per element for them (correct, slower; language models hav
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
-import contextlib
 import math
 import os
 import threading
