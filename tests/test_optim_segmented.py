@@ -83,16 +83,20 @@ def make(seed):
     return params, grads, ms, vs
 
 
+def assert_bitwise(got, want, params):
+    """(w, m, v) lists equal bit for bit, and every parameter moved."""
+    for i, p in enumerate(params):
+        assert torch.equal(got[0][i], want[0][i]), (i, (got[0][i] - want[0][i]).abs().max())
+        assert torch.equal(got[1][i], want[1][i]) and torch.equal(got[2][i], want[2][i]), i
+        assert not torch.equal(got[0][i], p), i
+
+
 @pytest.mark.parametrize("world,chunk", [(1, 1 << 20), (2, 7), (3, 64), (4, 5)])
 def test_segmented_step_equals_single_tensor_bitwise(world, chunk):
     params, grads, ms, vs = make(world)
-    w_ref, m_ref, v_ref = reference(params, grads, ms, vs)
     w_seg, m_seg, v_seg, flags = run_sharded(params, grads, ms, vs, world, chunk)
     assert not flags.any()
-    for i in range(len(SHAPES)):
-        assert torch.equal(w_seg[i], w_ref[i]), (i, (w_seg[i] - w_ref[i]).abs().max())
-        assert torch.equal(m_seg[i], m_ref[i]) and torch.equal(v_seg[i], v_ref[i]), i
-        assert not torch.equal(w_seg[i], params[i]), i  # every parameter moved
+    assert_bitwise((w_seg, m_seg, v_seg), reference(params, grads, ms, vs), params)
 
 
 def test_segmented_step_skips_a_nonfinite_parameter_everywhere():

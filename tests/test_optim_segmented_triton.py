@@ -19,6 +19,7 @@ from merit_ds import MERIT
 from merit_ds.optim import cpu_kernel, segmented_triton
 from merit_ds.optim.merit_fragments import MeritFragmentRule
 from merit_ds.sharding.layout import layout_from_offsets, stats_layout
+from test_optim_segmented import assert_bitwise, flat_group
 
 pytest.importorskip("triton", reason="triton is part of the dev install (setup.sh); the GPU path needs it")
 
@@ -30,14 +31,6 @@ SMALL = dict(block_rows=2, block_cols=8)
 # the CPU kernel); the interpreter runs them in numpy, which warns about such IEEE divisions.
 pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning",
                                         "ignore:invalid value encountered in divide:RuntimeWarning")
-
-
-def flat_group(shapes, gap=3):
-    offsets, at = [], 0
-    for s in shapes:
-        offsets.append(at)
-        at += math.prod(s) + gap  # alignment padding between parameters
-    return offsets, at
 
 
 def make(seed, shapes=SHAPES):
@@ -121,14 +114,10 @@ def kernel_statistics(params, grads, ms, vs):
 @pytest.mark.parametrize("world", [1, 2, 3, 5])
 def test_triton_step_equals_the_cpu_kernel_bitwise(world):
     params, grads, ms, vs = make(world)
-    w_ref, m_ref, v_ref = kernel_reference(params, grads, ms, vs)
     w_t, m_t, v_t, reduced, flags = run_sharded(params, grads, ms, vs, world)
     assert torch.equal(reduced, kernel_statistics(params, grads, ms, vs))
     assert not flags.any()
-    for i in range(len(SHAPES)):
-        assert torch.equal(w_t[i], w_ref[i]), (i, (w_t[i] - w_ref[i]).abs().max())
-        assert torch.equal(m_t[i], m_ref[i]) and torch.equal(v_t[i], v_ref[i]), i
-        assert not torch.equal(w_t[i], params[i]), i  # every parameter moved
+    assert_bitwise((w_t, m_t, v_t), kernel_reference(params, grads, ms, vs), params)
 
 
 def test_triton_step_with_default_tiles_and_the_reference_formulas():

@@ -34,6 +34,17 @@ def _tensors(addr_ptr, tab_ptr, NF: tl.constexpr):
 
 
 @triton.jit
+def _load(addr_ptr, tab_ptr, offs, mask, NF: tl.constexpr):
+    """The tile's w, g, m, v (0 where masked), and the pointers to w, m, v for the writes."""
+    w_ptr, g_ptr, m_ptr, v_ptr = _tensors(addr_ptr, tab_ptr, NF)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
+    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    return w, g, m, v, w_ptr, m_ptr, v_ptr
+
+
+@triton.jit
 def _tile(tab_ptr, NF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """This program's tile: element offsets (in its tensor), masks and buffer entry indices."""
     t = tab_ptr + tl.program_id(0).to(tl.int64) * NF
@@ -89,11 +100,7 @@ def statistics_kernel(addr_ptr, buf_ptr, tab_ptr,
     parameter's non-finite flag. Nothing is written to w, m, v."""
     offs, mask, rmask, cols, row_idx, row_span, col_idx, col_span, ccmask, flag, param, inner = _tile(
         tab_ptr, NF, BLOCK_R, BLOCK_C)
-    w_ptr, g_ptr, m_ptr, v_ptr = _tensors(addr_ptr, tab_ptr, NF)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    w, g, m, v, w_ptr, m_ptr, v_ptr = _load(addr_ptr, tab_ptr, offs, mask, NF)
     _, _, u = _direction(w, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
     aw = _abs_ignoring_nan(w, mask)
     au = _abs_ignoring_nan(u, mask)
@@ -171,11 +178,7 @@ def apply_kernel(addr_ptr, buf_ptr, tmax_ptr, tab_ptr,
     col_ratio = tl.where(ccmask, col_ratio, 0.0)  # vectors: no column ratio (0 never wins a max)
     b = col_ratio[None, :]
     s = tl.where((a < 0) | (b < 0), 1.0, tl.maximum(a, b))
-    w_ptr, g_ptr, m_ptr, v_ptr = _tensors(addr_ptr, tab_ptr, NF)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0)
-    m = tl.load(m_ptr + offs, mask=mask, other=0.0)
-    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    w, g, m, v, w_ptr, m_ptr, v_ptr = _load(addr_ptr, tab_ptr, offs, mask, NF)
     m_new, v_new, u = _direction(w, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
     x = s * u
     c = tl.where(x < -1.0, -1.0, tl.where(x > 1.0, 1.0, x))  # clamp; NaN passes through
