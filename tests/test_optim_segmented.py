@@ -63,9 +63,10 @@ def run_sharded(params, grads, ms, vs, world, chunk, nonfinite=None):
             [out(flat_v, x, o) for x, o in zip(params, offsets)], reduced[flag_base:])
 
 
-def reference(params, grads, ms, vs):
+def reference(params, grads, ms, vs, implementation="single_tensor"):
+    """One single-device MERIT step from these weights, gradients and moments: (w, m, v)."""
     ps = [p.clone().requires_grad_() for p in params]
-    opt = MERIT(ps, lr=LR, implementation="single_tensor", **GROUP)
+    opt = MERIT(ps, lr=LR, implementation=implementation, **GROUP)
     for p, g, m, v in zip(ps, grads, ms, vs):
         p.grad = g.clone()
         opt.state[p].update(step=torch.tensor(1.0), exp_avg=m.clone(), exp_avg_sq=v.clone())
@@ -73,13 +74,15 @@ def reference(params, grads, ms, vs):
     return [p.detach() for p in ps], [opt.state[p]["exp_avg"] for p in ps], [opt.state[p]["exp_avg_sq"] for p in ps]
 
 
-def make(seed):
+def make(seed, shapes=SHAPES, zero_row_in=5):
+    """Weights, gradients and moments for ``shapes``; row 2 of parameter ``zero_row_in`` is all
+    zero (s = 1 there)."""
     gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen) for s in SHAPES]
-    params[5][2].zero_()  # an all-zero row: s = 1 there
-    grads = [torch.randn(s, generator=gen) for s in SHAPES]
-    ms = [torch.randn(s, generator=gen) * 0.1 for s in SHAPES]
-    vs = [torch.rand(s, generator=gen) * 0.1 for s in SHAPES]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    params[zero_row_in][2].zero_()
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    ms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    vs = [torch.rand(s, generator=gen) * 0.1 for s in shapes]
     return params, grads, ms, vs
 
 

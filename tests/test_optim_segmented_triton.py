@@ -19,13 +19,12 @@ from merit_ds import MERIT
 from merit_ds.optim import cpu_kernel, segmented_triton
 from merit_ds.optim.merit_fragments import MeritFragmentRule
 from merit_ds.sharding.layout import layout_from_offsets, stats_layout
-from test_optim_segmented import assert_bitwise, flat_group
+import test_optim_segmented as segmented_tests
+from test_optim_segmented import GROUP, LR, assert_bitwise, flat_group  # the same hyperparameters
 
 pytest.importorskip("triton", reason="triton is part of the dev install (setup.sh); the GPU path needs it")
 
 SHAPES = [(6, 5), (7,), (1, 9), (9, 1), (4, 6), (), (3, 40), (17, 19), (3, 4, 2), (300,), (5, 3, 2, 2)]
-GROUP = dict(betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)
-LR = 0.03
 SMALL = dict(block_rows=2, block_cols=8)
 # The kernels divide by a zero maximum where the result is then discarded (s = 1 there, as in
 # the CPU kernel); the interpreter runs them in numpy, which warns about such IEEE divisions.
@@ -34,13 +33,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:divide by zero encountered:Runti
 
 
 def make(seed, shapes=SHAPES):
-    gen = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=gen) for s in shapes]
-    params[4][2].zero_()  # an all-zero row: s = 1 there
-    grads = [torch.randn(s, generator=gen) for s in shapes]
-    ms = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
-    vs = [torch.rand(s, generator=gen) * 0.1 for s in shapes]
-    return params, grads, ms, vs
+    return segmented_tests.make(seed, shapes, zero_row_in=4)  # (4, 6): an all-zero row
 
 
 def split(shapes, world):
@@ -90,13 +83,7 @@ def run_sharded(params, grads, ms, vs, world, nonfinite=None, tiles=SMALL):
 def kernel_reference(params, grads, ms, vs):
     """Single-device MERIT on its CPU kernel (the default for fp32 on CPU)."""
     assert cpu_kernel.available(), "the CPU kernel must build here (setup.sh builds it)"
-    ps = [p.clone().requires_grad_() for p in params]
-    opt = MERIT(ps, lr=LR, **GROUP)
-    for p, g, m, v in zip(ps, grads, ms, vs):
-        p.grad = g.clone()
-        opt.state[p].update(step=torch.tensor(1.0), exp_avg=m.clone(), exp_avg_sq=v.clone())
-    opt.step()
-    return [p.detach() for p in ps], [opt.state[p]["exp_avg"] for p in ps], [opt.state[p]["exp_avg_sq"] for p in ps]
+    return segmented_tests.reference(params, grads, ms, vs, implementation=None)
 
 
 def kernel_statistics(params, grads, ms, vs):
@@ -128,15 +115,10 @@ def test_triton_step_with_default_tiles_and_the_reference_formulas():
     params, grads, ms, vs = (x[:3] for x in (params, grads, ms, vs))
     w_ref, _, _ = kernel_reference(params, grads, ms, vs)
     w_t, _, _, _, _ = run_sharded(params, grads, ms, vs, 2, tiles={})
-    ps = [p.clone().requires_grad_() for p in params]
-    single = MERIT(ps, lr=LR, implementation="single_tensor", **GROUP)
-    for p, g, m, v in zip(ps, grads, ms, vs):
-        p.grad = g.clone()
-        single.state[p].update(step=torch.tensor(1.0), exp_avg=m.clone(), exp_avg_sq=v.clone())
-    single.step()
+    w_single, _, _ = segmented_tests.reference(params, grads, ms, vs)
     for i in range(len(shapes)):
         assert torch.equal(w_t[i], w_ref[i]), i
-        torch.testing.assert_close(w_t[i], ps[i].detach(), atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(w_t[i], w_single[i], atol=1e-6, rtol=1e-6)
 
 
 def test_triton_step_skips_a_nonfinite_parameter_everywhere():
