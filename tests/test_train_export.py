@@ -164,3 +164,14 @@ def test_export_errors_name_what_is_missing(data, tmp_path_factory, tmp_path):
                        env=dist_env(), cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "has no checkpoint" in r.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_reduced_vocabulary_run_is_not_exported_with_gpt2s_tokenizer():
+    """A model whose vocabulary is smaller than the data's tokenizer (a study cell's 2,048
+    remapped ids) is refused before anything is written; GPT-2's padded 50,304 passes."""
+    from merit_ds.train import export
+
+    with pytest.raises(export.ExportError, match="has 50257 tokens, the model 2048.*nothing was written"):
+        export._tokenizer({"tokenizer": {"name": "gpt2"}}, 2048)
+    tok, name, tok_dir = export._tokenizer({}, 50304)  # nanoGPT .bin data: GPT-2 assumed
+    assert (len(tok), name) == (50257, "gpt2") and (tok_dir / "vocab.json").exists()

@@ -136,7 +136,9 @@ def _tokenizer(data_info: dict, vocab_size: int):
     name = tok_info.get("name", "gpt2")  # nanoGPT .bin data: GPT-2 ids assumed
     tok = load_tokenizer(None if name == "gpt2" else name)
     if len(tok) > vocab_size:
-        raise ExportError(f"tokenizer {name} has {len(tok)} tokens, the model {vocab_size}")
+        raise ExportError(f"tokenizer {name} has {len(tok)} tokens, the model {vocab_size}: its ids are not "
+                          "this tokenizer's (a reduced-vocabulary run, such as a study cell's remapped ids, has no "
+                          "tokenizer to export with); nothing was written")
     return tok, name, (gpt2_tokenizer_dir() if name == "gpt2" else Path(name))
 
 
