@@ -164,8 +164,8 @@ def test_kernels_compile_for_nvidia_gpus_with_ieee_arithmetic():
     """The kernels compiled ahead of time for sm_80 and sm_90 (Triton's own ptxas; no GPU
     needed), with the step's launch options. The interpreter above checks the arithmetic; this
     checks what a GPU would run: it compiles, every division and square root is the IEEE one
-    (no approximate forms), the FMAs are exactly the explicit ones (no contraction), and phase 1
-    stores nothing to w, m, v."""
+    (no approximate forms), nothing flushes subnormals, the FMAs are exactly the explicit ones
+    (no contraction), and phase 1 stores nothing to w, m, v."""
     import json
     import os
     import subprocess
@@ -183,7 +183,7 @@ def test_kernels_compile_for_nvidia_gpus_with_ieee_arithmetic():
         stats, apply_, track, tmax = (got[f"{k}@sm_{arch}"] for k in ("statistics", "apply", "apply_track", "tensor_max"))
         for k in (stats, apply_, track, tmax):
             assert k["cubin_bytes"] > 0
-            assert k["div.full.f32"] == k["div.approx.f32"] == k["sqrt.approx.f32"] == 0, k
+            assert k["div.full.f32"] == k["div.approx.f32"] == k["sqrt.approx.f32"] == k["ftz"] == 0, k
         # m', v', u: three FMAs per element; the update one more
         assert (stats["fma.rn.f32"], stats["sqrt.rn.f32"], stats["div.rn.f32"]) == (3 * per_thread, per_thread, per_thread)
         assert (apply_["fma.rn.f32"], apply_["sqrt.rn.f32"]) == (4 * per_thread, per_thread)
