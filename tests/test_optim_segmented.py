@@ -126,11 +126,18 @@ def test_gpu_smoke_section_runs_on_cpu(tmp_path):
         sys.path.remove(bench)
     r = gpu_smoke.segmented_step(2, device="cpu", shapes=[(20, 12), (12,), (6, 5, 2)], deepspeed_adam=False)
     assert r["torch_form_max_abs_diff_vs_single_tensor"] == 0.0
+    assert r["plan_persistent_bytes"] < r["partition_bytes"]
+    assert all(t["gb_per_s"] > 0 for t in r["times"].values())
+    gpu_smoke.write({"env": {}, "segmented_step": {"ok": True, "seconds": 1, **r}}, tmp_path / "smoke")
+    from merit_ds.optim import segmented_triton
+
+    if not segmented_triton.interpreting():  # a GPU machine: Triton does not run on CPU tensors
+        assert r["triton_unavailable"] == "not on cpu"
+        return
     # the Triton kernels run here under the interpreter (tests/conftest.py): the same checks
     assert r["triton_self_check"] is None
     assert r["triton_bitwise_cpu_kernel"] is True and r["triton_max_abs_diff_vs_cpu_kernel"] == 0.0
-    assert r["plan_persistent_bytes"] < r["partition_bytes"] and r["triton_plan_persistent_bytes"] < r["partition_bytes"]
+    assert r["triton_plan_persistent_bytes"] < r["partition_bytes"]
     assert {"MERIT Triton kernels (default)", "MERIT segmented torch form (eager)"} <= set(r["times"])
-    assert len(r["times"]) >= 3 and all(t["gb_per_s"] > 0 for t in r["times"].values())
-    gpu_smoke.write({"env": {}, "segmented_step": {"ok": True, "seconds": 1, **r}}, tmp_path / "smoke")
+    assert len(r["times"]) >= 3
     assert "| MERIT Triton kernels (default) |" in (tmp_path / "smoke.md").read_text()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import merit_ds  # noqa: F401  (registers the resolver)
-from merit_ds.optim import LAMB, MERIT
+from merit_ds.optim import LAMB, MERIT, segmented_triton
 from merit_ds.optim.cpu_kernel import available as kernel_available
 from merit_ds.optim import merge_trust_stats, summarize_trust_stats
 from merit_ds.sharding import collective
@@ -386,6 +386,11 @@ def _forms(opts):
     return {form.__name__.rsplit(".", 1)[-1] for o in opts for form, _ in o.__dict__["_merit_segmented_plans"].values()}
 
 
+INTERPRETED = pytest.mark.skipif(not segmented_triton.interpreting(),
+                                 reason="Triton runs compiled here (a GPU is present): gpu_smoke checks it")
+
+
+@INTERPRETED
 @pytest.mark.parametrize("implementation", [None, "triton"])
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("flavour", ["zero12", "zero3"])
@@ -395,8 +400,6 @@ def test_triton_form_inside_the_sharded_step_equals_the_cpu_kernel_bitwise(monke
     (here under Triton's interpreter, on these CPU partitions; compiled on a GPU): bit for bit
     single-device MERIT on its CPU kernel (default) or on the same kernels per tensor
     ("triton"), with skips and the 'raise' policy."""
-    from merit_ds.optim import segmented_triton
-
     assert segmented_triton.available("cpu")  # tests run Triton interpreted (tests/conftest.py)
     ran = _force_segmented(monkeypatch)
     _, opts, _ = _run(monkeypatch, world, flavour, implementation=implementation)
@@ -407,6 +410,7 @@ def test_triton_form_inside_the_sharded_step_equals_the_cpu_kernel_bitwise(monke
     assert ran and all(ran)
 
 
+@INTERPRETED
 @pytest.mark.parametrize("flavour", ["zero12", "zero3"])
 def test_statistics_steps_run_the_triton_form_and_count_like_the_cpu_kernel(monkeypatch, flavour):
     """track_stats steps stay on the Triton kernels (no partition-sized buffer appears; asserted

@@ -27,8 +27,11 @@ APPLY = {**ELEMENTWISE, "tmax_ptr": "*fp32", "tab_ptr": "*i64", "count_ptr": "*i
 
 KERNELS = {
     "statistics": (k.statistics_kernel, {**ELEMENTWISE, "tab_ptr": "*i64", **HYPER}, dict(FLAGS=True, **TILES)),
+    "statistics_propagate": (k.statistics_kernel, {**ELEMENTWISE, "tab_ptr": "*i64", **HYPER},
+                             dict(FLAGS=False, **TILES)),
     "apply": (k.apply_kernel, APPLY, dict(HONOUR_FLAGS=True, TRACK=False, **TILES)),
     "apply_track": (k.apply_kernel, APPLY, dict(HONOUR_FLAGS=True, TRACK=True, **TILES)),
+    "apply_propagate": (k.apply_kernel, APPLY, dict(HONOUR_FLAGS=False, TRACK=False, **TILES)),
     "tensor_max": (k.tensor_max_kernel, {"buf_ptr": "*fp32", "tmax_ptr": "*fp32", "mat_ptr": "*i64"}, dict(BLOCK=1024)),
 }
 

@@ -98,8 +98,8 @@ class MERIT(ShardableOptimizer):
             kernel: on CPU the two-pass C++/OpenMP kernel of :mod:`.cpu_kernel`, elsewhere
             ``torch.compile``), ``"compiled"`` (``torch.compile``d kernels on any device;
             compiles once per shape class), or ``"triton"`` (MERIT's Triton kernels, the sharded
-            GPU step's, run per tensor: fp32 CUDA tensors; the CPU kernel's arithmetic bit for
-            bit; opt-in until timed on a GPU). Under ZeRO the sharded step honours it too.
+            GPU step's, over the whole group in one launch per phase: fp32 CUDA tensors; the CPU
+            kernel's arithmetic bit for bit; opt-in until timed on a GPU). Under ZeRO the sharded step honours it too.
         track_stats: record trust-ratio statistics of each step (costs extra passes; off by
             default; may be switched on and off between steps, e.g. for diagnostics steps).
             :attr:`partial_stats` maps each stepped parameter to its
@@ -214,11 +214,15 @@ def merit(
     if not params:
         return 0
     implementation = resolve_implementation(implementation, params, grads, exp_avgs, exp_avg_sqs)
-    if implementation in ("cpu_kernel", "triton"):
-        fused = _cpu_kernel_merit if implementation == "cpu_kernel" else _triton_merit
-        return fused(
+    if implementation == "cpu_kernel":
+        return _cpu_kernel_merit(
             params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
             weight_decay=weight_decay, nonfinite_grads=nonfinite_grads, stats=stats,
+        )
+    if implementation == "triton":
+        return _triton_merit(
+            params, grads, exp_avgs, exp_avg_sqs, state_steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+            weight_decay=weight_decay, nonfinite_grads=nonfinite_grads, stats=stats, workspace=workspace,
         )
     keep = finite_filter(params, grads, nonfinite_grads, "MERIT")
     skipped = 0
@@ -330,13 +334,8 @@ def _cpu_kernel_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, 
     return len(skipped)
 
 
-# Tile plans of the "triton" path per (shapes of a group, device): built once (a Python loop
-# over the tiles and a copy to the device), reused every step.
-_TRITON_PLANS: dict = {}
-
-
 def _triton_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
-                  nonfinite_grads, stats=None) -> int:
+                  nonfinite_grads, stats=None, workspace=None) -> int:
     """MERIT's Triton kernels (:mod:`.segmented_triton`) over the whole group, each tensor a
     one-fragment partition of its own: one statistics launch, one read of the non-finite flags
     (the only host sync; none with ``"propagate"``), one tensor-maximum and one apply launch.
@@ -346,15 +345,20 @@ def _triton_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta
     from . import segmented_triton
 
     device = params[0].device
+    why = segmented_triton.self_check(device)
+    if why is not None:
+        raise ValueError(f"implementation='triton': the Triton kernels failed their self-check on {device} ({why})")
     shapes = [tuple(p.shape) for p in params]
     sl = stats_layout(shapes, MeritFragmentRule().stats_size)
+    # The group's tile plan: built once (a Python loop over the tiles, a copy to the device) and
+    # kept in the optimizer's workspace (its own: the plan holds per-step buffers).
+    plans = workspace.setdefault("triton_plans", {}) if workspace is not None else {}
     key = (tuple(shapes), str(device))
-    plan = _TRITON_PLANS.pop(key, None) or segmented_triton.plan(
-        shapes, [Fragment(i, shapes[i], 0, p.numel(), 0) for i, p in enumerate(params)], sl.slots,
-        sl.slots[0].flag, device, tensor_of=range(len(params)))
-    _TRITON_PLANS[key] = plan  # most recently used last
-    while len(_TRITON_PLANS) > 64:
-        _TRITON_PLANS.pop(next(iter(_TRITON_PLANS)))
+    plan = plans.get(key)
+    if plan is None:
+        plan = plans[key] = segmented_triton.plan(
+            shapes, [Fragment(i, shapes[i], 0, p.numel(), 0) for i, p in enumerate(params)], sl.slots,
+            sl.slots[0].flag, device, tensor_of=range(len(params)))
     group = dict(betas=(beta1, beta2), eps=eps, weight_decay=weight_decay)
     buffer = torch.zeros(sl.buffer_numel, dtype=torch.float32, device=device)
     tensors = [[t.view(-1) for t in ts] for ts in (params, grads, exp_avgs, exp_avg_sqs)]

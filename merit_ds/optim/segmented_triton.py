@@ -118,8 +118,12 @@ def available(device) -> bool:
 _interpreter_lock = threading.Lock()
 
 
-def _launching():
-    return _interpreter_lock if interpreting() else contextlib.nullcontext()
+def _launching(device: torch.device):
+    """Around a launch: the interpreter's lock, or the tensors' CUDA device (Triton launches on
+    the current device, whichever device the pointers belong to)."""
+    if interpreting():
+        return _interpreter_lock
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def kernels():
@@ -220,7 +224,8 @@ def _addresses(p: "TilePlan", w, g, m, v, buffer: Tensor) -> Tensor:
     """The address table (int64 [tensors, 4]: data pointers of w, g, m, v per tensor) on the
     device, checked, and cached on the plan by the addresses themselves (the same addresses
     make the same table, whichever tensors hold them now), so that a step whose tensors sit
-    where they sat before copies nothing to the device."""
+    where they sat before copies nothing to the device; a new placement costs one copy from
+    pinned memory that does not wait for the GPU."""
     ws, gs, ms, vs = (_as_list(x) for x in (w, g, m, v))
     if not len(ws) == len(gs) == len(ms) == len(vs):
         raise ValueError("segmented_triton: w, g, m, v must be as many tensors each")
@@ -229,13 +234,16 @@ def _addresses(p: "TilePlan", w, g, m, v, buffer: Tensor) -> Tensor:
         if len({t.numel() for t in quad}) != 1:
             raise ValueError("segmented_triton: w, g, m, v of one tensor must have the same number of elements")
     key = tuple(t.data_ptr() for quad in zip(ws, gs, ms, vs) for t in quad)
-    table = p.addresses.pop(key, None)
-    if table is None:
-        table = torch.tensor(key, dtype=torch.int64).view(-1, 4).to(buffer.device)
-    p.addresses[key] = table  # most recently used last
+    entry = p.addresses.pop(key, None)
+    if entry is None:
+        host = torch.tensor(key, dtype=torch.int64).view(-1, 4)
+        if buffer.device.type == "cuda":  # pinned, so that the copy does not wait for the GPU
+            host = host.pin_memory()
+        entry = (host, host.to(buffer.device, non_blocking=True))  # the host copy lives as long
+    p.addresses[key] = entry  # most recently used last
     while len(p.addresses) > 8:
         p.addresses.pop(next(iter(p.addresses)))
-    return table
+    return entry[1]
 
 
 def statistics(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, buffer: Tensor,
@@ -247,7 +255,7 @@ def statistics(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: d
     if p.tiles.shape[0] == 0:
         return
     k = kernels()
-    with _launching():
+    with _launching(buffer.device):
         k.statistics_kernel[(p.tiles.shape[0],)](
             addresses, buffer, p.tiles, *_hyper(group),
             FLAGS=flags, NF=len(TILE_FIELDS), BLOCK_R=p.block_rows, BLOCK_C=p.block_cols, **LAUNCH,
@@ -272,7 +280,7 @@ def apply(p: TilePlan, w: Tensor, g: Tensor, m: Tensor, v: Tensor, group: dict, 
     else:
         acc = (p.tensor_max,) * 5  # not touched (TRACK off)
     k = kernels()
-    with _launching():
+    with _launching(buffer.device):
         if p.matrices.shape[0]:
             k.tensor_max_kernel[(p.matrices.shape[0],)](buffer, p.tensor_max, p.matrices, BLOCK=1024, **LAUNCH)
         k.apply_kernel[(p.tiles.shape[0],)](

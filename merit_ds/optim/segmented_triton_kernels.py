@@ -70,8 +70,6 @@ def _tile(tab_ptr, NF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexp
     flag = tl.load(t + 12)
     param = tl.load(t + 13)
     inner = tl.load(t + 14)  # K = prod(shape[2:]) of a matrix, else 1
-    # elements outside the tile point at the tile's first element (never read or written)
-    offs = tl.where(mask, offs, 0)
     return offs, mask, rmask, cols, row_idx, row_span, col_idx, col_span, ccmask, flag, param, inner
 
 
@@ -115,7 +113,8 @@ def statistics_kernel(addr_ptr, buf_ptr, tab_ptr,
     tl.atomic_max(buf_ptr + col_idx + col_span, tl.max(au, axis=0), mask=ccmask)
     if FLAGS:
         bad = tl.where(mask & ~(tl.abs(g) <= FLT_MAX), 1.0, 0.0)
-        tl.atomic_max(buf_ptr + flag, tl.max(tl.max(bad, axis=1), axis=0))
+        any_bad = tl.max(tl.max(bad, axis=1), axis=0)
+        tl.atomic_max(buf_ptr + flag, any_bad, mask=any_bad > 0)  # no atomic where all is finite
 
 
 @triton.jit
@@ -141,7 +140,9 @@ def tensor_max_kernel(buf_ptr, tmax_ptr, mat_ptr, BLOCK: tl.constexpr):
 def _ratio(max_w, max_u, floor):
     # merit_cpu.cpp ratio_matrix_raw: w/u clamped below by the tensor ratio, -1 where a
     # maximum is 0 (there s = 1)
-    return tl.where((max_w == 0) | (max_u == 0), -1.0, tl.maximum(tl.div_rn(max_w, max_u), floor))
+    # NaN propagates, as the CPU kernel's max_nan (an inf/inf ratio stays NaN there too)
+    return tl.where((max_w == 0) | (max_u == 0), -1.0,
+                    tl.maximum(tl.div_rn(max_w, max_u), floor, propagate_nan=tl.PropagateNan.ALL))
 
 
 @triton.jit
@@ -177,7 +178,7 @@ def apply_kernel(addr_ptr, buf_ptr, tmax_ptr, tab_ptr,
                        tl.load(buf_ptr + col_idx + col_span, mask=ccmask, other=1.0), floor)
     col_ratio = tl.where(ccmask, col_ratio, 0.0)  # vectors: no column ratio (0 never wins a max)
     b = col_ratio[None, :]
-    s = tl.where((a < 0) | (b < 0), 1.0, tl.maximum(a, b))
+    s = tl.where((a < 0) | (b < 0), 1.0, tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL))  # CPU: trust()
     w, g, m, v, w_ptr, m_ptr, v_ptr = _load(addr_ptr, tab_ptr, offs, mask, NF)
     m_new, v_new, u = _direction(w, g, m, v, beta1, beta2, one_minus_beta1, one_minus_beta2, eps, weight_decay)
     x = s * u

@@ -185,7 +185,7 @@ def _scratch(s: ShardedGroupStep, count: int) -> list[Tensor]:
 def segmented_wanted(s: ShardedGroupStep) -> bool:
     """Whether this step runs a whole-partition form (the Triton kernels of
     merit_ds.optim.segmented_triton, else the torch form merit_ds.optim.segmented):
-    MERIT on a CUDA partition with the default implementation (or "fused"). There it
+    MERIT on a CUDA partition with the default implementation, "fused" or "triton". There it
     replaces one launch sequence and one host sync per fragment by a fixed number of
     operations over the whole partition, and keeps no partition-sized buffer. On a statistics
     step only the Triton form runs (it counts the trust-ratio statistics; the torch form does
@@ -196,10 +196,15 @@ def segmented_wanted(s: ShardedGroupStep) -> bool:
             and s.group.get("implementation") in (None, "fused", "triton"))
 
 
-def _triton_passes(device) -> bool:
+def _triton_passes(device, strict: bool = False) -> bool:
+    """The kernels' first-use self-check on ``device``: a warning and False where it fails
+    (the caller then runs the torch form), or ``strict`` (implementation="triton", asked for
+    by name): a ValueError."""
     from merit_ds.optim import segmented_triton
 
     why = segmented_triton.self_check(device)
+    if why is not None and strict:
+        raise ValueError(f"implementation='triton': the Triton kernels failed their self-check on {device} ({why})")
     if why is not None:
         warnings.warn(f"MERIT: the Triton kernels failed their self-check on {device} ({why}); the sharded "
                       "step uses the torch form instead (correct, slower). Set MERIT_DS_TRITON=0 to silence this.",
@@ -210,8 +215,9 @@ def _triton_passes(device) -> bool:
 def _segmented_plan(s: ShardedGroupStep):
     """(form, plan) of this partition, built once and cached on the optimizer: the Triton
     kernels (merit_ds.optim.segmented_triton) for a float32 partition with the default
-    implementation (or "fused") where Triton runs on its device, else the torch form
-    (merit_ds.optim.segmented). Both take the same calls."""
+    implementation, "fused" or "triton" where Triton runs on its device and passes its
+    self-check, else the torch form (merit_ds.optim.segmented; never for "triton", which
+    raises instead). Both forms take the same calls."""
     from merit_ds.optim import segmented, segmented_triton
 
     cache = s.optimizer.__dict__.setdefault("_merit_segmented_plans", {})
@@ -225,7 +231,8 @@ def _segmented_plan(s: ShardedGroupStep):
             raise ValueError(f"implementation='triton' cannot step this {s.flat.dtype} partition on {s.flat.device} "
                              f"({segmented_triton._import_error() or 'no Triton there'}): use the default implementation")
         if (impl in (None, "fused", "triton") and s.flat.dtype == torch.float32
-                and segmented_triton.available(s.flat.device) and _triton_passes(s.flat.device)):
+                and segmented_triton.available(s.flat.device)
+                and _triton_passes(s.flat.device, strict=impl == "triton")):
             hit = segmented_triton, segmented_triton.plan(s.layout.shapes, s.layout.fragments, slots, flag_base,
                                                           s.flat.device)
         else:
