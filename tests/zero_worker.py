@@ -55,23 +55,18 @@ OPTIMIZERS = {"merit": (MERIT, merit), "lamb": (LAMB, lamb)}
 OPT_CLS, OPT_FN = MERIT, merit  # set from --optimizer
 
 
-def _triton_steps_the_partitions(params, grp) -> bool:
-    """Whether the sharded step runs MERIT's Triton kernels here (CUDA partitions, default or
-    "fused" implementation, the kernels' self-check passed): they do the CPU kernel's
-    arithmetic, so the reference is then the CPU kernel, run on CPU copies."""
-    if OPT_CLS is not MERIT or grp["implementation"] not in (None, "fused"):
-        return False
-    dev = next((p.device for p in params if p.is_cuda), None)
-    if dev is None:
-        return False
-    from merit_ds.optim import segmented_triton
-
-    return segmented_triton.available(dev) and segmented_triton.self_check(dev) is None
+def _ran_triton(opt) -> bool:
+    """Whether the sharded step just ran MERIT's Triton kernels (read from the form it
+    recorded, not decided again here): they do the CPU kernel's arithmetic."""
+    plans = opt.__dict__.get("_merit_segmented_plans", {}).values()
+    return any(form.__name__.endswith("segmented_triton") for form, _ in plans)
 
 
-def functional_step(params, grads, exp_avgs, exp_avg_sqs, steps, grp, **extra):
-    """The optimizer's functional single-device step with ``grp``'s hyperparameters."""
-    if _triton_steps_the_partitions(params, grp):
+def functional_step(params, grads, exp_avgs, exp_avg_sqs, steps, grp, cpu_kernel_reference=False, **extra):
+    """The optimizer's functional single-device step with ``grp``'s hyperparameters;
+    ``cpu_kernel_reference``: on CPU copies with the CPU kernel (where the sharded step ran
+    the Triton kernels), written back."""
+    if cpu_kernel_reference:
         tensors = [params, grads, exp_avgs, exp_avg_sqs, steps]
         on_cpu = [[t.detach().cpu().clone() for t in ts] for ts in tensors]
         out = functional_step(*on_cpu, {**grp, "implementation": None}, **extra)
@@ -357,6 +352,7 @@ def run_config(name, cfg, rank, world):
                 grp = hp_of[unit[0]]
                 functional_step([w_before[p] for p in unit], [g_full[p] for p in unit], [ref_state[p][0] for p in unit],
                                 [ref_state[p][1] for p in unit], [ref_state[p][2] for p in unit], grp,
+                                cpu_kernel_reference=_ran_triton(opt),
                                 nonfinite_grads=grp["nonfinite_grads"], stats=ref_stats if opt.track_stats else None)
             for p in ps:
                 w = w_before[p]

@@ -99,7 +99,8 @@ class MERIT(ShardableOptimizer):
             ``torch.compile``), ``"compiled"`` (``torch.compile``d kernels on any device;
             compiles once per shape class), or ``"triton"`` (MERIT's Triton kernels, the sharded
             GPU step's, over the whole group in one launch per phase: fp32 CUDA tensors; the CPU
-            kernel's arithmetic bit for bit; opt-in until timed on a GPU). Under ZeRO the sharded step honours it too.
+            kernel's arithmetic bit for bit; opt-in until timed on a GPU). Under ZeRO the sharded
+            step honours it too.
         track_stats: record trust-ratio statistics of each step (costs extra passes; off by
             default; may be switched on and off between steps, e.g. for diagnostics steps).
             :attr:`partial_stats` maps each stepped parameter to its

@@ -301,7 +301,8 @@ def self_check(device) -> Optional[str]:
     """Run the kernels once on ``device`` against the torch form (:mod:`.segmented`) on a small
     partition that cuts a matrix mid-row, once per device and process. ``None`` if they agree
     within float32 rounding (the two differ only in FMA contraction), else why not: the
-    sharded step then uses the torch form and warns. This guards a machine whose Triton
+    sharded step then uses the torch form and warns (``implementation="triton"`` raises
+    instead). This guards a machine whose Triton
     cannot compile or launch these kernels; it costs one compilation (cached on disk by
     Triton) and a few milliseconds."""
     key = str(torch.device(device))

@@ -7,8 +7,10 @@ them for the GPU, or runs them on CPU tensors under its interpreter in a process
 Every kernel reads one row of the tile table per program (field order: ``TILE_FIELDS`` in
 :mod:`.segmented_triton`); its ``tensor`` field picks a row of the address table, the data
 pointers of that tensor's w, g, m, v (one row for a flat ZeRO partition; one per parameter for
-a single device's group, so that one launch covers the whole group). The per-element arithmetic is the CPU kernel's
-(``csrc/merit_cpu.cpp``: ``direction``, ``trust``, ``apply_one``), operation for operation:
+a single device's group, so that one launch covers the whole group).
+
+The per-element arithmetic is the CPU kernel's (``csrc/merit_cpu.cpp``: ``direction``,
+``trust``, ``apply_one``, ``ratio_matrix_raw``), operation for operation:
 explicit fused multiply-adds where the formulas multiply and add, IEEE division and square
 root (``div_rn`` / ``sqrt_rn``, not the GPU's approximate defaults), NaN-ignoring maxima in
 the statistics, a clamp that passes NaN through. So one step here is bitwise the CPU kernel's

@@ -227,12 +227,11 @@ def _segmented_plan(s: ShardedGroupStep):
         slots = s.stats_layout.slots
         flag_base = slots[0].flag if slots else 0
         impl = s.group.get("implementation")
-        if impl == "triton" and not (s.flat.dtype == torch.float32 and segmented_triton.available(s.flat.device)):
+        runs = s.flat.dtype == torch.float32 and segmented_triton.available(s.flat.device)
+        if impl == "triton" and not runs:
             raise ValueError(f"implementation='triton' cannot step this {s.flat.dtype} partition on {s.flat.device} "
                              f"({segmented_triton._import_error() or 'no Triton there'}): use the default implementation")
-        if (impl in (None, "fused", "triton") and s.flat.dtype == torch.float32
-                and segmented_triton.available(s.flat.device)
-                and _triton_passes(s.flat.device, strict=impl == "triton")):
+        if runs and impl in (None, "fused", "triton") and _triton_passes(s.flat.device, strict=impl == "triton"):
             hit = segmented_triton, segmented_triton.plan(s.layout.shapes, s.layout.fragments, slots, flag_base,
                                                           s.flat.device)
         else:
