@@ -195,7 +195,7 @@ def segmented_step(rounds: int, device: str = "cuda", shapes=None, deepspeed_ada
     from merit_ds import MERIT
     from merit_ds.optim import segmented, segmented_triton
     from merit_ds.optim.merit_fragments import MeritFragmentRule
-    from merit_ds.sharding.layout import layout_from_offsets, stats_layout
+    from merit_ds.optim.layout import layout_from_offsets, stats_layout
 
     dev = torch.device(device)  # "cpu" and small shapes: a dry run of this section's code
     shapes = [tuple(s) for s in (shapes or gpt2_small_shapes())]

@@ -34,7 +34,8 @@ sys.path.insert(0, str(HERE.parent))
 
 from merit_ds.train.ds_config import make_ds_config  # noqa: E402
 from merit_ds.train.plan import make_plan  # noqa: E402
-from merit_ds.train.presets import BATCH_PRESETS, OPTIM_PRESETS, OPTIMIZER_PRESETS, scaled_lr  # noqa: E402
+from merit_ds.optim import registry  # noqa: E402
+from merit_ds.train.presets import BATCH_PRESETS, get_optim_preset, scaled_lr  # noqa: E402
 
 #: Recipe file name for a model, optimizer and batch (MERIT's names carry no optimizer).
 def recipe_name(model: str, batch: int, optimizer: str = "merit") -> str:
@@ -53,20 +54,23 @@ def recipe_micro_batch(model: str, batch: int) -> int:
 
 def build_all() -> dict[str, dict]:
     files: dict[str, dict] = {}
-    lineage = OPTIM_PRESETS["gpt2-small"]
+    lineage = get_optim_preset("gpt2-small", "merit")
     for precision in ("bf16", "fp32"):
         for stage in (1, 2, 3):
             files[f"zero{stage}_{precision}.json"] = make_ds_config(stage, precision, optim=lineage)
         for stage in (2, 3):
             files[f"zero{stage}_offload_{precision}.json"] = make_ds_config(stage, precision, offload=True, optim=lineage)
-    for optimizer, table in OPTIMIZER_PRESETS.items():
+    for spec in registry.specs():  # every registered optimizer with GPT-2 recipe defaults
+        optimizer = spec.name
         for model in ("gpt2-small", "gpt2-medium"):
-            optim = table[model]
+            if model not in spec.recipe_defaults:
+                continue
+            optim = spec.recipe_defaults[model]
             for batch in BATCH_PRESETS.values():
                 files[recipe_name(model, batch, optimizer)] = make_ds_config(
                     2, "bf16", optim=optim, lr=float(f"{scaled_lr(optim, batch):.6g}"), global_batch=batch,
                     micro_batch=recipe_micro_batch(model, batch), optimizer=optimizer)
-    tiny = OPTIM_PRESETS["tiny"]
+    tiny = get_optim_preset("tiny", "merit")
     files["tiny_b16_zero2_fp32.json"] = make_ds_config(2, "fp32", optim=tiny, lr=scaled_lr(tiny, 16),
                                                        global_batch=16, micro_batch=4)
     return files

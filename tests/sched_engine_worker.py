@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from deepspeed.utils import safe_get_full_fp32_param
 
 from merit_ds.optim import MERIT
-from merit_ds.train.loop import Runner
+from merit_ds.train.launcher import Runner
 
 MICRO, VOCAB, T = 2, 48, 8
 

@@ -117,11 +117,15 @@ def test_token_lr_across_a_batch_change_by_hand():
     t = build_step_table(parse_batch_schedule("2@0,8@80"), 10, max_steps=8)
     f = TokenWarmupCosine(t, 2, 0.1)  # warmup = the first 2 steps = 40 tokens; total 400
     assert f(0) == 20 / 40 and f(1) == 40 / 40
-    for step in range(3, 9):
-        a = t.tokens_before(step)
-        assert f(step - 1) == 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (a - 40) / 360))
+    # steps 3..8 start at tokens a = 40, 60, 80, 160, 240, 320: cosine phase (a - 40) / 360 x 180
+    # degrees = 0, 10, 20, 60, 100, 140; lr = 0.1 + 0.45 (1 + cos): cos 10 = 0.98480775 -> 0.99316349,
+    # cos 20 = 0.93969262 -> 0.97286168, cos 60 = 0.5 -> 0.775, cos 100 = -0.17364818 -> 0.47185832,
+    # cos 140 = -0.76604444 -> 0.20528000
+    assert [t.tokens_before(step) for step in range(3, 9)] == [40, 60, 80, 160, 240, 320]
+    assert [f(step - 1) for step in range(3, 9)] == pytest.approx(
+        [1.0, 0.99316349, 0.97286168, 0.775, 0.47185832, 0.20528000], rel=1e-8)
     g = TokenWarmupCosine(t, 2, 0.1, "sqrt")
-    assert g(5) == f(5) * math.sqrt(8 / 2) and g(0) == f(0)
+    assert g(5) == 2 * f(5) and g(0) == f(0)  # sqrt(8 / 2) = 2: the lr at batch 8 is twice batch 2's
 
 
 # --- the run configuration -------------------------------------------------------------------------------

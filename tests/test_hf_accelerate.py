@@ -12,7 +12,6 @@ and are held to the same tolerances against plain single-process ``merit_ds.LAMB
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -50,15 +49,11 @@ def _assert_matches_reference(rec):
 
 
 def _expected_lrs():
-    # get_cosine_schedule_with_warmup(warmup=1, total=4) per optimizer update, on 2 processes.
-    out = []
-    for k in range(STEPS):
-        if k < WARMUP:
-            out.append(HP["lr"] * k / WARMUP)
-        else:
-            progress = (k - WARMUP) / (STEPS - WARMUP)
-            out.append(HP["lr"] * 0.5 * (1 + math.cos(math.pi * progress)))
-    return out
+    # get_cosine_schedule_with_warmup(warmup=1, total=4) per optimizer update, on 2 processes:
+    # k = 0 warms up from 0 (k / 1 = 0); then progress (k - 1) / 3 = 0, 1/3, 2/3 and
+    # (1 + cos(pi progress)) / 2 = 1, (1 + 0.5) / 2 = 0.75, (1 - 0.5) / 2 = 0.25
+    assert (STEPS, WARMUP) == (4, 1)
+    return [HP["lr"] * r for r in (0.0, 1.0, 0.75, 0.25)]
 
 
 @pytest.mark.parametrize("name", EXACT)

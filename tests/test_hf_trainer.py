@@ -161,10 +161,10 @@ def test_ddp_matches_reference(dist, name):
 @pytest.mark.parametrize("name", ["cli", "cls", "ds2_cls", "ds3_json", "ds2_json_lamb"])
 def test_lr_schedule_under_two_processes(dist, name):
     # cosine, no warmup, 3 steps: lr_k = lr * (1 + cos(pi k / 3)) / 2, read from the optimizer
-    # that steps, at the start of each step.
-    import math
-
-    expected = [HP["lr"] * 0.5 * (1 + math.cos(math.pi * k / STEPS)) for k in range(STEPS)]
+    # that steps, at the start of each step: cos 0 = 1, cos 60 deg = 0.5, cos 120 deg = -0.5 ->
+    # lr x 1, 0.75, 0.25
+    assert STEPS == 3
+    expected = [HP["lr"] * r for r in (1.0, 0.75, 0.25)]
     torch.testing.assert_close(dist[name]["lrs"], expected, rtol=1e-12, atol=0)
 
 

@@ -16,7 +16,7 @@ import torch
 from merit_ds import MERIT
 from merit_ds.optim import segmented
 from merit_ds.optim.merit_fragments import MeritFragmentRule
-from merit_ds.sharding.layout import layout_from_offsets, stats_layout
+from merit_ds.optim.layout import layout_from_offsets, stats_layout
 
 SHAPES = [(6, 5), (7,), (3, 4, 2), (1, 9), (9, 1), (4, 6), (), (5, 3, 2, 2)]
 GROUP = dict(betas=(0.9, 0.95), eps=1e-6, weight_decay=0.1)

@@ -18,7 +18,7 @@ import torch
 from merit_ds import MERIT
 from merit_ds.optim import cpu_kernel, segmented_triton
 from merit_ds.optim.merit_fragments import MeritFragmentRule
-from merit_ds.sharding.layout import layout_from_offsets, stats_layout
+from merit_ds.optim.layout import layout_from_offsets, stats_layout
 import test_optim_segmented as segmented_tests
 from test_optim_segmented import GROUP, LR, assert_bitwise, flat_group  # the same hyperparameters
 

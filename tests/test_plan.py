@@ -58,9 +58,10 @@ def test_batch_errors_are_clear():
 
 
 def test_lr_scaling_rule_and_warmup():
-    small = presets.OPTIM_PRESETS["gpt2-small"]
+    small = presets.get_optim_preset("gpt2-small", "merit")
     assert presets.scaled_lr(small, 480) == small.lr_ref
-    assert presets.scaled_lr(small, 6144) == pytest.approx(6e-4 * math.sqrt(6144 / 480))
+    # 6144 / 480 = 12.8; sqrt(12.8) = 3.5777088 (3.5777^2 = 12.7999); 6e-4 x 3.5777088 = 2.1466253e-3
+    assert presets.scaled_lr(small, 6144) == pytest.approx(2.1466253e-3, rel=1e-7)
     assert presets.warmup_steps(97_657) == math.ceil(0.02 * 97_657) == 1954  # ~the lineage's 2000
     assert presets.warmup_steps(7630) == 153
     assert (small.betas, small.weight_decay, small.grad_clip, small.min_lr_ratio) == ((0.9, 0.95), 0.1, 1.0, 0.1)
@@ -70,19 +71,23 @@ def test_memory_accounting_zero_paper():
     psi = 124_475_904
     # bf16: 2 + 2 + 12 bytes/param, split per stage over Nd = 8; gradients accumulated in fp32
     # (grad_accum_dtype): BF16_Optimizer's unpartitioned fp32 buffer at ZeRO-1 (2 + 4 bytes), an
-    # fp32 partition at ZeRO-2/3 (4 bytes / Nd)
+    # fp32 partition at ZeRO-2/3 (4 bytes / Nd). Worked by hand from Psi = 124,475,904:
+    #   2 Psi = 248,951,808     6 Psi = 746,855,424     12 Psi = 1,493,710,848
+    #   2 Psi / 8 = 31,118,976  4 Psi / 8 = 62,237,952  12 Psi / 8 = 186,713,856
     m0 = memory_per_gpu(psi, 8, 0)
-    assert (m0.params, m0.grads, m0.optimizer) == (2 * psi, 2 * psi, 12 * psi)
+    assert (m0.params, m0.grads, m0.optimizer) == (248_951_808, 248_951_808, 1_493_710_848)
     m1 = memory_per_gpu(psi, 8, 1)
-    assert (m1.params, m1.grads, m1.optimizer) == (2 * psi, 6 * psi, 12 * psi / 8)
+    assert (m1.params, m1.grads, m1.optimizer) == (248_951_808, 746_855_424, 186_713_856)
     m2 = memory_per_gpu(psi, 8, 2)
-    assert (m2.params, m2.grads, m2.optimizer) == (2 * psi, 4 * psi / 8, 12 * psi / 8)
+    assert (m2.params, m2.grads, m2.optimizer) == (248_951_808, 62_237_952, 186_713_856)
     m3 = memory_per_gpu(psi, 8, 3)
-    assert (m3.params, m3.grads, m3.optimizer) == (2 * psi / 8, 4 * psi / 8, 12 * psi / 8)
+    assert (m3.params, m3.grads, m3.optimizer) == (31_118_976, 62_237_952, 186_713_856)
     off = memory_per_gpu(psi, 8, 2, offload=True)
-    assert (off.optimizer, off.optimizer_cpu) == (0.0, 12 * psi / 8)
+    assert (off.optimizer, off.optimizer_cpu) == (0.0, 186_713_856)
+    # fp32 on Nd = 4, no ZeRO: 4 + 4 + 8 bytes/param (weights are the master; m and v):
+    # 4 Psi = 497,903,616; 8 Psi = 995,807,232
     f = memory_per_gpu(psi, 4, 0, precision="fp32")
-    assert (f.params, f.grads, f.optimizer) == (4 * psi, 4 * psi, 8 * psi)
+    assert (f.params, f.grads, f.optimizer) == (497_903_616, 497_903_616, 995_807_232)
     with pytest.raises(ValueError, match="offload needs ZeRO stage"):
         memory_per_gpu(psi, 8, 0, offload=True)
 
@@ -126,16 +131,22 @@ def test_optimizer_scratch_in_the_plan():
     from merit_ds.train.plan import optimizer_scratch_bytes
 
     psi = presets.get_model_preset("gpt2-small").n_params
-    part = -(-psi // 8)
-    # MERIT on the GPU: the Triton step's tile table, 16 int64 per 16 x 256 elements
-    assert optimizer_scratch_bytes(psi, 8, 2) == 128 * -(-part // 4096) < 0.032 * part
-    assert optimizer_scratch_bytes(psi, 8, 3, optimizer="lamb") == 12 * psi / 8   # three fp32 buffers
+    assert psi == 124_475_904
+    # MERIT on the GPU: the Triton step's tile table, 16 int64 = 128 bytes per 16 x 256 = 4096
+    # elements. ZeRO-2 on 8 ranks: partition ceil(124,475,904 / 8) = 15,559,488 elements;
+    # 15,559,488 = 3798 x 4096 + 2,880 -> 3799 tiles -> 3799 x 128 = 486,272 bytes
+    # (< 0.032 bytes/element x 15,559,488 = 497,903.6)
+    assert optimizer_scratch_bytes(psi, 8, 2) == 486_272
+    # LAMB: three fp32 buffers of the partition, 12 x 15,559,488 = 186,713,856
+    assert optimizer_scratch_bytes(psi, 8, 3, optimizer="lamb") == 186_713_856
     assert optimizer_scratch_bytes(psi, 8, 2, offload=True) == 0.0          # fused CPU kernel
     assert optimizer_scratch_bytes(psi, 8, 2, optimizer="adamw") == 0.0     # FusedAdam, in place
-    assert optimizer_scratch_bytes(psi, 8, 0) == 128 * -(-psi // 4096)
+    # no ZeRO: the whole model, 124,475,904 = 30389 x 4096 + 2,560 -> 30390 tiles x 128 = 3,889,920
+    assert optimizer_scratch_bytes(psi, 8, 0) == 3_889_920
     assert optimizer_scratch_bytes(1000, 8, 2) == 128  # a small partition is one tile
-    m = memory_per_gpu(psi, 8, 2, activations=1.0)
-    assert m.total == m.params + m.grads + m.optimizer + 128 * -(-part // 4096) + 1.0
+    # ZeRO-2 total: params 248,951,808 + grads 62,237,952 + optimizer 186,713,856 + scratch
+    # 486,272 + activations 1 = 498,389,889 bytes
+    assert memory_per_gpu(psi, 8, 2, activations=1.0).total == 498_389_889
 
 
 def test_wall_time_and_plan():
@@ -145,11 +156,14 @@ def test_wall_time_and_plan():
     assert per_token == 855_383_040
     from merit_ds.train.plan import flops_per_token
     assert flops_per_token(presets.get_model_preset("gpt2-small"), 1024) == per_token
-    flops = per_token * 7630 * 6144 * 1024
-    assert wall_time_seconds(per_token, 7630 * 6144 * 1024, 32, 989e12, 0.4) == pytest.approx(flops / (32 * 989e12 * 0.4))
+    # tokens: 7630 steps x 6144 x 1024 = 7630 x 6,291,456 = 48,003,809,280
+    # FLOPs: 855,383,040 x 48,003,809,280 = 4.10616443e19
+    # rate: 32 x 989e12 x 0.4 = 1.265920e16 FLOP/s -> 4.10616443e19 / 1.26592e16 = 3243.62 s (0.901 h)
+    assert wall_time_seconds(per_token, 48_003_809_280, 32, 989e12, 0.4) == pytest.approx(3243.6208, rel=1e-7)
     p = make_plan("gpt2-small", "6k", 48e9, 4, 8, "h100")
     assert (p["steps"], p["per_gpu_batch"], p["world"]) == (7630, 192, 32)
-    assert p["wall_time_s"] == pytest.approx(flops / (32 * 989e12 * 0.4))
+    assert p["tokens_trained"] == 48_003_809_280 and p["flops"] == pytest.approx(4.10616443e19, rel=1e-8)
+    assert p["wall_time_s"] == pytest.approx(3243.6208, rel=1e-7)
     for row in p["stages"]:
         assert row["fits"] and 192 % row["micro_batch"] == 0
         assert row["micro_batch"] * row["grad_accum"] * 32 == 6144
@@ -176,7 +190,7 @@ def test_plan_cli(tmp_path):
 def test_plan_shows_the_chosen_optimizers_lr():
     merit = make_plan("gpt2-medium", "6k", 48e9, 4, 8, "h100")
     adamw = make_plan("gpt2-medium", "6k", 48e9, 4, 8, "h100", optimizer="adamw")
-    assert adamw["lr"] == pytest.approx(3e-4 * math.sqrt(6144 / 480))
+    assert adamw["lr"] == pytest.approx(1.0733126e-3, rel=1e-7)  # 3e-4 x sqrt(12.8) = 3e-4 x 3.5777088
     # the memory differs only by MERIT's scratch buffers (AdamW: none), where the micro-batch is equal
     for a, m in zip(adamw["stages"], merit["stages"]):
         assert a["scratch_gib"] == 0.0 and (a["params_gib"], a["grads_gib"]) == (m["params_gib"], m["grads_gib"])

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import types
 from pathlib import Path
 
@@ -37,7 +36,7 @@ def _recipe(name: str) -> dict:
 def test_default_is_merit_named_in_the_json_with_its_preset_lr():
     rc = _resolve()
     assert rc.optimizer == "merit" and not rc.client
-    assert rc.lr == 1e-2 * math.sqrt(8 / 16)
+    assert rc.lr == pytest.approx(7.0710678e-3, rel=1e-8)  # 1e-2 x sqrt(8 / 16) = 1e-2 x 0.70710678
     assert rc.ds_config["optimizer"] == {"type": "MERIT", "params": {
         "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "lr": rc.lr}}
     assert rc.lr_origin.startswith("preset tiny/merit: 0.01 at batch 16, measured: CPU sweep")
@@ -50,14 +49,14 @@ def test_lamb_is_a_client_optimizer_with_its_own_preset():
     rc = _resolve("--optimizer", "lamb")
     assert rc.client and "optimizer" not in rc.ds_config
     assert rc.ds_config["zero_allow_untested_optimizer"] is True
-    assert rc.lr == 1e-2 * math.sqrt(8 / 16)
+    assert rc.lr == pytest.approx(7.0710678e-3, rel=1e-8)  # 1e-2 x sqrt(8 / 16) = 1e-2 x 0.70710678
     assert rc.opt_params == {"betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "lr": rc.lr}
     assert "ESTIMATE" in rc.lr_origin and rc.label == "LAMB"
 
 
 def test_adamw_is_deepspeeds_own_torch_adamw_on_cpu_without_offload():
     rc = _resolve("--optimizer", "adamw")
-    assert not rc.client and rc.lr == 3e-3 * math.sqrt(8 / 16)
+    assert not rc.client and rc.lr == pytest.approx(2.1213203e-3, rel=1e-8)  # 3e-3 x 0.70710678
     assert rc.ds_config["optimizer"] == {"type": "AdamW", "params": {
         "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "lr": rc.lr, "torch_adam": True}}
     assert "zero_allow_untested_optimizer" not in rc.ds_config

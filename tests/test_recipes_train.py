@@ -25,7 +25,7 @@ import pytest
 
 from _dist import REPO_ROOT, dist_env, free_port
 
-from merit_ds.train.loop import TIMING_KEYS
+from merit_ds.train.metrics import TIMING_KEYS
 
 BIN = Path(sys.executable).parent
 STEPS = 12

@@ -203,8 +203,7 @@ def test_save_then_resume_in_a_fresh_trainer_continues_bitwise(data_dir, tmp_pat
     fresh, model, _ = _trainer(data_dir, name)
     assert fresh.resume(saved) == 2 and fresh.step == 2
     got = [fresh.train_step(diagnostics=True) for _ in range(2)]
-    strip = lambda r: {k: v for k, v in r.items() if k != "host_step_time_s"}  # noqa: E731
-    assert [strip(r) for r in got] == [strip(r) for r in want[2:]]
+    assert got == want[2:]
 
 
 def test_no_host_sync_between_log_steps(data_dir):
@@ -242,9 +241,39 @@ def test_no_host_sync_between_log_steps(data_dir):
     assert trainer.loss_count == 0 and float(trainer.loss_acc) == 0.0
 
 
+def test_train_loop_cadences_equal_the_steps_driven_by_hand(data_dir, tmp_path):
+    """``Trainer.train`` in-process: which steps it reads and logs (log, diagnostics, eval and
+    checkpoint steps, the last one), where it evaluates and saves, and records equal to the same
+    ``train_step`` / ``evaluate`` calls made by hand (wall-clock keys aside)."""
+    from merit_ds.train.metrics import TIMING_KEYS, Throughput
+    from merit_ds.train.trainer import LoopConfig
+
+    root, info = tmp_path / "checkpoints", {"optimizer": "merit", "world": 1, "zero_stage": 0}
+    config = LoopConfig(ckpt_root=root, run_info=info, seq_len=SEQ, log_every=2, diag_every=3, eval_every=4,
+                        ckpt_every=3, keep_last=5, progress=False)
+    trainer, _, _ = _trainer(data_dir, "merit")
+    logged = []
+    meter = Throughput(1.0, BATCH * SEQ, 1, None, torch.device("cpu"))
+    trainer.train(config, meter, lambda record, step: logged.append((step, record)))
+    trainer.finish_save()
+
+    ref, _, _ = _trainer(data_dir, "merit")
+    want = []
+    for step in range(1, 7):  # log steps 2, 4, 6; diagnostics 1, 3, 6; eval 4; checkpoints 3, 6
+        record = ref.train_step(diagnostics=step in (1, 3, 6), read=step != 5)
+        if step == 4:
+            record.update(ref.evaluate())
+        if step != 5:
+            want.append((step, record))
+    assert [(s, {k: v for k, v in r.items() if k not in TIMING_KEYS}) for s, r in logged] == want
+    assert all(TIMING_KEYS & r.keys() for _, r in logged)  # every logged step carries its interval's throughput
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000006"]
+    assert trainer.step == trainer.saved_step == 6 and meter.total_steps == 6
+
+
 def test_throughput_and_mfu_by_hand():
     """Step time, tokens/s and MFU of an interval and of the run, with a fake clock."""
-    from merit_ds.train.loop import Throughput
+    from merit_ds.train.metrics import Throughput
     from merit_ds.train.plan import flops_per_token
 
     small = MODEL_PRESETS["gpt2-small"]
@@ -287,16 +316,15 @@ def test_background_finalisation_returns_before_hashing_and_a_crash_keeps_the_pr
     import threading
 
     root, info = tmp_path / "checkpoints", {"optimizer": "adamw", "world": 1, "zero_stage": 0}
-    strip = lambda r: {k: v for k, v in r.items() if k != "host_step_time_s"}  # noqa: E731
     ref, _, _ = _trainer(data_dir, "adamw")
-    want = [strip(ref.train_step(diagnostics=True)) for _ in range(6)]
+    want = [ref.train_step(diagnostics=True) for _ in range(6)]
 
     trainer, _, _ = _trainer(data_dir, "adamw")
-    got = [strip(trainer.train_step(diagnostics=True)) for _ in range(2)]
+    got = [trainer.train_step(diagnostics=True) for _ in range(2)]
     first = trainer.save(root, info, keep_last=3, background=True)
     trainer.finish_save()
     assert ckpt.latest_checkpoint(root) == first
-    got += [strip(trainer.train_step(diagnostics=True)) for _ in range(2)]
+    got += [trainer.train_step(diagnostics=True) for _ in range(2)]
 
     hashing, release, real = threading.Event(), threading.Event(), ckpt.sha256_file
 
@@ -311,11 +339,11 @@ def test_background_finalisation_returns_before_hashing_and_a_crash_keeps_the_pr
     assert hashing.wait(60)  # save returned and rank 0's thread is hashing
     assert second == root / "step_00000004" and not second.exists() and (root / ".tmp-step_00000004").is_dir()
     assert ckpt.latest_checkpoint(root) == first and ckpt.validate(first, info)["step"] == 2
-    got += [strip(trainer.train_step(diagnostics=True)) for _ in range(2)]  # training goes on meanwhile
+    got += [trainer.train_step(diagnostics=True) for _ in range(2)]  # training goes on meanwhile
     assert trainer.step == 6 and trainer._pending.thread.is_alive()
     crashed, _, _ = _trainer(data_dir, "adamw")  # a crash now: the resume finds step 2
     assert crashed.resume(ckpt.latest_checkpoint(root)) == 2
-    assert [strip(crashed.train_step(diagnostics=True)) for _ in range(2)] == want[2:4]
+    assert [crashed.train_step(diagnostics=True) for _ in range(2)] == want[2:4]
 
     release.set()
     trainer.finish_save()
@@ -327,7 +355,7 @@ def test_background_finalisation_returns_before_hashing_and_a_crash_keeps_the_pr
     assert got == want
     fresh, _, _ = _trainer(data_dir, "adamw")
     assert fresh.resume(second) == 4
-    assert [strip(fresh.train_step(diagnostics=True)) for _ in range(2)] == want[4:]
+    assert [fresh.train_step(diagnostics=True) for _ in range(2)] == want[4:]
 
 
 @pytest.mark.parametrize("name", ["merit", "adamw"])
@@ -346,18 +374,17 @@ def test_compiled_model_diagnostics_steps_compile_nothing(data_dir, name):
         return gm.forward
 
     torch._dynamo.reset()
-    strip = lambda r: {k: v for k, v in r.items() if k != "host_step_time_s"}  # noqa: E731
     diag = [False, True, False, True, True, False, True, True]
     ref, _, _ = _trainer(data_dir, name, steps=8)
-    want = [strip(ref.train_step(diagnostics=d)) for d in diag[:1]] + [ref.evaluate()]
-    want += [strip(ref.train_step(diagnostics=d)) for d in diag[1:]] + [ref.evaluate()]
+    want = [ref.train_step(diagnostics=d) for d in diag[:1]] + [ref.evaluate()]
+    want += [ref.train_step(diagnostics=d) for d in diag[1:]] + [ref.evaluate()]
 
     trainer, model, _ = _trainer(data_dir, name, steps=8)
     model.compile(backend=counting)
-    got = [strip(trainer.train_step(diagnostics=d)) for d in diag[:1]] + [trainer.evaluate()]
+    got = [trainer.train_step(diagnostics=d) for d in diag[:1]] + [trainer.evaluate()]
     warm = len(graphs)
     assert warm > 0  # the plain step and the evaluation went through dynamo
-    got += [strip(trainer.train_step(diagnostics=d)) for d in diag[1:]] + [trainer.evaluate()]
+    got += [trainer.train_step(diagnostics=d) for d in diag[1:]] + [trainer.evaluate()]
     assert len(graphs) == warm, f"{len(graphs) - warm} graphs compiled after warm-up"
     assert got == want
     torch._dynamo.reset()

@@ -15,10 +15,10 @@ import torch.distributed as dist
 
 from merit_ds.sharding import collective
 from merit_ds.train import checkpoint as ckpt
-from merit_ds.train import loop
 from merit_ds.train.batch import BatchConfigError
 from merit_ds.train.diagnostics import AttentionLogitProbe, GradientNoiseScale
 from merit_ds.train.ds_config import set_batch
+from merit_ds.train.trainer import Trainer
 
 
 class _Attn(torch.nn.Module):
@@ -73,8 +73,12 @@ def test_every_reduction_meets_the_collective_on_the_backends_device(sentinel_ba
     probe = AttentionLogitProbe(model)
     probe.arm()
     model(input_ids=x)
+    model.device = torch.device("cpu")  # what Trainer.evaluate reads of a DeepSpeed engine
+    train = types.SimpleNamespace(loss_acc=torch.zeros((), dtype=torch.float64), loss_count=2)
+    val = types.SimpleNamespace(engine=model, val_loader=types.SimpleNamespace(batches=lambda: [(x, x)], blocks=2))
     calls = [
-        lambda: loop._mean_over_ranks(3.0, 2),                       # train loss and val loss
+        lambda: Trainer.read_loss(train),                             # train loss
+        lambda: Trainer.evaluate(val),                                # val loss
         probe.collect,                                                # max attention logit
         lambda: GradientNoiseScale().measure(model, x, x, world=2),   # |G_small|^2 sum
     ]

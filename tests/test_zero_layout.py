@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from merit_ds.optim import formulas as F
-from merit_ds.sharding.layout import (
+from merit_ds.optim.layout import (
     Fragment,
     layout_from_fragments,
     layout_from_offsets,

@@ -23,7 +23,7 @@ from merit_ds.optim.cpu_kernel import available as kernel_available
 from merit_ds.optim import merge_trust_stats, summarize_trust_stats
 from merit_ds.sharding import collective
 from merit_ds.sharding import stats as sharded_stats
-from merit_ds.sharding.layout import layout_from_offsets, layout_from_param_partitions
+from merit_ds.optim.layout import layout_from_offsets, layout_from_param_partitions
 from merit_ds.sharding.step import ShardedGroupStep, run_sharded_steps
 
 SHAPES = [(5, 7), (7,), (3, 4, 2), (), (6, 5), (1, 3), (2,)]

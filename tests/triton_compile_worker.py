@@ -1,6 +1,11 @@
 """Compiles MERIT's Triton kernels ahead of time for NVIDIA GPUs (no GPU needed: Triton's
 bundled ptxas), with the launch options the step uses, and prints per kernel what the PTX
-holds. Run in its own process: Triton must not be in interpreter mode.
+holds: the set of distinct instruction opcodes (``mul.rn.f32``, ``st.global.v4.b32``, ...) and
+the number of ``.ftz`` modifiers, so that the test checks properties (which instructions are
+present or absent), not counts that a scheduling change in a Triton upgrade moves. Plus one
+negative control, ``control_fp_fusion``: the statistics kernel compiled with
+``enable_fp_fusion=True`` (which the step does not use), to show that the no-contraction
+check sees the difference. Run in its own process: Triton must not be in interpreter mode.
 
     TRITON_INTERPRET=0 python tests/triton_compile_worker.py 80 90
 """
@@ -36,27 +41,32 @@ KERNELS = {
 }
 
 
-def count(ptx: str, op: str) -> int:
-    return len(re.findall(r"\b" + re.escape(op) + r"\b", ptx))
+# an instruction line: an optional guard predicate (@%p1, @!%p1), then the opcode with its
+# modifiers; directives (.reg, .loc), labels ($L__BB0_1:), comments and braces do not match
+INSTRUCTION = re.compile(r"^\s*(?:@!?%\w+\s+)?([a-z][a-z0-9_]*(?:\.[a-z0-9_]+)*)", re.MULTILINE)
+
+
+def opcodes(ptx: str) -> list:
+    return sorted(set(INSTRUCTION.findall(ptx)))
+
+
+def compile_kernel(name: str, arch, options: dict) -> dict:
+    fn, sig, constexprs = KERNELS[name]
+    signature = {**sig, **{c: "constexpr" for c in constexprs}}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", int(arch), 32), options=options)
+    ptx = compiled.asm["ptx"]
+    return {"cubin_bytes": len(compiled.asm["cubin"]), "opcodes": opcodes(ptx),
+            "ftz": ptx.count(".ftz")}  # flushing subnormals would differ from the CPU kernel
 
 
 def main(archs):
     out = {}
     for arch in archs:
-        for name, (fn, sig, constexprs) in KERNELS.items():
-            signature = {**sig, **{c: "constexpr" for c in constexprs}}
-            compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                                      target=GPUTarget("cuda", int(arch), 32), options=OPTIONS)
-            ptx = compiled.asm["ptx"]
-            out[f"{name}@sm_{arch}"] = {
-                "cubin_bytes": len(compiled.asm["cubin"]),
-                **{op: count(ptx, op) for op in ("fma.rn.f32", "div.rn.f32", "sqrt.rn.f32", "div.full.f32",
-                                                 "div.approx.f32", "sqrt.approx.f32", "ex2.approx.f32")},
-                "ftz": ptx.count(".ftz"),  # flushing subnormals would differ from the CPU kernel
-                "atom": len(re.findall(r"\batom\.", ptx)),
-                "ld.global": len(re.findall(r"\bld\.global", ptx)),
-                "st.global": len(re.findall(r"\bst\.global", ptx)),
-            }
+        for name in KERNELS:
+            out[f"{name}@sm_{arch}"] = compile_kernel(name, arch, OPTIONS)
+    out[f"control_fp_fusion@sm_{archs[-1]}"] = compile_kernel("statistics", archs[-1],
+                                                              {**OPTIONS, "enable_fp_fusion": True})
     print(json.dumps(out))
 
 

@@ -1,31 +1,33 @@
 """Small facts shared by the DeepSpeed, HF Trainer and Accelerate glue (no math, no heavy imports).
 
-The names merit_ds's optimizers go by in a DeepSpeed JSON config are kept here, in one table
-(:data:`JSON_NAMES`), so every entry path recognises the same ones.
+The names merit_ds's optimizers go by in a DeepSpeed JSON config come from the optimizer
+registry (:func:`json_names`), so every entry path recognises the same ones.
 """
 
 from __future__ import annotations
 
 from typing import Any, Mapping, Optional
 
-from ..optim import LAMB, MERIT, ShardableOptimizer
+from ..optim import ShardableOptimizer, registry
 
 # Where DeepSpeed reads these keys (deepspeed/runtime/zero/config.py, runtime/config.py).
 _OFFLOAD_OFF = (None, "none", "None")
 
-#: ``"optimizer": {"type": NAME}`` -> merit_ds class. DeepSpeed first compares the name
-#: case-insensitively with its built-ins (``lamb`` is its CUDA-only FusedLamb), then looks it up
-#: case-sensitively on ``torch.optim``; so LAMB goes by ``ShardedLAMB``.
-JSON_NAMES: dict[str, type] = {"MERIT": MERIT, "ShardedLAMB": LAMB}
+def json_names() -> dict[str, type]:
+    """``"optimizer": {"type": NAME}`` -> merit_ds class, for every registered optimizer that
+    merit_ds (not DeepSpeed) implements. DeepSpeed first compares the name case-insensitively
+    with its built-ins (``lamb`` is its CUDA-only FusedLamb), then looks it up case-sensitively
+    on ``torch.optim``; so LAMB goes by ``ShardedLAMB``."""
+    return {s.json_name: s.cls for s in registry.specs() if s.ds_route != "deepspeed"}
 
 
 def json_name_of(cls_or_optimizer: Any) -> str:
-    """The JSON name of a merit_ds optimizer class or instance (``MERIT``, ``ShardedLAMB``)."""
-    cls = cls_or_optimizer if isinstance(cls_or_optimizer, type) else type(cls_or_optimizer)
-    for name, known in JSON_NAMES.items():
-        if issubclass(cls, known):
-            return name
-    raise KeyError(f"{cls.__name__} has no DeepSpeed JSON name in merit_ds")
+    """The JSON name of a registered optimizer class or instance (``MERIT``, ``ShardedLAMB``)."""
+    spec = registry.by_class(cls_or_optimizer)
+    if spec is None or spec.ds_route == "deepspeed":
+        cls = cls_or_optimizer if isinstance(cls_or_optimizer, type) else type(cls_or_optimizer)
+        raise KeyError(f"{cls.__name__} has no DeepSpeed JSON name in merit_ds")
+    return spec.json_name
 
 
 def ds_optimizer_type(ds_config: Mapping[str, Any]) -> Optional[str]:
@@ -40,22 +42,28 @@ def ds_named_class(ds_config: Mapping[str, Any]) -> Optional[type]:
     :func:`merit_ds.integrations.deepspeed.check_config`, which refuses the wrong case with
     the right spelling, instead of treating the config as not ours.
     """
-    name = str(ds_optimizer_type(ds_config) or "").lower()
-    for json_name, cls in JSON_NAMES.items():
-        if name == json_name.lower():
-            return cls
-    return None
+    spec = registry.by_json_name(str(ds_optimizer_type(ds_config) or ""), case_sensitive=False)
+    return None if spec is None or spec.ds_route == "deepspeed" else spec.cls
 
 
 def ds_names_merit(ds_config: Mapping[str, Any]) -> bool:
     """True when a DeepSpeed JSON config's ``"optimizer"`` section names a merit_ds optimizer
-    (``MERIT`` or ``ShardedLAMB``, any case). Kept under its old name; see :func:`ds_named_class`."""
+    (``MERIT``, ``ShardedLAMB``, ..., any case). Kept under its old name; see :func:`ds_named_class`."""
     return ds_named_class(ds_config) is not None
 
 
 def is_sharded_optimizer_class(cls: Any) -> bool:
-    """A merit_ds optimizer class (MERIT, LAMB, or a subclass)."""
+    """A merit_ds optimizer class (MERIT, LAMB, any ShardableOptimizer, or a subclass)."""
     return isinstance(cls, type) and issubclass(cls, ShardableOptimizer)
+
+
+def is_registered_class(cls: Any) -> bool:
+    """A class of an optimizer registered with merit_ds that merit_ds implements (MERIT, LAMB, a
+    third-party registration; not DeepSpeed's own AdamW)."""
+    if not isinstance(cls, type):
+        return False
+    spec = registry.by_class(cls)
+    return spec is not None and spec.ds_route != "deepspeed"
 
 
 def ds_offloads_optimizer(ds_config: Mapping[str, Any]) -> bool:

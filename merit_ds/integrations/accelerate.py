@@ -38,7 +38,7 @@ from typing import Any, Optional
 import torch
 
 from ..optim import ShardableOptimizer
-from ._common import JSON_NAMES, OffloadSwapError, ds_named_class, json_name_of, refuse_offload_swap
+from ._common import OffloadSwapError, json_names, ds_named_class, json_name_of, refuse_offload_swap
 from .deepspeed import check_config
 from .param_groups import merit_param_groups
 from .verify import NotMeritError, assert_merit_is_stepping
@@ -82,8 +82,8 @@ def merit_deepspeed_config(
     (``runtime/constants.py:203``), which is easy to miss; ``0.0`` disables clipping, ``"auto"``
     lets the HF Trainer fill in ``max_grad_norm``.
     """
-    if optimizer_type not in JSON_NAMES:
-        raise ValueError(f"optimizer_type must be one of {sorted(JSON_NAMES)}, got {optimizer_type!r}")
+    if optimizer_type not in json_names():
+        raise ValueError(f"optimizer_type must be one of {sorted(json_names())}, got {optimizer_type!r}")
     zero: dict[str, Any] = {"stage": int(stage)}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -141,11 +141,12 @@ def check_before_prepare(accelerator, optimizer: Any) -> type:
         if named_cls is None:
             named = None if cfg is None else (cfg.get("optimizer") or {}).get("type")
             raise NotMeritError(
-                f"DummyOptim given but the DeepSpeed config names optimizer {named!r}, not one of {sorted(JSON_NAMES)}"
+                f"DummyOptim given but the DeepSpeed config names optimizer {named!r}, not one of {sorted(json_names())}"
             )
         return named_cls
     raise NotMeritError(
-        f"expected a merit_ds optimizer (MERIT, LAMB) or accelerate DummyOptim, got {type(optimizer).__name__}"
+        f"expected a merit_ds optimizer ({', '.join(c.__name__ for c in json_names().values())}) or accelerate "
+        f"DummyOptim, got {type(optimizer).__name__}"
     )
 
 

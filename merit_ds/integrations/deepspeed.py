@@ -5,8 +5,9 @@ DeepSpeed builds the optimizer named in ``"optimizer": {"type": NAME}``: its bui
 ``getattr(torch.optim, NAME)`` (``runtime/engine.py:1985-1986`` accepts the name,
 ``:2548`` constructs it as ``torch_optimizer(model_parameters, **params)``). There is no
 registry, and that lookup is case-sensitive. So ``import merit_ds`` sets
-``torch.optim.MERIT = MERIT`` and ``torch.optim.ShardedLAMB = LAMB``
-(:func:`register_json_name`), after which::
+``torch.optim.<json_name>`` for every optimizer in merit_ds's registry that DeepSpeed does not
+implement itself (``torch.optim.MERIT = MERIT``, ``torch.optim.ShardedLAMB = LAMB``, and any
+optimizer registered later: :func:`install_json_names`), after which::
 
     "optimizer": {"type": "MERIT", "params": {"lr": 1e-3, "weight_decay": 0.1}},
     "zero_allow_untested_optimizer": true
@@ -30,31 +31,36 @@ from typing import Any, Mapping, Union
 
 import torch
 
-from merit_ds.optim import LAMB, MERIT
+from merit_ds.optim import registry
 
-from ._common import JSON_NAMES, ds_forces_cpu_optimizer, ds_offloads_optimizer, is_sharded_optimizer_class, json_name_of
+from ._common import (ds_forces_cpu_optimizer, ds_offloads_optimizer, is_registered_class, json_name_of,
+                      json_names)
 
-__all__ = ["register_json_name", "check_config", "accepted_params", "install_initialize_check", "JSON_NAME",
-           "LAMB_JSON_NAME", "JSON_NAMES", "MeritConfigError"]
-
-JSON_NAME = "MERIT"
-LAMB_JSON_NAME = "ShardedLAMB"
-assert JSON_NAMES == {JSON_NAME: MERIT, LAMB_JSON_NAME: LAMB}
+__all__ = ["register_json_name", "install_json_names", "builtin_name_hint", "check_config", "accepted_params", "install_initialize_check",
+           "json_names", "MeritConfigError"]
 
 
 class MeritConfigError(ValueError):
     """A DeepSpeed config that cannot run MERIT (or LAMB) as written; the message names the fix."""
 
 
-def register_json_name() -> None:
-    """Make ``"type": "MERIT"`` and ``"type": "ShardedLAMB"`` resolvable by DeepSpeed
-    (``getattr(torch.optim, NAME)``)."""
-    for name, cls in JSON_NAMES.items():
-        existing = getattr(torch.optim, name, None)
-        if existing is not None and existing is not cls and getattr(existing, "__module__", "") != cls.__module__:
-            raise RuntimeError(f"torch.optim.{name} is already taken by {existing!r}")
-    for name, cls in JSON_NAMES.items():
-        setattr(torch.optim, name, cls)
+def register_json_name(spec=None) -> None:
+    """Make ``"type": spec.json_name`` resolvable by DeepSpeed (``getattr(torch.optim, NAME)``);
+    without ``spec``, every registered optimizer's. Refuses to shadow a different class."""
+    todo = [spec] if spec is not None else list(registry.specs())
+    todo = [s for s in todo if s.ds_route != "deepspeed"]
+    for s in todo:
+        existing = getattr(torch.optim, s.json_name, None)
+        if existing is not None and existing is not s.cls and getattr(existing, "__module__", "") != s.cls.__module__:
+            raise RuntimeError(f"torch.optim.{s.json_name} is already taken by {existing!r}")
+    for s in todo:
+        setattr(torch.optim, s.json_name, s.cls)
+
+
+def install_json_names() -> None:
+    """Keep ``torch.optim`` in step with the registry: every optimizer registered now or later
+    gets its JSON name (called once by ``import merit_ds``)."""
+    registry.on_register(register_json_name)
 
 
 def _load(config: Union[str, os.PathLike, Mapping[str, Any]]) -> Mapping[str, Any]:
@@ -117,9 +123,23 @@ def _fused_lamb_error(name: str) -> MeritConfigError:
         "case-insensitively), not merit_ds's LAMB: FusedLamb is CUDA-only (a fused kernel built "
         "with FusedLambBuilder; it cannot run on CPU) and under ZeRO it computes one trust ratio per "
         "flat partition instead of per tensor, which is not LAMB. For LAMB exact under ZeRO 1/2/3 "
-        f'write "type": "{LAMB_JSON_NAME}" (after "import merit_ds"), with '
+        f'write "type": "{registry.get("lamb").json_name}" (after "import merit_ds"), with '
         '"zero_allow_untested_optimizer": true.'
     )
+
+
+def builtin_name_hint(type_name: str) -> str | None:
+    """Why a DeepSpeed JSON ``"type"`` that DeepSpeed resolves itself is not the merit_ds optimizer a
+    user probably meant, or None: ``"lamb"`` (any case) is DeepSpeed's FusedLamb; ``"adam"`` is not
+    the AdamW baseline."""
+    name = str(type_name).lower()
+    if name == "lamb":
+        return (f"optimizer type {type_name!r}: DeepSpeed's built-in Lamb (FusedLamb) computes its trust ratios per "
+                f"ZeRO partition, not per tensor; merit_ds's exact LAMB is named \"{registry.get('lamb').json_name}\" "
+                f"(or leave the section out and pass --optimizer lamb)")
+    if name == "adam":
+        return 'optimizer type "Adam": the AdamW baseline is named "AdamW" (decoupled weight decay)'
+    return None
 
 
 def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_optimizer: Any = False) -> None:
@@ -139,7 +159,7 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_o
     stage = int(zero.get("stage", 0) or 0)
     named = None
     if name is not None:
-        for json_name, cls in JSON_NAMES.items():
+        for json_name, cls in json_names().items():
             if name == json_name:
                 named = cls
             elif str(name).lower() == json_name.lower():
@@ -156,7 +176,7 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_o
         what = "MERIT"
     else:
         cls = client_optimizer if isinstance(client_optimizer, type) else type(client_optimizer)
-        what = json_name_of(cls) if is_sharded_optimizer_class(cls) else cls.__name__
+        what = json_name_of(cls) if is_registered_class(cls) else cls.__name__
     if stage > 0 and not cfg.get("zero_allow_untested_optimizer", False):
         raise MeritConfigError(
             f'{what} under ZeRO needs "zero_allow_untested_optimizer": true at the top level of the DeepSpeed '
@@ -206,7 +226,7 @@ def _config_of_initialize_call(signature: inspect.Signature, args: tuple, kwargs
 def _names_ours_in_any_case(cfg: Any) -> bool:
     optimizer = cfg.get("optimizer") if isinstance(cfg, Mapping) else None
     name = optimizer.get("type") if isinstance(optimizer, Mapping) else None
-    return name is not None and str(name).lower() in {n.lower() for n in JSON_NAMES}
+    return name is not None and str(name).lower() in {n.lower() for n in json_names()}
 
 
 def install_initialize_check(module=None) -> None:
@@ -247,5 +267,3 @@ def install_initialize_check(module=None) -> None:
     initialize._merit_ds_checked = True
     module.initialize = initialize
 
-
-register_json_name()

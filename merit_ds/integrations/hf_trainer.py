@@ -44,15 +44,16 @@ import functools
 import warnings
 from typing import Any, Optional
 
-from ..optim import LAMB, MERIT, ShardableOptimizer
-from ._common import OffloadSwapError, ds_named_class, is_sharded_optimizer_class, json_name_of, refuse_offload_swap
+from ..optim import MERIT, ShardableOptimizer, registry
+from ..optim.spec import parse_bool
+from ._common import OffloadSwapError, ds_named_class, is_registered_class, json_name_of, refuse_offload_swap
 from .param_groups import merit_param_groups
 
 __all__ = [
     "register_trainer_optim",
     "install_trainer_guard",
     "merit_optimizer_kwargs_from_args",
-    "OPTIM_NAMES",
+    "optim_names",
     "TransformersInternalsChanged",
     "DroppedOptimizerError",
     "OffloadSwapError",
@@ -61,33 +62,36 @@ __all__ = [
 
 TESTED_TRANSFORMERS = "5.23"
 OPTIM_NAME = "merit"
-LAMB_OPTIM_NAME = "sharded_lamb"
-#: ``optim=`` value -> (OptimizerNames member name, class), registered by register_trainer_optim.
-OPTIM_NAMES: dict[str, tuple[str, type]] = {OPTIM_NAME: ("MERIT", MERIT), LAMB_OPTIM_NAME: ("SHARDED_LAMB", LAMB)}
 
 
-def _bool(s: str) -> bool:
-    return {"true": True, "false": False}[s.lower()]
+def optim_names() -> dict[str, tuple[str, type]]:
+    """``optim=`` value -> (OptimizerNames member name, class) for every registered optimizer
+    that offers one (:attr:`merit_ds.optim.spec.OptimizerSpec.hf_optim`): ``"merit"``,
+    ``"sharded_lamb"``, ... (what :func:`register_trainer_optim` adds)."""
+    return {s.hf_optim: (s.hf_optim.upper(), s.cls) for s in registry.specs() if s.hf_optim}
 
 
-def _optional_float(s: str):
-    return None if s.lower() == "none" else float(s)
-
-
-# optim_args keys understood by optim="merit"/"sharded_lamb" (weight decay comes from
-# --weight_decay, per group).
-_OPTIM_ARGS = {
-    "beta1": float,
-    "beta2": float,
-    "eps": float,
-    "nonfinite_grads": str,
-    "implementation": str,
-    "track_stats": _bool,
+# optim_args keys every optim="<name>" understands where its class takes the argument (weight
+# decay comes from --weight_decay, per group); a spec adds its own (hf_optim_args).
+_COMMON_OPTIM_ARGS = {
+    "beta1": ("betas", float),
+    "beta2": ("betas", float),
+    "eps": ("eps", float),
+    "nonfinite_grads": ("nonfinite_grads", str),
+    "implementation": ("implementation", str),
+    "track_stats": ("track_stats", parse_bool),
 }
-_OPTIM_ARGS_BY_CLASS = {
-    MERIT: _OPTIM_ARGS,
-    LAMB: {**_OPTIM_ARGS, "max_trust_ratio": _optional_float, "bias_correction": _bool},
-}
+
+
+def _optim_args_of(cls: type) -> dict:
+    """The ``optim_args`` keys ``optim=<cls's name>`` accepts, with their parsers."""
+    from .deepspeed import accepted_params
+
+    spec = registry.by_class(cls)
+    takes = set(accepted_params(cls))
+    accepted = {k: parse for k, (arg, parse) in _COMMON_OPTIM_ARGS.items() if arg in takes}
+    accepted.update(spec.hf_optim_args if spec is not None else {})
+    return accepted
 
 
 class TransformersInternalsChanged(RuntimeError):
@@ -142,8 +146,9 @@ def merit_optimizer_kwargs_from_args(
     ``adam_beta1/2``, ``adam_epsilon`` and ``optim_args`` (``"beta2=0.95,eps=1e-6"``;
     ``optim_args`` win). LAMB also takes ``max_trust_ratio`` (a number or ``none``) and
     ``bias_correction`` (``true``/``false``)."""
-    accepted = _OPTIM_ARGS_BY_CLASS[cls]
-    optim_name = next(v for v, (_, c) in OPTIM_NAMES.items() if c is cls)
+    accepted = _optim_args_of(cls)
+    spec = registry.by_class(cls)
+    optim_name = spec.hf_optim if spec is not None and spec.hf_optim else cls.__name__
     unknown = set(optim_args) - set(accepted)
     if unknown:
         raise ValueError(
@@ -152,61 +157,75 @@ def merit_optimizer_kwargs_from_args(
         )
     parsed = {k: accepted[k](v) for k, v in optim_args.items()}
     beta1, beta2 = betas
-    kwargs = {
-        "lr": lr,
-        "betas": (parsed.pop("beta1", beta1), parsed.pop("beta2", beta2)),
-        "eps": parsed.pop("eps", eps),
-        **parsed,
-    }
+    takes = set(_accepted(cls))
+    kwargs: dict[str, Any] = {"lr": lr}
+    if "betas" in takes:
+        kwargs["betas"] = (parsed.pop("beta1", beta1), parsed.pop("beta2", beta2))
+    if "eps" in takes:
+        kwargs["eps"] = parsed.pop("eps", eps)
+    kwargs.update(parsed)
     return kwargs
+
+
+def _accepted(cls: type) -> list[str]:
+    from .deepspeed import accepted_params
+
+    return accepted_params(cls)
 
 
 def _handler_for(cls: type):
     def handler(ctx) -> tuple[type, dict[str, Any]]:
-        """The ``_OPTIMIZER_HANDLERS`` entry for ``optim="merit"`` / ``"sharded_lamb"``."""
+        """The ``_OPTIMIZER_HANDLERS`` entry for ``optim="merit"`` / ``"sharded_lamb"`` / ..."""
         kwargs = merit_optimizer_kwargs_from_args(
             ctx.optimizer_kwargs["lr"], ctx.adam_kwargs["betas"], ctx.adam_kwargs["eps"], ctx.optim_args, cls
         )
         return cls, kwargs
 
+    handler.__merit_ds_class__ = cls
     return handler
 
 
-_merit_handler = _handler_for(MERIT)
-_lamb_handler = _handler_for(LAMB)
-_HANDLERS = {MERIT: _merit_handler, LAMB: _lamb_handler}
-
-
 def register_trainer_optim() -> None:
-    """Opt in to ``TrainingArguments(optim="merit")`` / ``--optim merit`` and
-    ``optim="sharded_lamb"`` / ``--optim sharded_lamb``. Idempotent.
+    """Opt in to ``TrainingArguments(optim="merit")`` / ``--optim merit``, ``optim="sharded_lamb"``
+    and every other registered optimizer's ``hf_optim`` name (now, and for optimizers registered
+    later). Idempotent.
 
-    Adds ``OptimizerNames.MERIT`` (value ``"merit"``) and ``OptimizerNames.SHARDED_LAMB``
-    (value ``"sharded_lamb"``) to transformers' closed optimizer enum and handlers to its
-    private dispatch table, after checking both are what transformers ``5.23`` has; raises
+    Adds ``OptimizerNames.MERIT`` (value ``"merit"``), ``OptimizerNames.SHARDED_LAMB`` (value
+    ``"sharded_lamb"``), ... to transformers' closed optimizer enum and handlers to its private
+    dispatch table, after checking both are what transformers ``5.23`` has; raises
     :class:`TransformersInternalsChanged` otherwise. Also installs :func:`install_trainer_guard`.
     Call it before building ``TrainingArguments`` or an ``HfArgumentParser`` (the parser lists
     the enum's values when it is built).
     """
-    names, handlers = _internals()
-    for value, (member_name, cls) in OPTIM_NAMES.items():
-        taken = names._member_map_.get(member_name)
-        if taken is not None and taken.value != value:
-            raise _internals_error(f"OptimizerNames.{member_name} already exists with value {taken.value!r}")
-        member = names._value2member_map_.get(value)
-        if member is None:
-            member = str.__new__(names, value)
-            member._name_ = member_name
-            member._value_ = value
-            member._sort_order_ = len(names._member_names_)
-            type.__setattr__(names, member_name, member)
-            names._member_map_[member_name] = member
-            names._value2member_map_[value] = member
-            names._member_names_.append(member_name)
-        if names(value) is not member or getattr(names, member_name) is not member or member not in list(names):
-            raise _internals_error("adding a member to OptimizerNames did not take effect")
-        handlers[member] = _HANDLERS[cls]
+    _internals()  # checked before anything is touched
+    registry.on_register(_register_hf_name)
     install_trainer_guard()
+
+
+def _register_hf_name(spec) -> None:
+    """Add ``spec.hf_optim`` to transformers' OptimizerNames and its handler table."""
+    if not spec.hf_optim:
+        return
+    names, handlers = _internals()
+    value, member_name, cls = spec.hf_optim, spec.hf_optim.upper(), spec.cls
+    taken = names._member_map_.get(member_name)
+    if taken is not None and taken.value != value:
+        raise _internals_error(f"OptimizerNames.{member_name} already exists with value {taken.value!r}")
+    member = names._value2member_map_.get(value)
+    if member is None:
+        member = str.__new__(names, value)
+        member._name_ = member_name
+        member._value_ = value
+        member._sort_order_ = len(names._member_names_)
+        type.__setattr__(names, member_name, member)
+        names._member_map_[member_name] = member
+        names._value2member_map_[value] = member
+        names._member_names_.append(member_name)
+    if names(value) is not member or getattr(names, member_name) is not member or member not in list(names):
+        raise _internals_error("adding a member to OptimizerNames did not take effect")
+    current = handlers.get(member)
+    if getattr(current, "__merit_ds_class__", None) is not cls:
+        handlers[member] = _handler_for(cls)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,24 +237,26 @@ def _asked_client_class(trainer) -> Optional[type]:
     cls_and_kwargs = getattr(trainer, "optimizer_cls_and_kwargs", None)
     if cls_and_kwargs is not None:
         cls = cls_and_kwargs[0]
-        return cls if is_sharded_optimizer_class(cls) else None
-    entry = OPTIM_NAMES.get(str(getattr(trainer.args.optim, "value", trainer.args.optim)))
-    return None if entry is None else entry[1]
+        return cls if is_registered_class(cls) else None
+    spec = registry.by_hf_optim(str(getattr(trainer.args.optim, "value", trainer.args.optim)))
+    return None if spec is None else spec.cls
 
 
 def _guarded_deepspeed_init(original, trainer, num_training_steps, inference=False, **kwargs):
     if inference:
         return original(trainer, num_training_steps, inference=inference, **kwargs)
     config = trainer.accelerator.state.deepspeed_plugin.hf_ds_config.config
-    if isinstance(trainer.optimizer, ShardableOptimizer):
+    if isinstance(trainer.optimizer, ShardableOptimizer) or is_registered_class(type(trainer.optimizer)):
         what = type(trainer.optimizer).__name__
-        cls_name = "merit_ds." + what
+        cls_name = "merit_ds." + what if type(trainer.optimizer).__module__.startswith("merit_ds.") else what
+        spec = registry.by_class(trainer.optimizer)
+        hf_name = f"optim={spec.hf_optim!r}" if spec is not None and spec.hf_optim else "optim=<its name>"
         raise DroppedOptimizerError(
             f"Trainer(optimizers=({what}(...), scheduler)) does not work with DeepSpeed: transformers "
             "discards the optimizer instance (and the scheduler) and trains with "
             f"{'the JSON optimizer' if 'optimizer' in config else 'AdamW'} instead. Pass "
             f"Trainer(..., optimizer_cls_and_kwargs=({cls_name}, {{'lr': ...}})) or use "
-            "optim='merit'/'sharded_lamb' (merit_ds.integrations.hf_trainer.register_trainer_optim()), or "
+            f"{hf_name} (merit_ds.integrations.hf_trainer.register_trainer_optim()), or "
             f"name it in the DeepSpeed JSON ('optimizer': {{'type': '{json_name_of(trainer.optimizer)}'}})."
         )
     json_cls = ds_named_class(config)

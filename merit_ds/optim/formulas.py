@@ -52,6 +52,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "stats_size",
     "MatrixMaxima",
     "update_moments_",
     "foreach_update_moments_",
@@ -82,6 +83,16 @@ class MatrixMaxima(NamedTuple):
 def matrix_dims(shape) -> tuple[int, int, int]:
     """(R, C, K) of a parameter viewed as ``(R, C, K)`` with ``K = prod(shape[2:])``."""
     return int(shape[0]), int(shape[1]), int(math.prod(shape[2:]))
+
+
+def stats_size(shape) -> int:
+    """Entries of MERIT's statistics buffer for a parameter of ``shape``: row and column maxima
+    of |w| and |u| for a matrix (``2 * (rows + cols) * inner``), the tensor maxima (2) otherwise.
+    The buffer's layout is drawn in :mod:`merit_ds.optim.layout`."""
+    if is_matrix(shape):
+        rows, cols, inner = matrix_dims(shape)
+        return 2 * (rows + cols) * inner
+    return 2
 
 
 def row_pieces(shape, param_start: int, numel: int) -> list[tuple[int, int, int, int]]:

@@ -38,6 +38,7 @@ from .base import (
     workspace_views,
 )
 from .lamb_fragments import LambFragmentRule
+from .spec import OptimizerSpec, RecipeDefaults, parse_bool, parse_optional_float
 from .trust_stats import partial_trust_stats
 
 __all__ = ["LAMB", "lamb"]
@@ -268,3 +269,37 @@ def _multi_tensor_lamb(
             L.apply_scaled_update_(w, u, ratio, lr)
             if low_precision:
                 param.copy_(w)
+
+
+# ---------------------------------------------------------------------------------------------
+# LAMB as merit_ds's registry knows it (merit_ds.optim.registry; the recipe numbers' sources are
+# in merit_ds/train/presets.py's docstring)
+# ---------------------------------------------------------------------------------------------
+_SQRT_RULE = ("ESTIMATE: LAMB paper's sqrt rule (6.25e-4 at batch 512) ~ lineage AdamW lr at batch 480; "
+              "sweep before use")
+
+SPEC = OptimizerSpec(
+    name="lamb",
+    label="LAMB",
+    cls=LAMB,
+    # not "Lamb"/"lamb": DeepSpeed maps any case of that name to its own FusedLamb
+    json_name="ShardedLAMB",
+    # matches the JSON name and cannot collide with a future transformers "lamb"
+    hf_optim="sharded_lamb",
+    hf_optim_args={"max_trust_ratio": parse_optional_float, "bias_correction": parse_bool},
+    recipe_defaults={
+        "tiny": RecipeDefaults(lr_ref=1e-2, batch_ref=16,
+                               lr_source="ESTIMATE: MERIT's measured CPU lr at batch 16 (not swept for LAMB)"),
+        "gpt2-small": RecipeDefaults(lr_ref=6e-4, batch_ref=480, lr_source=_SQRT_RULE),
+        "gpt2-medium": RecipeDefaults(lr_ref=3e-4, batch_ref=480, lr_source=_SQRT_RULE.replace("6.25e-4", "6.25e-4 / 2")),
+    },
+    client_kwargs=("lr", "betas", "eps", "weight_decay", "max_trust_ratio", "bias_correction", "nonfinite_grads",
+                   "implementation"),
+    # the loop builds LAMB itself from the config's params (nothing registered under the JSON name needed)
+    ds_route="client",
+    trust_stats=True,
+    # the sharded step keeps three partition-sized fp32 work buffers
+    gpu_scratch_bytes=lambda partition_numel: 3 * 4 * float(partition_numel),
+    study_lrs={"cpu": (6e-3, 1.2e-2, 2.5e-2, 5e-2, 1e-1), "gpu": (3e-4, 6e-4, 1.2e-3, 2.4e-3, 4.8e-3)},
+    color="tab:green",
+)

@@ -33,26 +33,12 @@ from .base import (
     warn_skipped,
     workspace_views,
 )
+from .implementation import IMPLEMENTATIONS, resolve_implementation
 from .merit_fragments import MeritFragmentRule
-from .trust_stats import PartialTrustStats, empty_trust_stats, partial_trust_stats
+from .spec import OptimizerSpec, RecipeDefaults
+from .trust_stats import MeritStats, PartialTrustStats, empty_trust_stats, partial_trust_stats
 
 __all__ = ["MERIT", "merit", "MeritStats", "PartialTrustStats", "NONFINITE_POLICIES", "IMPLEMENTATIONS"]
-
-IMPLEMENTATIONS = ("single_tensor", "foreach", "fused", "compiled", "triton")
-
-
-class MeritStats(NamedTuple):
-    """Per-parameter diagnostics of the last step (0-d tensors; read with ``float()``).
-
-    ``clip_fraction``: fraction of elements where |s*u| > 1 (the update hit the clip).
-    ``ratio_min/mean/max``: summary of the element-wise trust ratio s.
-    """
-
-    clip_fraction: Tensor
-    ratio_min: Tensor
-    ratio_mean: Tensor
-    ratio_max: Tensor
-
 
 class MERIT(ShardableOptimizer):
     r"""MERIT: Adam moments with max-normalized element-wise trust ratios.
@@ -264,45 +250,6 @@ def merit(
     return skipped
 
 
-def resolve_implementation(implementation: Optional[str], params: list, *tensors: list) -> str:
-    """The path that runs: ``"single_tensor"``, ``"foreach"``, ``"cpu_kernel"`` (the C++
-    kernel), ``"compiled"`` (torch.compile) or ``"triton"`` (asked for by name only; a
-    ``ValueError`` where the tensors are not fp32 contiguous tensors the kernels can run on).
-
-    ``None`` picks the fastest correct path measured on each device (see README, "Speed"):
-    the CPU kernel for fp32 contiguous CPU tensors when it builds, else ``"foreach"``.
-    ``"fused"`` is the device's fused kernel: the CPU kernel (``"foreach"`` if it cannot be
-    built or a tensor is not fp32/contiguous) on CPU, ``torch.compile`` elsewhere. ``params``
-    and each of ``tensors`` (grads, moments) are lists of tensors, index by index.
-    """
-    if any(isinstance(t, Tensor) for t in (params, *tensors)):
-        raise TypeError("resolve_implementation takes lists of tensors")
-    if implementation not in (None, *IMPLEMENTATIONS):
-        raise ValueError(f"unknown implementation {implementation!r}")
-    if implementation == "triton":
-        from . import segmented_triton
-
-        bad = [tuple(t.shape) for ts in zip(params, *tensors) for t in ts
-               if t.dtype != torch.float32 or not t.is_contiguous() or not segmented_triton.available(t.device)]
-        if bad:
-            why = segmented_triton._import_error() or "they need fp32 contiguous tensors on a CUDA device"
-            raise ValueError(f"implementation='triton' cannot step these tensors ({why}; e.g. shape {bad[0]}): "
-                             "use the default implementation")
-        return "triton"
-    on_cpu = all(p.device.type == "cpu" for p in params)
-    if implementation in (None, "fused") and on_cpu:
-        from . import cpu_kernel
-
-        if all(cpu_kernel.supports(*ts) for ts in zip(params, *tensors)) and cpu_kernel.available():
-            return "cpu_kernel"
-        return "foreach"
-    if implementation == "fused":
-        return "compiled"
-    if implementation is None:
-        return "foreach" if foreach_supported(params) else "single_tensor"
-    return implementation
-
-
 def _cpu_kernel_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps, weight_decay,
                       nonfinite_grads, stats=None) -> int:
     """The whole group in one call of the C++ kernel (:func:`.cpu_kernel.step_tensors`): per
@@ -341,7 +288,7 @@ def _triton_merit(params, grads, exp_avgs, exp_avg_sqs, state_steps, *, lr, beta
     one-fragment partition of its own: one statistics launch, one read of the non-finite flags
     (the only host sync; none with ``"propagate"``), one tensor-maximum and one apply launch.
     The CPU kernel's arithmetic, so bitwise its step."""
-    from merit_ds.sharding.layout import Fragment, stats_layout
+    from .layout import Fragment, stats_layout
 
     from . import segmented_triton
 
@@ -443,3 +390,37 @@ def _multi_tensor_merit(
             F.apply_update_(w, u, trust, lr)
             if low_precision:
                 param.copy_(w)
+
+
+# ---------------------------------------------------------------------------------------------
+# MERIT as merit_ds's registry knows it (merit_ds.optim.registry; the recipe numbers' sources
+# are in merit_ds/train/presets.py's docstring)
+# ---------------------------------------------------------------------------------------------
+def _gpu_scratch_bytes(partition_numel: int) -> float:
+    # the Triton step's tile table is its only scratch (~0.03 bytes per partition element)
+    from .segmented_triton import estimated_persistent_bytes
+
+    return float(estimated_persistent_bytes(int(partition_numel)))
+
+
+_LINEAGE_ESTIMATE = "ESTIMATE: lineage AdamW lr at batch 480; sweep before use"
+
+SPEC = OptimizerSpec(
+    name="merit",
+    label="MERIT",
+    cls=MERIT,
+    json_name="MERIT",
+    hf_optim="merit",
+    recipe_defaults={
+        "tiny": RecipeDefaults(lr_ref=1e-2, batch_ref=16,
+                               lr_source="measured: CPU sweep, GPT-2 4x128 on KJV, batch 16 (docs/design/field_notes.md)"),
+        "gpt2-small": RecipeDefaults(lr_ref=6e-4, batch_ref=480, lr_source=_LINEAGE_ESTIMATE),
+        "gpt2-medium": RecipeDefaults(lr_ref=3e-4, batch_ref=480, lr_source=_LINEAGE_ESTIMATE),
+    },
+    ds_route="json",
+    trust_stats=True,
+    clips=True,
+    gpu_scratch_bytes=_gpu_scratch_bytes,
+    study_lrs={"cpu": (6e-3, 1.2e-2, 2.5e-2, 5e-2, 1e-1), "gpu": (3e-4, 6e-4, 1.2e-3, 2.4e-3, 4.8e-3)},
+    color="tab:red",
+)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import formulas as F
 from .fragment_rule import FragmentRule, Recorder
+from .implementation import resolve_implementation
 
 __all__ = ["MeritFragmentRule"]
 
@@ -37,10 +38,7 @@ class MeritFragmentRule(FragmentRule):
     clips = True
 
     def stats_size(self, shape) -> int:
-        if F.is_matrix(shape):
-            rows, cols, inner = F.matrix_dims(shape)
-            return 2 * (rows + cols) * inner
-        return 2
+        return F.stats_size(shape)
 
     def direction(self, m, v, w, group, step, out):
         return F.update_direction(m, v, w, group["eps"], group["weight_decay"], out=out)
@@ -57,8 +55,6 @@ class MeritFragmentRule(FragmentRule):
     # The fused form: MERIT's two-pass CPU kernel (merit_ds.optim.cpu_kernel), chosen by the
     # group's ``implementation`` exactly as on one device.
     def fused_available(self, flat, grad, state, group) -> bool:
-        from .merit import resolve_implementation
-
         impl = resolve_implementation(group.get("implementation"), [flat], [grad], [state["exp_avg"]],
                                       [state["exp_avg_sq"]])
         return impl == "cpu_kernel"

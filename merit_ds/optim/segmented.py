@@ -9,7 +9,7 @@ fragment. This module does the same math in a fixed number of element-wise, gath
                per element: m', v', u (registers of the chunk, nothing written to w, m, v);
                scatter_reduce(amax) of |w| and |u| into the row, column (matrices) or tensor
                (vectors) entries of the statistics buffer, and of "g not finite" into the
-               parameter's flag -- the buffer layout of merit_ds.sharding.layout
+               parameter's flag -- the buffer layout of merit_ds.optim.layout
     (the caller all-reduces the buffer with MAX, as for the per-fragment step)
     phase 3  apply(plan, w, g, m, v, group, buffer, lr)
                per element: m', v', u recomputed; the row / column / tensor maxima gathered;
@@ -103,7 +103,7 @@ class SegmentedPlan:
 
 
 def plan(shapes: Sequence[tuple], fragments, slots, flag_base: int, partition_numel: int, device) -> SegmentedPlan:
-    """The tables for a partition: ``fragments`` (merit_ds.sharding.layout.Fragment, ordered by
+    """The tables for a partition: ``fragments`` (merit_ds.optim.layout.Fragment, ordered by
     offset), ``slots`` (ParamSlots per parameter, offsets relative to the buffer)."""
     cols = {k: [] for k in ("offsets", "ends", "param_start", "row_len", "inner", "row_base", "row_span", "col_base",
                             "col_span", "is_matrix", "param")}

@@ -154,7 +154,7 @@ class TilePlan:
 
 def plan(shapes: Sequence[tuple], fragments, slots, flag_base: int, device, block_rows: int = BLOCK_ROWS,
          block_cols: int = BLOCK_COLS, tensor_of: Optional[Sequence[int]] = None) -> TilePlan:
-    """The tile plan of a partition (``fragments``: merit_ds.sharding.layout.Fragment, this
+    """The tile plan of a partition (``fragments``: merit_ds.optim.layout.Fragment, this
     rank's; ``slots``: ParamSlots per parameter, offsets relative to the buffer).
     ``tensor_of``: per fragment, which of the tensors passed to :func:`statistics` /
     :func:`apply` holds it (its ``partition_offset`` is then an offset in that tensor);
@@ -312,13 +312,12 @@ def self_check(device) -> Optional[str]:
 
 
 def _run_self_check(device) -> Optional[str]:
-    from merit_ds.optim import segmented
-    from merit_ds.optim.merit_fragments import MeritFragmentRule
-    from merit_ds.sharding.layout import layout_from_offsets, stats_layout
+    from . import segmented
+    from .layout import layout_from_offsets, stats_layout
 
     shapes = [(5, 300), (7,), (3, 4, 2)]
     offsets, total = [0, 1500, 1507], 1531
-    sl = stats_layout(shapes, MeritFragmentRule().stats_size)
+    sl = stats_layout(shapes, F.stats_size)
     layout = layout_from_offsets(shapes, offsets, 700, total - 700)  # from the middle of row 2
     gen = torch.Generator().manual_seed(0)
     w, g, m = (torch.randn(layout.partition_numel, generator=gen).to(device) for _ in range(3))

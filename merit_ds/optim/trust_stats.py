@@ -31,6 +31,19 @@ from torch import Tensor
 __all__ = ["PartialTrustStats", "partial_trust_stats", "merge_trust_stats", "summarize_trust_stats", "empty_trust_stats"]
 
 
+class MeritStats(NamedTuple):
+    """Per-parameter diagnostics of the last step (0-d tensors; read with ``float()``).
+
+    ``clip_fraction``: fraction of elements where |s*u| > 1 (the update hit the clip).
+    ``ratio_min/mean/max``: summary of the element-wise trust ratio s.
+    """
+
+    clip_fraction: Tensor
+    ratio_min: Tensor
+    ratio_mean: Tensor
+    ratio_max: Tensor
+
+
 class PartialTrustStats(NamedTuple):
     """Trust-ratio statistics over some elements of a step (0-d tensors).
 
@@ -48,8 +61,6 @@ class PartialTrustStats(NamedTuple):
     def to_merit_stats(self):
         """The per-parameter :class:`~merit_ds.optim.MeritStats` view of these statistics
         (float32; clip fraction 0 and mean NaN over no element)."""
-        from .merit import MeritStats  # merit imports this module
-
         n = self.count.double()
         f32 = torch.float32  # MeritStats are float32 whatever the parameter's dtype
         return MeritStats(

@@ -14,7 +14,7 @@ MERIT was built with, in order (``is_optimized_parameter``); DeepSpeed swaps eac
 from __future__ import annotations
 
 from .errors import ShardingLayoutError
-from .layout import PartitionLayout
+from merit_ds.optim.layout import PartitionLayout
 from .zero12 import flat_group_layout
 
 __all__ = ["hp_mapping_layout"]

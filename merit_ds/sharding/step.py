@@ -56,7 +56,7 @@ from merit_ds.optim.base import as_float, warn_skipped
 from merit_ds.optim.trust_stats import merge_trust_stats, partial_trust_stats
 
 from . import collective
-from .layout import PartitionLayout, StatsLayout, stats_layout
+from merit_ds.optim.layout import PartitionLayout, StatsLayout, stats_layout
 
 __all__ = ["ShardedGroupStep", "run_sharded_steps"]
 

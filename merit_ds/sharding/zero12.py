@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from .errors import ShardingLayoutError
-from .layout import PartitionLayout, layout_from_offsets
+from merit_ds.optim.layout import PartitionLayout, layout_from_offsets
 
 __all__ = ["zero12_layout", "flat_group_layout"]
 
@@ -111,7 +111,7 @@ def flat_group_layout(params, flat, process_group, *, reordered_ok: bool) -> Par
                 "buffer) and round_robin_gradients makes DeepSpeed's _hp_mapping unreliable. Set "
                 "round_robin_gradients=false or call merit_ds.attach(optimizer, engine)."
             )
-        from .layout import layout_from_fragments
+        from merit_ds.optim.layout import layout_from_fragments
 
         return layout_from_fragments(shapes, theirs.values(), size)
     base = min(p.storage_offset() for p in params)

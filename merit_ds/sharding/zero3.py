@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from .errors import ShardingLayoutError
-from .layout import PartitionLayout, layout_from_param_partitions
+from merit_ds.optim.layout import PartitionLayout, layout_from_param_partitions
 
 __all__ = ["zero3_layout"]
 

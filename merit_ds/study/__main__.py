@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from merit_ds.optim import registry
+
 from .grid import CONST, DEFAULT_STUDY, GPU_STUDY, WIDTH_DEPTH_STUDY, Grid, GridError, parse_list, parse_lrs, parse_schedules
 
 __all__ = ["main", "build_parser", "grid_from_args"]
@@ -38,7 +40,8 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                    help="gradient diversity from this many sequences per diagnostics step (default: 8 for width-depth, else 0)")
     p.add_argument("--lr-ref-batch", type=int, default=None,
                    help="the --lrs are at this batch, square-root scaled to each batch (one lr per batch)")
-    p.add_argument("--optimizers", default=None, help="e.g. merit,lamb,adamw")
+    p.add_argument("--optimizers", default=None,
+                   help=f"comma-separated registered optimizers (default: the preset's; known: {','.join(registry.names())})")
     p.add_argument("--batch-sizes", default=None, help="global batches (sequences), e.g. 16,128")
     p.add_argument("--lrs", default=None, help='peak lrs for all, or per optimizer: "merit=1e-2,3e-2;adamw=1e-3,3e-3"')
     p.add_argument("--seeds", default=None, help="e.g. 0,1")
@@ -104,10 +107,14 @@ def grid_from_args(args, *, prepare_data: bool = True) -> Grid:
     if args.lrs:
         lrs = parse_lrs(args.lrs, optimizers)
     else:
-        missing = [o for o in optimizers if o not in base["lrs"]]
+        # the preset's grid, else the optimizer's own registered grid for this kind of study
+        kind = "gpu" if gpu else "cpu"
+        own = {o: list(spec.study_lrs[kind]) for o in optimizers
+               if (spec := registry.find(o)) is not None and kind in spec.study_lrs}
+        missing = [o for o in optimizers if o not in base["lrs"] and o not in own]
         if missing:
             raise GridError(f"no default lr grid for {missing}: give --lrs")
-        lrs = {o: list(base["lrs"][o]) for o in optimizers}
+        lrs = {o: list(base["lrs"][o]) if o in base["lrs"] else own[o] for o in optimizers}
     seeds = [int(s) for s in parse_list(args.seeds, int, "seed")] if args.seeds else list(base["seeds"])
     if args.tokens is not None:
         tokens = int(args.tokens)

@@ -1,7 +1,7 @@
 """One cell of the study: one training run, in this process, through the training layer's public
 parts (:func:`merit_ds.train.loop.configure`, ``make_loaders``, ``build_engine``,
 :class:`merit_ds.train.trainer.Trainer`): the very code ``python -m merit_ds.train`` runs, without a
-launcher start-up per cell. The process group is started once (:class:`merit_ds.train.loop.Runner`)
+launcher start-up per cell. The process group is started once (:class:`merit_ds.train.launcher.Runner`)
 and reused by every cell; each cell builds its own model, optimizer and DeepSpeed engine.
 
 What a cell records comes from the loop's own metrics: the final validation loss

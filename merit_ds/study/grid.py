@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from merit_ds.optim import registry
+
 from .cell import CellSpec
 
 __all__ = ["GridError", "Grid", "parse_list", "parse_lrs", "parse_schedules", "CONST", "DEFAULT_STUDY", "GPU_STUDY"]
@@ -139,11 +141,9 @@ class Grid:
         return out
 
     def check(self) -> None:
-        from merit_ds.train.presets import OPTIMIZERS
-
         for o in self.optimizers:
-            if o not in OPTIMIZERS:
-                raise GridError(f"unknown optimizer {o!r}: choose from {', '.join(OPTIMIZERS)}")
+            if registry.find(o) is None:
+                raise GridError(f"unknown optimizer {o!r}: choose from {', '.join(registry.names())}")
         for sched in self.schedules:
             if sched != CONST:
                 parse_schedules(sched)
@@ -165,16 +165,26 @@ class Grid:
                             f"({max(self.batches)} x {seq})")
 
 
+def study_grid(preset: str) -> tuple[list[str], dict[str, list[float]]]:
+    """The optimizers of a study preset (``"cpu"``, ``"gpu"``) and their default lr grids: every
+    registered optimizer whose registration gives one (``OptimizerSpec.study_lrs``), in registry
+    order. The built-ins' CPU grids were chosen to bracket each optimum at batches 8 and 128 (pilot
+    cells at batch 128, seed 0: MERIT best near 6e-2 and 1.5e-1 far worse; AdamW 1e-2 ~ 2.5e-2; the
+    CPU sweep of docs/design/field_notes.md for the small batches); AdamW's 5e-4 and 1e-3 were added
+    after the first full run found its best lr at the grid's lower edge (2e-3) at batches 8 and 32
+    (docs/study/report.md). The GPU grids bracket the recipes' values."""
+    specs = [s for s in registry.specs() if preset in s.study_lrs]
+    return [s.name for s in specs], {s.name: list(s.study_lrs[preset]) for s in specs}
+
+
+_CPU_OPTIMIZERS, _CPU_LRS = study_grid("cpu")
+_GPU_OPTIMIZERS, _GPU_LRS = study_grid("gpu")
+
 #: The default study: built-in KJV corpus, 2 CPU cores, ~30 minutes (README: Large-batch study).
 DEFAULT_STUDY = {
-    "optimizers": ["merit", "lamb", "adamw"],
+    "optimizers": _CPU_OPTIMIZERS,
     "batches": [8, 32, 128],
-    # chosen to bracket each optimum at batches 8 and 128 (pilot cells at batch 128, seed 0: MERIT best
-    # near 6e-2 and 1.5e-1 far worse; AdamW 1e-2 ~ 2.5e-2; FIELD_NOTES' sweep for the small batches).
-    # AdamW's 5e-4 and 1e-3 were added after the first full run found its best lr at the grid's
-    # lower edge (2e-3) at batches 8 and 32 (docs/study/report.md)
-    "lrs": {"merit": [6e-3, 1.2e-2, 2.5e-2, 5e-2, 1e-1], "lamb": [6e-3, 1.2e-2, 2.5e-2, 5e-2, 1e-1],
-            "adamw": [5e-4, 1e-3, 2e-3, 5e-3, 1.2e-2, 3e-2]},
+    "lrs": _CPU_LRS,
     "seeds": [0, 1],
     "tokens": 262_144,
     "model": "tiny",
@@ -202,10 +212,9 @@ WIDTH_DEPTH_STUDY = dict(DEFAULT_STUDY, optimizers=["merit", "adamw"], batches=[
 #: The GPU-cluster version (``--preset gpt2-small|gpt2-medium``): the paper's batch sizes and a
 #: token budget of 48e9 / ``--budget-divisor``; lrs bracket the presets' values.
 GPU_STUDY = {
-    "optimizers": ["merit", "lamb", "adamw"],
+    "optimizers": _GPU_OPTIMIZERS,
     "batches": [480, 1024, 2048, 4096, 6144],
-    "lrs": {"merit": [3e-4, 6e-4, 1.2e-3, 2.4e-3, 4.8e-3], "lamb": [3e-4, 6e-4, 1.2e-3, 2.4e-3, 4.8e-3],
-            "adamw": [1.5e-4, 3e-4, 6e-4, 1.2e-3, 2.4e-3]},
+    "lrs": _GPU_LRS,
     "seeds": [0],
     "tokens": 48_000_000_000,
     "micro_batch": 8,

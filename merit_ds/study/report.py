@@ -5,19 +5,30 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from merit_ds.optim import registry
+
 from .analysis import check_one_budget, load_results, summarize
 
 __all__ = ["make_plots", "write_report", "report_from_csv", "PLOTS", "PAPER_CLAIM"]
 
 PLOTS = ("best_loss_vs_batch.png", "lr_sensitivity.png", "max_attn_logit.png", "critical_batch.png")
-LABELS = {"merit": "MERIT", "lamb": "LAMB", "adamw": "AdamW"}
-COLORS = {"merit": "tab:red", "lamb": "tab:green", "adamw": "tab:blue"}
+
+
+def labels() -> dict[str, str]:
+    """Optimizer name -> label, for every registered optimizer (:mod:`merit_ds.optim.registry`)."""
+    return {s.name: s.label for s in registry.specs()}
+
+
+def _color(o):
+    spec = registry.find(o)
+    return None if spec is None else spec.color
+
 PAPER_CLAIM = ("MERIT paper: GPT-2 Medium trained at batch 6k matches batch 480 at 48B tokens (no large-batch "
                "penalty), while AdamW degrades at large batch and LAMB only partly closes the gap.")
 
 
 def _label(o):
-    return LABELS.get(o, o)
+    return labels().get(o, o)
 
 
 def make_plots(summary: dict, rows: list[dict], out: Path) -> list[Path]:
@@ -36,12 +47,12 @@ def make_plots(summary: dict, rows: list[dict], out: Path) -> list[Path]:
         bs = sorted(per)
         ys = [per[b]["loss"] for b in bs]
         ax.errorbar(bs, ys, yerr=[per[b]["std"] for b in bs], marker="o", capsize=4, label=_label(opt),
-                    color=COLORS.get(opt))
+                    color=_color(opt))
         for b, y in zip(bs, ys):
             if math.isfinite(y):
                 flag = {"low": " (edge-)", "high": " (edge+)"}.get(per[b]["edge"], "")
                 ax.annotate(f"{per[b]['lr']:.2g}{flag}", (b, y), textcoords="offset points", fontsize=8,
-                            xytext=(4, 6 - 12 * sorted(best).index(opt)), color=COLORS.get(opt))
+                            xytext=(4, 6 - 12 * sorted(best).index(opt)), color=_color(opt))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("global batch (sequences)")
     ax.set_ylabel("best final val loss (mean over seeds)")
@@ -61,7 +72,7 @@ def make_plots(summary: dict, rows: list[dict], out: Path) -> list[Path]:
                 continue
             lrs = per[b]["grid"]
             ys = [min(per[b]["means"][lr], ceiling) for lr in lrs]
-            ax.plot(lrs, ys, marker="o", label=_label(opt), color=COLORS.get(opt))
+            ax.plot(lrs, ys, marker="o", label=_label(opt), color=_color(opt))
             for lr in lrs:
                 if not math.isfinite(per[b]["means"][lr]):
                     ax.plot([lr], [ceiling], marker="x", color="k")
@@ -82,8 +93,8 @@ def make_plots(summary: dict, rows: list[dict], out: Path) -> list[Path]:
                      if r["optimizer"] == opt and int(r["batch"]) == hi and r.get("max_attn_logit") not in (None, ""))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", linestyle="", label=f"{_label(opt)} (batch {hi})",
-                    color=COLORS.get(opt))
-            ax.axvline(per[hi]["lr"], color=COLORS.get(opt), linestyle=":", alpha=0.6)
+                    color=_color(opt))
+            ax.axvline(per[hi]["lr"], color=_color(opt), linestyle=":", alpha=0.6)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("peak lr (dotted: best lr)")
@@ -100,14 +111,14 @@ def make_plots(summary: dict, rows: list[dict], out: Path) -> list[Path]:
         bs = [b for b in sorted(per) if math.isfinite(per[b])]
         if not bs:
             continue
-        ax.plot(bs, [per[b] for b in bs], marker="o", label=_label(opt), color=COLORS.get(opt))
+        ax.plot(bs, [per[b] for b in bs], marker="o", label=_label(opt), color=_color(opt))
         b0 = bs[0]
-        ax.plot(bs, [per[b0] * b0 / b for b in bs], linestyle="--", color=COLORS.get(opt), alpha=0.4)
+        ax.plot(bs, [per[b0] * b0 / b for b in bs], linestyle="--", color=_color(opt), alpha=0.4)
         bn = summary["per_optimizer"][opt]["b_noise"]
         if math.isfinite(bn) and bn > 0:
-            ax.axvline(bn, color=COLORS.get(opt), linestyle=":", alpha=0.8)
+            ax.axvline(bn, color=_color(opt), linestyle=":", alpha=0.8)
             ax.text(bn, 0.03, f" B_noise {_label(opt)} {bn:.0f}", transform=ax.get_xaxis_transform(), fontsize=8,
-                    color=COLORS.get(opt), rotation=90, va="bottom")
+                    color=_color(opt), rotation=90, va="bottom")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("global batch (sequences)")
@@ -249,10 +260,10 @@ def write_family_report(rows: list[dict], out: Path, *, scale: str = "", command
     fs = family_summary(rows)
     lines = _header("Width vs depth at large batch", scale, command, wall)
     lines += [f"Token budget: {check_one_budget(rows):,} tokens for every cell.", ""]
-    lines += family_report_lines(fs, LABELS)
+    lines += family_report_lines(fs, labels())
     path = Path(out) / "report.md"
     path.write_text("\n".join(lines))
-    return path, family_plots(fs, out, LABELS), fs
+    return path, family_plots(fs, out, labels()), fs
 
 
 def report_from_csv(csv_path, out=None, **kw) -> tuple[Path, list[Path], dict]:

@@ -113,7 +113,7 @@ def run_grid(grid: Grid, out: Path, *, shard: tuple[int, int] = (0, 1), time_lim
     if todo and cell_fn is None:
         cell_fn = run_cell
         if runner is None:
-            from merit_ds.train.loop import Runner
+            from merit_ds.train.launcher import Runner
 
             runner = Runner("deepspeed")  # one process group for every cell
     bar = _progress(len(cells), len(done), progress)

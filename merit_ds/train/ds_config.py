@@ -3,14 +3,15 @@
 ``ds_configs/generate.py`` writes every committed JSON with :func:`make_ds_config`; the training
 loop builds the same dict when no ``--ds-config`` is given and fills in the batch keys.
 
-The optimizer is named in the ``"optimizer"`` section (:data:`JSON_TYPES`):
+The optimizer is named in the ``"optimizer"`` section by its registered JSON name
+(:attr:`merit_ds.optim.spec.OptimizerSpec.json_name`); for the built-ins:
 
 * ``"MERIT"`` (``merit_ds.integrations.deepspeed`` registers the name on ``import merit_ds``);
 * ``"ShardedLAMB"``: :class:`merit_ds.LAMB` (``merit_ds.train`` builds it as a client optimizer
   from the section's params, so the loop needs nothing registered under that name);
 * ``"AdamW"``: DeepSpeed's own, which picks the implementation for the device: FusedAdam
   (multi-tensor CUDA kernel) on GPU, DeepSpeedCPUAdam under ``offload_optimizer`` (5x faster
-  than torch AdamW on CPU, FIELD_NOTES); ``merit_ds.train`` adds ``"torch_adam": true``
+  than torch AdamW on CPU, docs/design/field_notes.md); ``merit_ds.train`` adds ``"torch_adam": true``
   (``torch.optim.AdamW``) on a CPU run without offload.
 
 ZeRO needs ``zero_allow_untested_optimizer`` for any optimizer that is not DeepSpeed's Adam
@@ -24,12 +25,11 @@ from __future__ import annotations
 from typing import Optional
 
 from .batch import BatchConfigError
-from .presets import OptimPreset, get_optim_preset
+from merit_ds.optim import registry
 
-__all__ = ["make_ds_config", "set_batch", "BATCH_KEYS", "JSON_TYPES"]
+from .presets import OptimPreset
 
-#: ``--optimizer`` -> the ``"optimizer": {"type": ...}`` name in a DeepSpeed JSON.
-JSON_TYPES = {"merit": "MERIT", "lamb": "ShardedLAMB", "adamw": "AdamW"}
+__all__ = ["make_ds_config", "set_batch", "BATCH_KEYS"]
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -38,16 +38,18 @@ def make_ds_config(stage: int, precision: str, *, offload: bool = False, optim: 
                    lr: Optional[float] = None, global_batch: Optional[int] = None,
                    micro_batch: Optional[int] = None, optimizer: str = "merit") -> dict:
     """One DeepSpeed config. ``precision``: ``"bf16"`` (GPU) or ``"fp32"`` (CPU, or exactness);
-    ``optimizer``: ``"merit"``, ``"lamb"`` or ``"adamw"`` (see :data:`JSON_TYPES`)."""
-    if optimizer not in JSON_TYPES:
-        raise ValueError(f"optimizer must be one of {sorted(JSON_TYPES)}, got {optimizer!r}")
+    ``optimizer``: a registered name (``"merit"``, ``"lamb"``, ``"adamw"``, ...)."""
+    spec = registry.find(optimizer)
+    if spec is None:
+        raise ValueError(f"optimizer must be one of {sorted(registry.names())}, got {optimizer!r}")
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
     if precision not in ("bf16", "fp32"):
         raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
     if offload and stage == 0:
         raise ValueError("optimizer offload needs ZeRO stage 1, 2 or 3")
-    optim = optim or get_optim_preset("gpt2-small", optimizer)  # betas, eps, decay of the lineage
+    if optim is None:  # betas, eps, decay of the lineage (an optimizer without GPT-2 defaults: its first preset's)
+        optim = spec.recipe_defaults.get("gpt2-small") or next(iter(spec.recipe_defaults.values()))
     cfg: dict = {}
     if global_batch is not None:
         cfg["train_batch_size"] = int(global_batch)
@@ -57,7 +59,7 @@ def make_ds_config(stage: int, precision: str, *, offload: bool = False, optim: 
     # would silently apply GPT-2's value to every model); recipe configs carry theirs.
     params = {"lr": float(lr)} if lr is not None else {}
     params.update({"betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay})
-    cfg["optimizer"] = {"type": JSON_TYPES[optimizer], "params": params}
+    cfg["optimizer"] = {"type": spec.json_name, "params": params}
     cfg["gradient_clipping"] = optim.grad_clip
     cfg["bf16"] = {"enabled": precision == "bf16"}
     if precision == "bf16" and stage > 0:
@@ -77,9 +79,10 @@ def make_ds_config(stage: int, precision: str, *, offload: bool = False, optim: 
     if offload:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     cfg["zero_optimization"] = zero
-    if stage > 0 and optimizer != "adamw":  # DeepSpeed's own AdamW needs neither key
+    ours = spec.ds_route != "deepspeed"  # DeepSpeed's own optimizers (AdamW) need neither key
+    if stage > 0 and ours:
         cfg["zero_allow_untested_optimizer"] = True
-    if offload and optimizer != "adamw":
+    if offload and ours:
         cfg["zero_force_ds_cpu_optimizer"] = False
     cfg["steps_per_print"] = 10 ** 9     # the training loop does its own logging
     cfg["wall_clock_breakdown"] = False

@@ -5,12 +5,13 @@ the deepspeed launcher or ``accelerate launch``.
         --data DIR --out RUN --ds-config ds_configs/gpt2-small_b6144_zero2_bf16.json
     accelerate launch --config_file launch/accelerate_multi_node.yaml -m merit_ds.train ...same arguments...
 
-Both launchers meet in :class:`Runner`: the model is wrapped by a DeepSpeed engine either way
-(Accelerate builds it from its DeepSpeed plugin), so forward, checkpoints and diagnostics are
+Both launchers meet in :class:`.launcher.Runner`: the model is wrapped by a DeepSpeed engine either
+way (Accelerate builds it from its DeepSpeed plugin), so forward, checkpoints and diagnostics are
 one code path; only backward/step goes through ``accelerator.backward`` under Accelerate.
 Checkpoints are DeepSpeed's format under both.
 
-The parts, in the order :func:`run` calls them (each can be read, and tested, alone):
+This module is the command line (:func:`parse_args`, :func:`main`, :func:`exit_process`) and the
+wiring: the parts, in the order :func:`run` builds them (each can be read, and tested, alone):
 
     configure           arguments + JSON -> RunConfig (:func:`.run_config.resolve`, pure: batch
                         arithmetic, optimizer, lr and where it came from; impossible combinations
@@ -25,45 +26,42 @@ The parts, in the order :func:`run` calls them (each can be read, and tested, al
     build_engine        model, optimizer on HF's decay groups, engine; the chosen optimizer
                         verified as the one that steps (:mod:`.optimizers`)
     Trainer             (:mod:`.trainer`) resume, train_step, evaluate, save
+    outputs             run.json, metrics.jsonl and the trackers (:class:`.metrics.RunLog`), the
+                        throughput meter (:class:`.metrics.Throughput`)
 
-then the loop itself: every step logs loss/lr/grad-norm; every ``--eval-every`` validation loss and
-perplexity; every ``--diag-every`` the large-batch diagnostics; every ``--ckpt-every`` an
-atomic checkpoint (keep-last-K; rank 0 hashes it in the background) -> final eval, checkpoint, Hugging Face export (OUT/hf_model), ``loss.png``.
+then the loop itself, :meth:`.trainer.Trainer.train`: every step logs loss/lr/grad-norm; every
+``--eval-every`` validation loss and perplexity; every ``--diag-every`` the large-batch diagnostics;
+every ``--ckpt-every`` an atomic checkpoint (keep-last-K; rank 0 hashes it in the background) ->
+:func:`.finish.finish_run`: final eval, checkpoint, Hugging Face export (OUT/hf_model), ``loss.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import socket
 import sys
-import time
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from merit_ds.data.prefetch import PrefetchLoader
-from merit_ds.integrations.deepspeed_shm import release_cpu_allreduce_buffer
 from merit_ds.integrations.param_groups import merit_param_groups
 
 from .batch import BatchConfigError
 from .data_source import DEFAULT_EVAL_SEQUENCES, DataError, check_token_data, make_train_loader, make_val_loader
-from .export import export_after_training, record_run
+from .export import record_run
+from .finish import finish_run
+from .launcher import Runner, detect_launcher, rank0_print
+from .metrics import RunLog, Throughput
 from .optimizers import build_client_optimizer, describe_stepping, verify_optimizer_is_stepping
-from .plan import GPUS, flops_per_token
-from .presets import OPTIMIZERS, gpt2_config
+from .presets import gpt2_config, optimizer_names
 from .run_config import RunConfig, UsageError, resolve
 from .shared_fs import check_shared_out
-from .tracking import MetricsLog, make_trackers, plot_losses
-from .trainer import CheckpointSaveError, Trainer, mean_over_ranks
-
-# kept for callers of the former private helper (tests/test_recipes_units.py)
-_mean_over_ranks = mean_over_ranks
+from .tracking import MetricsLog, make_trackers
+from .trainer import CheckpointSaveError, LoopConfig, Trainer
 
 __all__ = ["main", "parse_args"]
 
@@ -98,10 +96,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--tokens", type=float, default=None, help="token budget (GPT-2 default 48e9)")
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (instead of --tokens)")
     g = p.add_argument_group("optimizer and DeepSpeed")
-    g.add_argument("--optimizer", choices=list(OPTIMIZERS), default="merit",
-                   help="merit (default) | lamb (merit_ds.LAMB, exact under ZeRO) | adamw (the baseline: DeepSpeed's "
-                        "AdamW = FusedAdam on GPU, DeepSpeedCPUAdam with offload, torch.optim.AdamW on CPU); each "
-                        "has its own lr preset (merit_ds/train/presets.py)")
+    g.add_argument("--optimizer", choices=list(optimizer_names()), default="merit",
+                   help=f"{' | '.join(optimizer_names())}: any optimizer in merit_ds's registry (the first is the "
+                        "default; merit_ds.optim.registry), each with its own lr preset; adamw is DeepSpeed's AdamW "
+                        "(FusedAdam on GPU, DeepSpeedCPUAdam with offload, torch.optim.AdamW on CPU)")
     g.add_argument("--ds-config", "--deepspeed_config", dest="ds_config", default=None,
                    help="DeepSpeed JSON (ds_configs/); default: built from --zero-stage/--precision/--offload")
     g.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
@@ -144,140 +142,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--no-progress", action="store_true")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
-
-
-# ----------------------------------------------------------------------------------------------
-# process group
-
-def _detect_launcher(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "accelerate" if any(k.startswith("ACCELERATE_") for k in os.environ) else "deepspeed"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _single_process_env() -> None:
-    """`python -m merit_ds.train` without a launcher: a world of one (not MPI discovery on 29500)."""
-    launched = "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_RANK" in os.environ
-    if not launched:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-
-
-class Runner:
-    """What differs between the launchers: process group, engine construction, backward/step."""
-
-    def __init__(self, launcher: str):
-        self.launcher = launcher
-        self.accelerator = None
-        if launcher == "deepspeed":
-            import deepspeed
-
-            _single_process_env()
-            deepspeed.init_distributed(auto_mpi_discovery=True)
-            # NCCL stages broadcast_object_list on the current device: pick this rank's GPU before
-            # the first one (_agree); a no-op on DeepSpeed's CPU accelerator. (Accelerate's state
-            # sets the device itself when it starts the process group.)
-            deepspeed.get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        self.cpu = not torch.cuda.is_available()
-        self.micro = None  # micro-batches of the current step, once a batch schedule set the boundary
-
-    def init_accelerator(self, ds_cfg: dict):
-        from accelerate import Accelerator
-        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if self.cpu else []
-        plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
-        self.accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers)
-
-    @property
-    def rank(self) -> int:
-        return dist.get_rank() if dist.is_initialized() else 0
-
-    @property
-    def world(self) -> int:
-        return dist.get_world_size() if dist.is_initialized() else 1
-
-    def build(self, model, groups, ds_cfg: dict, client_optimizer):
-        if self.launcher == "deepspeed":
-            import deepspeed
-
-            engine, optimizer, _, _ = deepspeed.initialize(
-                model=model, model_parameters=groups, optimizer=client_optimizer, config=ds_cfg)
-            self.engine, self.optimizer = engine, optimizer
-        else:
-            from accelerate.utils import DummyOptim
-
-            # the plugin was built before the checkpoint was resolved; only "checkpoint" may change
-            self.accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = ds_cfg.get("checkpoint", {})
-            opt = client_optimizer if client_optimizer is not None else DummyOptim(groups)
-            engine, optimizer = self.accelerator.prepare(model, opt)
-            self.engine, self.optimizer = engine, optimizer
-        return self.engine
-
-    def set_global_batch(self, global_batch: int) -> None:
-        """A batch schedule's next batch, between two steps: DeepSpeed's own
-        ``engine.set_train_batch_size`` (grad-accum = batch / (micro x world); the micro-batch and the
-        engine stay). The engine's managed boundary is ``(micro_steps + 1) % grad_accum == 0`` over
-        every micro-step since start (and ``micro_steps`` restarts at 0 on resume), which a changed
-        grad-accum would misplace; so from here on the boundary is set explicitly per micro-batch
-        (``set_gradient_accumulation_boundary``, the engine's API for that; Accelerate does the same
-        from its own counter, restarted here)."""
-        self.engine.set_train_batch_size(global_batch)
-        self.micro = 0
-        if self.accelerator is not None:
-            self.accelerator.gradient_accumulation_steps = self.engine.gradient_accumulation_steps()
-            self.accelerator.step = 0
-
-    def backward_step(self, loss) -> None:
-        """One micro-batch's backward; DeepSpeed steps (clip, optimizer, zero_grad) at the boundary."""
-        if self.accelerator is None:
-            if self.micro is not None:
-                self.micro += 1
-                boundary = self.micro == self.engine.gradient_accumulation_steps()
-                self.engine.set_gradient_accumulation_boundary(boundary)
-                if boundary:
-                    self.micro = 0
-            self.engine.backward(loss)
-            self.engine.step()
-        else:
-            self.accelerator.backward(loss)
-            self.optimizer.step()
-            self.optimizer.zero_grad()
-
-    def micro_context(self):
-        if self.accelerator is None:
-            import contextlib
-            return contextlib.nullcontext()
-        return self.accelerator.accumulate(self.engine)
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.barrier()
-            # every rank is past its last collective: DeepSpeed's CPU shm buffer can go (it
-            # never unlinks it itself; integrations/deepspeed_shm.py)
-            release_cpu_allreduce_buffer(dist.get_rank())
-            dist.destroy_process_group()  # FIELD_NOTES: avoids rare aborts at interpreter exit
-
-
-# ----------------------------------------------------------------------------------------------
-# MERIT's and LAMB's guarantees come from the integration layer (the exact ZeRO step is
-# registered by ``import merit_ds``); which optimizer steps is checked in .optimizers.
-
-def verify_merit_is_stepping(engine) -> None:
-    """Fail fast unless the optimizer DeepSpeed/Accelerate actually step is MERIT, sharded
-    correctly, with no bias/norm parameter decayed (``verify_optimizer_is_stepping`` for any)."""
-    verify_optimizer_is_stepping(engine, "merit")
-
-
-def _rank0_print(runner, *a):
-    if runner.rank == 0:
-        print(*a, flush=True)
 
 
 def _agree(runner, error: str | None) -> str | None:
@@ -325,19 +189,19 @@ def configure(args, runner: Runner, launcher: str) -> RunConfig:
 
 def print_banner(runner: Runner, rc: RunConfig) -> None:
     p = rc.opt_params
-    _rank0_print(runner, f"merit_ds.train: launcher {rc.launcher}, {runner.world} ranks, ZeRO {rc.zero_stage}, "
-                         f"{rc.precision}, model {rc.model} ({rc.preset.description}), optimizer {rc.label}")
+    rank0_print(runner, f"merit_ds.train: launcher {rc.launcher}, {runner.world} ranks, ZeRO {rc.zero_stage}, "
+                        f"{rc.precision}, model {rc.model} ({rc.preset.description}), optimizer {rc.label}")
     if rc.family is not None:
-        _rank0_print(runner, rc.family.describe())
+        rank0_print(runner, rc.family.describe())
     if rc.batch_table is None:
-        _rank0_print(runner, rc.plan.describe())
+        rank0_print(runner, rc.plan.describe())
     else:
-        _rank0_print(runner, describe_schedule(rc))
+        rank0_print(runner, describe_schedule(rc))
     if rc.micro_note:
-        _rank0_print(runner, rc.micro_note)
-    _rank0_print(runner, f"schedule: {rc.label} peak lr {rc.lr:.4g} ({rc.lr_origin}), warmup {rc.warmup} steps, "
-                         f"cosine to {rc.floor} x peak; betas {tuple(p['betas'])}, eps {p['eps']}, weight decay "
-                         f"{p['weight_decay']} (matrices only), clip {rc.ds_config.get('gradient_clipping')}")
+        rank0_print(runner, rc.micro_note)
+    rank0_print(runner, f"schedule: {rc.label} peak lr {rc.lr:.4g} ({rc.lr_origin}), warmup {rc.warmup} steps, "
+                        f"cosine to {rc.floor} x peak; betas {tuple(p['betas'])}, eps {p['eps']}, weight decay "
+                        f"{p['weight_decay']} (matrices only), clip {rc.ds_config.get('gradient_clipping')}")
 
 
 def describe_schedule(rc: RunConfig) -> str:
@@ -421,8 +285,8 @@ def locate_checkpoint(resume: str, ckpt_root: Path, run_info: dict, runner: Runn
                     # ZeRO files are per rank: re-shard through DeepSpeed's universal format (the
                     # optimizers keep the state keys it needs), converted once into this run's directory.
                     load_from = ckpt.universal_copy(resume_from, ckpt_root / "universal")
-                    _rank0_print(runner, f"world size {saved_world} -> {world}: resuming through the universal "
-                                         f"checkpoint {load_from}")
+                    rank0_print(runner, f"world size {saved_world} -> {world}: resuming through the universal "
+                                        f"checkpoint {load_from}")
         except ckpt.CheckpointError as exc:
             error = str(exc)
         except Exception as exc:  # noqa: BLE001 - rank 0 alone would raise and leave its peers waiting
@@ -454,22 +318,22 @@ def build_engine(args, rc: RunConfig, runner: Runner, ds_config: dict):
     client = build_client_optimizer(rc, groups) if rc.client else None
     engine = runner.build(model, groups, ds_config, client)
     basic = verify_optimizer_is_stepping(engine, rc.optimizer)
-    _rank0_print(runner, f"optimizer: {type(engine.optimizer).__name__} -> {describe_stepping(basic, rc.optimizer)} "
-                         f"verified stepping; {n_params:,} parameters")
+    rank0_print(runner, f"optimizer: {type(engine.optimizer).__name__} -> {describe_stepping(basic, rc.optimizer)} "
+                        f"verified stepping; {n_params:,} parameters")
     if args.compile:
         engine.compile()
     return engine, basic
 
 
 def run(args) -> int:
-    launcher = _detect_launcher(args.launcher)
+    launcher = detect_launcher(args.launcher)
     _check_trackers(args.tracker)
     runner = Runner(launcher)
     rc = configure(args, runner, launcher)
     rank, world, plan = runner.rank, runner.world, rc.plan
     print_banner(runner, rc)
     train_loader, val_loader = make_loaders(args, rc, rank, world)
-    _rank0_print(runner, val_loader.describe())
+    rank0_print(runner, val_loader.describe())
 
     # --- a checkpoint to resume: found and validated before anything is built or written -------------
     out = Path(args.out)
@@ -489,7 +353,7 @@ def run(args) -> int:
     start_step = 0
     if resume_from is not None:
         start_step = trainer.resume(load_from, resume_from)
-        _rank0_print(runner, f"resumed from {resume_from} at step {start_step}")
+        rank0_print(runner, f"resumed from {resume_from} at step {start_step}")
 
     # --- outputs (only now: every check above passed) --------------------------------------------
     metrics = MetricsLog(out / "metrics.jsonl")
@@ -507,173 +371,17 @@ def run(args) -> int:
         record_run(out, engine.module.config, args.data, rc.label)  # for merit-ds export
         trackers = make_trackers(args.tracker, out, out.name, dict(run_info, lr=rc.lr, steps=plan.steps))
 
-    def log(record: dict, step: int) -> None:
-        if rank == 0:
-            metrics.write(record)
-            for t in trackers:
-                t.log({k: v for k, v in record.items() if k != "step" and isinstance(v, (int, float))}, step=step)
+    log = RunLog(metrics, trackers, rank)
 
-    def save() -> None:
-        # rank 0 hashes and finalises in a thread while every rank trains on (Trainer.save);
-        # its outcome is collected at the next save or finish_save
-        trainer.save(ckpt_root, run_info, args.keep_last, background=True)
-
-    # --- train -------------------------------------------------------------------------------------
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=plan.steps, initial=start_step, disable=rank != 0 or args.no_progress, unit="step",
-               dynamic_ncols=True, mininterval=1.0)
-    engine.train()
-    last_saved = start_step if resume_from is not None else -1
-    shape = {k: v for k, v in rc.overrides.items() if k in ("n_layer", "n_embd", "n_head", "vocab_size")}
-    meter = Throughput(flops_per_token(rc.preset.with_overrides(seq_len=rc.seq_len, **shape), rc.seq_len),
-                       plan.tokens_per_step, world, peak_flops(args.peak_tflops, engine.device), engine.device)
-    log_every = max(1, args.log_every)
-    for step in range(start_step + 1, plan.steps + 1):
-        diagnostics = args.diag_every > 0 and (step % args.diag_every == 0 or step == 1)
-        evaluating = args.eval_every > 0 and step % args.eval_every == 0 and step != plan.steps
-        saving = args.ckpt_every > 0 and step % args.ckpt_every == 0
-        # read the loss (one host sync) on log steps, and before an eval or a checkpoint so that the
-        # interval's throughput does not include them
-        read = step % log_every == 0 or step == plan.steps or diagnostics or evaluating or saving
-        record = trainer.train_step(diagnostics=diagnostics, read=read)
-        record.pop("host_step_time_s", None)
-        meter.steps += 1
-        meter.tokens += record["global_batch"] * rc.seq_len
-        if read:
-            record.update(meter.interval())
-            if evaluating:
-                record.update(trainer.evaluate())
-            if args.compile:  # graphs dynamo compiled so far: flat after warm-up, or something recompiles
-                record["compile_graphs"] = compiled_graphs()
-            log(record, step)
-            bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", **(
-                {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"training loss is {record['loss']} at step {step}; last good checkpoint: "
-                                         f"{ckpt.latest_checkpoint(ckpt_root) if ckpt_root.exists() else None}")
-        bar.update(1)
-        if saving:
-            save()
-            last_saved = step
-        if evaluating or saving:
-            meter.restart()  # eval and checkpoint time is not training throughput
-    bar.close()
-    final = trainer.evaluate()
-    summary = meter.summary()
-    log({"step": plan.steps, **final, **summary, **({"compile_graphs": compiled_graphs()} if args.compile else {})},
-        plan.steps)
-    _rank0_print(runner, f"final: val loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
-    if rank == 0:
-        div = [r for r in metrics.read() if r.get("gdiv_bound") is not None]
-        if div:  # the last measurement: the batch bound beside the batch used
-            d = div[-1]
-            print(f"gradient diversity at step {d['step']}: Delta {d['gdiv_delta']:.3g} over n = {d['gdiv_n']} sequences, "
-                  f"batch bound n x Delta {d['gdiv_bound']:.3g} (at most ~n; large-data extrapolation "
-                  f"{d['gdiv_bound_data']:.3g}) vs the global batch {d['gdiv_batch']}", flush=True)
-    if summary:
-        _rank0_print(runner, "throughput: " + ", ".join(
-            f"{k} {v:.4g}" for k, v in summary.items()))
-    if last_saved != plan.steps:
-        save()
-    trainer.finish_save()  # the last checkpoint final (or its error on every rank) before we report it
-    if isinstance(train_loader, PrefetchLoader):
-        train_loader.close()
-    _rank0_print(runner, f"checkpoint: {ckpt_root / ckpt.tag_for(plan.steps)}")
-    if not args.no_export:  # every rank: the probe forward is collective under ZeRO 3
-        export_after_training(engine, data=args.data, run=out, seq_len=rc.seq_len)  # prints "exported: DIR"
-    if rank == 0:
-        for t in trackers:
-            t.finish()
-        if not args.no_plot:
-            batch = plan.global_batch if rc.batch_table is None else f"schedule {rc.batch_table.schedule.spec}"
-            png = plot_losses(metrics.read(), out / "loss.png", f"{rc.model} + {rc.label}, ZeRO {rc.zero_stage}, "
-                                                                f"batch {batch} x {rc.seq_len}, {world} ranks")
-            print(f"plot: {png}", flush=True)
-            from .diversity import plot_diversity
-
-            png = plot_diversity(metrics.read(), out / "diversity.png")
-            if png:
-                print(f"plot: {png}", flush=True)
+    # --- train, then the end of the run ----------------------------------------------------------------
+    loop_cfg = LoopConfig(ckpt_root=ckpt_root, run_info=run_info, seq_len=rc.seq_len, log_every=args.log_every,
+                          diag_every=args.diag_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
+                          keep_last=args.keep_last, progress=not args.no_progress, count_graphs=args.compile)
+    meter = Throughput.for_run(rc, world, args.peak_tflops, engine.device)
+    trainer.train(loop_cfg, meter, log)
+    finish_run(trainer, loop_cfg, meter, log, args, rc)
     runner.close()
     return 0
-
-
-#: Wall-clock keys of metrics.jsonl (they differ between otherwise identical runs).
-TIMING_KEYS = frozenset({"step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "host_step_time_s",
-                         "train_step_time_s", "train_tokens_per_s", "train_mfu"})
-
-
-def compiled_graphs() -> int:
-    """Graphs ``torch.compile`` has compiled in this process (recompiles included)."""
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def peak_flops(tflops: Optional[float], device) -> Optional[float]:
-    """Peak dense FLOP/s of one device for MFU: ``--peak-tflops``, else the GPU's bf16 datasheet
-    value by name (:data:`.plan.GPUS`), else ``None`` (CPU: no MFU)."""
-    if tflops:
-        return float(tflops) * 1e12
-    if torch.device(device).type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device).lower()
-    for key, gpu in (("h200", "h200"), ("h100 pcie", "h100-pcie"), ("h100", "h100"), ("a100", "a100")):
-        if key in name:
-            return GPUS[gpu]["peak_flops"]
-    return None
-
-
-class Throughput:
-    """Step time, tokens/s, MFU and peak memory per log interval, and over the whole run.
-
-    An interval runs from the previous read (the loss read is the host sync that makes the wall
-    time include the device's work) to this one; eval and checkpoint time are left out
-    (:meth:`restart`). MFU = model FLOPs per token (:func:`.plan.flops_per_token`, attention
-    included) x tokens/s / (ranks x peak FLOP/s per device)."""
-
-    def __init__(self, flops_per_tok: float, tokens_per_step: int, world: int, peak: Optional[float], device,
-                 clock=time.perf_counter):
-        self.flops_per_tok, self.tokens_per_step, self.world, self.peak = flops_per_tok, tokens_per_step, world, peak
-        self.cuda = torch.device(device).type == "cuda"
-        self.device, self.clock = device, clock
-        self.total_steps, self.total_time, self.total_tokens = 0, 0.0, 0
-        self.restart()
-
-    def restart(self) -> None:
-        self.steps, self.t0 = 0, self.clock()
-        self.tokens = 0  # tokens of the interval's steps, when the caller counts them (batch schedules)
-        if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
-
-    def interval(self) -> dict:
-        elapsed = self.clock() - self.t0
-        steps = max(self.steps, 1)
-        self.total_steps += self.steps
-        self.total_time += elapsed
-        self.total_tokens += self.tokens
-        out = self._rates(elapsed, steps, self.tokens)
-        if self.cuda:
-            out["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 1024 ** 3
-        self.restart()
-        return out
-
-    def _rates(self, elapsed: float, steps: int, tokens: int = 0) -> dict:
-        step_time = elapsed / steps
-        if tokens:  # counted by the caller: steps of different sizes (batch schedule)
-            tokens_per_s = tokens / elapsed if elapsed > 0 else float("inf")
-        else:
-            tokens_per_s = self.tokens_per_step / step_time if step_time > 0 else float("inf")
-        out = {"step_time_s": step_time, "tokens_per_s": tokens_per_s}
-        if self.peak:
-            out["mfu"] = self.flops_per_tok * tokens_per_s / (self.world * self.peak)
-        return out
-
-    def summary(self) -> dict:
-        if self.total_steps == 0:
-            return {}
-        return {f"train_{k}": v for k, v in self._rates(self.total_time, self.total_steps, self.total_tokens).items()}
 
 
 def main(argv=None) -> int:

@@ -47,7 +47,9 @@ from typing import Optional
 
 from .batch import BatchConfigError, divisors, plan_batch
 from .batch_schedule import BatchScheduleError, build_step_table, parse_batch_schedule, warmup_steps_by_tokens
-from .presets import (OPTIMIZER_LABELS, OPTIMIZERS, TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset,
+from merit_ds.optim import registry
+
+from .presets import (TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset, optimizer_label, optimizer_names,
                       parse_batch, scaled_lr, warmup_steps)
 
 __all__ = ["GPUS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "optimizer_scratch_bytes", "flops_per_token",
@@ -111,16 +113,14 @@ def activation_bytes(model: ModelPreset, micro_batch: int, seq_len: int, *, prec
 
 def optimizer_scratch_bytes(n_params: int, world: int, stage: int, *, offload: bool = False,
                             optimizer: str = "merit") -> float:
-    """GPU bytes of the optimizer's own work memory: MERIT, the Triton step's tile table (its
-    only scratch: ~0.03 bytes per partition element); LAMB, three partition-sized fp32
-    buffers; none under offload or for DeepSpeed's fused AdamW."""
-    if optimizer == "adamw" or offload:
+    """GPU bytes of the optimizer's own work memory, from its registered model
+    (:attr:`merit_ds.optim.spec.OptimizerSpec.gpu_scratch_bytes` of the partition: MERIT, the
+    Triton step's tile table, ~0.03 bytes per partition element; LAMB, three partition-sized
+    fp32 buffers; DeepSpeed's fused AdamW none); none under offload (the step runs on the CPU)."""
+    if offload:
         return 0.0
-    if optimizer == "merit":
-        from merit_ds.optim.segmented_triton import estimated_persistent_bytes
-
-        return float(estimated_persistent_bytes(-(-int(n_params) // (world if stage >= 1 else 1))))
-    return 3 * 4 * float(n_params) / (world if stage >= 1 else 1)
+    partition = -(-int(n_params) // (world if stage >= 1 else 1))
+    return float(registry.get(optimizer).gpu_scratch_bytes(partition))
 
 
 def memory_per_gpu(n_params: int, world: int, stage: int, *, precision: str = "bf16",
@@ -292,7 +292,7 @@ def format_plan(p: dict) -> str:
         ]
         lr_note = "sqrt-scaled"
     out += [
-        f"schedule: {OPTIMIZER_LABELS[p.get('optimizer', 'merit')]} peak lr {p['lr']:.3g} ({lr_note}; {p['lr_source']}), warmup {p['warmup_steps']:,} steps, cosine to 0.1x",
+        f"schedule: {optimizer_label(p.get('optimizer', 'merit'))} peak lr {p['lr']:.3g} ({lr_note}; {p['lr_source']}), warmup {p['warmup_steps']:,} steps, cosine to 0.1x",
         f"memory per GPU ({p['precision']}, activation checkpointing {'on' if p['activation_checkpointing'] else 'off'}; GiB; "
         f"micro-batch = largest divisor of {unit} fitting {int(HEADROOM * 100)}% of the GPU"
         + ("; accum: the first phase's" if p.get("phases") else "") + "):",
@@ -332,7 +332,8 @@ def recipes_table(nodes: int = 4, gpus_per_node: int = 8, gpu: str = "h100") -> 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", default="gpt2-small", help="tiny | gpt2-small | gpt2-medium")
-    parser.add_argument("--optimizer", default="merit", choices=list(OPTIMIZERS), help="whose lr preset to show")
+    parser.add_argument("--optimizer", default="merit", choices=list(optimizer_names()),
+                        help="whose lr preset and optimizer memory to show (any registered optimizer)")
     parser.add_argument("--batch", default="480", help="global batch in sequences, or a preset: 480 1k 2k 4k 6k")
     parser.add_argument("--batch-schedule", default=None, metavar="SPEC",
                         help='a batch-size schedule instead of --batch, as the training loop takes it: '

@@ -1,4 +1,6 @@
-"""Recipe presets: the one source of truth for models, batch sizes and optimizer (MERIT, LAMB, AdamW) hyperparameters.
+"""Recipe presets: the one source of truth for models and batch sizes; optimizer hyperparameters
+come from each optimizer's registration (:mod:`merit_ds.optim.registry`, ``recipe_defaults``),
+whose numbers for the built-ins are explained below.
 
 Everything else (``ds_configs/generate.py``, the ``plan`` command, ``launch/`` headers, the
 README's recipe table, the training loop's defaults) reads these tables; nothing is
@@ -12,7 +14,7 @@ Sources, and what is an estimate
   never produced by the data, whose ids the start-up check bounds). Activation
   ``gelu_pytorch_tanh``: the same tanh approximation as GPT-2's ``gelu_new`` computed by one
   PyTorch kernel, which saves 64 s b h bytes per layer for backward in fp32 against ``gelu_new``'s
-  112 (FIELD_NOTES; measured by ``merit_ds.train.activations``). Dropout 0 as in
+  112 (docs/design/field_notes.md; measured by ``merit_ds.train.activations``). Dropout 0 as in
   nanoGPT/Sophia-style pretraining (the GPT-2 lineage the MERIT paper trains in). Attention
   through PyTorch SDPA (``attn_implementation="sdpa"``).
 * Optimizer (GPT-2 lineage of the MERIT paper, which follows the Sophia/nanoGPT setup on
@@ -21,7 +23,7 @@ Sources, and what is an estimate
   peak. Reference batch 480 x 1024 tokens (491,520 tokens/step, ~100k steps for 48B tokens).
 * MERIT peak lr: **estimates** for GPT-2 Small/Medium (no GPU sweep has been run by this
   project). MERIT's update is scaled to the size of the weights, so its best lr is not AdamW's:
-  a CPU sweep (GPT-2 4x128, KJV text; FIELD_NOTES) found MERIT's best lr 1e-2 at batch 16 and
+  a CPU sweep (GPT-2 4x128, KJV text; docs/design/field_notes.md) found MERIT's best lr 1e-2 at batch 16 and
   3e-2 at batch 128, against AdamW's 3e-3/2e-3, and a sharp failure just above the best lr.
   We therefore start from the lineage's AdamW values at batch 480 (6e-4 Small, 3e-4 Medium),
   which sit on the safe side of that cliff; the published MERIT code's README example uses 2e-4.
@@ -35,7 +37,7 @@ Sources, and what is an estimate
     batch (480 x 1024) by nanoGPT's ``train_gpt2.py`` config (Small: 6e-4, 2000 warmup steps,
     min lr 6e-5) and by the Sophia paper's AdamW baselines (Liu et al. 2023), the setup the MERIT
     paper follows. eps 1e-8 (PyTorch's and nanoGPT's). Tiny: 3e-3 at batch 16, **measured** by
-    the same CPU sweep as MERIT's (FIELD_NOTES: AdamW best 3e-3 at batch 16, 2e-3 at 128).
+    the same CPU sweep as MERIT's (docs/design/field_notes.md: AdamW best 3e-3 at batch 16, 2e-3 at 128).
   - **LAMB** peak lr at batch 480: Small 6e-4, Medium 3e-4 -- **ESTIMATES**: the LAMB paper
     (You et al. 2020, BERT) gives no GPT-2 value; its untuned square-root rule (5/(2^3 x 10^3) =
     6.25e-4 at batch 512, 5e-3 at 32k) gives 6.05e-4 at 480, which is the lineage's AdamW
@@ -56,11 +58,13 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
+from merit_ds.optim import registry
+from merit_ds.optim.spec import RecipeDefaults
+
 __all__ = [
-    "ModelPreset", "OptimPreset", "MODEL_PRESETS", "BATCH_PRESETS", "OPTIM_PRESETS", "OPTIMIZERS",
-    "OPTIMIZER_PRESETS", "LAMB_PRESETS", "ADAMW_PRESETS", "OPTIMIZER_LABELS",
+    "ModelPreset", "OptimPreset", "MODEL_PRESETS", "BATCH_PRESETS", "optimizer_names", "optimizer_label",
     "TOKEN_BUDGET", "WARMUP_FRACTION", "MIN_LR_RATIO", "scaled_lr", "warmup_steps",
-    "get_model_preset", "gpt2_config", "count_parameters",
+    "get_model_preset", "get_optim_preset", "gpt2_config", "count_parameters",
 ]
 
 #: The mission's token budget for GPT-2 Small/Medium.
@@ -70,9 +74,9 @@ TOKEN_BUDGET = 48_000_000_000
 BATCH_PRESETS: dict[str, int] = {"480": 480, "1k": 1024, "2k": 2048, "4k": 4096, "6k": 6144}
 
 #: Warmup as a share of the token budget (so it is a fixed number of tokens at any batch).
-WARMUP_FRACTION = 0.02
+WARMUP_FRACTION = RecipeDefaults.warmup_fraction  # 0.02
 #: Cosine decays from the peak lr to this fraction of it (nanoGPT's min_lr = lr/10).
-MIN_LR_RATIO = 0.1
+MIN_LR_RATIO = RecipeDefaults.min_lr_ratio  # 0.1
 
 
 @dataclass(frozen=True)
@@ -117,22 +121,9 @@ class ModelPreset:
         return count_parameters(self.n_layer, self.n_embd, self.seq_len, self.vocab_size)
 
 
-@dataclass(frozen=True)
-class OptimPreset:
-    """An optimizer's hyperparameters for a model preset, at its reference batch (sequences).
-
-    ``lr_source`` says where ``lr_ref`` comes from (paper value, measurement or estimate); the
-    training loop prints it in its banner."""
-
-    lr_ref: float
-    batch_ref: int
-    lr_source: str
-    betas: tuple = (0.9, 0.95)
-    eps: float = 1e-6
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    min_lr_ratio: float = MIN_LR_RATIO
-    warmup_fraction: float = WARMUP_FRACTION
+#: An optimizer's hyperparameters for a model preset at its reference batch (sequences): the
+#: registry's :class:`~merit_ds.optim.spec.RecipeDefaults` (``lr_source`` is printed in the banner).
+OptimPreset = RecipeDefaults
 
 
 MODEL_PRESETS: dict[str, ModelPreset] = {
@@ -144,43 +135,15 @@ MODEL_PRESETS: dict[str, ModelPreset] = {
                                description="GPT-2 Medium, 355M"),
 }
 
-OPTIM_PRESETS: dict[str, OptimPreset] = {
-    "tiny": OptimPreset(lr_ref=1e-2, batch_ref=16,
-                        lr_source="measured: CPU sweep, GPT-2 4x128 on KJV, batch 16 (FIELD_NOTES)"),
-    "gpt2-small": OptimPreset(lr_ref=6e-4, batch_ref=480,
-                              lr_source="ESTIMATE: lineage AdamW lr at batch 480; sweep before use"),
-    "gpt2-medium": OptimPreset(lr_ref=3e-4, batch_ref=480,
-                               lr_source="ESTIMATE: lineage AdamW lr at batch 480; sweep before use"),
-}
+def optimizer_names() -> tuple[str, ...]:
+    """``--optimizer`` choices (the registry's, in registration order; the first is the default)."""
+    return registry.names()
 
 
-#: ``--optimizer`` choices of the training loop (the first is the default).
-OPTIMIZERS = ("merit", "lamb", "adamw")
-#: How the banner, the plot and the docs name them.
-OPTIMIZER_LABELS = {"merit": "MERIT", "lamb": "LAMB", "adamw": "AdamW"}
-
-_ADAMW_SOURCE = ("paper value: GPT-3 table 2.1 / nanoGPT train_gpt2 / Sophia's AdamW baseline, "
-                 "lr {lr} at batch 480 x 1024")
-ADAMW_PRESETS: dict[str, OptimPreset] = {
-    "tiny": OptimPreset(lr_ref=3e-3, batch_ref=16, eps=1e-8,
-                        lr_source="measured: CPU sweep, GPT-2 4x128 on KJV, batch 16 (FIELD_NOTES)"),
-    "gpt2-small": OptimPreset(lr_ref=6e-4, batch_ref=480, eps=1e-8, lr_source=_ADAMW_SOURCE.format(lr="6e-4")),
-    "gpt2-medium": OptimPreset(lr_ref=3e-4, batch_ref=480, eps=1e-8, lr_source=_ADAMW_SOURCE.format(lr="3e-4")),
-}
-
-_LAMB_SOURCE = ("ESTIMATE: LAMB paper's sqrt rule (6.25e-4 at batch 512) ~ lineage AdamW lr at batch 480; "
-                "sweep before use")
-LAMB_PRESETS: dict[str, OptimPreset] = {
-    "tiny": OptimPreset(lr_ref=1e-2, batch_ref=16,
-                        lr_source="ESTIMATE: MERIT's measured CPU lr at batch 16 (not swept for LAMB)"),
-    "gpt2-small": OptimPreset(lr_ref=6e-4, batch_ref=480, lr_source=_LAMB_SOURCE),
-    "gpt2-medium": OptimPreset(lr_ref=3e-4, batch_ref=480, lr_source=_LAMB_SOURCE.replace("6.25e-4", "6.25e-4 / 2")),
-}
-
-#: optimizer -> model -> preset. ``OPTIM_PRESETS`` is MERIT's table (the default optimizer).
-OPTIMIZER_PRESETS: dict[str, dict[str, OptimPreset]] = {
-    "merit": OPTIM_PRESETS, "lamb": LAMB_PRESETS, "adamw": ADAMW_PRESETS,
-}
+def optimizer_label(name: str) -> str:
+    """How the banner, the plots and the docs name optimizer ``name`` (``"merit"`` -> ``"MERIT"``)."""
+    spec = registry.find(name)
+    return spec.label if spec is not None else name
 
 
 def get_model_preset(name: str) -> ModelPreset:
@@ -191,14 +154,11 @@ def get_model_preset(name: str) -> ModelPreset:
 
 
 def get_optim_preset(name: str, optimizer: str = "merit") -> OptimPreset:
-    """The hyperparameters of ``optimizer`` (merit | lamb | adamw) for model preset ``name``."""
-    if optimizer not in OPTIMIZER_PRESETS:
-        raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {list(OPTIMIZERS)}")
-    table = OPTIMIZER_PRESETS[optimizer]
-    try:
-        return table[name]
-    except KeyError:
-        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(table)}") from None
+    """The hyperparameters of ``optimizer`` (any registered name) for model preset ``name``."""
+    spec = registry.get(optimizer)
+    if name not in spec.recipe_defaults:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {sorted(spec.recipe_defaults)}")
+    return spec.recipe_defaults[name]
 
 
 def parse_batch(batch) -> int:

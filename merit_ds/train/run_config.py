@@ -11,20 +11,21 @@ Precedence, per value:
   ``--global-batch`` and a JSON ``train_batch_size``. The micro-batch is fixed for the whole run and
   must divide every phase's per-rank batch (default: the largest that does); the engine starts at the
   first phase's batch; :attr:`RunConfig.batch_table` lists every step's batch.
-* optimizer: ``--optimizer`` (default ``merit``). A JSON whose ``"optimizer"`` section names an
-  optimizer must name the same one (``MERIT``, ``ShardedLAMB``, ``AdamW``: see
-  :data:`merit_ds.train.ds_config.JSON_TYPES`), else :class:`UsageError`.
+* optimizer: ``--optimizer`` (default ``merit``; any registered optimizer,
+  :mod:`merit_ds.optim.registry`). A JSON whose ``"optimizer"`` section names an optimizer must
+  name the same one (its registered ``json_name``: ``MERIT``, ``ShardedLAMB``, ``AdamW``, ...),
+  else :class:`UsageError`.
 * peak lr: ``--lr``, else the JSON's ``optimizer.params.lr``, else the optimizer's preset for the
   model, square-root scaled from its reference batch; :attr:`RunConfig.lr_origin` says which.
 * other optimizer hyperparameters: the JSON's, the preset's for keys it leaves out.
 
-How the optimizer reaches DeepSpeed (:attr:`RunConfig.client`):
+How the optimizer reaches DeepSpeed (:attr:`RunConfig.client`), by its spec's ``ds_route``:
 
-* ``merit``: named in the JSON (DeepSpeed builds ``torch.optim.MERIT`` with our param groups),
+* ``"json"`` (``merit``): named in the JSON (DeepSpeed builds ``torch.optim.MERIT`` with our param groups),
   or, for a user JSON without an ``"optimizer"`` section, a client optimizer the loop builds;
-* ``lamb``: always a client :class:`merit_ds.LAMB` built by the loop from the params (the JSON
+* ``"client"`` (``lamb``): always a client :class:`merit_ds.LAMB` built by the loop from the params (the JSON
   name ``ShardedLAMB`` need not be registered); the section is removed from the config;
-* ``adamw``: always DeepSpeed's own ``AdamW`` (FusedAdam on GPU, DeepSpeedCPUAdam with offload,
+* ``"deepspeed"`` (``adamw``): always DeepSpeed's own ``AdamW`` (FusedAdam on GPU, DeepSpeedCPUAdam with offload,
   ``torch.optim.AdamW`` via ``"torch_adam": true`` on a CPU run without offload).
 """
 
@@ -40,21 +41,15 @@ from merit_ds.integrations._common import ds_offloads_optimizer
 from .batch import BatchPlan, plan_batch
 from .batch_schedule import (LR_RULES, BatchScheduleError, StepTable, build_step_table, parse_batch_schedule,
                              warmup_steps_by_tokens)
-from .ds_config import JSON_TYPES, make_ds_config, set_batch
-from .presets import (OPTIMIZER_LABELS, OPTIMIZERS, TOKEN_BUDGET, ModelPreset, OptimPreset, get_model_preset,
+from merit_ds.optim import registry
+
+from .ds_config import make_ds_config, set_batch
+from .presets import (TOKEN_BUDGET, optimizer_label, ModelPreset, OptimPreset, get_model_preset,
                       get_optim_preset, parse_batch, scaled_lr, warmup_steps)
 
-__all__ = ["UsageError", "RunConfig", "resolve", "json_optimizer", "DEFAULT_BATCH", "CLIENT_KWARGS"]
+__all__ = ["UsageError", "RunConfig", "resolve", "json_optimizer", "DEFAULT_BATCH"]
 
 DEFAULT_BATCH = {"tiny": 16, "gpt2-small": 480, "gpt2-medium": 480}
-
-#: Keyword arguments a client optimizer built by the loop accepts from ``optimizer.params``.
-CLIENT_KWARGS = {
-    "merit": ("lr", "betas", "eps", "weight_decay"),
-    "lamb": ("lr", "betas", "eps", "weight_decay", "max_trust_ratio", "bias_correction", "nonfinite_grads",
-             "implementation"),
-}
-
 
 class UsageError(ValueError):
     """Bad input: reported as one clear line, exit code 2, nothing written."""
@@ -102,26 +97,27 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        return OPTIMIZER_LABELS[self.optimizer]
+        return optimizer_label(self.optimizer)
 
 
 def json_optimizer(type_name: str) -> str:
     """``--optimizer`` value for a DeepSpeed JSON ``"optimizer": {"type": ...}``, or UsageError."""
-    for name, json_name in JSON_TYPES.items():
-        if type_name == json_name or (name == "adamw" and type_name.lower() == "adamw"):
-            return name
-    for json_name in ("MERIT", "ShardedLAMB"):
-        if type_name.lower() == json_name.lower():
-            raise UsageError(f'DeepSpeed looks optimizer names up case-sensitively: write "type": "{json_name}", '
-                             f'not "{type_name}"')
-    if type_name.lower() == "lamb":
-        raise UsageError(f"optimizer type {type_name!r}: DeepSpeed's built-in Lamb (FusedLamb) computes its trust "
-                         f"ratios per ZeRO partition, not per tensor; merit_ds's exact LAMB is named \"ShardedLAMB\" "
-                         f"(or leave the section out and pass --optimizer lamb)")
-    if type_name.lower() == "adam":
-        raise UsageError('optimizer type "Adam": the AdamW baseline is named "AdamW" (decoupled weight decay)')
-    names = ", ".join(f'"{n}"' for n in JSON_TYPES.values())
-    raise UsageError(f"optimizer type {type_name!r}: merit_ds.train trains {', '.join(OPTIMIZERS)} "
+    from merit_ds.integrations.deepspeed import builtin_name_hint
+
+    spec = registry.by_json_name(type_name)
+    if spec is not None:
+        return spec.name
+    spec = registry.by_json_name(type_name, case_sensitive=False)
+    if spec is not None and spec.ds_route == "deepspeed":
+        return spec.name  # DeepSpeed compares its own names case-insensitively
+    if spec is not None:
+        raise UsageError(f'DeepSpeed looks optimizer names up case-sensitively: write "type": "{spec.json_name}", '
+                         f'not "{type_name}"')
+    hint = builtin_name_hint(type_name)
+    if hint is not None:
+        raise UsageError(hint)
+    names = ", ".join(f'"{s.json_name}"' for s in registry.specs())
+    raise UsageError(f"optimizer type {type_name!r}: merit_ds.train trains {', '.join(registry.names())} "
                      f"({names} in a DeepSpeed JSON; --optimizer chooses)")
 
 
@@ -148,9 +144,37 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
 
     ``world``: the data-parallel world size the run will have; ``cpu``: no CUDA device.
     Raises :class:`UsageError` (or :class:`~merit_ds.train.batch.BatchConfigError`) on bad input.
+
+    One step per concern, in this order (so the first bad input found is the one reported): the
+    model, the engine settings, the JSON's optimizer section, the batch schedule, the batch plan,
+    the peak lr, the optimizer's hyperparameters, the DeepSpeed config, how the optimizer reaches
+    DeepSpeed, the lr schedule.
     """
     optimizer = getattr(args, "optimizer", "merit")
-    label = OPTIMIZER_LABELS.get(optimizer, optimizer)
+    label = optimizer_label(optimizer)
+    where = args.ds_config or "the DeepSpeed config"
+    preset, optim, overrides, family, seq_len = _model(args, optimizer)
+    zero_stage, precision, offload = _engine_settings(args, base_cfg, cpu)
+    section = _json_optimizer_section(base_cfg, optimizer, where)
+    schedule, lr_rule = _batch_schedule(args, base_cfg, where)
+    plan, table, micro_note = _batch_plan(args, base_cfg, world, seq_len, schedule)
+    json_params = dict((section or {}).get("params", {}))
+    lr, lr_origin = _peak_lr(args, json_params, optim, plan, table, optimizer, where)
+    opt_params = _optimizer_params(optim, json_params, lr)
+    cfg = _ds_config(base_cfg, zero_stage, precision, offload, optim, optimizer, plan, cpu=cpu, where=where)
+    cfg, client = _hand_optimizer_to_deepspeed(cfg, optimizer, opt_params, label, cpu=cpu, offload=offload,
+                                               where=where)
+    warmup, floor = _lr_schedule(args, plan, table, optim)
+    return RunConfig(launcher=launcher, model=args.model, preset=preset, overrides=overrides, seq_len=seq_len,
+                     precision=precision, zero_stage=zero_stage, offload=offload, plan=plan, optimizer=optimizer,
+                     optim=optim, lr=lr, lr_origin=lr_origin, opt_params=opt_params, ds_config=cfg, client=client,
+                     warmup=warmup, floor=floor, ds_config_path=args.ds_config, micro_note=micro_note, family=family,
+                     batch_table=table, lr_rule=lr_rule)
+
+
+def _model(args, optimizer: str):
+    """The model: its preset (and the optimizer's preset for it), the shape overrides
+    (``--model-override``, ``--family``) and the sequence length."""
     try:
         preset = get_model_preset(args.model)
         optim = get_optim_preset(args.model, optimizer)
@@ -161,26 +185,40 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     if family is not None:
         overrides.update(family.overrides())
     seq_len = args.seq_len or overrides.get("n_positions", preset.seq_len)
-    precision = args.precision if args.precision != "auto" else ("fp32" if cpu else "bf16")
-    where = args.ds_config or "the DeepSpeed config"
+    return preset, optim, overrides, family, seq_len
 
-    # --- the DeepSpeed config's own choices -----------------------------------------------------
-    section = None
+
+def _engine_settings(args, base_cfg: Optional[dict], cpu: bool):
+    """ZeRO stage, precision and offload: the DeepSpeed config's own choices when there is one,
+    else the flags (``--precision auto``: fp32 on CPU, bf16 on GPU)."""
+    precision = args.precision if args.precision != "auto" else ("fp32" if cpu else "bf16")
     if base_cfg is not None:
         zero_stage = int(base_cfg.get("zero_optimization", {}).get("stage", 0))
         precision = "bf16" if base_cfg.get("bf16", {}).get("enabled") else "fp32"
         offload = ds_offloads_optimizer(base_cfg)
+    else:
+        zero_stage, offload = args.zero_stage, bool(args.offload)
+    return zero_stage, precision, offload
+
+
+def _json_optimizer_section(base_cfg: Optional[dict], optimizer: str, where: str) -> Optional[dict]:
+    """The DeepSpeed config's ``"optimizer"`` section (None without one); it must name the
+    optimizer ``--optimizer`` chose."""
+    section = None
+    if base_cfg is not None:
         section = base_cfg.get("optimizer")
         if section is not None:
             named = json_optimizer(str(section.get("type", "")))
             if named != optimizer:
                 raise UsageError(f"{where} names optimizer {section.get('type')!r} ({named}) but --optimizer is "
                                  f"{optimizer}: pass --optimizer {named}, or a config for {optimizer} "
-                                 f"(\"type\": \"{JSON_TYPES[optimizer]}\", or no \"optimizer\" section)")
-    else:
-        zero_stage, offload = args.zero_stage, bool(args.offload)
+                                 f"(\"type\": \"{registry.get(optimizer).json_name}\", or no \"optimizer\" section)")
+    return section
 
-    # --- batch arithmetic --------------------------------------------------------------------------
+
+def _batch_schedule(args, base_cfg: Optional[dict], where: str):
+    """``--batch-schedule`` parsed (None without one) and its lr rule; the schedule excludes every
+    other source of the global batch."""
     schedule_text = getattr(args, "batch_schedule", None)
     lr_rule = getattr(args, "batch_schedule_lr", None) or "tokens"
     schedule = None
@@ -200,6 +238,33 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
                              f'"auto"), or drop --batch-schedule')
     elif getattr(args, "batch_schedule_lr", None):
         raise UsageError("--batch-schedule-lr applies only with --batch-schedule")
+    return schedule, lr_rule
+
+
+def _batch_plan(args, base_cfg: Optional[dict], world: int, seq_len: int, schedule):
+    """The batch arithmetic: global batch, micro-batch and budget -> the :class:`BatchPlan`, and
+    under a batch schedule its step table. Returns ``(plan, table or None, micro_note)``."""
+    global_batch = _global_batch(args, base_cfg, schedule)
+    micro, micro_note = _micro_batch(args, base_cfg, world, global_batch, schedule)
+    tokens, steps = _budget(args)
+    table = None
+    if schedule is not None:
+        try:
+            schedule.check_divisible(micro * world, micro, world)
+            table = build_step_table(schedule, seq_len, token_budget=tokens, max_steps=steps)
+        except BatchScheduleError as exc:
+            raise UsageError(str(exc)) from None
+        # the plan describes the first phase (what the engine is built with) and the whole run's steps
+        plan = plan_batch(global_batch, world, seq_len, micro_batch=micro, max_steps=table.steps)
+        plan = BatchPlan(**{**plan.__dict__, "token_budget": tokens})
+    else:
+        plan = plan_batch(global_batch, world, seq_len, micro_batch=micro, token_budget=tokens, max_steps=steps)
+    return plan, table, micro_note
+
+
+def _global_batch(args, base_cfg: Optional[dict], schedule) -> int:
+    """``--global-batch``, else the schedule's first batch, else the JSON's ``train_batch_size``,
+    else the model's default."""
     try:
         global_batch = parse_batch(args.global_batch) if args.global_batch else None
     except ValueError as exc:
@@ -208,7 +273,12 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
         global_batch = schedule.first_batch
     if global_batch is None and base_cfg and isinstance(base_cfg.get("train_batch_size"), int):
         global_batch = base_cfg["train_batch_size"]
-    global_batch = global_batch or DEFAULT_BATCH[args.model]
+    return global_batch or DEFAULT_BATCH[args.model]
+
+
+def _micro_batch(args, base_cfg: Optional[dict], world: int, global_batch: int, schedule):
+    """The micro-batch (None: the plan's largest that divides) and a note when it differs from
+    the JSON's. Returns ``(micro, micro_note)``."""
     # The JSON's micro-batch (and grad-accum) were planned for one cluster shape: they are a hint,
     # not a constraint. --micro-batch wins; else the JSON's micro-batch if it divides this world's
     # per-rank batch; else the largest divisor below it (no more memory per GPU than planned).
@@ -234,28 +304,21 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
             micro = max(d for d in range(1, min(json_micro, per_rank) + 1) if per_rank % d == 0)
             micro_note = (f"micro-batch re-planned for {world} ranks: the config's {json_micro} does not divide "
                           f"{per_rank} sequences per rank; using {micro} x grad_accum {per_rank // micro}")
-    if base_cfg is not None:
-        base_cfg = {k: v for k, v in base_cfg.items()
-                    if k not in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
+    return micro, micro_note
+
+
+def _budget(args):
+    """``(tokens, steps)``: the token budget or the step count (GPT-2 default: 48e9 tokens; tiny: 200 steps)."""
     if args.tokens is None and args.steps is None:
         tokens, steps = (TOKEN_BUDGET, None) if args.model != "tiny" else (None, 200)
     else:
         tokens, steps = (int(args.tokens) if args.tokens is not None else None), args.steps
-    table = None
-    if schedule is not None:
-        try:
-            schedule.check_divisible(micro * world, micro, world)
-            table = build_step_table(schedule, seq_len, token_budget=tokens, max_steps=steps)
-        except BatchScheduleError as exc:
-            raise UsageError(str(exc)) from None
-        # the plan describes the first phase (what the engine is built with) and the whole run's steps
-        plan = plan_batch(global_batch, world, seq_len, micro_batch=micro, max_steps=table.steps)
-        plan = BatchPlan(**{**plan.__dict__, "token_budget": tokens})
-    else:
-        plan = plan_batch(global_batch, world, seq_len, micro_batch=micro, token_budget=tokens, max_steps=steps)
+    return tokens, steps
 
-    # --- peak lr and where it came from -------------------------------------------------------------
-    json_params = dict((section or {}).get("params", {}))
+
+def _peak_lr(args, json_params: dict, optim: OptimPreset, plan: BatchPlan, table, optimizer: str, where: str):
+    """The peak lr and where it came from: ``--lr``, else the JSON's, else the optimizer's preset
+    square-root scaled to the (first) batch."""
     if args.lr is not None:
         lr, lr_origin = float(args.lr), "--lr"
     elif json_params.get("lr") is not None:
@@ -276,11 +339,24 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
         lr_origin = f"preset {args.model}/{optimizer}: {optim.lr_ref:g} at batch {optim.batch_ref}, {optim.lr_source}{scaled}"
     if not math.isfinite(lr) or lr < 0:
         raise UsageError(f"peak lr {lr!r} ({lr_origin}) must be a finite number >= 0")
-    # keys the JSON leaves out take the preset's values (what the banner prints is what steps)
-    opt_params = {"betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
-                  **json_params, "lr": lr}
+    return lr, lr_origin
 
-    # --- the config DeepSpeed gets ----------------------------------------------------------------
+
+def _optimizer_params(optim: OptimPreset, json_params: dict, lr: float) -> dict:
+    """The hyperparameters the optimizer is built with: the JSON's, the preset's for keys it
+    leaves out (what the banner prints is what steps), the peak lr."""
+    return {"betas": list(optim.betas), "eps": optim.eps, "weight_decay": optim.weight_decay,
+            **json_params, "lr": lr}
+
+
+def _ds_config(base_cfg: Optional[dict], zero_stage: int, precision: str, offload: bool, optim: OptimPreset,
+               optimizer: str, plan: BatchPlan, *, cpu: bool, where: str) -> dict:
+    """The config DeepSpeed gets, before the optimizer is placed in it: the JSON (its
+    micro-batch/grad-accum keys give way to the plan) or one built from the flags, with the plan's
+    batch sizes. An fp16 config DeepSpeed's CPU accelerator would refuse stops here."""
+    if base_cfg is not None:
+        base_cfg = {k: v for k, v in base_cfg.items()
+                    if k not in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps")}
     cfg = base_cfg if base_cfg is not None else make_ds_config(zero_stage, precision, offload=offload, optim=optim,
                                                                optimizer=optimizer)
     cfg = set_batch(cfg, plan.global_batch, plan.micro_batch, plan.grad_accum)
@@ -289,42 +365,53 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
         # (engine.py: fp16_enabled() and not is_fp16_supported()); say it before the engine is built.
         raise UsageError(f"{where} enables fp16, which DeepSpeed's CPU accelerator refuses on this CPU (no oneDNN "
                          'fp16 kernels): use "bf16": {"enabled": true} (or fp32: no fp16/bf16 section)')
-    if optimizer == "merit":
+    return cfg
+
+
+def _hand_optimizer_to_deepspeed(cfg: dict, optimizer: str, opt_params: dict, label: str, *, cpu: bool,
+                                 offload: bool, where: str):
+    """How the optimizer reaches DeepSpeed (see the module docstring): named in the config, or a
+    client optimizer the loop builds (``client``); the config checked for what DeepSpeed demands
+    before stepping an optimizer it did not write. Returns ``(cfg, client)``; may add
+    ``torch_adam`` to ``opt_params``."""
+    spec = registry.get(optimizer)
+    if spec.ds_route == "json":
         client = "optimizer" not in cfg
         if not client:
-            cfg = dict(cfg, optimizer={"type": JSON_TYPES["merit"], "params": opt_params})
-    elif optimizer == "lamb":
+            cfg = dict(cfg, optimizer={"type": spec.json_name, "params": opt_params})
+    elif spec.ds_route == "client":
         client = True
         cfg = {k: v for k, v in cfg.items() if k != "optimizer"}
-    else:  # adamw: DeepSpeed's own; on CPU without offload its FusedAdam would be a JIT build, torch's is exact
+    else:  # DeepSpeed's own (AdamW); cpu_json_params: on CPU without offload its FusedAdam would be a JIT build
         client = False
         if cpu and not offload:
-            opt_params.setdefault("torch_adam", True)
-        cfg = dict(cfg, optimizer={"type": JSON_TYPES["adamw"], "params": opt_params})
+            for key, value in spec.cpu_json_params.items():
+                opt_params.setdefault(key, value)
+        cfg = dict(cfg, optimizer={"type": spec.json_name, "params": opt_params})
     if client:
-        unknown = sorted(set(opt_params) - set(CLIENT_KWARGS[optimizer]))
+        unknown = sorted(set(opt_params) - set(spec.client_kwargs))
         if unknown:
             raise UsageError(f"{where}: optimizer.params {unknown} are not arguments of {label} "
-                             f"(accepted: {', '.join(CLIENT_KWARGS[optimizer])})")
-    if optimizer in ("merit", "lamb"):  # the keys DeepSpeed demands before stepping an optimizer it did not write
+                             f"(accepted: {', '.join(spec.client_kwargs)})")
+    if spec.ds_route != "deepspeed":  # the keys DeepSpeed demands before stepping an optimizer it did not write
         from merit_ds.integrations.deepspeed import MeritConfigError, check_config
-        from merit_ds.optim import LAMB, MERIT
 
         try:
-            check_config(cfg, client_optimizer={"merit": MERIT, "lamb": LAMB}[optimizer] if client else False)
+            check_config(cfg, client_optimizer=spec.cls if client else False)
         except MeritConfigError as exc:
             raise UsageError(f"DeepSpeed config: {exc}") from None
+    return cfg, client
 
+
+def _lr_schedule(args, plan: BatchPlan, table, optim: OptimPreset):
+    """``(warmup, floor)`` of the warmup-cosine schedule: ``--warmup-steps`` (default a share of
+    the steps; under a batch schedule, the same share of the tokens) and ``--min-lr-ratio``."""
     if args.warmup_steps is not None or table is None:
         warmup = args.warmup_steps if args.warmup_steps is not None else warmup_steps(plan.steps, optim.warmup_fraction)
     else:
         warmup = warmup_steps_by_tokens(table, optim.warmup_fraction)  # a share of the tokens, not of the steps
     floor = args.min_lr_ratio if args.min_lr_ratio is not None else optim.min_lr_ratio
-    return RunConfig(launcher=launcher, model=args.model, preset=preset, overrides=overrides, seq_len=seq_len,
-                     precision=precision, zero_stage=zero_stage, offload=offload, plan=plan, optimizer=optimizer,
-                     optim=optim, lr=lr, lr_origin=lr_origin, opt_params=opt_params, ds_config=cfg, client=client,
-                     warmup=warmup, floor=floor, ds_config_path=args.ds_config, micro_note=micro_note, family=family,
-                     batch_table=table, lr_rule=lr_rule)
+    return warmup, floor
 
 
 def _family(args, overrides: dict):

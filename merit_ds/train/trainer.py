@@ -1,13 +1,16 @@
 """The trainer: one optimizer step, an evaluation, a checkpoint save, a resume -- over an engine
-that is already built. No argument parsing (:mod:`.run_config`), no process-group setup, no
-files other than checkpoints (:mod:`.loop` wires the parts together).
+that is already built -- and the loop over them (:meth:`Trainer.train`: every step, with the
+logging, diagnostics, evaluation and checkpoint cadences). No argument parsing (:mod:`.run_config`),
+no process-group setup (:mod:`.launcher`), no files other than checkpoints: records go to the
+``log`` callable :meth:`Trainer.train` is handed (:class:`.metrics.RunLog`); :mod:`.loop` builds
+the parts and :mod:`.finish` does the end of the run.
 
 What it needs from its collaborators, so that a test can hand it stand-ins:
 
 * ``engine``: DeepSpeed's engine (or anything with) ``engine(input_ids=x).logits``, ``.device``,
   ``.module``, ``.train()``/``.eval()``, ``.get_global_grad_norm()``, and for checkpoints
   ``.save_checkpoint`` / ``.load_checkpoint``;
-* ``runner`` (:class:`merit_ds.train.loop.Runner`): ``rank``, ``world``, ``micro_context()``,
+* ``runner`` (:class:`merit_ds.train.launcher.Runner`): ``rank``, ``world``, ``micro_context()``,
   ``backward_step(loss)`` (DeepSpeed steps at the gradient-accumulation boundary);
 * ``basic``: the optimizer that steps the weights (verified by :mod:`.optimizers`); it gets the
   warmup-cosine scheduler, and for MERIT/LAMB its ``track_stats`` is switched on for
@@ -26,7 +29,7 @@ import math
 import random
 import shutil
 import threading
-import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -41,25 +44,34 @@ from . import checkpoint as ckpt
 from .data_source import DataError
 from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss
 from .diversity import GradientDiversity
-from .optimizers import CLIP_FRACTION, TRUST_STATS
+from .metrics import Throughput, compiled_graphs
+from .optimizers import records_clip_fraction, records_trust_stats
 from .run_config import UsageError
 from .batch_schedule import TokenWarmupCosine
 from .schedule import warmup_cosine
 
-__all__ = ["Trainer", "mean_over_ranks", "CheckpointSaveError"]
+__all__ = ["Trainer", "LoopConfig", "CheckpointSaveError"]
 
 
 class CheckpointSaveError(RuntimeError):
     """Rank 0 could not finalise a checkpoint; raised on every rank with the same message."""
 
 
-def mean_over_ranks(local_sum: float, local_count: int) -> float:
-    """Mean over every rank of values summed locally (every rank counts ``local_count`` of them)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local_sum / local_count
-    total = torch.tensor([local_sum], dtype=torch.float64)
-    collective.all_reduce(total)  # on the backend's device: NCCL takes no CPU tensors
-    return float(total[0]) / (local_count * dist.get_world_size())
+@dataclass(frozen=True)
+class LoopConfig:
+    """What :meth:`Trainer.train` needs besides the trainer's parts: the cadences, in steps (0:
+    never), and where checkpoints go."""
+
+    ckpt_root: Path
+    run_info: dict            # what a checkpoint records about the run (:func:`.loop.describe_run`)
+    seq_len: int              # tokens per sequence: the throughput counts tokens step by step
+    log_every: int            # read the loss and log (below 1: every step)
+    diag_every: int           # large-batch diagnostics (also at step 1)
+    eval_every: int           # validation loss (not at the last step: the final evaluation follows)
+    ckpt_every: int
+    keep_last: int
+    progress: bool = True     # the step bar on rank 0
+    count_graphs: bool = False  # --compile: log the graphs dynamo has compiled so far
 
 
 def _rng_state() -> dict:
@@ -126,9 +138,10 @@ class Trainer:
         self.gns = GradientNoiseScale()
         # per-example gradients of up to this many of each rank's sequences per diagnostics step (0: off)
         self.diversity = GradientDiversity(diversity_probe)
-        self.trust_stats = optimizer in TRUST_STATS      # MERIT and LAMB record trust ratios
-        self.clip_fraction = optimizer in CLIP_FRACTION  # only MERIT clips its update
+        self.trust_stats = records_trust_stats(optimizer)      # MERIT and LAMB record trust ratios
+        self.clip_fraction = records_clip_fraction(optimizer)  # only MERIT clips its update
         self.step = 0
+        self.saved_step: Optional[int] = None  # the step of the last checkpoint saved or resumed from
         self.loss_acc: Optional[torch.Tensor] = None  # float64 on the device: micro-batch losses since the last read
         self.loss_count = 0
         self._pending: Optional[_Finaliser] = None  # a checkpoint being finalised (rank 0: in a thread)
@@ -148,7 +161,6 @@ class Trainer:
         these read values on the host, so call them on log steps."""
         engine, basic, world = self.engine, self.basic, self.runner.world
         step = self.step + 1
-        t0 = time.perf_counter()
         if diagnostics and self.trust_stats:  # statistics of this step only, recorded inside the step
             basic.partial_stats.clear()
             basic.track_stats = True
@@ -210,7 +222,6 @@ class Trainer:
                                                        torch.cat([p[1] for p in probe]), self.zero_stage)
                 # the bound beside the batch this step used (sequences over all ranks)
                 record.update(diversity, gdiv_batch=accum * first[0].size(0) * world)
-        record["host_step_time_s"] = time.perf_counter() - t0  # host time; the loop times intervals
         return record
 
     @property
@@ -241,6 +252,55 @@ class Trainer:
         self.loss_acc.zero_()
         self.loss_count = 0
         return value
+
+    # --- the loop ----------------------------------------------------------------------------------
+    def train(self, config: LoopConfig, meter: Throughput, log) -> None:
+        """Steps :attr:`step` + 1 to :attr:`steps` (after a resume: from the checkpoint's step on).
+
+        Every step trains (:meth:`train_step`); on a log step (every ``log_every``, the last one, and
+        any step that measures diagnostics, evaluates or checkpoints) the loss is read and the
+        step's record -- with the interval's throughput (``meter``), the validation loss on eval
+        steps -- goes to ``log(record, step)``; a non-finite loss stops the run there
+        (:class:`FloatingPointError` naming the last good checkpoint). Checkpoints are saved in the
+        background (:meth:`save`); the last one and the final evaluation are :mod:`.finish`'s."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=self.steps, initial=self.step, disable=self.runner.rank != 0 or not config.progress,
+                   unit="step", dynamic_ncols=True, mininterval=1.0)
+        self.engine.train()
+        meter.restart()  # the first interval starts at the first step
+        log_every = max(1, config.log_every)
+        for step in range(self.step + 1, self.steps + 1):
+            diagnostics = config.diag_every > 0 and (step % config.diag_every == 0 or step == 1)
+            evaluating = config.eval_every > 0 and step % config.eval_every == 0 and step != self.steps
+            saving = config.ckpt_every > 0 and step % config.ckpt_every == 0
+            # read the loss (one host sync) on log steps, and before an eval or a checkpoint so that the
+            # interval's throughput does not include them
+            read = step % log_every == 0 or step == self.steps or diagnostics or evaluating or saving
+            record = self.train_step(diagnostics=diagnostics, read=read)
+            meter.steps += 1
+            meter.tokens += record["global_batch"] * config.seq_len
+            if read:
+                record.update(meter.interval())
+                if evaluating:
+                    record.update(self.evaluate())
+                if config.count_graphs:  # graphs dynamo compiled so far: flat after warm-up, or something recompiles
+                    record["compile_graphs"] = compiled_graphs()
+                log(record, step)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", **(
+                    {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                if not math.isfinite(record["loss"]):
+                    root = config.ckpt_root
+                    raise FloatingPointError(f"training loss is {record['loss']} at step {step}; last good checkpoint: "
+                                             f"{ckpt.latest_checkpoint(root) if root.exists() else None}")
+            bar.update(1)
+            if saving:
+                # rank 0 hashes and finalises in a thread while every rank trains on; its outcome
+                # is collected at the next save or finish_save
+                self.save(config.ckpt_root, config.run_info, config.keep_last, background=True)
+            if evaluating or saving:
+                meter.restart()  # eval and checkpoint time is not training throughput
+        bar.close()
 
     # --- validation ----------------------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -306,6 +366,7 @@ class Trainer:
         if world > 1:
             dist.barrier()  # every rank's files are written
         self._pending = _Finaliser(ckpt_root, tag, run_info, self.step, keep_last, start=rank == 0)
+        self.saved_step = self.step
         if not background:
             self.finish_save()
         return ckpt_root / tag
@@ -341,6 +402,7 @@ class Trainer:
         if "gns" in state:  # checkpoints written before the noise scale's EMAs were saved lack it
             self.gns.load_state_dict(state["gns"])
         self.step = int(state["step"])
+        self.saved_step = self.step
         if self.batch_table is not None:
             # the loader must stand exactly where the schedule's first `step` steps leave it
             want = self.batch_table.sequences_before(self.step + 1)

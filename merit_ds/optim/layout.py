@@ -1,8 +1,10 @@
 """Where each parameter of a group lies in one rank's flat partition, and the stats buffer.
 
-Pure bookkeeping (no collectives, no DeepSpeed): the flavour adapters (:mod:`.zero12`,
-:mod:`.zero3`, :mod:`.bf16`) read DeepSpeed's records and build a :class:`PartitionLayout`
-with the constructors below; :mod:`.step` runs the optimizer's fragment rule on it.
+Pure arithmetic (no collectives, no DeepSpeed), so it sits in the math layer, below both the
+optimizers (whose one-device Triton path lays a group out as one-fragment partitions) and
+:mod:`merit_ds.sharding`: the flavour adapters there (``zero12``, ``zero3``, ``bf16``) read
+DeepSpeed's records and build a :class:`PartitionLayout` with the constructors below;
+``merit_ds.sharding.step`` runs the optimizer's fragment rule on it.
 
 ZeRO 1/2 and BF16_Optimizer flatten a whole param group and cut it into equal slices, one
 per rank, anywhere -- also in the middle of a row::
@@ -46,7 +48,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
-from merit_ds.optim.formulas import row_pieces
+from .formulas import row_pieces
 
 __all__ = [
     "Fragment",

@@ -1,0 +1,140 @@
+"""The launcher shim: what differs between starting the loop with the deepspeed launcher and with
+``accelerate launch`` (process group, engine construction, backward/step), so that everything else
+is one code path. The model is wrapped by a DeepSpeed engine either way (Accelerate builds it from
+its DeepSpeed plugin); only backward/step goes through ``accelerator.backward`` under Accelerate.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from merit_ds.integrations.deepspeed_shm import release_cpu_allreduce_buffer
+
+__all__ = ["Runner", "detect_launcher", "rank0_print"]
+
+
+def detect_launcher(choice: str) -> str:
+    """``--launcher``: ``auto`` is accelerate when ``accelerate launch`` started us, else deepspeed."""
+    if choice != "auto":
+        return choice
+    return "accelerate" if any(k.startswith("ACCELERATE_") for k in os.environ) else "deepspeed"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def single_process_env() -> None:
+    """`python -m merit_ds.train` without a launcher: a world of one (not MPI discovery on 29500)."""
+    launched = "RANK" in os.environ or "OMPI_COMM_WORLD_SIZE" in os.environ or "PMI_RANK" in os.environ
+    if not launched:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+
+
+def rank0_print(runner, *a) -> None:
+    """Print on rank 0 only (every rank runs the same code; one copy of each line is enough)."""
+    if runner.rank == 0:
+        print(*a, flush=True)
+
+
+class Runner:
+    """What differs between the launchers: process group, engine construction, backward/step."""
+
+    def __init__(self, launcher: str):
+        self.launcher = launcher
+        self.accelerator = None
+        if launcher == "deepspeed":
+            import deepspeed
+
+            single_process_env()
+            deepspeed.init_distributed(auto_mpi_discovery=True)
+            # NCCL stages broadcast_object_list on the current device: pick this rank's GPU before
+            # the first one (loop._agree); a no-op on DeepSpeed's CPU accelerator. (Accelerate's state
+            # sets the device itself when it starts the process group.)
+            deepspeed.get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self.cpu = not torch.cuda.is_available()
+        self.micro = None  # micro-batches of the current step, once a batch schedule set the boundary
+
+    def init_accelerator(self, ds_cfg: dict):
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        handlers = [InitProcessGroupKwargs(backend="gloo")] if self.cpu else []
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
+        self.accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers)
+
+    @property
+    def rank(self) -> int:
+        return dist.get_rank() if dist.is_initialized() else 0
+
+    @property
+    def world(self) -> int:
+        return dist.get_world_size() if dist.is_initialized() else 1
+
+    def build(self, model, groups, ds_cfg: dict, client_optimizer):
+        if self.launcher == "deepspeed":
+            import deepspeed
+
+            engine, optimizer, _, _ = deepspeed.initialize(
+                model=model, model_parameters=groups, optimizer=client_optimizer, config=ds_cfg)
+            self.engine, self.optimizer = engine, optimizer
+        else:
+            from accelerate.utils import DummyOptim
+
+            # the plugin was built before the checkpoint was resolved; only "checkpoint" may change
+            self.accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = ds_cfg.get("checkpoint", {})
+            opt = client_optimizer if client_optimizer is not None else DummyOptim(groups)
+            engine, optimizer = self.accelerator.prepare(model, opt)
+            self.engine, self.optimizer = engine, optimizer
+        return self.engine
+
+    def set_global_batch(self, global_batch: int) -> None:
+        """A batch schedule's next batch, between two steps: DeepSpeed's own
+        ``engine.set_train_batch_size`` (grad-accum = batch / (micro x world); the micro-batch and the
+        engine stay). The engine's managed boundary is ``(micro_steps + 1) % grad_accum == 0`` over
+        every micro-step since start (and ``micro_steps`` restarts at 0 on resume), which a changed
+        grad-accum would misplace; so from here on the boundary is set explicitly per micro-batch
+        (``set_gradient_accumulation_boundary``, the engine's API for that; Accelerate does the same
+        from its own counter, restarted here)."""
+        self.engine.set_train_batch_size(global_batch)
+        self.micro = 0
+        if self.accelerator is not None:
+            self.accelerator.gradient_accumulation_steps = self.engine.gradient_accumulation_steps()
+            self.accelerator.step = 0
+
+    def backward_step(self, loss) -> None:
+        """One micro-batch's backward; DeepSpeed steps (clip, optimizer, zero_grad) at the boundary."""
+        if self.accelerator is None:
+            if self.micro is not None:
+                self.micro += 1
+                boundary = self.micro == self.engine.gradient_accumulation_steps()
+                self.engine.set_gradient_accumulation_boundary(boundary)
+                if boundary:
+                    self.micro = 0
+            self.engine.backward(loss)
+            self.engine.step()
+        else:
+            self.accelerator.backward(loss)
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+
+    def micro_context(self):
+        if self.accelerator is None:
+            import contextlib
+            return contextlib.nullcontext()
+        return self.accelerator.accumulate(self.engine)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+            # every rank is past its last collective: DeepSpeed's CPU shm buffer can go (it
+            # never unlinks it itself; integrations/deepspeed_shm.py)
+            release_cpu_allreduce_buffer(dist.get_rank())
+            dist.destroy_process_group()  # FIELD_NOTES: avoids rare aborts at interpreter exit
