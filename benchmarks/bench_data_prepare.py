@@ -8,7 +8,7 @@ Each configuration runs in a fresh child process with an empty datasets cache
 The corpus is read two ways: the built-in in-memory KJV, and a .jsonl export of
 it through datasets' file loader (what a real corpus goes through). Side by side
 in one run: num_proc 1 vs 2, map vs streaming. Best of --repeats.
-Writes benchmarks/results/data_prepare.{json,md}; the README quotes the .md.
+Writes benchmarks/results/data_prepare.{json,md}; docs/data.md ("Throughput") quotes the .md.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ per-parameter MERIT loop, measured side by side in one process.
 
     .venv/bin/python benchmarks/bench_optimizer_step.py [--rounds 7] [--only adamw cpu_adam merit ...]
 
-Writes benchmarks/results/optimizer_step.{json,md}; the README quotes the .md.
+Writes benchmarks/results/optimizer_step.{json,md}; docs/optimizer.md ("Speed") quotes the .md.
 Each optimizer gets its own copy of the 124.4M fp32 parameters (HF GPT-2 shapes) and the same
 random gradients; the first step (state allocation) is a warm-up and not timed. The
 candidates are interleaved: every round times each candidate once, in turn, so a change in

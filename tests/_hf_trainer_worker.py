@@ -44,7 +44,8 @@ def main():
     from accelerate.state import AcceleratorState
 
     def configure_state(deepspeed: bool):
-        # One configured state per scenario, before its TrainingArguments (FIELD_NOTES):
+        # One configured state per scenario, before its TrainingArguments (docs/design/field_notes.md,
+        # 'Trainer on 2 CPU processes: the process state comes first'):
         # DDP over gloo needs cpu=True (MULTI_CPU); DeepSpeed needs ACCELERATE_USE_DEEPSPEED.
         AcceleratorState._reset_state(reset_partial_state=True)
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true" if deepspeed else "false"

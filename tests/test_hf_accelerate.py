@@ -2,7 +2,8 @@
 the swap and decay traps, LR schedules under 2 processes, and the documented CPU launch commands.
 
 One ``torchrun --nproc_per_node 2`` job runs the scenarios of tests/_hf_accelerate_worker.py in
-turn; two more jobs run the exact ``accelerate launch`` commands from README.md (Hugging Face section).
+turn; two more jobs run the exact ``accelerate launch`` commands from docs/integrations.md
+("CPU launch commands (tested)").
 Tolerance as in test_hf_trainer.py: each step within ``STEP_ATOL = 1e-6`` of plain MERIT
 re-run from the recorded weights (measured ~4e-9), negative control (all decayed) > 1e-3.
 Scenarios ending in ``_lamb`` use LAMB (client ``merit_ds.LAMB`` or ``"type": "ShardedLAMB"``)
@@ -105,7 +106,7 @@ def test_flat_parameter_list_with_decay_is_refused(runs):
     assert rec["error"] == "DecaySplitError" and "ln_1.bias" in rec["message"]
 
 
-# ---- the CPU launch commands documented in README.md (Hugging Face section) ---------------------------------
+# ---- the CPU launch commands documented in docs/integrations.md, "CPU launch commands (tested)" ---------------
 def test_accelerate_launch_ddp_on_cpu(tmp_path):
     accelerate_launch(
         ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",

@@ -93,8 +93,9 @@ def test_memory_accounting_zero_paper():
 
 
 def test_activation_measurement_matches_field_notes():
-    """Saved bytes per GPT-2 layer (s b h units), fp32: FIELD_NOTES measured 64 with
-    gelu_pytorch_tanh and 112 with gelu_new at s = 1024; + 0.08 here for LayerNorm statistics and
+    """Saved bytes per GPT-2 layer (s b h units), fp32: docs/design/field_notes.md, 'Activation
+    memory of a GPT-2 layer', measured 64 with gelu_pytorch_tanh and 112 with gelu_new at
+    s = 1024; + 0.08 here for LayerNorm statistics and
     SDPA's log-sum-exp (12 heads / 768 x 4 bytes + 2 x 4 / 768 x 4 bytes ... = 1/12)."""
     from merit_ds.train.activations import activation_model, measure_saved_bytes
 

@@ -49,7 +49,8 @@ WORLD3 = ["z1_fp32", "z2_fp32", "z3_fp32", "z2_bf16", "z3_bf16", "bf16opt", "z2_
 STEPS = 3
 
 # LAMB: fp32 master weights within this relative distance of single-device LAMB per step
-# (the norms are float64 sums in another order; measured: see README, "LAMB under ZeRO").
+# (the norms are float64 sums in another order; measured: see docs/zero-sharding.md, "LAMB, exact
+# under ZeRO: the baseline on the same machinery", "Tested").
 LAMB_RTOL = 1e-6
 N_PARAMS = 8  # Tiny's trainable tensors (LAMB's non-finite skip unit is the whole group)
 

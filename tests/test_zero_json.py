@@ -168,10 +168,11 @@ def test_shipped_configs_pass_the_check():
 
 
 def test_configs_named_in_docs_and_launch_files_exist():
-    """README and launch/ refer to configs by path: each must be shipped."""
+    """README, docs/ and launch/ refer to configs by path: each must be shipped."""
     import re
 
-    texts = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "launch").iterdir())]
+    texts = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("**/*.md")),
+             *sorted((REPO_ROOT / "launch").iterdir())]
     named = {m for t in texts if t.is_file() for m in re.findall(r"ds_configs/[\w./-]+\.json", t.read_text())}
     assert len(named) >= 5
     missing = sorted(n for n in named if not (REPO_ROOT / n).is_file())

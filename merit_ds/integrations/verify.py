@@ -146,8 +146,8 @@ def assert_merit_is_stepping(
     if not isinstance(basic, expected):
         raise NotMeritError(
             f"the optimizer stepping the weights is {type(basic).__module__}.{type(basic).__qualname__}, "
-            f"not {_names(expected)} (wrappers: {_describe(chain)}). See merit_ds's README, 'Traps, and what "
-            "merit_ds does about each'."
+            f"not {_names(expected)} (wrappers: {_describe(chain)}). See merit_ds's docs/integrations.md, 'Traps, "
+            "and what merit_ds does about each'."
         )
     wrapper = _zero_wrapper(chain)
     if wrapper is not None:

@@ -228,7 +228,7 @@ def step_tensors(
     """A whole group of whole tensors in one C++ call (single-device MERIT): per tensor pass 1,
     the trust ratios (:func:`ratio_tables`' arithmetic) and pass 2, with no Python between
     them (measured side by side on GPT-2 Small's 148 tensors: 0.109 s against 0.115 s for the
-    same kernel driven per tensor from Python, README "Speed"), and without the GIL.
+    same kernel driven per tensor from Python, docs/optimizer.md, "Speed"), and without the GIL.
     The same per-element code as :func:`fragment_statistics` /
     :func:`fragment_apply`, so the result is bitwise theirs (tested).
 

@@ -24,7 +24,7 @@ def resolve_implementation(implementation: Optional[str], params: list, *tensors
     kernel), ``"compiled"`` (torch.compile) or ``"triton"`` (asked for by name only; a
     ``ValueError`` where the tensors are not fp32 contiguous tensors the kernels can run on).
 
-    ``None`` picks the fastest correct path measured on each device (see README, "Speed"):
+    ``None`` picks the fastest correct path measured on each device (docs/optimizer.md, "Speed"):
     the CPU kernel for fp32 contiguous CPU tensors when it builds, else ``"foreach"``.
     ``"fused"`` is the device's fused kernel: the CPU kernel (``"foreach"`` if it cannot be
     built or a tensor is not fp32/contiguous) on CPU, ``torch.compile`` elsewhere. ``params``

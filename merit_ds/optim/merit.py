@@ -68,7 +68,8 @@ class MERIT(ShardableOptimizer):
     Args:
         params: iterable of parameters or dicts defining parameter groups.
         lr: learning rate :math:`\eta` (default 1e-3). MERIT's update is scaled to the size of
-            the weights, so its best lr differs from AdamW's (see README).
+            the weights, so its best lr differs from AdamW's (see docs/recipes.md, "Hyperparameters and
+            where they come from").
         betas: :math:`(\beta_1, \beta_2)` (default (0.9, 0.999)), each in [0, 1).
         eps: :math:`\epsilon` added to :math:`\sqrt{v}` (default 1e-6).
         weight_decay: :math:`\lambda`, folded into ``u`` (default 0).

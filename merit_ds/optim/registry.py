@@ -4,9 +4,10 @@ One :class:`~merit_ds.optim.spec.OptimizerSpec` per optimizer; every consumer (t
 JSON name, the HF Trainer's ``optim=``, ``--optimizer``, the study, the planner, reports) reads
 it here, so adding an optimizer is one module (its class and its ``SPEC``) plus one call::
 
-    from merit_ds import register_optimizer
+    from merit_ds.optim import register_optimizer
     register_optimizer(SPEC)
 
+(from ``merit_ds.optim``, not ``merit_ds``: entry points load while ``import merit_ds`` runs).
 A third-party package makes the same call, or names a function (or the spec itself) under the
 entry-point group ``merit_ds.optimizers`` in its package metadata, which ``import merit_ds``
 loads in every process (so a ``deepspeed``-launched worker knows the optimizer too)::

@@ -180,7 +180,8 @@ def study_grid(preset: str) -> tuple[list[str], dict[str, list[float]]]:
 _CPU_OPTIMIZERS, _CPU_LRS = study_grid("cpu")
 _GPU_OPTIMIZERS, _GPU_LRS = study_grid("gpu")
 
-#: The default study: built-in KJV corpus, 2 CPU cores, ~30 minutes (README: Large-batch study).
+#: The default study: built-in KJV corpus, 2 CPU cores, ~30 minutes (docs/study.md, 'The default
+#: CPU study: what it trains and why').
 DEFAULT_STUDY = {
     "optimizers": _CPU_OPTIMIZERS,
     "batches": [8, 32, 128],
@@ -195,7 +196,8 @@ DEFAULT_STUDY = {
     "eval_sequences": 128,
     # ZeRO-0 (DeepSpeed engine, no partitioning): at world 1 the ZeRO stages compute the same step, and
     # MERIT/LAMB under ZeRO-1 at world 1 on CPU took 1-3 s per step without diagnostics (vs 0.03 s
-    # for AdamW under ZeRO-1 and MERIT under ZeRO-0): README, Large-batch study
+    # for AdamW under ZeRO-1 and MERIT under ZeRO-0): docs/study.md, 'The default CPU study: what it
+    # trains and why'
     "zero_stage": 0,
 }
 
@@ -203,7 +205,8 @@ DEFAULT_STUDY = {
 #: parameters (wide 1 x 128, base 4 x 64, deep 7 x 48; head dim 16), MERIT and AdamW, batches 8-64, one lr
 #: per optimizer square-root scaled from the default study's measured best at batch 8 (MERIT 1.2e-2, AdamW
 #: 2e-3: docs/study), gradient diversity on 8 sequences per diagnostics step (n = 8 at every batch).
-#: 24 cells at 131,072 tokens: sized for a shared 2-core machine (README: Width vs depth).
+#: 24 cells at 131,072 tokens: sized for a shared 2-core machine (docs/study.md, 'Width vs depth
+#: at large batch (Chen et al. 2018)').
 WIDTH_DEPTH_STUDY = dict(DEFAULT_STUDY, optimizers=["merit", "adamw"], batches=[8, 16, 32, 64],
                          lrs={"merit": [1.2e-2], "adamw": [2e-3]}, seeds=[0], tokens=131_072,
                          model_overrides=[], families=["wide", "base", "deep"], params=200_000, head_dim=16,

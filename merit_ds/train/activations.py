@@ -15,8 +15,9 @@ here): the GPU's SDPA kernel (flash / memory-efficient) saves its output and log
 CPU one, so the count carries over; it is checked against a direct measurement at a larger
 sequence in the tests.
 
-Numbers (fp32, ``s0 = 64``; FIELD_NOTES measured 112 s b h bytes per layer with ``gelu_new``,
-64 with ``gelu_pytorch_tanh``, at s = 1024): see ``tests/test_plan.py``.
+Numbers (fp32, ``s0 = 64``; docs/design/field_notes.md, 'Activation memory of a GPT-2 layer',
+measured 112 s b h bytes per layer with ``gelu_new``, 64 with ``gelu_pytorch_tanh``, at
+s = 1024): see ``tests/test_plan.py``.
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ from typing import Optional
 
 from merit_ds.fileio import atomic_write_text, fsync_dir, fsync_file, sha256_file
 
-__all__ = ["CheckpointError", "META", "tag_for", "latest_checkpoint", "validate", "finalize", "prune"]
+__all__ = ["CheckpointError", "META", "tag_for", "latest_checkpoint", "validate", "finalize", "prune", "complete_checkpoints",
+           "auto_resume_point", "refuse_going_back"]
 
 META = "merit_ds_checkpoint.json"
 LATEST = "latest"
@@ -105,6 +106,56 @@ def latest_checkpoint(ckpt_root: Path) -> Optional[Path]:
     if not tag or not path.is_dir():
         raise CheckpointError(f"{pointer} names {tag!r}, which is not a checkpoint directory in {ckpt_root}")
     return path
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """The complete checkpoints (their metadata written: the save finished) of a run, newest first."""
+    if not Path(ckpt_root).is_dir():
+        return []
+    return sorted((p for p in Path(ckpt_root).glob("step_*") if (p / META).is_file()), key=lambda p: p.name,
+                  reverse=True)
+
+
+def auto_resume_point(ckpt_root: Path) -> tuple[Optional[Path], Optional[str]]:
+    """What ``--resume auto`` resumes from, and a note to print when it is not simply ``latest``.
+
+    ``latest`` names the newest checkpoint whose save completed; a crash between a save's rename
+    and the move of ``latest``, or a lost ``latest`` file, leaves complete ``step_*`` directories
+    newer than it (or none named at all): the newest complete one is used then, and the note says
+    so, rather than training again from step 0 over them (which would truncate metrics.jsonl and
+    prune those checkpoints). Validation (sizes, checksums, compatibility) follows in the caller.
+    """
+    done = complete_checkpoints(ckpt_root)
+    pointer = Path(ckpt_root) / LATEST
+    named = latest_checkpoint(ckpt_root) if pointer.exists() else None
+    if not done:
+        if any(Path(ckpt_root).glob("step_*")) if Path(ckpt_root).is_dir() else False:
+            raise CheckpointError(f"{ckpt_root} holds step_* directories but none is complete ({META} missing: "
+                                  "interrupted saves) and no 'latest': refusing to train over them from step 0. "
+                                  "Pass --resume PATH to one of them if you know it is good, or use another --out")
+        return named, None
+    newest = done[0]
+    if named is None:
+        return newest, (f"{pointer} is missing: resuming from the newest complete checkpoint {newest.name} "
+                        f"(of {len(done)})")
+    if named.name < newest.name:
+        return newest, f"{pointer} names {named.name}, but {newest.name} is newer and complete: resuming from it"
+    return named, None
+
+
+def refuse_going_back(resume_from: Path, ckpt_root: Path) -> None:
+    """Refuse ``--resume PATH`` to a checkpoint of this same run that is older than its newest
+    complete one: training on from it here would overwrite the newer checkpoints and drop the
+    metrics recorded after it. Into a new ``--out`` it is fine."""
+    resume_from, root = Path(resume_from).resolve(), Path(ckpt_root).resolve()
+    if resume_from.parent != root:
+        return
+    newer = [p.name for p in complete_checkpoints(root) if p.name > resume_from.name]
+    if newer:
+        raise CheckpointError(f"--resume {resume_from.name} is older than this run's newest checkpoint(s) "
+                              f"{', '.join(sorted(newer))}: continuing here would overwrite them and the metrics "
+                              f"recorded after {resume_from.name}. To branch from it, pass the same --resume with a "
+                              "new --out; to continue the run, use --resume auto. Nothing was changed.")
 
 
 def validate(path: Path, run_info: dict, *, checksums: bool = True, allow_world_change: bool = False) -> dict:

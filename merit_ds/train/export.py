@@ -21,6 +21,13 @@ first tokens of the validation split) against the exported model's, in the same 
 sha256 of both logit tensors and their largest difference are recorded. In fp32 they are
 bitwise equal.
 
+Nothing is lost by a mistake (:func:`check_destination`, :func:`export_checkpoint`): ``--out``
+may not be the run directory, contain it, or lie inside any run directory other than as the run's
+own ``hf_model``; an existing ``--out`` must be an earlier export (it holds
+``merit_ds_export.json``). The checkpoint is validated (every file's size and sha256 against its
+metadata) before anything is loaded, and the directory is built beside ``--out`` and renamed into
+place; an earlier export is replaced only then.
+
 Run-directory files read: ``checkpoints/<tag>/`` and its ``merit_ds_checkpoint.json``,
 ``run.json``, ``metrics.jsonl``, and ``model_config.json`` + ``data.json`` written at start-up
 by :func:`record_run`.
@@ -39,7 +46,7 @@ from typing import Optional
 
 from . import checkpoint as ckpt
 
-__all__ = ["record_run", "export_after_training", "export_checkpoint", "ExportError", "main"]
+__all__ = ["record_run", "export_after_training", "export_checkpoint", "check_destination", "ExportError", "main"]
 
 MODEL_CONFIG = "model_config.json"
 DATA_INFO = "data.json"
@@ -75,6 +82,35 @@ def record_run(out: Path, model_config, data: str, optimizer: str = "MERIT") -> 
 # ----------------------------------------------------------------------------------------------
 # consolidation
 
+def _is_run_dir(d: Path) -> bool:
+    """A merit_ds.train run directory (what ``--out`` of the training loop made)."""
+    return (d / "run.json").is_file() or (d / "checkpoints").is_dir() or (d / "metrics.jsonl").is_file()
+
+
+def check_destination(run: Path, out: Path) -> None:
+    """Refuse an ``out`` an export could destroy something in (ExportError: what, where, the fix)."""
+    run_r, out_r = Path(run).resolve(), Path(out).resolve()
+    own = run_r / DEFAULT_DIR
+    fix = f"choose a new directory, e.g. --out {run_r.parent / (run_r.name + '-hf')}"
+    if out_r == run_r:
+        raise ExportError(f"--out {out} is the run directory itself: exporting there would replace its checkpoints "
+                          f"and metrics; {fix}. Nothing was written.")
+    if run_r.is_relative_to(out_r):
+        raise ExportError(f"--out {out} contains the run directory {run}: exporting there would replace it; {fix}. "
+                          "Nothing was written.")
+    if out_r != own:
+        for parent in out_r.parents:
+            if _is_run_dir(parent):
+                raise ExportError(f"--out {out} lies inside the run directory {parent} (only its {DEFAULT_DIR}/ may "
+                                  f"hold an export); {fix}. Nothing was written.")
+    if out_r.exists():
+        if not out_r.is_dir():
+            raise ExportError(f"--out {out} exists and is a file, not an earlier export; {fix}. Nothing was written.")
+        if any(out_r.iterdir()) and not (out_r / EXPORT_META).is_file():
+            raise ExportError(f"--out {out} exists and holds files that are not an earlier merit_ds export (no "
+                              f"{EXPORT_META}); an export replaces its --out, so {fix}. Nothing was written.")
+
+
 def _find_checkpoint(run: Path, step: Optional[int]) -> tuple[Path, dict]:
     root = run / "checkpoints"
     if step is None:
@@ -90,6 +126,13 @@ def _find_checkpoint(run: Path, step: Optional[int]) -> tuple[Path, dict]:
         meta = json.loads((path / ckpt.META).read_text())
     except (OSError, ValueError) as exc:
         raise ExportError(f"{path} is not a complete merit_ds checkpoint ({ckpt.META}: {exc})") from None
+    try:  # every file's size and sha256, before anything is loaded
+        ckpt.validate(path, meta.get("run", {}) if isinstance(meta, dict) else {}, checksums=True,
+                      allow_world_change=True)
+    except ckpt.CheckpointError as exc:
+        others = sorted(p.name for p in root.glob("step_*") if p != path and (p / ckpt.META).exists())
+        raise ExportError(f"{exc}. Export another step ({', '.join(others) or 'none saved'}: --step N), or restore "
+                          f"the damaged file from a copy of {path}. Nothing was written.") from None
     return path, meta
 
 
@@ -244,9 +287,14 @@ def _write(out: Path, model, tok, tok_dir, config, card: str, meta: dict) -> Pat
                 shutil.copyfile(tok_dir / name, tmp / name)
     (tmp / "README.md").write_text(card)
     (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    if out.exists():
-        shutil.rmtree(out)
-    os.rename(tmp, out)
+    if out.exists():  # an earlier export (check_destination): replaced only once the new one is complete
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
     return out
 
 
@@ -263,6 +311,7 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike, step: Opti
     import torch
 
     run = Path(run)
+    check_destination(run, Path(out))
     path, meta = _find_checkpoint(run, step)
     step = int(meta["step"])
     info = meta["run"]
@@ -337,7 +386,8 @@ def export_after_training(engine, *, data: str, run: Path, seq_len: int, out: Op
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run", required=True, help="run directory (--out of merit_ds.train)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
-    p.add_argument("--out", required=True, help="output directory (replaced if it exists)")
+    p.add_argument("--out", required=True, help="output directory: new, or an earlier export (replaced once the new "
+                   "one is complete); never the run directory or a directory inside one")
 
 
 def run_cli(args) -> int:

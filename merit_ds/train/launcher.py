@@ -137,4 +137,5 @@ class Runner:
             # every rank is past its last collective: DeepSpeed's CPU shm buffer can go (it
             # never unlinks it itself; integrations/deepspeed_shm.py)
             release_cpu_allreduce_buffer(dist.get_rank())
-            dist.destroy_process_group()  # FIELD_NOTES: avoids rare aborts at interpreter exit
+            # avoids rare aborts at interpreter exit (docs/design/field_notes.md, 'DeepSpeed on CPU')
+            dist.destroy_process_group()

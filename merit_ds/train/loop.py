@@ -125,7 +125,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     # the batch-480 recipes); every 10 steps that was ~10% of training (benchmarks/bench_diag_cost.py)
     g.add_argument("--diag-every", type=int, default=100,
                    help="diagnostics cadence in steps (0: off; also at step 1; diagnostics steps are log steps; "
-                        "default 100: under 1%% of training at batch 480, see README)")
+                        "default 100: a diagnostics step costs ~1.75 extra steps at batch 480, so diagnostics and "
+                        "eval together take ~2%% of training; see docs/diagnostics.md)")
     g.add_argument("--diversity-probe", type=int, default=8,
                    help="gradient diversity on diagnostics steps from per-example gradients of up to this many of each "
                         "rank's sequences of the step (0: off)")
@@ -276,9 +277,12 @@ def locate_checkpoint(resume: str, ckpt_root: Path, run_info: dict, runner: Runn
                     raise ckpt.CheckpointError(f"{ckpt_root} already holds checkpoints and --resume never was given: "
                                                f"refusing to overwrite them; use another --out or --resume auto")
             elif resume == "auto":
-                resume_from = ckpt.latest_checkpoint(ckpt_root)
+                resume_from, note = ckpt.auto_resume_point(ckpt_root)
+                if note:
+                    rank0_print(runner, note)
             else:
                 resume_from = Path(resume)
+                ckpt.refuse_going_back(resume_from, ckpt_root)
             if resume_from is not None:
                 saved_world = ckpt.validate(resume_from, run_info, allow_world_change=True)["run"]["world"]
                 if saved_world != world and run_info["zero_stage"] > 0:

@@ -3,7 +3,7 @@ come from each optimizer's registration (:mod:`merit_ds.optim.registry`, ``recip
 whose numbers for the built-ins are explained below.
 
 Everything else (``ds_configs/generate.py``, the ``plan`` command, ``launch/`` headers, the
-README's recipe table, the training loop's defaults) reads these tables; nothing is
+recipe table of docs/recipes.md, the training loop's defaults) reads these tables; nothing is
 hand-copied.
 
 Sources, and what is an estimate
@@ -27,7 +27,7 @@ Sources, and what is an estimate
   3e-2 at batch 128, against AdamW's 3e-3/2e-3, and a sharp failure just above the best lr.
   We therefore start from the lineage's AdamW values at batch 480 (6e-4 Small, 3e-4 Medium),
   which sit on the safe side of that cliff; the published MERIT code's README example uses 2e-4.
-  Sweep before a 48B-token run (see the README, Recipes). The ``tiny`` preset's lr (1e-2 at
+  Sweep before a 48B-token run (see docs/recipes.md, 'Hyperparameters and where they come from'). The ``tiny`` preset's lr (1e-2 at
   batch 16) is measured (same 4x128 model as the sweep).
 * Baselines (``--optimizer lamb|adamw``), same betas, decay grouping, clipping and schedule as
   MERIT so that only the optimizer differs:

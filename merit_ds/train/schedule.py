@@ -6,7 +6,7 @@
 ``t`` counts completed optimizer steps, so the first step already runs at lr/warmup (never 0).
 The training loop steps the scheduler itself, once per optimizer step, on every launcher: under
 Accelerate a torch scheduler handed to ``prepare`` would be stepped ``num_processes`` times per
-step (FIELD_NOTES), which is why it is not handed over.
+step (docs/design/field_notes.md, 'Accelerate 1.15'), which is why it is not handed over.
 """
 
 from __future__ import annotations
