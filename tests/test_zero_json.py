@@ -11,11 +11,13 @@ for all parameters, as an optimizer that sees one flat partition computes) diffe
 """
 
 import json
+import re
 
 import pytest
 import torch
 
 import merit_ds
+from merit_ds import MERIT
 from _dist import REPO_ROOT, TESTS_DIR, launch
 from merit_ds.integrations.deepspeed import MeritConfigError, check_config
 
@@ -376,3 +378,34 @@ def test_initialize_check_armed_whichever_is_imported_first(disarm):
         out = subprocess.run([sys.executable, "-c", order], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         assert out.stdout.split()[-1] == str(not disarm)
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"betas": [0.9, 0.95, 0.99]}, "betas must be a pair (beta1, beta2), got (0.9, 0.95, 0.99)"),
+    ({"eps": -1e-6}, "Invalid epsilon value: -1e-06 (must be finite and >= 0)"),
+    ({"eps": "1e-6"}, "eps must be a number, got '1e-6' (str)"),
+    ({"betas": [1.5, 0.9]}, "Invalid beta parameter at index 0: 1.5 (must be in [0, 1))"),
+    ({"lr": True}, "lr must be a number, got True (bool)"),
+])
+def test_check_config_validates_hyperparameter_values_by_the_optimizers_rules(params, message):
+    """Values DeepSpeed would pass to MERIT(...) inside deepspeed.initialize (a traceback there) are
+    refused first, with the optimizer's own message: the same rules as MERIT(params, **kwargs)."""
+    for name in ("MERIT", "ShardedLAMB"):
+        cfg = {"optimizer": {"type": name, "params": {"lr": 1e-3, **params}}}
+        with pytest.raises(MeritConfigError, match=re.escape(message)):
+            check_config(cfg)
+    with pytest.raises(ValueError, match=re.escape(message)):  # the same rule in Python
+        MERIT([torch.zeros(1, requires_grad=True)], **{"lr": 1e-3, **params, "betas": tuple(params.get("betas", (0.9, 0.99)))})
+
+
+def test_check_config_names_a_misspelled_top_level_key():
+    cfg = {"optimizer": {"type": "MERIT", "params": {"lr": 1e-3}}, "zero_optimisation": {"stage": 2},
+           "gradient_cliping": 1.0, "my_own_key": 1}
+    with pytest.raises(MeritConfigError, match='"zero_optimisation" is not a DeepSpeed key \\(did you mean '
+                                               '"zero_optimization"\\?\\); "gradient_cliping" .*"gradient_clipping"'):
+        check_config(cfg)
+    # every committed config uses only keys DeepSpeed knows (negative control for false alarms)
+    from merit_ds.integrations.deepspeed import misspelled_keys
+
+    for f in sorted(REPO_ROOT.glob("ds_configs/**/*.json")):
+        assert misspelled_keys(json.loads(f.read_text())) == [], f

@@ -36,7 +36,7 @@ from merit_ds.optim import registry
 from ._common import (ds_forces_cpu_optimizer, ds_offloads_optimizer, is_registered_class, json_name_of,
                       json_names)
 
-__all__ = ["register_json_name", "install_json_names", "builtin_name_hint", "check_config", "accepted_params", "install_initialize_check",
+__all__ = ["register_json_name", "install_json_names", "builtin_name_hint", "misspelled_keys", "known_deepspeed_keys", "check_config", "accepted_params", "install_initialize_check",
            "json_names", "MeritConfigError"]
 
 
@@ -117,6 +117,20 @@ def _unknown_params_error(name: str, cls: type, params: Mapping[str, Any]) -> Me
     )
 
 
+def _bad_values_error(name: str, cls: type, params: Mapping[str, Any]) -> MeritConfigError | None:
+    """The optimizer's own validation of the params' values (the rules it applies when built in
+    Python), run on a throw-away parameter before DeepSpeed starts."""
+    values = {k: v for k, v in params.items() if v != "auto"}  # "auto": the HF Trainer fills it in later
+    if isinstance(values.get("betas"), list):
+        values["betas"] = tuple(values["betas"])
+    try:
+        cls([torch.zeros(1, requires_grad=True)], **values)
+    except (ValueError, TypeError) as exc:
+        return MeritConfigError(f'"optimizer": {{"type": "{name}", "params": ...}}: {exc}. Fix the value in the '
+                                "DeepSpeed config.")
+    return None
+
+
 def _fused_lamb_error(name: str) -> MeritConfigError:
     return MeritConfigError(
         f'"type": "{name}" is DeepSpeed\'s own FusedLamb (DeepSpeed compares its built-in names '
@@ -142,6 +156,41 @@ def builtin_name_hint(type_name: str) -> str | None:
     return None
 
 
+def known_deepspeed_keys() -> frozenset:
+    """Every config key name DeepSpeed declares: the lower-case string values of the UPPER_CASE
+    constants of its config modules (``deepspeed/runtime/constants.py`` and the modules
+    ``deepspeed.runtime.config`` imports), read from DeepSpeed itself, not listed here."""
+    import re
+    import sys
+
+    import deepspeed.runtime.config  # noqa: F401  (imports the config modules of every feature)
+
+    keys = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("deepspeed") or module is None:
+            continue
+        for attr, value in vars(module).items():
+            if attr.isupper() and isinstance(value, str) and re.fullmatch(r"[a-z][a-z0-9_]*", value):
+                keys.add(value)
+    return frozenset(keys)
+
+
+def misspelled_keys(cfg: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """``(key, nearest known key)`` for each top-level key of ``cfg`` that DeepSpeed does not know
+    but that is one or two letters from one it does (``zero_optimisation``): DeepSpeed ignores
+    unknown keys silently, so such a typo runs without the section it meant."""
+    import difflib
+
+    known = known_deepspeed_keys()
+    out = []
+    for key in cfg:
+        if isinstance(key, str) and key not in known:
+            near = difflib.get_close_matches(key, known, n=1, cutoff=0.85)
+            if near:
+                out.append((key, near[0]))
+    return out
+
+
 def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_optimizer: Any = False) -> None:
     """Raise :class:`MeritConfigError` if DeepSpeed would refuse (or silently replace) MERIT/LAMB.
 
@@ -153,6 +202,10 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_o
     FusedLamb, whose ratios are per partition there). A no-op for other configs.
     """
     cfg = _load(config)
+    typos = misspelled_keys(cfg) if (client_optimizer or _names_ours_in_any_case(cfg)) else []
+    if typos:
+        raise MeritConfigError("DeepSpeed ignores keys it does not know, silently: " + "; ".join(
+            f'"{key}" is not a DeepSpeed key (did you mean "{near}"?)' for key, near in typos) + ". Fix the spelling.")
     opt = cfg.get("optimizer") or {}
     name = opt.get("type")
     zero = cfg.get("zero_optimization") or {}
@@ -205,6 +258,9 @@ def check_config(config: Union[str, os.PathLike, Mapping[str, Any]], *, client_o
         raise MeritConfigError('use DeepSpeed\'s "gradient_clipping", not optimizer.params.max_grad_norm')
     if named is not None:
         error = _unknown_params_error(name, named, params)
+        if error is not None:
+            raise error
+        error = _bad_values_error(name, named, params)
         if error is not None:
             raise error
 

@@ -133,7 +133,14 @@ def run_group_steppers(steppers: list) -> None:
 
 
 def validate_adam_hyperparameters(lr, betas, eps, weight_decay) -> None:
-    """Raise ``ValueError`` naming the value for an invalid lr, betas, eps or weight decay."""
+    """Raise ``ValueError`` naming the value for an invalid lr, betas, eps or weight decay (the same
+    rules whether they come from Python, a DeepSpeed JSON or a command line)."""
+    for name, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        _require_number(name, value)
+    if isinstance(betas, (str, bytes)) or not hasattr(betas, "__len__"):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    for i, b in enumerate(betas):
+        _require_number(f"betas[{i}]", b)
     lr_value = as_float(lr)
     if not math.isfinite(lr_value) or lr_value < 0.0:
         raise ValueError(f"Invalid learning rate: {lr!r} (must be finite and >= 0)")
@@ -146,6 +153,13 @@ def validate_adam_hyperparameters(lr, betas, eps, weight_decay) -> None:
         raise ValueError(f"Invalid epsilon value: {eps!r} (must be finite and >= 0)")
     if not math.isfinite(float(weight_decay)) or weight_decay < 0.0:
         raise ValueError(f"Invalid weight_decay value: {weight_decay!r} (must be finite and >= 0)")
+
+
+def _require_number(name: str, value) -> None:
+    if isinstance(value, Tensor) and value.numel() == 1:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
 
 
 def as_float(x) -> float:

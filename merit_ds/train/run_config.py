@@ -193,6 +193,12 @@ def _engine_settings(args, base_cfg: Optional[dict], cpu: bool):
     else the flags (``--precision auto``: fp32 on CPU, bf16 on GPU)."""
     precision = args.precision if args.precision != "auto" else ("fp32" if cpu else "bf16")
     if base_cfg is not None:
+        from merit_ds.integrations.deepspeed import misspelled_keys
+
+        typos = misspelled_keys(base_cfg)
+        if typos:  # DeepSpeed would run without the section, silently
+            raise UsageError(f"{args.ds_config or 'the DeepSpeed config'}: " + "; ".join(
+                f'"{key}" is not a DeepSpeed key (did you mean "{near}"?)' for key, near in typos))
         zero_stage = int(base_cfg.get("zero_optimization", {}).get("stage", 0))
         precision = "bf16" if base_cfg.get("bf16", {}).get("enabled") else "fp32"
         offload = ds_offloads_optimizer(base_cfg)
@@ -393,6 +399,14 @@ def _hand_optimizer_to_deepspeed(cfg: dict, optimizer: str, opt_params: dict, la
         if unknown:
             raise UsageError(f"{where}: optimizer.params {unknown} are not arguments of {label} "
                              f"(accepted: {', '.join(spec.client_kwargs)})")
+    if client:  # the values, by the optimizer's own rules (a JSON-named one: check_config below)
+        import torch
+
+        try:
+            spec.cls([torch.zeros(1, requires_grad=True)],
+                     **{k: tuple(v) if k == "betas" else v for k, v in opt_params.items()})
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"{where}: {label}'s hyperparameters: {exc}") from None
     if spec.ds_route != "deepspeed":  # the keys DeepSpeed demands before stepping an optimizer it did not write
         from merit_ds.integrations.deepspeed import MeritConfigError, check_config
 
