@@ -25,6 +25,8 @@ import pytest
 
 from _dist import REPO_ROOT, TESTS_DIR, dist_env, free_port, launch
 
+pytestmark = pytest.mark.slow  # DeepSpeed engines and the training loop on 1-2 launched ranks
+
 BIN = Path(sys.executable).parent
 
 

@@ -78,6 +78,7 @@ def test_report_groups_by_schedule(tmp_path):
     assert png in plots and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # a merit_ds.study run
 def test_real_study_with_a_schedule_axis(tmp_path):
     """Constant batch 8 vs 8-then-16 at 2,048 tokens (sequences of 32): 8 steps vs 4 + 2."""
     out = tmp_path / "study"

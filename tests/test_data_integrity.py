@@ -157,6 +157,7 @@ def train(data: Path, out: Path, nprocs: int = 1) -> subprocess.CompletedProcess
     return subprocess.run(cmd, env=dist_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow  # the training loop on 2 ranks
 def test_loop_stops_on_a_flipped_shard_on_every_rank(prepared, tmp_path):
     """Two ranks: the corrupt shard (index 1) is read by rank 1 only; rank 0 stops too."""
     victim = shard_files(prepared)[1]
@@ -175,6 +176,7 @@ def test_loop_stops_on_a_flipped_shard_on_every_rank(prepared, tmp_path):
     assert "MERIT verified stepping" not in r.stdout  # stopped before the model was even built
 
 
+@pytest.mark.slow  # a training-loop process
 def test_loop_stops_on_out_of_vocabulary_ids_not_index_error(tmp_path):
     d = tmp_path / "nano"
     d.mkdir()
@@ -193,6 +195,7 @@ def test_loop_stops_on_out_of_vocabulary_ids_not_index_error(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow  # a training-loop process
 def test_loop_trains_on_clean_prepared_data(prepared, tmp_path):
     out = tmp_path / "run"
     r = train(prepared, out)

@@ -23,6 +23,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # a deepspeed-launched job
 @pytest.mark.parametrize("release", [False, True])
 def test_deepspeed_leaves_its_segments_and_release_removes_them(tmp_path, release):
     """Two CPU ranks through DeepSpeed's comm: without the release both segments (named as

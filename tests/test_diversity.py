@@ -99,6 +99,7 @@ def test_probe_bounds_the_examples():
         GradientDiversity(probe=-1)
 
 
+@pytest.mark.slow  # 2 launched ranks
 def test_two_ranks_equal_single_process_on_the_union():
     """2 ranks (gloo): plain process group, and a DeepSpeed ZeRO-3 engine (parameters partitioned,
     gathered for the probe); each rank probes its own 3 examples; rank 0 compares with one process
@@ -117,6 +118,7 @@ def test_two_ranks_equal_single_process_on_the_union():
 
 # --- the training loop: the diagnostic does not change the trajectory ---------------------------------
 
+@pytest.mark.slow  # training-loop processes
 def test_loop_losses_bitwise_equal_with_and_without_diversity(tmp_path):
     rng = np.random.default_rng(0)
     rng.integers(0, 256, size=30_000, dtype=np.uint16).tofile(tmp_path / "train.bin")

@@ -21,6 +21,8 @@ from _hf_common import HP, WEIGHT_DECAY, reference_check, token_data
 from _dist import launch
 from _hf_launch import accelerate_launch
 
+pytestmark = pytest.mark.slow  # torchrun / accelerate launch jobs and fresh interpreters
+
 STEP_ATOL, CONTROL_MIN = 1e-6, 1e-3
 STEPS, MICRO, WARMUP, WORLD = 4, 2, 1, 2  # as in the worker
 EXACT = ["ddp_client", "z1_client", "z2_client", "z3_client", "z2_json", "z3_json", "z2_offload", "z3_offload",

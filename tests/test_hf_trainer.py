@@ -144,6 +144,7 @@ def test_register_refuses_changed_internals(monkeypatch):
 
 
 # ---- single process ------------------------------------------------------------------------
+@pytest.mark.slow  # a launched Trainer job
 @pytest.mark.parametrize("name", ["cli", "cls", "cli_lamb"])
 def test_single_process_matches_reference(single, name):
     _assert_matches_reference(single[name], world=1)
@@ -151,6 +152,7 @@ def test_single_process_matches_reference(single, name):
 
 
 # ---- DDP, 2 processes (gloo) -----------------------------------------------------------------
+@pytest.mark.slow  # torchrun, 2 ranks
 @pytest.mark.parametrize("name", ["cli", "cls", "cls_lamb"])
 def test_ddp_matches_reference(dist, name):
     assert dist[name]["world"] == 2
@@ -158,6 +160,7 @@ def test_ddp_matches_reference(dist, name):
     _assert_decay_split(dist[name])
 
 
+@pytest.mark.slow  # torchrun, 2 ranks
 @pytest.mark.parametrize("name", ["cli", "cls", "ds2_cls", "ds3_json", "ds2_json_lamb"])
 def test_lr_schedule_under_two_processes(dist, name):
     # cosine, no warmup, 3 steps: lr_k = lr * (1 + cos(pi k / 3)) / 2, read from the optimizer
@@ -169,6 +172,7 @@ def test_lr_schedule_under_two_processes(dist, name):
 
 
 # ---- DeepSpeed: the traps, then ZeRO 1/2/3 exactness -----------------------------------------
+@pytest.mark.slow  # torchrun, 2 ranks
 @pytest.mark.parametrize("name", ["ds2_dropped", "ds2_dropped_lamb"])
 def test_deepspeed_dropped_optimizer_raises(dist, name):
     rec = dist[name]
@@ -177,6 +181,7 @@ def test_deepspeed_dropped_optimizer_raises(dist, name):
     assert _optimizer(rec) in rec["message"]
 
 
+@pytest.mark.slow  # torchrun, 2 ranks
 @pytest.mark.parametrize("name", ["ds2_swap", "ds2_swap_lamb"])
 def test_deepspeed_offload_swap_raises(dist, name):
     rec = dist[name]
@@ -185,6 +190,7 @@ def test_deepspeed_offload_swap_raises(dist, name):
     assert f"not {_optimizer(rec)}" in rec["message"]
 
 
+@pytest.mark.slow  # torchrun, 2 ranks
 @pytest.mark.parametrize("name", ZERO_SCENARIOS + LAMB_ZERO_SCENARIOS)
 def test_deepspeed_zero_matches_reference(dist, name):
     rec = dist[name]
@@ -196,6 +202,7 @@ def test_deepspeed_zero_matches_reference(dist, name):
 
 
 # ---- the guard is armed by `import merit_ds` alone ---------------------------------------------
+@pytest.mark.slow  # fresh interpreters
 def test_import_merit_ds_arms_trainer_guard_in_either_order():
     code = (
         "import sys\n"
@@ -216,6 +223,7 @@ def test_import_merit_ds_arms_trainer_guard_in_either_order():
         assert out.stdout.strip().endswith("True"), (first, out.stdout, out.stderr[-2000:])
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_import_merit_ds_does_not_import_transformers():
     import subprocess
     import sys
@@ -227,6 +235,7 @@ def test_import_merit_ds_does_not_import_transformers():
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
+@pytest.mark.slow  # torchrun, 2 ranks
 @pytest.mark.parametrize("name", ["clip", "ds2_clip"])
 def test_gradient_clipping_matches_reference(dist, name):
     # DDP: the Trainer's clip_grad_norm_; ZeRO 2: DeepSpeed's gradient_clipping ("auto" <- max_grad_norm).

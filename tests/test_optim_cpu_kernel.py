@@ -126,6 +126,7 @@ def test_nonfinite_raise_modifies_nothing_and_propagate_reaches_the_weights():
     assert torch.isnan(w[1, 1]) and torch.isfinite(w).sum() == 8  # only the NaN element
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_fallback_without_the_kernel_runs_foreach_and_says_so():
     """No C++ compiler (CXX names none): one warning, and the default step is the foreach
     path, bitwise. (MERIT_DS_CPU_KERNEL=0 selects the same fallback silently.)"""

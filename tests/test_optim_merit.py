@@ -269,6 +269,7 @@ def test_group_resolver_takes_over_a_group():
         MERIT._group_resolvers.remove(resolver)
 
 
+@pytest.mark.slow  # torch.compile
 def test_compiled_matches_reference_within_rounding():
     """implementation='compiled' (torch.compile): same math, the compiler may contract
     multiply-adds, so one step agrees with the single-tensor path to fp32 rounding. (The CPU

@@ -111,6 +111,7 @@ def test_activation_measurement_matches_field_notes():
     assert 4 * 50304 < act.rest_per_token < 4.2 * 50304
 
 
+@pytest.mark.slow  # whole models measured at 2 x 256 tokens (GPT-2 Small: seconds each)
 @pytest.mark.parametrize("name,precision", [("gpt2-small", "fp32"), ("gpt2-small", "bf16"), ("tiny", "fp32")])
 def test_plan_activation_agrees_with_a_direct_measurement(name, precision):
     """The plan's figure (measured at 64 tokens, scaled) against the whole model measured at
@@ -178,6 +179,7 @@ def test_wall_time_and_plan():
     assert memory_per_gpu(small.n_params, 32, 0, activations=activation_bytes(small, bigger, 1024)).total > 80 * GiB * 0.9
 
 
+@pytest.mark.slow  # two `python -m merit_ds plan` processes
 def test_plan_cli(tmp_path):
     out = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--model", "gpt2-medium", "--batch", "4k",
                           "--nodes", "2", "--gpus-per-node", "8", "--gpu", "h200"], capture_output=True, text=True)
@@ -239,6 +241,7 @@ def test_plan_with_a_batch_schedule():
         make_plan("gpt2-small", batch_schedule="512@5")  # must start at token 0
 
 
+@pytest.mark.slow  # a `python -m merit_ds plan` process
 def test_plan_cli_batch_schedule():
     out = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--batch-schedule", "ramp:512..4k@0..10e9",
                           "--nodes", "4", "--json"], capture_output=True, text=True)

@@ -17,6 +17,7 @@ from merit_ds.train.batch import plan_batch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow  # ds_configs/generate.py in a subprocess
 def test_committed_configs_equal_generated():
     r = subprocess.run([sys.executable, str(ROOT / "ds_configs" / "generate.py"), "--check"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr

@@ -13,6 +13,8 @@ import pytest
 
 from _dist import REPO_ROOT, TESTS_DIR, dist_env, free_port, launch
 
+pytestmark = pytest.mark.slow  # launched ranks and a torch.compile end-to-end run
+
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:

@@ -27,6 +27,8 @@ from _dist import REPO_ROOT, dist_env, free_port
 
 from merit_ds.train.metrics import TIMING_KEYS
 
+pytestmark = pytest.mark.slow  # the training loop under deepspeed / torchrun / accelerate / mpirun
+
 BIN = Path(sys.executable).parent
 STEPS = 12
 TINY = ["--model", "tiny", "--model-override", "n_layer=2", "--model-override", "n_embd=32",

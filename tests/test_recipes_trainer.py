@@ -177,6 +177,7 @@ def test_validation_set_splits_blocks_once_over_ranks(data_dir):
                 data_dir, seq_len=SEQ, eval_sequences=7, micro_batch=micro, rank=r, world=world).block_ids())
 
 
+@pytest.mark.slow  # 2 launched ranks
 def test_validation_loss_is_the_same_at_world_1_and_2(data_dir):
     """Real ranks (gloo): the val loss at world 2, micro-batch 1-3, equals the one-forward reference."""
     from _dist import TESTS_DIR, launch
@@ -295,6 +296,7 @@ def test_throughput_and_mfu_by_hand():
     assert "mfu" not in Throughput(fpt, 1, 1, None, torch.device("cpu")).interval()  # no peak known: no MFU
 
 
+@pytest.mark.slow  # 2 launched ranks
 def test_checkpoint_finalisation_error_reaches_every_rank(tmp_path):
     """Rank 0's finalize raises: both ranks raise the same CheckpointSaveError (no rank left in a
     barrier until the launcher kills it)."""
@@ -358,6 +360,7 @@ def test_background_finalisation_returns_before_hashing_and_a_crash_keeps_the_pr
     assert [fresh.train_step(diagnostics=True) for _ in range(2)] == want[4:]
 
 
+@pytest.mark.slow  # torch.compile
 @pytest.mark.parametrize("name", ["merit", "adamw"])
 def test_compiled_model_diagnostics_steps_compile_nothing(data_dir, name):
     """``model.compile`` (what ``engine.compile`` does): after one plain step and one evaluation

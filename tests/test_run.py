@@ -18,6 +18,8 @@ import pytest
 
 from _dist import REPO_ROOT, TESTS_DIR, dist_env, free_port
 
+pytestmark = pytest.mark.slow  # user scripts under the deepspeed / torchrun / accelerate launchers
+
 HF_SCRIPT = TESTS_DIR / "_runner_hf_script.py"
 DS_SCRIPT = TESTS_DIR / "_runner_ds_script.py"
 HF_ARGS = ["--optim", "merit", "--learning_rate", "0.01", "--max_steps", "2", "--per_device_train_batch_size", "2",

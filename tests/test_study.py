@@ -224,6 +224,7 @@ def test_report_and_plots_from_synthetic_csv(tmp_path):
 
 # --- a real 2-cell study, through the training layer (CPU, subprocess) --------------------------------------
 
+@pytest.mark.slow  # merit_ds.study runs
 def test_real_micro_study_resumes(tmp_path):
     env = dist_env({"MERIT_TEST_RESULT": ""})
     out = tmp_path / "study"

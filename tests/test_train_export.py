@@ -76,6 +76,7 @@ def logits_sha(model, ids) -> str:
         return hashlib.sha256(model(input_ids=ids).logits.float().contiguous().numpy().tobytes()).hexdigest()
 
 
+@pytest.mark.slow  # trains with the deepspeed launcher
 @pytest.mark.parametrize("stage", [2, 3])
 def test_end_of_training_export_has_the_engines_logits(data, stage, tmp_path_factory):
     run = trained(data, stage, tmp_path_factory)
@@ -106,6 +107,7 @@ def test_end_of_training_export_has_the_engines_logits(data, stage, tmp_path_fac
     assert f"{m['train']['tokens']:,} train / {m['val']['tokens']:,} validation tokens" in card
 
 
+@pytest.mark.slow  # training run + export processes
 @pytest.mark.parametrize("stage", [2, 3])
 def test_cli_export_of_an_earlier_step_reproduces_the_logged_loss(data, stage, tmp_path_factory, tmp_path):
     run = trained(data, stage, tmp_path_factory)
@@ -137,6 +139,7 @@ def test_cli_export_of_an_earlier_step_reproduces_the_logged_loss(data, stage, t
     assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # needs the launched training run
 def test_pipeline_generates_the_greedy_continuation(data, tmp_path_factory):
     from transformers import AutoTokenizer, pipeline
 
@@ -154,6 +157,7 @@ def test_pipeline_generates_the_greedy_continuation(data, tmp_path_factory):
     assert text == tok.decode(ids[0])
 
 
+@pytest.mark.slow  # training run + export processes
 def test_export_errors_name_what_is_missing(data, tmp_path_factory, tmp_path):
     run = trained(data, 2, tmp_path_factory)
     r = subprocess.run([sys.executable, "-m", "merit_ds", "export", "--run", str(run), "--step", "3", "--out",

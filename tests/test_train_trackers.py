@@ -91,6 +91,7 @@ def metrics(out: Path) -> dict:
     return by_step
 
 
+@pytest.mark.slow  # a training-loop process
 def test_wandb_offline_logs_every_value(run):
     files = glob.glob(str(run / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1  # offline, under OUT/wandb
@@ -117,6 +118,7 @@ def test_wandb_offline_logs_every_value(run):
     assert any(rec.WhichOneof("record_type") == "exit" and rec.exit.exit_code == 0 for rec in records)
 
 
+@pytest.mark.slow  # a training-loop process
 def test_tensorboard_logs_the_same_values(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -16,6 +16,8 @@ import pytest
 
 from _dist import TESTS_DIR, dist_env, launch
 
+pytestmark = pytest.mark.slow  # ZeRO checkpoints saved and resumed by launched ranks
+
 WORKER = TESTS_DIR / "zero_ckpt_worker.py"
 
 

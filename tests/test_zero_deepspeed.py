@@ -34,6 +34,8 @@ import pytest
 
 from _dist import TESTS_DIR, launch
 
+pytestmark = pytest.mark.slow  # DeepSpeed ZeRO engines on 1-3 launched ranks
+
 WORLD2 = [
     "z1_fp32", "z2_fp32", "z3_fp32", "z1_bf16", "z2_bf16", "z3_bf16", "bf16opt", "z2_fp16", "z3_fp16",
     "z2_rr", "z2_align", "z3_subgroups", "z2_offload_rr", "z3_offload", "z2_groups", "bf16opt_groups",

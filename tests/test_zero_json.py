@@ -73,6 +73,7 @@ def _reference(config: dict, weights: list, optimizer: str, *, flat: bool = Fals
     return diffs
 
 
+@pytest.mark.slow  # the deepspeed launcher, 2 ranks
 @pytest.mark.parametrize("config", list(JSON_RUNS))
 def test_json_config_name_through_deepspeed_launcher(json_runs, config):
     results, out = json_runs
@@ -364,6 +365,7 @@ def test_initialize_check_passes_other_configs_through():
     assert len(calls) == 8  # refused before DeepSpeed was called
 
 
+@pytest.mark.slow  # fresh interpreters
 @pytest.mark.parametrize("disarm", [False, True])
 def test_initialize_check_armed_whichever_is_imported_first(disarm):
     import os

@@ -121,6 +121,7 @@ def test_partial_maxima_of_arange_fragment_by_hand():
     assert col.tolist() == [15, 16, 17, 13, 14]
 
 
+@pytest.mark.slow  # benchmarks/gpu_smoke.py in a subprocess
 def test_gpu_smoke_without_a_gpu_exits_0_and_writes_nothing(tmp_path):
     """benchmarks/gpu_smoke.py on a CPU-only machine (CI): exit 0, no results file."""
     import subprocess

@@ -31,7 +31,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -254,7 +254,7 @@ class Trainer:
         return value
 
     # --- the loop ----------------------------------------------------------------------------------
-    def train(self, config: LoopConfig, meter: Throughput, log) -> None:
+    def train(self, config: LoopConfig, meter: Throughput, log: Callable[[dict, int], None]) -> None:
         """Steps :attr:`step` + 1 to :attr:`steps` (after a resume: from the checkpoint's step on).
 
         Every step trains (:meth:`train_step`); on a log step (every ``log_every``, the last one, and
