@@ -162,6 +162,57 @@ def test_sigkill_mid_run_then_resume_continues_the_same_losses(reference, data_d
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
+def test_sigterm_saves_the_current_step_then_resume_is_bitwise_the_uninterrupted_run(reference, data_dir, tmp_path):
+    """Preemption (merit_ds/train/preemption.py): SIGTERM to every process of the job (what SLURM
+    sends a job step) mid-run: both ranks stop after the same step, save it (a complete checkpoint,
+    ``latest`` on it), exit 143 with one line saying how to resume; the resumed run's every loss,
+    validation loss, noise-scale estimate and final weights are bitwise the uninterrupted run's."""
+    import torch
+
+    out = tmp_path / "run"
+    cmd = deepspeed_cmd(_args(data_dir, out), port=free_port(), launcher_args=["--num_gpus", "2"])
+    proc = subprocess.Popen(cmd, env=dist_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    metrics, signalled_after = out / "metrics.jsonl", None
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists():
+                done = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
+                if done and max(done) >= 5:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                    signalled_after = max(done)
+                    break
+            time.sleep(0.02)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert signalled_after is not None, "the run ended before it could be signalled"
+    assert proc.returncode != 0, "a preempted run must not look finished"
+    stopped = [line for line in stderr.splitlines() if "merit_ds.train: stopped by SIGTERM after step" in line]
+    assert len(stopped) == 1, stderr[-3000:]
+    step = int(stopped[0].split("after step ")[1].split(";")[0])
+    assert signalled_after <= step < STEPS  # the step in flight was finished, then saved
+    ck = out / "checkpoints"
+    assert (ck / "latest").read_text() == f"step_{step:08d}"
+    assert (ck / f"step_{step:08d}" / "merit_ds_checkpoint.json").is_file() and not list(ck.glob(".tmp-*"))
+    assert "--resume auto" in stopped[0]
+
+    r = run(deepspeed_cmd(_args(data_dir, out), port=free_port(), launcher_args=["--num_gpus", "2"]))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {ck / f'step_{step:08d}'} at step {step}" in r.stdout
+    got, want = losses(out), losses(reference)
+    assert got["train"] == want["train"] and got["val"] == want["val"]  # bitwise, every step
+    gns = lambda m: {r["step"]: r["gns_b_noise"] for r in m["records"] if "gns_b_noise" in r}  # noqa: E731
+    assert gns(got) == gns(want)
+    assert [rec["step"] for rec in got["records"] if "loss" in rec] == list(range(1, STEPS + 1))
+    final = "step_00000012/mp_rank_00_model_states.pt"
+    a, b = _load(ck / final)["module"], _load(reference / "checkpoints" / final)["module"]
+    assert all(torch.equal(a[k], b[k]) for k in b)
+
+
 def test_accelerate_launch_two_ranks_matches_deepspeed_launcher(reference, data_dir, tmp_path):
     out = tmp_path / "run"
     yaml = tmp_path / "accelerate.yaml"

@@ -56,6 +56,8 @@ from .export import record_run
 from .finish import finish_run
 from .launcher import Runner, detect_launcher, rank0_print
 from .metrics import RunLog, Throughput
+from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
+from .preemption import Preempted, Preemption
 from .optimizers import build_client_optimizer, describe_stepping, verify_optimizer_is_stepping
 from .presets import gpt2_config, optimizer_names
 from .run_config import RunConfig, UsageError, resolve
@@ -382,7 +384,20 @@ def run(args) -> int:
                           diag_every=args.diag_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
                           keep_last=args.keep_last, progress=not args.no_progress, count_graphs=args.compile)
     meter = Throughput.for_run(rc, world, args.peak_tflops, engine.device)
-    trainer.train(loop_cfg, meter, log)
+    preemption = Preemption()  # SIGTERM / SIGUSR1: checkpoint after the current step, exit 143
+    try:
+        trainer.train(loop_cfg, meter, log, preemption)
+    except Preempted as stop:
+        if isinstance(train_loader, PrefetchLoader):
+            train_loader.close()
+        if rank == 0:
+            log.finish()  # the trackers flushed and closed; metrics.jsonl is written record by record
+        sys.stderr.write(f"merit_ds.train: {stop}\n" if rank == 0 else "")
+        sys.stderr.flush()
+        runner.close()
+        return PREEMPTED_EXIT_CODE
+    finally:
+        preemption.close()
     finish_run(trainer, loop_cfg, meter, log, args, rc)
     runner.close()
     return 0

@@ -46,6 +46,7 @@ from .diagnostics import AttentionLogitProbe, GradientNoiseScale, lm_loss
 from .diversity import GradientDiversity
 from .metrics import Throughput, compiled_graphs
 from .optimizers import records_clip_fraction, records_trust_stats
+from .preemption import Preempted, Preemption
 from .run_config import UsageError
 from .batch_schedule import TokenWarmupCosine
 from .schedule import warmup_cosine
@@ -254,7 +255,8 @@ class Trainer:
         return value
 
     # --- the loop ----------------------------------------------------------------------------------
-    def train(self, config: LoopConfig, meter: Throughput, log: Callable[[dict, int], None]) -> None:
+    def train(self, config: LoopConfig, meter: Throughput, log: Callable[[dict, int], None],
+              preemption: Optional[Preemption] = None) -> None:
         """Steps :attr:`step` + 1 to :attr:`steps` (after a resume: from the checkpoint's step on).
 
         Every step trains (:meth:`train_step`); on a log step (every ``log_every``, the last one, and
@@ -262,7 +264,11 @@ class Trainer:
         step's record -- with the interval's throughput (``meter``), the validation loss on eval
         steps -- goes to ``log(record, step)``; a non-finite loss stops the run there
         (:class:`FloatingPointError` naming the last good checkpoint). Checkpoints are saved in the
-        background (:meth:`save`); the last one and the final evaluation are :mod:`.finish`'s."""
+        background (:meth:`save`); the last one and the final evaluation are :mod:`.finish`'s.
+
+        ``preemption`` (:mod:`.preemption`): after each step the ranks agree whether a SIGTERM /
+        SIGUSR1 arrived; if so the step's checkpoint is saved and made final, and
+        :class:`~.preemption.Preempted` is raised on every rank."""
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.steps, initial=self.step, disable=self.runner.rank != 0 or not config.progress,
@@ -300,6 +306,14 @@ class Trainer:
                 self.save(config.ckpt_root, config.run_info, config.keep_last, background=True)
             if evaluating or saving:
                 meter.restart()  # eval and checkpoint time is not training throughput
+            signum = preemption.requested() if preemption is not None else None
+            if signum:
+                bar.close()
+                path = config.ckpt_root / ckpt.tag_for(step)
+                if self.saved_step != step:
+                    self.save(config.ckpt_root, config.run_info, config.keep_last)
+                self.finish_save()  # metadata, rename, latest: final before the process exits
+                raise Preempted(signum, step, path)
         bar.close()
 
     # --- validation ----------------------------------------------------------------------------------
