@@ -31,8 +31,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 "$vpy" -m pip install -q "torch==2.13.0"
 # Everything else against the constraints file so torch stays the CPU build.
 "$vpy" -m pip install -q -c constraints.txt -e ".[hf,dev]"
-# MERIT's CPU kernel is JIT-built at first use (~1 min; merit_ds/optim/cpu_kernel.py): build it
-# here, not inside the first training step or timed test that needs it. Without g++ it warns and
-# the foreach path is used.
+# JIT-built C++ ops, built here, not inside the first training step or timed test that needs them,
+# with the venv's bin/ first on PATH, as the launchers have it: its ninja, not the system's (two
+# ninja versions disagree on the build's hash and rebuild each other's work from scratch).
+export PATH="$root/.venv/bin:$PATH"
+# MERIT's CPU kernel (~40 s; merit_ds/optim/cpu_kernel.py). Without g++ it warns and the foreach
+# path is used.
 "$vpy" -c "from merit_ds.optim import cpu_kernel; cpu_kernel.load()"
+# DeepSpeed's shared-memory all-reduce for CPU ranks on one machine (~30 s), which every CPU job
+# with 2+ ranks loads at start-up (the demo, the multi-process tests). Optional: a failure here
+# only means the first such job builds it.
+DS_ACCELERATOR=cpu "$vpy" -c "from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder; ShareMemCommBuilder().load()" \
+    >/dev/null 2>&1 || echo "setup.sh: DeepSpeed's CPU shared-memory op did not build now; the first CPU job builds it" >&2
 echo "$want" > "$stamp"

@@ -279,20 +279,25 @@ def test_throughput_and_mfu_by_hand():
 
     small = MODEL_PRESETS["gpt2-small"]
     fpt = flops_per_token(small, 1024)
-    assert fpt == 6 * (small.n_params - 1024 * 768) + 12 * 12 * 768 * 1024
+    # 6 x (124,475,904 - 1024 x 768 position embedding) + 12 x 12 layers x 768 x 1024
+    # = 6 x 123,689,472 + 113,246,208 = 742,136,832 + 113,246,208
+    assert fpt == 855_383_040
     now = [100.0]
     meter = Throughput(fpt, 480 * 1024, 8, 989e12, torch.device("cpu"), clock=lambda: now[0])
     meter.steps, now[0] = 4, 102.0          # 4 steps in 2 s
     got = meter.interval()
-    assert got["step_time_s"] == 0.5 and got["tokens_per_s"] == 480 * 1024 / 0.5
-    assert got["mfu"] == pytest.approx(fpt * 480 * 1024 / 0.5 / (8 * 989e12), rel=1e-12)
+    assert got["step_time_s"] == 0.5 and got["tokens_per_s"] == 983_040  # 491,520 tokens / 0.5 s
+    # 855,383,040 FLOPs/token x 983,040 tokens/s = 8.40876e14 FLOP/s of 8 x 989e12 = 7.912e15: 10.628%
+    assert got["mfu"] == pytest.approx(0.10627853, rel=1e-7)
     assert "peak_memory_gib" not in got      # CPU
     now[0] = 110.0                           # an eval: left out
     meter.restart()
     meter.steps, now[0] = 2, 113.0           # 2 steps in 3 s
     meter.interval()
     s = meter.summary()
-    assert s["train_step_time_s"] == 5.0 / 6 and s["train_tokens_per_s"] == 6 * 480 * 1024 / 5.0
+    # 6 steps in 2 + 3 = 5 s: 0.8333 s each; 6 x 491,520 tokens / 5 s = 589,824 tokens/s
+    assert s["train_step_time_s"] == pytest.approx(0.8333333333333334, rel=1e-15)
+    assert s["train_tokens_per_s"] == 589_824
     assert "mfu" not in Throughput(fpt, 1, 1, None, torch.device("cpu")).interval()  # no peak known: no MFU
 
 

@@ -250,6 +250,7 @@ def test_hf_trainer_optim_by_name(registered, tmp_path):
 
 
 # --- the third party's optimizer in other processes, through its entry point ---------------------------------------
+@pytest.mark.slow  # a fresh interpreter
 def test_entry_point_registers_it_in_a_fresh_process(plugin_env):
     code = ("import merit_ds, torch; from merit_ds.optim import registry; s = registry.get('nbadam'); "
             "print(s.label, torch.optim.TestNoBiasAdam.__name__, s.cls.__module__)")
@@ -259,6 +260,7 @@ def test_entry_point_registers_it_in_a_fresh_process(plugin_env):
     assert r.stdout.split() == ["NoBiasAdam", "NoBiasAdam", "test_registry"]
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_broken_entry_point_is_one_clear_error(plugin_env, tmp_path):
     info = next((tmp_path / "site").glob("*.dist-info"))
     (info / "entry_points.txt").write_text("[merit_ds.optimizers]\nnbadam = test_registry:no_such_thing\n")
