@@ -283,3 +283,20 @@ def test_unknown_merit_json_params_name_the_key_and_the_accepted_ones(key):
     from merit_ds.integrations.deepspeed import accepted_params
 
     assert accepted == accepted_params(MERIT) and {"lr", "betas", "eps", "weight_decay"} <= set(accepted)
+
+
+@pytest.mark.parametrize("key", ["train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"])
+def test_batch_keys_must_be_numbers_not_strings(key):
+    """issue #23: ``"train_batch_size": "16"`` was reported as a comparison of '16' with 16."""
+    cfg = _recipe("zero2_fp32.json")
+    cfg[key] = "16"
+    with pytest.raises(UsageError, match=f'{key} must be a whole number of sequences or "auto", got \'16\' \\(str\\); '
+                                         f'write "{key}": 16 without quotes'):
+        _resolve(cfg=cfg)
+
+
+def test_a_misspelled_deepspeed_key_is_named_with_the_nearest_one():
+    cfg = _recipe("zero2_fp32.json")
+    cfg["zero_optimisation"] = cfg.pop("zero_optimization")
+    with pytest.raises(UsageError, match='"zero_optimisation" is not a DeepSpeed key \\(did you mean "zero_optimization"\\?\\)'):
+        _resolve(cfg=cfg)

@@ -195,6 +195,12 @@ def _engine_settings(args, base_cfg: Optional[dict], cpu: bool):
     if base_cfg is not None:
         from merit_ds.integrations.deepspeed import misspelled_keys
 
+        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+            value = base_cfg.get(key)
+            if value is not None and value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+                raise UsageError(f'{args.ds_config or "the DeepSpeed config"}: {key} must be a whole number of sequences '
+                                 f'or "auto", got {value!r} ({type(value).__name__}); write "{key}": '
+                                 f'{value if not isinstance(value, str) else value.strip(chr(34))} without quotes')
         typos = misspelled_keys(base_cfg)
         if typos:  # DeepSpeed would run without the section, silently
             raise UsageError(f"{args.ds_config or 'the DeepSpeed config'}: " + "; ".join(
