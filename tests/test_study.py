@@ -252,3 +252,34 @@ def test_real_micro_study_resumes(tmp_path):
     r = subprocess.run(base[:-1] + ["--tokens", "4096", "--lrs", "1e-2"], cwd=REPO_ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 2 and "never mixed" in r.stderr
+
+
+def test_empty_lrs_is_an_error_not_the_default_grid():
+    with pytest.raises(GridError, match="--lrs is empty"):
+        parse_lrs("", ["merit"])
+    args = build_parser().parse_args(["--out", "x", "--lrs", ""])
+    with pytest.raises(GridError, match="--lrs is empty"):
+        grid_from_args(args, prepare_data=False)
+
+
+def test_study_exits_nonzero_when_a_cell_failed(tmp_path, monkeypatch, capsys):
+    """issue #23: a study whose cells failed exited 0. One cell of two fails: the report covers the
+    finished one, and the exit code is 1 with one line saying how many failed and how to retry."""
+    import merit_ds.study.runner as runner_mod
+    import merit_ds.train.launcher as launcher_mod
+    from merit_ds.study.__main__ import main
+
+    def cell(c, settings, cdir, runner, log):
+        if c.lr > 2e-2:
+            raise RuntimeError("boom")
+        return _fake_row(c, settings)
+
+    monkeypatch.setattr(runner_mod, "run_cell", cell)
+    monkeypatch.setattr(launcher_mod, "Runner", lambda launcher: None)
+    out = tmp_path / "study"
+    code = main(["--out", str(out), "--optimizers", "merit", "--batch-sizes", "8", "--seeds", "0", "--tokens", "2048",
+                 "--seq-len", "32", "--vocab", "512", "--lrs", "1e-2,3e-2", "--no-progress", "--threads", "0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "error: 1 cell(s) failed (their cell.log says why); the report covers the 1 finished" in err
+    assert (out / "report.md").is_file() and len((out / "results.csv").read_text().splitlines()) == 2

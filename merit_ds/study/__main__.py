@@ -104,7 +104,7 @@ def grid_from_args(args, *, prepare_data: bool = True) -> Grid:
     base = GPU_STUDY if gpu else (WIDTH_DEPTH_STUDY if args.preset == "width-depth" else DEFAULT_STUDY)
     optimizers = parse_list(args.optimizers, str, "optimizer") if args.optimizers else list(base["optimizers"])
     batches = [int(b) for b in parse_list(args.batch_sizes, int, "batch size")] if args.batch_sizes else list(base["batches"])
-    if args.lrs:
+    if args.lrs is not None:
         lrs = parse_lrs(args.lrs, optimizers)
     else:
         # the preset's grid, else the optimizer's own registered grid for this kind of study
@@ -190,8 +190,10 @@ def main(argv=None) -> int:
 
         rows = collect_results(out)
         if not rows:
-            print("merit_ds.study: no finished cells yet", file=sys.stderr)
-            return 0
+            failed = 0 if args.report_only else counts["failed"]
+            print("merit_ds.study: no finished cells yet" + (f"; error: {failed} cell(s) failed (their cell.log says "
+                  "why); run the same command again to retry them" if failed else ""), file=sys.stderr)
+            return 1 if failed else 0
         write_results(out, rows)
         wall = sum(float(r["wall_s"]) for r in rows)
         done = len(rows)
@@ -200,6 +202,11 @@ def main(argv=None) -> int:
                                            command="python -m merit_ds.study " + shlex.join(argv),
                                            wall=f"{wall / 60:.1f} min summed over {done} of {total} cells")
         print(f"merit_ds.study: {report} ({done}/{total} cells), plots: {', '.join(p.name for p in plots)}")
+        failed = 0 if args.report_only else counts["failed"]
+        if failed:  # the report covers the finished cells; the study itself is not done
+            print(f"merit_ds.study: error: {failed} cell(s) failed (their cell.log says why); the report covers the "
+                  f"{done} finished; run the same command again to retry them", file=sys.stderr)
+            return 1
         return 0
     except GridError as exc:
         print(f"merit_ds.study: error: {exc}", file=sys.stderr)

@@ -43,6 +43,9 @@ def parse_list(text: str, kind=float, name: str = "value") -> list:
 def parse_lrs(text: str, optimizers: list[str]) -> dict[str, list[float]]:
     """``"1e-3,3e-3"`` (all optimizers) or ``"merit=1e-2,3e-2;adamw=1e-3"`` -> {optimizer: sorted lrs}."""
     text = str(text).strip()
+    if not text:
+        raise GridError("--lrs is empty: give the peak lrs (e.g. --lrs 1e-3,3e-3), or leave the flag out for the "
+                        "preset's grid")
     if "=" not in text:
         lrs = sorted(parse_list(text, float, "lr"))
         out = {o: lrs for o in optimizers}
