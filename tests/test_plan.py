@@ -263,3 +263,20 @@ def test_reduced_vocabulary_config_has_no_out_of_range_special_ids():
     small = gpt2_config(tiny, vocab_size=2048)
     assert (small.bos_token_id, small.eos_token_id) == (None, None)
     assert gpt2_config(tiny, vocab_size=2048, eos_token_id=7).eos_token_id == 7  # named: kept
+
+
+def test_plan_flags_are_checked_and_a_fixed_micro_batch_is_named(capsys):
+    """issue #23: `--micro-batch 6144` said 'does not fit even at micro-batch 1' (false: 1 fits),
+    and `--seq-len 0` silently meant 1024."""
+    from merit_ds.cli import main
+
+    assert main(["plan", "--model", "gpt2-small", "--batch", "6k", "--micro-batch", "768", "--nodes", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "does not fit at micro-batch 768" in out and "even at micro-batch 1" not in out
+    for flags, message in ((["--seq-len", "0"], "--seq-len must be a positive number of tokens, got 0"),
+                           (["--micro-batch", "0"], "--micro-batch must be a positive number of sequences, got 0"),
+                           (["--mfu", "1.5"], "--mfu is a fraction of the GPU's peak, in (0, 1], got 1.5")):
+        assert main(["plan", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err == f"merit-ds plan: error: {message}" + (" (leave it out for the model's 1024)" if "seq-len" in message
+                                                            else "") + "\n"

@@ -189,6 +189,13 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
     if nodes <= 0 or gpus_per_node <= 0:
         raise BatchConfigError(f"nodes and GPUs per node must be positive, got {nodes} x {gpus_per_node}")
     world = nodes * gpus_per_node
+    if seq_len is not None and seq_len <= 0:
+        raise BatchConfigError(f"--seq-len must be a positive number of tokens, got {seq_len} (leave it out for the "
+                               f"model's {preset.seq_len})")
+    if micro_batch is not None and micro_batch <= 0:
+        raise BatchConfigError(f"--micro-batch must be a positive number of sequences, got {micro_batch}")
+    if not 0 < mfu <= 1:
+        raise BatchConfigError(f"--mfu is a fraction of the GPU's peak, in (0, 1], got {mfu}")
     seq_len = seq_len or preset.seq_len
     tokens = int(tokens)
     table = None
@@ -255,6 +262,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
                   for ph in table.phases()]
     return {
         "model": model, "n_params": n, "seq_len": seq_len, "global_batch": global_batch,
+        "micro_batch_fixed": micro_batch is not None,
         "tokens_per_step": base.tokens_per_step, "token_budget": tokens, "steps": steps, "tokens_trained": trained,
         "nodes": nodes, "gpus_per_node": gpus_per_node, "world": world, "per_gpu_batch": per_rank,
         "gpu": gpu, "gpu_mem_gib": GPUS[gpu]["mem_gib"], "peak_flops": GPUS[gpu]["peak_flops"], "mfu": mfu,
@@ -302,7 +310,8 @@ def format_plan(p: dict) -> str:
         name = f"{r['stage']}{' +offload' if r['offload'] else ''}"
         micro = r["micro_batch"] if r["micro_batch"] else "-"
         accum = r["grad_accum"] if r["grad_accum"] else "-"
-        note = "" if r["fits"] else "  does not fit even at micro-batch 1"
+        note = "" if r["fits"] else (f"  does not fit at micro-batch {r['micro_batch']}" if p.get("micro_batch_fixed")
+                                     else "  does not fit even at micro-batch 1")
         out.append(f"  {name:<11}{r['params_gib']:>8.2f}{r['grads_gib']:>8.2f}{r['optimizer_gib']:>8.2f}"
                    f"{r['optimizer_cpu_gib']:>10.2f}{r.get('scratch_gib', 0.0):>8.2f}{r['activations_gib']:>8.2f}{r['total_gib']:>8.2f}{micro!s:>7}{accum!s:>7}{note}")
     h = p["wall_time_s"] / 3600
