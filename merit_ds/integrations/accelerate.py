@@ -217,6 +217,26 @@ def install_accelerate_guard(module=None) -> None:
 
     guarded.__merit_ds_guard__ = True
     cls._prepare_deepspeed = guarded
+    prepare = cls.prepare
+    if not getattr(prepare, "__merit_ds_guard__", False):
+        @functools.wraps(prepare)
+        def prepare_guarded(self, *args, **kwargs):
+            _warn_decayed_norms(args)
+            return prepare(self, *args, **kwargs)
+
+        prepare_guarded.__merit_ds_guard__ = True
+        cls.prepare = prepare_guarded
+
+
+def _warn_decayed_norms(args) -> None:
+    """Plain ``accelerator.prepare(model, MERIT(...), ...)``: warn if MERIT/LAMB decays norm weights."""
+    from .param_groups import warn_decayed_norms
+
+    models = [a for a in args if isinstance(a, torch.nn.Module)]
+    for opt in (a for a in args if isinstance(a, ShardableOptimizer)):
+        for model in models:
+            warn_decayed_norms(model, [(g.get("weight_decay", 0.0), opt.original_params(g)) for g in opt.param_groups],
+                               type(opt).__name__, "accelerator.prepare")
 
 
 def scheduler_step_factor(accelerator, *, deepspeed_scheduler: bool = False) -> int:

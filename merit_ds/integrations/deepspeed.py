@@ -285,6 +285,40 @@ def _names_ours_in_any_case(cfg: Any) -> bool:
     return name is not None and str(name).lower() in {n.lower() for n in json_names()}
 
 
+def _warn_decayed_norms(signature: inspect.Signature, args: tuple, kwargs: dict, cfg):
+    """Warn (once) when MERIT/LAMB, a client instance or named in ``cfg``, would decay normalization
+    weights of ``model`` (:func:`.param_groups.warn_decayed_norms`). Returns the call's arguments,
+    with a ``model_parameters`` generator turned into a list (it is read here and by DeepSpeed)."""
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    a = bound.arguments
+    model, optimizer, params = a.get("model"), a.get("optimizer"), a.get("model_parameters")
+    if model is None:
+        return args, kwargs
+    from merit_ds.optim import ShardableOptimizer
+
+    from .param_groups import warn_decayed_norms
+
+    try:
+        if isinstance(optimizer, ShardableOptimizer):
+            warn_decayed_norms(model, [(g.get("weight_decay", 0.0), optimizer.original_params(g))
+                                       for g in optimizer.param_groups], type(optimizer).__name__, "deepspeed.initialize")
+        elif optimizer is None and params is not None and isinstance(cfg, Mapping) and _names_ours_in_any_case(cfg):
+            if not isinstance(params, (list, tuple)):
+                params = a["model_parameters"] = list(params)
+                args, kwargs = bound.args, bound.kwargs
+            json_wd = ((cfg.get("optimizer") or {}).get("params") or {}).get("weight_decay", 0.0)
+            groups = ([(g.get("weight_decay", json_wd), g["params"]) for g in params] if params and
+                      isinstance(params[0], dict) else [(json_wd, params)])
+            named = (cfg.get("optimizer") or {}).get("type")
+            warn_decayed_norms(model, groups, str(named), "deepspeed.initialize")
+    except (TypeError, ValueError, KeyError, AttributeError):
+        pass  # an unusual call: DeepSpeed itself will say what is wrong with it
+    return args, kwargs
+
+
 def install_initialize_check(module=None) -> None:
     """Run :func:`check_config` inside ``deepspeed.initialize`` before the engine is built, for a
     config whose ``"optimizer": {"type": ...}`` is ``MERIT`` / ``ShardedLAMB`` in any case.
@@ -309,6 +343,7 @@ def install_initialize_check(module=None) -> None:
     @functools.wraps(original)
     def initialize(*args, **kwargs):
         config = _config_of_initialize_call(signature, args, kwargs)
+        cfg = None
         if config is not None:
             try:
                 cfg = _load(config)
@@ -317,7 +352,8 @@ def install_initialize_check(module=None) -> None:
             except MeritConfigError:
                 raise
             except Exception:  # noqa: BLE001 - unreadable or malformed: DeepSpeed's own error says what
-                pass
+                cfg = None
+        args, kwargs = _warn_decayed_norms(signature, args, kwargs, cfg)
         return original(*args, **kwargs)
 
     initialize._merit_ds_checked = True

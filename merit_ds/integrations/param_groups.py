@@ -19,11 +19,13 @@ a bias or norm is decayed (e.g. ``DummyOptim(model.parameters())`` with ``weight
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional
 
 from torch import nn
 
-__all__ = ["decay_parameter_names", "merit_param_groups", "check_decay_split", "DecaySplitError"]
+__all__ = ["decay_parameter_names", "merit_param_groups", "check_decay_split", "DecaySplitError",
+           "warn_decayed_norms"]
 
 
 class DecaySplitError(ValueError):
@@ -90,3 +92,42 @@ def check_decay_split(
             "merit_ds.integrations.param_groups.merit_param_groups(model) instead "
             "(DummyOptim(params=...) or deepspeed.initialize(model_parameters=...))."
         )
+
+
+def _norm_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of normalization modules (LayerNorm, RMSNorm, GroupNorm, BatchNorm,
+    ...: any module class whose name contains "Norm", as HF's grouping treats them)."""
+    out = set()
+    for mod_name, mod in model.named_modules():
+        if "norm" in type(mod).__name__.lower():
+            for p_name, _ in mod.named_parameters(recurse=False):
+                out.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return out
+
+
+_warned: set = set()
+
+
+def warn_decayed_norms(model: nn.Module, groups: Iterable[tuple[float, Iterable[nn.Parameter]]], what: str,
+                       where: str) -> list[str]:
+    """One :class:`UserWarning` naming the normalization weights that a trust-ratio optimizer
+    (``what``: MERIT, LAMB) would decay, or nothing; returns their names.
+
+    ``groups``: ``(weight_decay, parameters)`` per param group. Hugging Face's grouping, the recipes
+    and the MERIT paper's setup exempt biases and normalization weights from decay; decaying a
+    LayerNorm gain pulls it toward 0 for no regularisation benefit. A typical cause: a hand-written
+    no-decay list such as ``["bias", "LayerNorm.weight"]``, which misses GPT-2's
+    ``ln_1``/``ln_2``/``ln_f``. Once per model, optimizer class and entry path."""
+    norms = _norm_parameter_names(model)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    hit = sorted({name_of[id(p)] for wd, params in groups if float(wd) > 0 for p in params
+                  if id(p) in name_of and name_of[id(p)] in norms})
+    key = (id(model), what, where)
+    if hit and key not in _warned:
+        _warned.add(key)
+        shown = ", ".join(hit[:6]) + (f", ... ({len(hit)} in all)" if len(hit) > 6 else "")
+        warnings.warn(f"{what} ({where}): weight decay > 0 on normalization weights {shown}; Hugging Face's "
+                      "grouping and the recipes exempt them (a hand-written no-decay list such as "
+                      "['bias', 'LayerNorm.weight'] misses GPT-2's ln_1/ln_2/ln_f). Group them without decay: "
+                      "merit_ds.integrations.param_groups.merit_param_groups(model).", UserWarning, stacklevel=3)
+    return hit
