@@ -65,11 +65,18 @@ def main(argv=None) -> int:
             return 2
     prepare()
     sys.argv = [target, *launcher_args, *rest]
-    if module is not None:
-        runpy.run_module(module, run_name="__main__", alter_sys=True)
-    else:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
-        runpy.run_path(target, run_name="__main__")
+    try:
+        if module is not None:
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+        else:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+            runpy.run_path(target, run_name="__main__")
+    finally:
+        # DeepSpeed's CPU all-reduce segment of this rank (66 MiB in /dev/shm, never unlinked by
+        # DeepSpeed), whether the script finished, failed or exited: peers keep their mappings
+        from merit_ds.integrations.deepspeed_shm import release_cpu_allreduce_buffer
+
+        release_cpu_allreduce_buffer(int(os.environ.get("RANK", "0")))
     return 0
 
 

@@ -316,13 +316,17 @@ def test_checkpoint_metadata_with_only_its_format_is_refused_and_kept(reference,
     meta = out / "checkpoints" / "step_00000012" / "merit_ds_checkpoint.json"
     meta.write_text(json.dumps({"format": json.loads(meta.read_text())["format"]}))
     before = snapshot(out)
-    r = run(deepspeed_cmd(_args(data_dir, out, "--steps", "16"), port=free_port(), launcher_args=["--num_gpus", "2"]))
+    port = free_port()
+    r = run(deepspeed_cmd(_args(data_dir, out, "--steps", "16"), port=port, launcher_args=["--num_gpus", "2"]))
     assert r.returncode != 0
     err = r.stdout + r.stderr
     assert f"corrupt checkpoint {out / 'checkpoints' / 'step_00000012'}: {meta} is malformed" in err, err[-3000:]
     assert "merit_ds.train: error (rank 1): corrupt checkpoint" in err  # the peer got the same verdict
     assert "Traceback" not in err
     assert snapshot(out) == before
+    from merit_ds.integrations.deepspeed_shm import stale_buffers
+
+    assert stale_buffers(port) == []  # an error exit releases DeepSpeed's /dev/shm segments too (issue #23)
 
 
 def test_batch_keys_of_the_ds_config_against_the_command_line(data_dir, tmp_path):

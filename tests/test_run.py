@@ -81,16 +81,22 @@ def _ds_config(tmp_path, name):
 def test_deepspeed_script_naming_the_optimizer_in_json_unmodified(tmp_path, name, launcher):
     cfg = _ds_config(tmp_path, name)
 
+    ports = []
+
     def launcher_cmd(*target):  # a fresh master port per job
+        ports.append(free_port())
         if launcher == "deepspeed":
             ds = Path(sys.executable).with_name("deepspeed")
-            return [sys.executable, str(ds), "--num_gpus", "2", "--master_port", str(free_port()), *target]
-        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+            return [sys.executable, str(ds), "--num_gpus", "2", "--master_port", str(ports[-1]), *target]
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={ports[-1]}",
                 *target]
 
     runner = ["--module", "merit_ds.run"] if launcher == "deepspeed" else ["-m", "merit_ds.run"]
     proc, res = _run(launcher_cmd(*runner, str(DS_SCRIPT), str(cfg)), tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    from merit_ds.integrations.deepspeed_shm import stale_buffers
+
+    assert stale_buffers(ports[-1]) == []  # the runner released DeepSpeed's /dev/shm segments (issue #23)
     assert res["optimizer"] == {"MERIT": "MERIT", "ShardedLAMB": "LAMB"}[name]
     assert res["sharded_partitions"] >= 1 and res["steps"] == [2.0]  # the exact sharded step ran, twice
     # negative control: the same launcher running the script directly (no runner, so no import merit_ds)

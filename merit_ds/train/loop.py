@@ -406,6 +406,17 @@ def run(args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
+        return _run_reporting_errors(args)
+    finally:
+        # DeepSpeed's CPU all-reduce segment of this rank (66 MiB in /dev/shm that DeepSpeed never
+        # unlinks), on every way out: done, refused, preempted, or a failure with its traceback
+        from merit_ds.integrations.deepspeed_shm import release_cpu_allreduce_buffer
+
+        release_cpu_allreduce_buffer(int(os.environ.get("RANK", "0")))
+
+
+def _run_reporting_errors(args) -> int:
+    try:
         return run(args)
     except (UsageError, BatchConfigError, CheckpointSaveError) as exc:
         # Every rank reports (a launcher may stop rank 0 before it prints a peer's error).
