@@ -283,3 +283,14 @@ def test_study_exits_nonzero_when_a_cell_failed(tmp_path, monkeypatch, capsys):
     assert code == 1
     assert "error: 1 cell(s) failed (their cell.log says why); the report covers the 1 finished" in err
     assert (out / "report.md").is_file() and len((out / "results.csv").read_text().splitlines()) == 2
+
+
+def test_flag_errors_write_nothing_under_out(tmp_path, capsys):
+    """issue #23: a flag error found after the data was prepared left OUT/data behind."""
+    from merit_ds.study.__main__ import main
+
+    out = tmp_path / "study"
+    code = main(["--out", str(out), "--optimizers", "merit", "--batch-sizes", "8", "--lrs", "1e-2", "--tokens", "16",
+                 "--seq-len", "32", "--no-progress", "--threads", "0"])
+    assert code == 2 and "is less than one step of the largest batch" in capsys.readouterr().err
+    assert not out.exists()

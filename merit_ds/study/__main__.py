@@ -141,21 +141,20 @@ def grid_from_args(args, *, prepare_data: bool = True) -> Grid:
         settings["data"] = str(out / "data" / f"vocab{vocab}" / "prepared")
     else:
         settings["data"] = str(data)
-    if prepare_data:
-        from .data import prepare_kjv, restricted_vocab
-
-        if not args.data:
-            prepare_kjv(data)
-        if vocab:
-            info = restricted_vocab(data, out / "data" / f"vocab{vocab}", vocab)
-            settings["vocab_info"] = info
     if settings["seq_len"] is None:
         from merit_ds.train.presets import get_model_preset
 
         settings["seq_len"] = get_model_preset(model).seq_len
     schedules = parse_schedules(args.schedules) if args.schedules else [CONST]
     grid = Grid(optimizers, batches, lrs, seeds, tokens, settings, families, schedules)
-    grid.check()
+    grid.check()  # every flag checked before anything is written under --out
+    if prepare_data:
+        from .data import prepare_kjv, restricted_vocab
+
+        if not args.data:
+            prepare_kjv(data)
+        if vocab:
+            grid.settings["vocab_info"] = restricted_vocab(data, out / "data" / f"vocab{vocab}", vocab)
     return grid
 
 
