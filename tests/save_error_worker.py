@@ -22,6 +22,7 @@ def main():
     def broken_finalize(*a, **k):
         raise OSError("disk full (simulated)")
 
+    real_finalize = ckpt.finalize
     ckpt.finalize = broken_finalize
     engine = SimpleNamespace(save_checkpoint=lambda root, tag, client_state, save_latest: None)
     fake = SimpleNamespace(runner=SimpleNamespace(rank=rank, world=dist.get_world_size()), step=3, engine=engine,
@@ -37,6 +38,27 @@ def main():
             results.append("no error")
         except trainer_mod.CheckpointSaveError as exc:
             results.append(str(exc))
+    # a full disk on rank 1 only, inside DeepSpeed's save: every rank raises the same one-line error
+    import errno
+
+    ckpt.finalize = real_finalize
+    (out / "latest").parent.mkdir(parents=True, exist_ok=True)
+
+    def full_disk(root, tag, client_state, save_latest):
+        Path(root, tag).mkdir(parents=True, exist_ok=True)
+        (Path(root, tag) / f"part_{rank}.pt").write_bytes(b"x")
+        if rank == 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    fake.engine = SimpleNamespace(save_checkpoint=full_disk)
+    fake.step = 4
+    try:
+        trainer_mod.Trainer.save(fake, out, {"world": 2}, keep_last=1)
+        results.append("no error")
+    except trainer_mod.CheckpointSaveError as exc:
+        results.append(str(exc))
+    dist.barrier()  # rank 0 removes the partial save before it raises; look after it has
+    results.append("tmp left" if (out / ".tmp-step_00000004").exists() else "tmp removed")
     result = "\n".join(results)
     (out.parent / f"rank{rank}.txt").write_text(result)
     dist.barrier()

@@ -309,8 +309,12 @@ def test_checkpoint_finalisation_error_reaches_every_rank(tmp_path):
 
     got = launch(TESTS_DIR / "save_error_worker.py", nprocs=2, args=[str(tmp_path / "ckpt")], timeout=60)
     want = f"checkpoint {tmp_path / 'ckpt' / 'step_00000003'}: finalisation on rank 0 failed: OSError: disk full (simulated)"
-    # foreground: save raises; background: save returns, finish_save raises the same on both ranks
-    assert got["rank0"] == got["rank1"] == "\n".join([want, "returned", want])
+    # foreground: save raises; background: save returns, finish_save raises the same on both ranks;
+    # then a full disk on rank 1 inside DeepSpeed's save: one line on both ranks, the partial save removed
+    full = (f"saving step 4 to {tmp_path / 'ckpt' / 'step_00000004'} failed (rank 1: OSError: [Errno 28] No space "
+            "left on device); nothing of it was kept and there is no earlier checkpoint (latest unchanged). Free "
+            "space on that filesystem (or fix its permissions) and run the same command again: it resumes from there.")
+    assert got["rank0"] == got["rank1"] == "\n".join([want, "returned", want, full, "tmp removed"])
 
 
 def test_background_finalisation_returns_before_hashing_and_a_crash_keeps_the_previous(data_dir, tmp_path, monkeypatch):

@@ -375,10 +375,25 @@ class Trainer:
             shutil.rmtree(ckpt_root / f".tmp-{tag}", ignore_errors=True)
         if world > 1:
             dist.barrier()
-        self.engine.save_checkpoint(str(ckpt_root), tag=f".tmp-{tag}", client_state={"merit_ds": self.client_state()},
-                                    save_latest=False)
-        if world > 1:
-            dist.barrier()  # every rank's files are written
+        error = None
+        try:
+            self.engine.save_checkpoint(str(ckpt_root), tag=f".tmp-{tag}",
+                                        client_state={"merit_ds": self.client_state()}, save_latest=False)
+        except (OSError, RuntimeError) as exc:  # a full disk, permissions; torch's writer raises RuntimeError
+            error = f"rank {rank}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        if world > 1:  # every rank's files are written, or every rank learns which one failed
+            errors = [None] * world
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e), None)
+        if error:
+            if rank == 0:
+                shutil.rmtree(ckpt_root / f".tmp-{tag}", ignore_errors=True)  # the partial save: its space back
+            last = ckpt.latest_checkpoint(ckpt_root) if (ckpt_root / ckpt.LATEST).exists() else None
+            raise CheckpointSaveError(
+                f"saving step {self.step} to {ckpt_root / tag} failed ({error}); nothing of it was kept and "
+                f"{'the last good checkpoint is ' + str(last) if last else 'there is no earlier checkpoint'} "
+                "(latest unchanged). Free space on that filesystem (or fix its permissions) and run the same "
+                "command again: it resumes from there.")
         self._pending = _Finaliser(ckpt_root, tag, run_info, self.step, keep_last, start=rank == 0)
         self.saved_step = self.step
         if not background:
