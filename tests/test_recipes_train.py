@@ -213,6 +213,48 @@ def test_sigterm_saves_the_current_step_then_resume_is_bitwise_the_uninterrupted
     assert all(torch.equal(a[k], b[k]) for k in b)
 
 
+def test_a_dead_peer_rank_is_one_line_on_the_survivor(data_dir, tmp_path):
+    """issue #23: rank 1 killed (SIGKILL: out of memory, a lost node) mid-run; rank 0, waiting for it in
+    a collective, prints one line saying so instead of gloo's traceback, and exits non-zero; the
+    checkpoint saved before is intact."""
+    import psutil
+
+    out = tmp_path / "run"
+    cmd = deepspeed_cmd(_args(data_dir, out, "--steps", "40", "--ckpt-every", "2"), port=free_port(),
+                        launcher_args=["--num_gpus", "2"])
+    proc = subprocess.Popen(cmd, env=dist_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    metrics, killed = out / "metrics.jsonl", False
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and (out / "checkpoints" / "latest").exists():
+                done = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
+                if done and max(done) >= 3:
+                    rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                             if "--local_rank=1" in " ".join(c.cmdline())]
+                    assert rank1, "rank 1 not found"
+                    rank1[0].kill()
+                    killed = True
+                    break
+            time.sleep(0.02)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert killed
+    assert proc.returncode != 0
+    lines = [x for x in (stdout + stderr).splitlines() if "another rank stopped" in x]
+    assert len(lines) == 1 and lines[0].startswith("merit_ds.train: error (rank 0): another rank stopped while this one "
+                                                   "waited for it in a collective ("), stdout[-2000:] + stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text()
+    from merit_ds.train import checkpoint as ckpt
+
+    assert ckpt.validate(latest, json.loads((latest / ckpt.META).read_text())["run"])["step"] >= 2
+
+
 def test_accelerate_launch_two_ranks_matches_deepspeed_launcher(reference, data_dir, tmp_path):
     out = tmp_path / "run"
     yaml = tmp_path / "accelerate.yaml"

@@ -428,6 +428,28 @@ def _run_reporting_errors(args) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
         return 2
+    except RuntimeError as exc:
+        if not _peer_failure(exc):
+            raise
+        # a collective failed because another rank is gone (killed, out of memory, its node lost): its
+        # own output says why; here one line instead of this rank's communication-library traceback
+        rank = int(os.environ.get("RANK", "0"))
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        sys.stderr.write(f"merit_ds.train: error (rank {rank}): another rank stopped while this one waited for it in a "
+                         f"collective ({first}); see that rank's output for why. Checkpoints already saved are intact: "
+                         "run the same command again to resume from the latest.\n")
+        sys.stderr.flush()
+        return 3
+
+
+#: What gloo and NCCL say when the other end of a collective has gone away.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
+              "NCCL communicator was aborted", "Socket Timeout", "connection refused")
+
+
+def _peer_failure(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(marker.lower() in text.lower() for marker in _PEER_GONE)
 
 
 def exit_process(rc: int) -> None:
