@@ -33,6 +33,8 @@ def prepare() -> None:
     """Everything a script needs from merit_ds, without editing it."""
     import merit_ds  # noqa: F401  (JSON names, the sharded step, the Trainer/Accelerate guards)
 
+    _cpu_ranks_for_accelerate()
+
     try:
         import transformers  # noqa: F401
     except ImportError:  # a plain DeepSpeed script: nothing to register with the Trainer
@@ -40,6 +42,21 @@ def prepare() -> None:
     from merit_ds.integrations.hf_trainer import register_trainer_optim
 
     register_trainer_optim()
+
+
+def _cpu_ranks_for_accelerate() -> None:
+    """On a machine where DeepSpeed runs on its CPU accelerator (no GPU), tell Accelerate (and so
+    the HF Trainer) that the ranks are CPU ranks: ``ACCELERATE_USE_CPU=true``, unless the caller
+    set it. Without it, a script launched with several ranks and without ``--use_cpu`` gets no
+    distributed backend from Accelerate (``PartialState._prepare_backend`` finds no GPU and, not
+    told CPU, settles on a single process), so every rank thinks it is alone and DeepSpeed refuses
+    the batch arithmetic ("train_batch_size is not equal to micro_batch_per_gpu *
+    gradient_acc_step * world_size 4 != 4 * 1 * 2")."""
+    import torch
+
+    gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
+    if os.environ.get("DS_ACCELERATOR") == "cpu" or not gpu:
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
 
 
 def main(argv=None) -> int:

@@ -25,14 +25,17 @@ def main():
     (args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses()
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
-    trainer = Trainer(model=model, args=args, train_dataset=Tokens())
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens())
     trainer.train()
+    metrics = trainer.evaluate() if str(args.eval_strategy) not in ("no", "IntervalStrategy.NO") else {}
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     steps = sorted({float(s["step"]) for s in opt.state.values()})
     if trainer.args.process_index == 0:
         with open(os.environ["MERIT_TEST_RESULT"], "w") as f:
             json.dump({"optimizer": type(opt).__module__ + "." + type(opt).__name__, "steps": steps,
-                       "groups": len(opt.param_groups), "world_size": trainer.args.world_size}, f)
+                       "groups": len(opt.param_groups), "world_size": trainer.args.world_size,
+                       "wrapped": type(getattr(opt, "optimizer", opt)).__name__,
+                       "eval_loss": metrics.get("eval_loss")}, f)
 
 
 if __name__ == "__main__":

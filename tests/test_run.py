@@ -107,6 +107,33 @@ def test_deepspeed_script_naming_the_optimizer_in_json_unmodified(tmp_path, name
     assert f"{name} is not a supported DeepSpeed Optimizer" in out, out[-3000:]
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_hf_script_under_torchrun_with_two_cpu_ranks_and_deepspeed(tmp_path, stage):
+    """issue #23: ``torchrun -m merit_ds.run script.py --deepspeed cfg.json`` with 2 CPU ranks and no
+    ``--use_cpu`` (as a GPU recipe is written): the runner tells Accelerate the ranks are CPU ranks,
+    so the Trainer sees world size 2, trains with MERIT under ZeRO and evaluates (gather_for_metrics
+    over gloo). Negative control: the same run with ACCELERATE_USE_CPU=false fails DeepSpeed's batch
+    check, each rank thinking it is alone."""
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                               "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+                               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}))
+    args = [a for a in HF_ARGS if a not in ("--use_cpu", "true")]
+
+    def torchrun(env=None):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+               "-m", "merit_ds.run", str(HF_SCRIPT), "--output_dir", str(tmp_path / "o"), *args, "--deepspeed",
+               str(cfg), "--eval_strategy", "steps", "--eval_steps", "1"]
+        return _run(cmd, tmp_path, env=env)
+
+    proc, res = torchrun()
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert res["world_size"] == 2 and res["steps"] == [2.0] and res["eval_loss"] > 0
+    assert res["wrapped"] == "MERIT"  # under DeepSpeed's ZeRO wrapper
+    proc, res = torchrun(env={"ACCELERATE_USE_CPU": "false"})
+    assert proc.returncode != 0 and "train_batch_size is not equal to micro_batch_per_gpu" in proc.stdout + proc.stderr
+
+
 def test_usage_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "merit_ds.run", str(tmp_path / "missing.py")], cwd=REPO_ROOT,
                           capture_output=True, text=True, env=dist_env(), timeout=120)
