@@ -46,17 +46,22 @@ def prepare() -> None:
 
 def _cpu_ranks_for_accelerate() -> None:
     """On a machine where DeepSpeed runs on its CPU accelerator (no GPU), tell Accelerate (and so
-    the HF Trainer) that the ranks are CPU ranks: ``ACCELERATE_USE_CPU=true``, unless the caller
-    set it. Without it, a script launched with several ranks and without ``--use_cpu`` gets no
+    the HF Trainer) that the ranks are CPU ranks: ``ACCELERATE_USE_CPU=true``, when several ranks
+    were launched (torchrun, the deepspeed launcher) and no ``ACCELERATE_*`` variable is set (under
+    ``accelerate launch`` its config decides). Without it, a script launched with several ranks and without ``--use_cpu`` gets no
     distributed backend from Accelerate (``PartialState._prepare_backend`` finds no GPU and, not
     told CPU, settles on a single process), so every rank thinks it is alone and DeepSpeed refuses
     the batch arithmetic ("train_batch_size is not equal to micro_batch_per_gpu *
     gradient_acc_step * world_size 4 != 4 * 1 * 2")."""
     import torch
 
+    several_ranks = int(os.environ.get("WORLD_SIZE", "1") or 1) > 1  # torchrun / the deepspeed launcher
+    # accelerate launch sets ACCELERATE_* itself from its config (and with use_cpu DeepSpeed's plugin is
+    # dropped: leave its choices alone)
+    by_accelerate = any(k.startswith("ACCELERATE_") for k in os.environ)
     gpu = torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available())
-    if os.environ.get("DS_ACCELERATOR") == "cpu" or not gpu:
-        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
+    if several_ranks and not by_accelerate and (os.environ.get("DS_ACCELERATOR") == "cpu" or not gpu):
+        os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
 def main(argv=None) -> int:

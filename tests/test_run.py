@@ -130,7 +130,7 @@ def test_hf_script_under_torchrun_with_two_cpu_ranks_and_deepspeed(tmp_path, sta
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert res["world_size"] == 2 and res["steps"] == [2.0] and res["eval_loss"] > 0
     assert res["wrapped"] == "MERIT"  # under DeepSpeed's ZeRO wrapper
-    proc, res = torchrun(env={"ACCELERATE_USE_CPU": "false"})
+    proc, res = torchrun(env={"ACCELERATE_USE_CPU": "false"})  # set by the caller: left alone
     assert proc.returncode != 0 and "train_batch_size is not equal to micro_batch_per_gpu" in proc.stdout + proc.stderr
 
 
