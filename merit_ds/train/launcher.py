@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from merit_ds.integrations.deepspeed_shm import release_cpu_allreduce_buffer
 
-__all__ = ["Runner", "detect_launcher", "rank0_print"]
+__all__ = ["Runner", "detect_launcher", "rank0_print", "visible_nvidia_gpus", "cpu_torch_on_gpu_node"]
 
 
 def detect_launcher(choice: str) -> str:
@@ -42,6 +44,27 @@ def rank0_print(runner, *a) -> None:
     """Print on rank 0 only (every rank runs the same code; one copy of each line is enough)."""
     if runner.rank == 0:
         print(*a, flush=True)
+
+
+def visible_nvidia_gpus() -> int:
+    """GPUs the NVIDIA driver lists (``/proc/driver/nvidia/gpus``), whether or not torch can use them."""
+    gpus = Path("/proc/driver/nvidia/gpus")
+    try:
+        return sum(1 for _ in gpus.iterdir()) if gpus.is_dir() else 0
+    except OSError:
+        return 0
+
+
+def cpu_torch_on_gpu_node() -> Optional[str]:
+    """Why this run must not start, or None: GPUs are visible but this torch cannot use them (a CPU
+    build, or a CUDA build too old for the driver), so DeepSpeed would quietly fall back to its CPU
+    accelerator and gloo and train on the CPU. ``MERIT_DS_ALLOW_CPU=1`` lets it."""
+    n = visible_nvidia_gpus()
+    if not n or torch.cuda.is_available() or os.environ.get("MERIT_DS_ALLOW_CPU", "0") not in ("", "0"):
+        return None
+    return (f"{n} NVIDIA GPU(s) are visible (/proc/driver/nvidia/gpus) but torch {torch.__version__} cannot use them "
+            f"(torch.version.cuda is {torch.version.cuda}): this run would train on the CPU. Install torch's CUDA "
+            "build (README, 'On a GPU cluster'), or set MERIT_DS_ALLOW_CPU=1 to train on the CPU anyway")
 
 
 class Runner:

@@ -54,7 +54,7 @@ from .batch import BatchConfigError
 from .data_source import DEFAULT_EVAL_SEQUENCES, DataError, check_token_data, make_train_loader, make_val_loader
 from .export import record_run
 from .finish import finish_run
-from .launcher import Runner, detect_launcher, rank0_print
+from .launcher import Runner, cpu_torch_on_gpu_node, detect_launcher, rank0_print
 from .metrics import RunLog, Throughput
 from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from .preemption import Preempted, Preemption
@@ -334,6 +334,9 @@ def build_engine(args, rc: RunConfig, runner: Runner, ds_config: dict):
 def run(args) -> int:
     launcher = detect_launcher(args.launcher)
     _check_trackers(args.tracker)
+    refusal = cpu_torch_on_gpu_node()  # before DeepSpeed picks its CPU accelerator behind our back
+    if refusal:
+        raise UsageError(refusal)
     runner = Runner(launcher)
     rc = configure(args, runner, launcher)
     rank, world, plan = runner.rank, runner.world, rc.plan
