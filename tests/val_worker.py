@@ -45,6 +45,12 @@ def main():
     # reading the final all-reduce can abort with "terminate called without an active exception")
     dist.barrier()
     dist.destroy_process_group()
+    # and no interpreter teardown either: gloo's threads can still abort it ("terminate called without
+    # an active exception", seen once in CI on 2026-12-07 after the barrier and destroy above); the
+    # training loop ends the same way (merit_ds.train.loop.exit_process)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
