@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from pathlib import Path
 
-__all__ = ["sha256_file", "sha256_bytes", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "fsync_file"]
+__all__ = ["sha256_file", "sha256_bytes", "atomic_write_bytes", "atomic_write_text", "fsync_dir", "fsync_file",
+           "replace_directory"]
 
 
 def sha256_bytes(data: bytes | memoryview) -> str:
@@ -65,3 +67,15 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def replace_directory(new: Path, final: Path, trash: Path) -> None:
+    """Rename the complete directory ``new`` to ``final``; an existing ``final`` is moved aside to
+    ``trash`` first and removed only after the rename, so at no moment is there neither copy."""
+    if final.exists():
+        shutil.rmtree(trash, ignore_errors=True)
+        os.rename(final, trash)
+        os.rename(new, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(new, final)

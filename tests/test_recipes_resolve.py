@@ -300,3 +300,12 @@ def test_a_misspelled_deepspeed_key_is_named_with_the_nearest_one():
     cfg["zero_optimisation"] = cfg.pop("zero_optimization")
     with pytest.raises(UsageError, match='"zero_optimisation" is not a DeepSpeed key \\(did you mean "zero_optimization"\\?\\)'):
         _resolve(cfg=cfg)
+
+
+def test_client_optimizer_values_are_checked_by_its_own_rules():
+    """LAMB reaches DeepSpeed as a client optimizer the loop builds: a bad value in the JSON's params
+    is LAMB's own message before anything is built, as for the JSON-named MERIT (check_config)."""
+    cfg = _recipe("zero2_fp32.json")
+    cfg["optimizer"] = {"type": "ShardedLAMB", "params": {"eps": "1e-6"}}
+    with pytest.raises(UsageError, match=r"LAMB's hyperparameters: eps must be a number, got '1e-6' \(str\)"):
+        _resolve("--optimizer", "lamb", cfg=cfg)

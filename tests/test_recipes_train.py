@@ -123,22 +123,28 @@ def test_deepspeed_launcher_two_ranks(reference):
     assert {"zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"} <= set(meta["files"])
 
 
+def _step_reached(proc, out: Path, step: int, *, checkpoint: bool = False, timeout: float = 240):
+    """Poll the run in ``out`` until its metrics record a training step >= ``step`` (and, with
+    ``checkpoint``, ``latest`` exists); the step reached, or None if ``proc`` ended or time ran out."""
+    metrics, deadline = out / "metrics.jsonl", time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and (not checkpoint or (out / "checkpoints" / "latest").exists()):
+            done = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
+            if done and max(done) >= step:
+                return max(done)
+        time.sleep(0.02)
+    return None
+
+
 def test_sigkill_mid_run_then_resume_continues_the_same_losses(reference, data_dir, tmp_path):
     out = tmp_path / "run"
     cmd = deepspeed_cmd(_args(data_dir, out), port=free_port(), launcher_args=["--num_gpus", "2"])
     proc = subprocess.Popen(cmd, env=dist_env(), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    metrics, killed_after = out / "metrics.jsonl", None
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists():
-                done = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
-                if done and max(done) >= 6:
-                    os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, no chance to clean up
-                    killed_after = max(done)
-                    break
-            time.sleep(0.02)
+        killed_after = _step_reached(proc, out, 6)
+        if killed_after is not None:
+            os.killpg(proc.pid, signal.SIGKILL)  # launcher and both ranks, no chance to clean up
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -173,17 +179,10 @@ def test_sigterm_saves_the_current_step_then_resume_is_bitwise_the_uninterrupted
     cmd = deepspeed_cmd(_args(data_dir, out), port=free_port(), launcher_args=["--num_gpus", "2"])
     proc = subprocess.Popen(cmd, env=dist_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    metrics, signalled_after = out / "metrics.jsonl", None
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists():
-                done = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
-                if done and max(done) >= 5:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    signalled_after = max(done)
-                    break
-            time.sleep(0.02)
+        signalled_after = _step_reached(proc, out, 5)
+        if signalled_after is not None:
+            os.killpg(proc.pid, signal.SIGTERM)
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
@@ -224,20 +223,14 @@ def test_a_dead_peer_rank_is_one_line_on_the_survivor(data_dir, tmp_path):
                         launcher_args=["--num_gpus", "2"])
     proc = subprocess.Popen(cmd, env=dist_env(), cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)
-    metrics, killed = out / "metrics.jsonl", False
+    killed = False
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if metrics.exists() and (out / "checkpoints" / "latest").exists():
-                done = [json.loads(x)["step"] for x in metrics.read_text().splitlines() if '"loss"' in x]
-                if done and max(done) >= 3:
-                    rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                             if "--local_rank=1" in " ".join(c.cmdline())]
-                    assert rank1, "rank 1 not found"
-                    rank1[0].kill()
-                    killed = True
-                    break
-            time.sleep(0.02)
+        if _step_reached(proc, out, 3, checkpoint=True) is not None:
+            rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                     if "--local_rank=1" in " ".join(c.cmdline())]
+            assert rank1, "rank 1 not found"
+            rank1[0].kill()
+            killed = True
         stdout, stderr = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

@@ -36,7 +36,7 @@ from merit_ds.optim import registry
 from ._common import (ds_forces_cpu_optimizer, ds_offloads_optimizer, is_registered_class, json_name_of,
                       json_names)
 
-__all__ = ["register_json_name", "install_json_names", "builtin_name_hint", "misspelled_keys", "known_deepspeed_keys", "check_config", "accepted_params", "install_initialize_check",
+__all__ = ["register_json_name", "install_json_names", "builtin_name_hint", "optimizer_value_error", "misspelled_keys", "known_deepspeed_keys", "check_config", "accepted_params", "install_initialize_check",
            "json_names", "MeritConfigError"]
 
 
@@ -117,18 +117,24 @@ def _unknown_params_error(name: str, cls: type, params: Mapping[str, Any]) -> Me
     )
 
 
-def _bad_values_error(name: str, cls: type, params: Mapping[str, Any]) -> MeritConfigError | None:
-    """The optimizer's own validation of the params' values (the rules it applies when built in
-    Python), run on a throw-away parameter before DeepSpeed starts."""
-    values = {k: v for k, v in params.items() if v != "auto"}  # "auto": the HF Trainer fills it in later
-    if isinstance(values.get("betas"), list):
-        values["betas"] = tuple(values["betas"])
+def optimizer_value_error(cls: type, params: Mapping[str, Any]) -> str | None:
+    """What ``cls`` (its own validation, the rules it applies when built in Python) says of these
+    hyperparameter values, tried on a throw-away parameter; None if it takes them. ``"auto"``
+    values are left out (the HF Trainer fills them in later)."""
+    values = {k: (tuple(v) if k == "betas" and isinstance(v, list) else v) for k, v in params.items() if v != "auto"}
     try:
         cls([torch.zeros(1, requires_grad=True)], **values)
     except (ValueError, TypeError) as exc:
-        return MeritConfigError(f'"optimizer": {{"type": "{name}", "params": ...}}: {exc}. Fix the value in the '
-                                "DeepSpeed config.")
+        return str(exc)
     return None
+
+
+def _bad_values_error(name: str, cls: type, params: Mapping[str, Any]) -> MeritConfigError | None:
+    error = optimizer_value_error(cls, params)
+    if error is None:
+        return None
+    return MeritConfigError(f'"optimizer": {{"type": "{name}", "params": ...}}: {error}. Fix the value in the '
+                            "DeepSpeed config.")
 
 
 def _fused_lamb_error(name: str) -> MeritConfigError:

@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
-from merit_ds.fileio import atomic_write_text, fsync_dir, fsync_file, sha256_file
+from merit_ds.fileio import atomic_write_text, fsync_dir, fsync_file, replace_directory, sha256_file
 
 __all__ = ["CheckpointError", "META", "tag_for", "latest_checkpoint", "validate", "finalize", "prune", "complete_checkpoints",
            "auto_resume_point", "refuse_going_back"]
@@ -70,14 +70,8 @@ def finalize(ckpt_root: Path, tmp_tag: str, tag: str, run_info: dict, step: int)
     tmp_dir, final = ckpt_root / tmp_tag, ckpt_root / tag
     meta = {"format": FORMAT, "step": step, "tag": tag, "run": run_info, "files": _files(tmp_dir)}
     atomic_write_text(tmp_dir / META, json.dumps(meta, indent=1, sort_keys=True))
-    if final.exists():  # re-saving a step after a resume: the old copy goes only once the new is named
-        trash = ckpt_root / f".old-{tag}"
-        shutil.rmtree(trash, ignore_errors=True)
-        os.rename(final, trash)
-        os.rename(tmp_dir, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp_dir, final)
+    # re-saving a step after a resume: the old copy goes only once the new is named
+    replace_directory(tmp_dir, final, ckpt_root / f".old-{tag}")
     atomic_write_text(ckpt_root / LATEST, tag)
     fsync_dir(ckpt_root)
     return final

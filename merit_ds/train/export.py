@@ -44,6 +44,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from merit_ds.fileio import replace_directory
+
 from . import checkpoint as ckpt
 
 __all__ = ["record_run", "export_after_training", "export_checkpoint", "check_destination", "ExportError", "main"]
@@ -287,14 +289,8 @@ def _write(out: Path, model, tok, tok_dir, config, card: str, meta: dict) -> Pat
                 shutil.copyfile(tok_dir / name, tmp / name)
     (tmp / "README.md").write_text(card)
     (tmp / EXPORT_META).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    if out.exists():  # an earlier export (check_destination): replaced only once the new one is complete
-        old = out.with_name(f".{out.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
+    # an earlier export (check_destination) is replaced only once the new one is complete
+    replace_directory(tmp, out, out.with_name(f".{out.name}.old"))
     return out
 
 

@@ -406,13 +406,11 @@ def _hand_optimizer_to_deepspeed(cfg: dict, optimizer: str, opt_params: dict, la
             raise UsageError(f"{where}: optimizer.params {unknown} are not arguments of {label} "
                              f"(accepted: {', '.join(spec.client_kwargs)})")
     if client:  # the values, by the optimizer's own rules (a JSON-named one: check_config below)
-        import torch
+        from merit_ds.integrations.deepspeed import optimizer_value_error
 
-        try:
-            spec.cls([torch.zeros(1, requires_grad=True)],
-                     **{k: tuple(v) if k == "betas" else v for k, v in opt_params.items()})
-        except (ValueError, TypeError) as exc:
-            raise UsageError(f"{where}: {label}'s hyperparameters: {exc}") from None
+        error = optimizer_value_error(spec.cls, opt_params)
+        if error:
+            raise UsageError(f"{where}: {label}'s hyperparameters: {error}")
     if spec.ds_route != "deepspeed":  # the keys DeepSpeed demands before stepping an optimizer it did not write
         from merit_ds.integrations.deepspeed import MeritConfigError, check_config
 
