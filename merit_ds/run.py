@@ -13,6 +13,12 @@ the script's folder first on ``sys.path``), so no line of the script changes::
     deepspeed --num_gpus 8 --module merit_ds.run train.py --deepspeed_config ds_merit.json
     accelerate launch -m merit_ds.run run_clm.py --optim merit ...
     python -m merit_ds.run -m package.module ARGS        # a module instead of a file
+    deepspeed --module merit_ds.run --replace-client-optimizer pretrain_gpt.py ... # Megatron-DeepSpeed
+
+``--replace-client-optimizer`` (before the script): a script that passes its own optimizer to
+``deepspeed.initialize`` while its JSON names ``"MERIT"`` / ``"ShardedLAMB"`` trains the JSON's
+optimizer, built on the script's param groups (:mod:`merit_ds.integrations.client_optimizer`);
+without it that call is refused, since DeepSpeed would silently train the client optimizer.
 
 The ``deepspeed`` launcher puts ``--local_rank=N`` before the module's arguments; the runner
 hands it to the script right after the script's name, where the launcher would have put it.
@@ -26,7 +32,11 @@ import sys
 
 __all__ = ["main", "prepare"]
 
-USAGE = "usage: python -m merit_ds.run SCRIPT.py [ARGS ...] | -m MODULE [ARGS ...]"
+USAGE = "usage: python -m merit_ds.run [--replace-client-optimizer] SCRIPT.py [ARGS ...] | -m MODULE [ARGS ...]"
+#: Replace a client optimizer passed to deepspeed.initialize by the one the DeepSpeed JSON names
+#: (scripts that always build their own, like Megatron-DeepSpeed's pretrain_gpt.py).
+REPLACE_FLAG = "--replace-client-optimizer"
+REPLACE_ENV = "MERIT_DS_REPLACE_CLIENT_OPTIMIZER"  # merit_ds.integrations.client_optimizer.ENV
 
 
 def prepare() -> None:
@@ -67,8 +77,12 @@ def _cpu_ranks_for_accelerate() -> None:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     launcher_args = []
-    while argv and argv[0].startswith("--local_rank"):  # the deepspeed launcher's, for the script
-        launcher_args.append(argv.pop(0))
+    while argv and (argv[0].startswith("--local_rank") or argv[0] == REPLACE_FLAG):
+        if argv[0] == REPLACE_FLAG:  # ours: the opt-in of merit_ds.integrations.client_optimizer
+            os.environ[REPLACE_ENV] = "1"
+            argv.pop(0)
+        else:  # the deepspeed launcher's, for the script
+            launcher_args.append(argv.pop(0))
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stderr if not argv else sys.stdout)
         print(__doc__.split("\n\n")[1], file=sys.stderr if not argv else sys.stdout)

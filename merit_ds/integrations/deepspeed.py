@@ -325,6 +325,21 @@ def _warn_decayed_norms(signature: inspect.Signature, args: tuple, kwargs: dict,
     return args, kwargs
 
 
+def _check_client_optimizer(signature: inspect.Signature, args: tuple, kwargs: dict, cfg):
+    """A client optimizer that is not the JSON's: refused, or replaced when opted in
+    (:mod:`.client_optimizer`). Returns the call's arguments."""
+    from . import client_optimizer
+
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return args, kwargs
+    if client_optimizer.resolve(cfg, bound.arguments):
+        check_config(cfg, client_optimizer=bound.arguments["optimizer"])  # a client instance now
+        return bound.args, bound.kwargs
+    return args, kwargs
+
+
 def install_initialize_check(module=None) -> None:
     """Run :func:`check_config` inside ``deepspeed.initialize`` before the engine is built, for a
     config whose ``"optimizer": {"type": ...}`` is ``MERIT`` / ``ShardedLAMB`` in any case.
@@ -359,6 +374,8 @@ def install_initialize_check(module=None) -> None:
                 raise
             except Exception:  # noqa: BLE001 - unreadable or malformed: DeepSpeed's own error says what
                 cfg = None
+        if cfg is not None and _names_ours_in_any_case(cfg):
+            args, kwargs = _check_client_optimizer(signature, args, kwargs, cfg)
         args, kwargs = _warn_decayed_norms(signature, args, kwargs, cfg)
         return original(*args, **kwargs)
 

@@ -99,6 +99,18 @@ class FragmentRule:
         """
         raise NotImplementedError
 
+    def column_split_slots(self, shape: tuple[int, ...], col_offset: int, full_cols: int):
+        """Tensor parallelism, a slice of columns ``[col_offset, col_offset + shape[1])`` of a
+        matrix with ``full_cols`` columns (:mod:`merit_ds.optim.tp_layout`): the whole matrix's
+        slot size and ``[(local_entry, whole_entry, count), ...]`` placing this slice's entries
+        in it. Default: statistics whose size does not depend on the shape (sums over the
+        tensor) keep their place."""
+        whole = tuple(shape[:1]) + (full_cols,) + tuple(shape[2:])
+        size = self.stats_size(tuple(shape))
+        if self.stats_size(whole) != size:
+            raise NotImplementedError(f"{self.name}: no column placement for tensor-parallel slices")
+        return size, [(0, 0, size)]
+
     # ---- optional fused form: the moments and u never materialised -------------------------
     # A rule whose device has a fused kernel may step fragments from (w, g, m, v) directly:
     # phase 1 computes the statistics without writing anything, phase 3 recomputes and writes

@@ -52,6 +52,15 @@ class MeritFragmentRule(FragmentRule):
         else:
             torch.maximum(slot, torch.stack([F.tensor_max(w), F.tensor_max(u)]), out=slot)
 
+    def column_split_slots(self, shape, col_offset, full_cols):
+        # [ row|w| R*K | row|u| R*K | col|w| C*K | col|u| C*K ]: rows stay (every TP rank holds
+        # a piece of every row); this slice's columns go to their place among full_cols.
+        rows, cols, inner = F.matrix_dims(shape)
+        r, c, whole = rows * inner, cols * inner, full_cols * inner
+        at = col_offset * inner
+        size = 2 * r + 2 * whole
+        return size, [(0, 0, 2 * r), (2 * r, 2 * r + at, c), (2 * r + c, 2 * r + whole + at, c)]
+
     # The fused form: MERIT's two-pass CPU kernel (merit_ds.optim.cpu_kernel), chosen by the
     # group's ``implementation`` exactly as on one device.
     def fused_available(self, flat, grad, state, group) -> bool:

@@ -29,8 +29,8 @@ def _is_optimized(p) -> bool:
         return p.requires_grad and p.numel() > 0
 
 
-def hp_mapping_layout(optimizer, group, flat) -> tuple[PartitionLayout, object, str]:
-    """(layout, process group, flavour) of ``flat`` from ``group``'s original parameters.
+def hp_mapping_layout(optimizer, group, flat) -> tuple[PartitionLayout, object, str, list]:
+    """(layout, process group, flavour, parameters in stats order) of ``flat`` from ``group``'s original parameters.
 
     Serves BF16_Optimizer, and ZeRO 1/2 when the ZeRO optimizer left no back-link (no CPU
     offload): both flatten the group into one buffer the parameters are views of, and cut
@@ -45,4 +45,4 @@ def hp_mapping_layout(optimizer, group, flat) -> tuple[PartitionLayout, object, 
         )
     zero12 = all(getattr(p, "param_idx_in_group", None) is not None for p in params)
     layout = flat_group_layout(params, flat, params[0]._dp_group, reordered_ok=zero12)
-    return layout, params[0]._dp_group, "zero1/2" if zero12 else "bf16"
+    return layout, params[0]._dp_group, "zero1/2" if zero12 else "bf16", params

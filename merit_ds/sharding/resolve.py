@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from . import tensor_parallel
 from .bf16 import hp_mapping_layout
 from .errors import ShardingLayoutError
 from .step import ShardedGroupStep
@@ -91,7 +92,8 @@ def _find_owner(optimizer) -> tuple[str, Any]:
 
 
 def layout_of(optimizer, group: dict):
-    """(layout, process group, source) of a group holding one flat partition (cached)."""
+    """(layout, process group, source, tensor-parallel exchange or None) of a group holding
+    one flat partition (cached)."""
     params = group["params"]
     if len(params) != 1 or params[0].dim() != 1:
         raise ShardingLayoutError(
@@ -105,15 +107,20 @@ def layout_of(optimizer, group: dict):
         return hit[1:]
     kind, owner = _find_owner(optimizer)
     if kind == "zero3":
-        layout, pg, _ = zero3_layout(owner, flat)
+        layout, pg, params = zero3_layout(owner, flat)
     elif kind == "zero1/2":
-        layout, pg, _ = zero12_layout(owner, flat)
+        layout, pg, params = zero12_layout(owner, flat)
     elif kind in ("bf16", "hp_mapping"):
-        layout, pg, kind = hp_mapping_layout(optimizer, group, flat)
+        layout, pg, kind, params = hp_mapping_layout(optimizer, group, flat)
     else:  # pragma: no cover
         raise ShardingLayoutError(f"MERIT: unsupported DeepSpeed wrapper {type(owner)}")
-    cache[id(flat)] = (flat, layout, pg, kind)
-    return layout, pg, kind
+    exchange = None
+    tp = tensor_parallel.sharded_tp(optimizer, params, layout, pg, kind)
+    if tp is not None:  # the slices of split matrices placed in the whole matrices' statistics
+        layout, pg, exchange = tp
+        kind = f"{kind} + tensor-parallel"
+    cache[id(flat)] = (flat, layout, pg, kind, exchange)
+    return layout, pg, kind, exchange
 
 
 def _shape_preserving_copies(optimizer, group: dict) -> bool:
@@ -136,8 +143,8 @@ def resolve_group(optimizer, group: dict) -> Optional[ShardedGroupStep]:
     """MERIT group resolver: a sharded stepper for flat partitions, else ``None``."""
     params = group["params"]
     if not params or all(optimizer.is_original(p) for p in params):
-        return None
+        return tensor_parallel.whole_param_stepper(optimizer, group)  # None without tensor parallelism
     if _shape_preserving_copies(optimizer, group):
-        return None
-    layout, pg, kind = layout_of(optimizer, group)
-    return ShardedGroupStep(optimizer, group, params[0], layout, pg, kind)
+        return tensor_parallel.whole_param_stepper(optimizer, group, optimizer.original_params(group))
+    layout, pg, kind, exchange = layout_of(optimizer, group)
+    return ShardedGroupStep(optimizer, group, params[0], layout, pg, kind, exchange=exchange)

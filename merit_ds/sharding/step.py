@@ -75,7 +75,14 @@ class ShardedGroupStep:
     flat: Tensor
     layout: PartitionLayout
     process_group: Any
-    source: str  # "zero1/2", "zero3", "bf16": for error messages
+    source: str  # "zero1/2", "zero3", "bf16", "tensor-parallel": for error messages
+    #: The whole parameter ``flat`` views (tensor parallelism without ZeRO): its state and
+    #: gradient are the parameter's, as in the optimizer's ordinary step. ``None``: ``flat``
+    #: is a ZeRO partition and owns both.
+    param: Optional[Tensor] = None
+    #: Tensor parallelism: where the local statistics go in the buffer that is all-reduced
+    #: over the data- x tensor-parallel ranks (:mod:`merit_ds.optim.tp_layout`).
+    exchange: Any = None
     # phase-1 results
     _grad: Optional[Tensor] = field(default=None, repr=False)
     _new_moments: Optional[tuple] = field(default=None, repr=False)
@@ -97,6 +104,19 @@ class ShardedGroupStep:
         if hit is None:
             hit = cache[key] = stats_layout(self.layout.shapes, self.rule.stats_size)
         return hit
+
+    @property
+    def key(self) -> Tensor:
+        """The tensor the optimizer's state (and recorded statistics) belong to."""
+        return self.flat if self.param is None else self.param
+
+    @property
+    def grad(self) -> Optional[Tensor]:
+        """The flat gradient (``None`` when the parameter got none)."""
+        if self.param is None:
+            return self.flat.grad
+        g = self.param.grad
+        return None if g is None else g.reshape(-1)
 
     def __call__(self) -> None:
         run_sharded_steps([self])
@@ -137,7 +157,10 @@ def _run_same_group(steps: list[ShardedGroupStep]) -> None:
         base += s.stats_layout.buffer_numel
         _local_statistics(s)
 
-    collective.all_reduce_stats(buffer, rule.reduce_op, steps[0].process_group)  # the one collective
+    if steps[0].exchange is None:
+        collective.all_reduce_stats(buffer, rule.reduce_op, steps[0].process_group)  # the one collective
+    else:  # tensor parallelism: the same one collective, on the buffer laid out for whole matrices
+        _exchange(buffer, [s.exchange for s in steps], rule.reduce_op, steps[0].process_group)
 
     flagged = [_flagged(s) for s in steps]
     for s, bad in zip(steps, flagged):  # decide before touching anything: raise is all-or-nothing
@@ -159,13 +182,37 @@ def _run_same_group(steps: list[ShardedGroupStep]) -> None:
         s._segmented = None
 
 
+def _exchange(buffer: Tensor, exchanges: list, op: str, process_group) -> None:
+    """The statistics all-reduce under tensor parallelism: scatter the local entries to their
+    places in the whole-matrix buffer (zeros elsewhere and for :attr:`silent` entries),
+    all-reduce that, gather the places back."""
+    from merit_ds.optim.tp_layout import combine
+
+    ex = combine(exchanges)
+    index = ex.to_global.to(buffer.device)
+    source = buffer
+    if ex.silent.numel():
+        source = buffer.clone()
+        source.index_fill_(0, ex.silent.to(buffer.device), 0)
+    whole = torch.zeros(ex.global_numel, dtype=buffer.dtype, device=buffer.device)
+    whole.index_copy_(0, index, source)
+    collective.all_reduce_stats(whole, op, process_group)
+    torch.index_select(whole, 0, index, out=buffer)
+
+
 def _state(s: ShardedGroupStep) -> dict:
-    state = s.optimizer.state[s.flat]
+    state = s.optimizer.state[s.key]
     if len(state) == 0:
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(s.flat, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(s.flat, memory_format=torch.preserve_format)
+        state["exp_avg"] = torch.zeros_like(s.key, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(s.key, memory_format=torch.preserve_format)
     return state
+
+
+def _moments(s: ShardedGroupStep, state: dict) -> tuple[Tensor, Tensor]:
+    """(m, v) as flat views of the state (whole parameters keep their shape in the state)."""
+    m, v = state["exp_avg"], state["exp_avg_sq"]
+    return (m, v) if s.param is None else (m.view(-1), v.view(-1))
 
 
 def _scratch(s: ShardedGroupStep, count: int) -> list[Tensor]:
@@ -175,10 +222,10 @@ def _scratch(s: ShardedGroupStep, count: int) -> list[Tensor]:
     allocator's path on every step, which on CPU costs more than the arithmetic.
     """
     cache = s.optimizer.__dict__.setdefault("_merit_scratch", {})
-    hit = cache.get(id(s.flat))
-    if hit is None or hit[0] is not s.flat or len(hit[1]) != count:
-        hit = (s.flat, [torch.empty_like(s.flat) for _ in range(count)])
-        cache[id(s.flat)] = hit
+    hit = cache.get(id(s.key))
+    if hit is None or hit[0] is not s.key or len(hit[1]) != count:
+        hit = (s.key, [torch.empty_like(s.flat) for _ in range(count)])
+        cache[id(s.key)] = hit
     return hit[1]
 
 
@@ -247,11 +294,13 @@ def _local_statistics(s: ShardedGroupStep) -> None:
     flat, group, layout, rule = s.flat, s.group, s.layout, s.rule
     slots = s.stats_layout.slots
     s._fused = False
-    if flat.grad is None:
+    grad = s.grad
+    if grad is None:
         return  # contributes zeros; phase 3 leaves the partition alone
-    grad = flat.grad if flat.grad.dtype == flat.dtype else flat.grad.to(flat.dtype)
+    grad = grad if grad.dtype == flat.dtype else grad.to(flat.dtype)
     beta1, beta2 = group["betas"]
     state = _state(s)
+    m_state, v_state = _moments(s, state)
     step = int(state["step"].item()) + 1  # the step being taken (bias correction)
     s._grad = grad
     s._segmented = None
@@ -259,13 +308,13 @@ def _local_statistics(s: ShardedGroupStep) -> None:
         form, plan = _segmented_plan(s)
         if form.TRACKS_STATS or not getattr(s.optimizer, "track_stats", False):
             s._segmented = form, plan
-            form.statistics(plan, flat, grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats,
+            form.statistics(plan, flat, grad, m_state, v_state, group, s._stats,
                             flags=group["nonfinite_grads"] != "propagate")
             return
     if rule.fused_available(flat, grad, state, group):
         # Fused form: nothing is written before phase 3, so no scratch buffer is needed.
         s._fused = True
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m, v = m_state, v_state
         for frag in layout.fragments:
             slot = slots[frag.param_index]
             sl = lambda t: t.narrow(0, frag.partition_offset, frag.numel)  # noqa: E731
@@ -278,12 +327,12 @@ def _local_statistics(s: ShardedGroupStep) -> None:
         return
     if group["nonfinite_grads"] == "propagate":  # nothing can be skipped: update in place
         (u_buf,) = _scratch(s, 1)
-        F.update_moments_(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2)
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        F.update_moments_(m_state, v_state, grad, beta1, beta2)
+        m, v = m_state, v_state
         s._new_moments = None
     else:  # committed in phase 3, once all ranks agree the gradient is finite
         m_buf, v_buf, u_buf = _scratch(s, 3)
-        m, v = F.updated_moments(state["exp_avg"], state["exp_avg_sq"], grad, beta1, beta2, out=(m_buf, v_buf))
+        m, v = F.updated_moments(m_state, v_state, grad, beta1, beta2, out=(m_buf, v_buf))
         s._new_moments = (m, v)
     s._u = rule.direction(m, v, flat, group, step, u_buf)
 
@@ -324,23 +373,24 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
     track = bool(getattr(s.optimizer, "track_stats", False))
     if track:  # stepped parameters record afresh below; the others lose their entry
         for i in range(len(slots)):
-            s.optimizer.partial_stats.pop((flat, i), None)
-    if flat.grad is None or (s._u is None and not s._fused and s._segmented is None):
+            s.optimizer.partial_stats.pop((s.key, i), None)
+    if s.grad is None or (s._u is None and not s._fused and s._segmented is None):
         return
-    state = s.optimizer.state[flat]
+    state = s.optimizer.state[s.key]
+    m_state, v_state = _moments(s, state)
     lr = as_float(group["lr"])
     live = [f for f in layout.fragments if f.param_index not in bad]
     work = None  # a free partition-sized buffer (MERIT writes its full-size ratios there)
     if s._new_moments is not None:  # commit the moments phase 1 computed
         m_new, v_new = s._new_moments
         if not bad:
-            state["exp_avg"].copy_(m_new)
-            state["exp_avg_sq"].copy_(v_new)
+            m_state.copy_(m_new)
+            v_state.copy_(v_new)
             work = m_new
         else:
             for f in live:
-                for key, new in (("exp_avg", m_new), ("exp_avg_sq", v_new)):
-                    state[key].narrow(0, f.partition_offset, f.numel).copy_(new.narrow(0, f.partition_offset, f.numel))
+                for old, new in ((m_state, m_new), (v_state, v_new)):
+                    old.narrow(0, f.partition_offset, f.numel).copy_(new.narrow(0, f.partition_offset, f.numel))
     if bad:
         s.optimizer.nonfinite_skips += len(bad)
         warn_skipped(rule.name, len(bad), where=f" ({s.source}, on all ranks)")
@@ -348,24 +398,24 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
         state["step"] += 1
     if s._segmented is not None:  # w, m, v of every element whose parameter is not flagged
         form, plan = s._segmented
-        recorded = form.apply(plan, flat, s._grad, state["exp_avg"], state["exp_avg_sq"], group, s._stats, lr,
+        recorded = form.apply(plan, flat, s._grad, m_state, v_state, group, s._stats, lr,
                               honour_flags=group["nonfinite_grads"] != "propagate",
                               **({"track": True} if track else {}))
         if track:  # the parameters stepped here record their statistics
             for index, stats in recorded.items():
                 if index not in bad:
-                    s.optimizer.partial_stats[(flat, index)] = stats
+                    s.optimizer.partial_stats[(s.key, index)] = stats
         return
     if s._fused:  # the rule's fused form writes w, m, v of the fragments not skipped
         step = int(state["step"].item())
-        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m, v = m_state, v_state
         for frag in live:
             slot = slots[frag.param_index]
             sl = lambda t: t.narrow(0, frag.partition_offset, frag.numel)  # noqa: E731
             recorded = rule.fused_apply(slot.shape, frag.param_start, sl(flat), sl(s._grad), sl(m), sl(v), group,
                                         step, s._stats.narrow(0, slot.offset, slot.size), lr, track)
             if track:  # at most one fragment per parameter in a partition
-                s.optimizer.partial_stats[(flat, frag.param_index)] = recorded
+                s.optimizer.partial_stats[(s.key, frag.param_index)] = recorded
         return
 
     pieces: Optional[dict[int, list]] = {} if track else None  # param index -> partial stats
@@ -388,4 +438,4 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
         )
     if pieces:
         for index, parts in pieces.items():
-            s.optimizer.partial_stats[(flat, index)] = parts[0] if len(parts) == 1 else merge_trust_stats(parts)
+            s.optimizer.partial_stats[(s.key, index)] = parts[0] if len(parts) == 1 else merge_trust_stats(parts)

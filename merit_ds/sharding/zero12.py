@@ -35,8 +35,9 @@ from merit_ds.optim.layout import PartitionLayout, layout_from_offsets
 __all__ = ["zero12_layout", "flat_group_layout"]
 
 
-def zero12_layout(owner, flat) -> tuple[PartitionLayout, object, int]:
-    """(layout, process group, group index) of ``flat``, one of ``owner``'s fp32 partitions."""
+def zero12_layout(owner, flat) -> tuple[PartitionLayout, object, list]:
+    """(layout, process group, parameters in stats order) of ``flat``, one of ``owner``'s fp32
+    partitions."""
     index = _index_of(owner.single_partition_of_fp32_groups, flat)
     if index is None:
         raise ShardingLayoutError(
@@ -58,7 +59,7 @@ def zero12_layout(owner, flat) -> tuple[PartitionLayout, object, int]:
     layout = layout_from_offsets(shapes, [offsets[id(p)] for p in params], rank * size, size)
     if not getattr(owner, "round_robin_gradients", False):
         _cross_check(layout, params)
-    return layout, group, index
+    return layout, group, list(params)
 
 
 def _cross_check(layout: PartitionLayout, params) -> None:

@@ -23,8 +23,9 @@ from merit_ds.optim.layout import PartitionLayout, layout_from_param_partitions
 __all__ = ["zero3_layout"]
 
 
-def zero3_layout(owner, flat) -> tuple[PartitionLayout, object, int]:
-    """(layout, process group, sub-group index) of ``flat``, a ZeRO-3 fp32 sub-group partition."""
+def zero3_layout(owner, flat) -> tuple[PartitionLayout, object, list]:
+    """(layout, process group, parameters in stats order) of ``flat``, a ZeRO-3 fp32 sub-group
+    partition."""
     index = next((i for i, t in enumerate(owner.fp32_partitioned_groups_flat) if t is flat), None)
     if index is None:
         raise ShardingLayoutError(
@@ -46,4 +47,4 @@ def zero3_layout(owner, flat) -> tuple[PartitionLayout, object, int]:
             f"MERIT (ZeRO 3): sub-group {index} partition has {flat.numel()} elements, "
             f"its parameters' partitions {layout.partition_numel}"
         )
-    return layout, group, index
+    return layout, group, list(params)
