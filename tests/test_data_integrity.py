@@ -68,7 +68,7 @@ def test_clean_data_passes_and_max_id_is_the_true_maximum(prepared, capsys):
     assert len(files) >= 6
     want = max(int(np.fromfile(f, dtype="<u2").max()) for f in files)
     got = check_token_data(prepared, vocab_size=50257)
-    assert got == {"shards": len(files), "checked_here": len(files), "max_id": want, "checksums": True}
+    assert got == {"shards": len(files), "checked_here": len(files), "max_id": want, "checksums": True, "skipped": False}
     assert want == 50256  # EOS ends every document
     # two "ranks" without a process group: each reads its share (i % world), together all shards
     parts = [check_token_data(prepared, 50257, rank=r, world=2) for r in (0, 1)]
@@ -129,7 +129,8 @@ def test_nanogpt_data_has_only_the_vocabulary_check(tmp_path):
     d.mkdir()
     np.array([1, 2, 3, 60000, 5], dtype="<u2").tofile(d / "train.bin")
     np.array([7, 8, 9], dtype="<u2").tofile(d / "val.bin")
-    assert check_token_data(d, 60001) == {"shards": 2, "checked_here": 2, "max_id": 60000, "checksums": False}
+    assert check_token_data(d, 60001) == {"shards": 2, "checked_here": 2, "max_id": 60000, "checksums": False,
+                                          "skipped": False}
     with pytest.raises(DataError, match=f"shard {d / 'train.bin'} holds token id 60000"):
         check_token_data(d, 50257)
     assert check_token_data(d / "val.bin", 10)["max_id"] == 9

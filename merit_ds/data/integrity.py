@@ -22,6 +22,7 @@ Every error ends with the commands that confirm or repair the data (:func:`repai
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shlex
 from concurrent.futures import ThreadPoolExecutor
@@ -141,25 +142,46 @@ def _exchange(error: Optional[str], max_id: int, rank: int, world: int) -> tuple
     return (errors[0] if errors else None), max(m for _, m in box)
 
 
+def data_fingerprint(data: str | os.PathLike) -> dict:
+    """``{file: [bytes, mtime_ns]}`` of the manifest and every shard of ``data``: what a restart
+    compares against the last full verification instead of re-hashing the corpus."""
+    data = Path(data)
+    manifest, shards = _local_shards(data)
+    files = [p for p, _, _ in shards] + ([data / MANIFEST] if manifest is not None else [])
+    return {str(p.resolve()): [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(files)}
+
+
 def check_token_data(data: str | os.PathLike, vocab_size: int, *, rank: int = 0, world: int = 1,
-                     threads: Optional[int] = None) -> dict:
+                     threads: Optional[int] = None, verified_record: Optional[os.PathLike] = None,
+                     full: bool = True) -> dict:
     """Verify every shard of ``data`` (checksums when there is a manifest) and its ids < ``vocab_size``.
 
     Call on every rank (collective when a process group is running): raises the same
     :class:`DataError` on every rank, naming the file and the repair command, or returns
-    ``{"shards": n, "checked_here": k, "max_id": m, "checksums": bool}``.
+    ``{"shards": n, "checked_here": k, "max_id": m, "checksums": bool, "skipped": bool}``.
+
+    ``verified_record`` (a JSON file, e.g. in the run directory) remembers the last full
+    verification: with ``full=False`` a rank whose shards all still have the recorded sizes and
+    modification times, for the same ``vocab_size``, skips re-reading them (``skipped``); after a
+    verification that read anything, rank 0 rewrites the record. ``full=True`` reads everything.
     """
     data = Path(data)
     error, manifest, shards, mine, max_id = None, None, [], [], -1
+    skipped = False
     try:
         if not data.exists():
             raise DataError(f"token data not found: {data}")
         manifest, shards = _local_shards(data)
         mine = shards[rank::world]
-        workers = threads or max(1, min(4, os.cpu_count() or 1, len(mine)))
-        with ThreadPoolExecutor(workers) as pool:
-            scans = list(pool.map(lambda s: _scan_named(s, vocab_size), mine))
-        max_id = max([sc.max_id for sc in scans], default=-1)
+        record = _read_record(verified_record) if verified_record is not None and not full else None
+        if record is not None and record.get("vocab_size") == vocab_size and \
+                record.get("files") == data_fingerprint(data):
+            skipped, max_id = True, int(record["max_id"])
+        else:
+            workers = threads or max(1, min(4, os.cpu_count() or 1, len(mine)))
+            with ThreadPoolExecutor(workers) as pool:
+                scans = list(pool.map(lambda s: _scan_named(s, vocab_size), mine))
+            max_id = max([sc.max_id for sc in scans], default=-1)
     except _VocabError as exc:
         error = f"{exc}; " + vocab_hint(data, manifest, exc.max_id)
     except CorruptDataError as exc:
@@ -171,7 +193,23 @@ def check_token_data(data: str | os.PathLike, vocab_size: int, *, rank: int = 0,
     error, max_id = _exchange(error, max_id, rank, world)
     if error:
         raise CorruptDataError(error[len("corrupt: "):]) if error.startswith("corrupt: ") else DataError(error)
-    return {"shards": len(shards), "checked_here": len(mine), "max_id": max_id, "checksums": manifest is not None}
+    if verified_record is not None and rank == 0 and not skipped:
+        from merit_ds.fileio import atomic_write_text
+
+        Path(verified_record).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(verified_record), json.dumps(
+            {"data": str(data.resolve()), "vocab_size": vocab_size, "max_id": max_id, "files": data_fingerprint(data)},
+            indent=1, sort_keys=True))
+    return {"shards": len(shards), "checked_here": len(mine), "max_id": max_id, "checksums": manifest is not None,
+            "skipped": skipped}
+
+
+def _read_record(path: os.PathLike) -> Optional[dict]:
+    try:
+        rec = json.loads(Path(path).read_text())
+        return rec if isinstance(rec, dict) and isinstance(rec.get("max_id"), int) else None
+    except (OSError, ValueError):
+        return None
 
 
 class _VocabError(DataError):

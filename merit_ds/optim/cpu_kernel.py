@@ -50,9 +50,42 @@ __all__ = ["load", "available", "fragment_statistics", "fragment_apply", "ratio_
 
 _lock = threading.Lock()
 _SOURCE = Path(__file__).with_name("csrc") / "merit_cpu.cpp"
-# torch keys the build directory by name only and rebuilds whenever another checkout's source
-# path appears there; one name per checkout keeps each checkout's build (and lock) its own.
-_NAME = "merit_ds_cpu_kernel_" + hashlib.sha256(str(_SOURCE.resolve()).encode()).hexdigest()[:10]
+
+
+def cpu_identity(cpuinfo: Optional[str] = None) -> str:
+    """What ``-march=native`` compiles for: the first processor's vendor, family, model and
+    instruction-set flags (``/proc/cpuinfo``; elsewhere ``platform.machine()/processor()``)."""
+    import platform
+
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    keep = ("vendor_id", "cpu family", "model", "flags", "features", "cpu part", "cpu implementer")
+    first = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key in keep and key not in first:
+            first[key] = " ".join(sorted(value.split())) if key in ("flags", "features") else value.strip()
+    if not first:
+        return f"{platform.machine()} {platform.processor()}"
+    return "; ".join(f"{k}={first[k]}" for k in sorted(first))
+
+
+def build_name(source: Path, cpuinfo: Optional[str] = None) -> str:
+    """The extension's name, which torch uses as its build directory's name.
+
+    Keyed by the source's path (torch rebuilds whenever another checkout's source path appears in
+    a build directory; one name per checkout keeps each build, and its lock, its own) and by the
+    CPU (the build uses ``-march=native``: on a cluster whose nodes share a home directory but not
+    a CPU model, one node's build would die with an illegal instruction on another)."""
+    key = f"{Path(source).resolve()}\n{cpu_identity(cpuinfo)}"
+    return "merit_ds_cpu_kernel_" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+_NAME = build_name(_SOURCE)
 _module = None
 _tried = False
 _error: Optional[str] = None

@@ -59,7 +59,8 @@ def _files(directory: Path) -> dict:
     for p in sorted(directory.rglob("*")):
         if p.is_file() and p.name != META:
             fsync_file(p)
-            out[str(p.relative_to(directory))] = {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            st = p.stat()  # mtime: a restart re-hashes only files changed since (validate, "changed")
+            out[str(p.relative_to(directory))] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256_file(p)}
     for d in sorted({p.parent for p in directory.rglob("*")} | {directory}):
         fsync_dir(d)
     return out
@@ -78,9 +79,12 @@ def finalize(ckpt_root: Path, tmp_tag: str, tag: str, run_info: dict, step: int)
 
 
 def prune(ckpt_root: Path, keep_last: int) -> list[Path]:
-    """Remove complete checkpoints beyond the newest ``keep_last`` and stale temporaries."""
+    """Remove complete checkpoints beyond the newest ``keep_last``, stale temporaries, and the
+    universal copies (``universal/step_*``, made when a run resumed on another world size) of
+    checkpoints that are gone: each is as large as its source, and only ever re-made from it."""
     removed = []
-    for stale in ckpt_root.glob(".tmp-*"):
+    universal = ckpt_root / "universal"
+    for stale in [*ckpt_root.glob(".tmp-*"), *universal.glob(".tmp-*")]:
         shutil.rmtree(stale, ignore_errors=True)
         removed.append(stale)
     if keep_last > 0:
@@ -88,6 +92,10 @@ def prune(ckpt_root: Path, keep_last: int) -> list[Path]:
         for old in done[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
             removed.append(old)
+    for copy in sorted(universal.glob("step_*")):
+        if not (ckpt_root / copy.name).is_dir():  # its source was pruned (or never kept)
+            shutil.rmtree(copy, ignore_errors=True)
+            removed.append(copy)
     return removed
 
 
@@ -152,7 +160,7 @@ def refuse_going_back(resume_from: Path, ckpt_root: Path) -> None:
                               "new --out; to continue the run, use --resume auto. Nothing was changed.")
 
 
-def validate(path: Path, run_info: dict, *, checksums: bool = True, allow_world_change: bool = False) -> dict:
+def validate(path: Path, run_info: dict, *, checksums: bool | str = True, allow_world_change: bool = False) -> dict:
     """Return the checkpoint's metadata, or raise :class:`CheckpointError` saying what is wrong."""
     path = Path(path)
     try:
@@ -182,6 +190,8 @@ def _validate(path: Path, run_info: dict, *, checksums: bool, allow_world_change
             raise CheckpointError(f"corrupt checkpoint {path}: file {rel} is missing")
         if f.stat().st_size != rec["bytes"]:
             raise CheckpointError(f"corrupt checkpoint {path}: {rel} has {f.stat().st_size} bytes, expected {rec['bytes']}")
+        if checksums == "changed" and rec.get("mtime_ns") == f.stat().st_mtime_ns:
+            continue  # untouched since its sha256 was taken at save time (--verify full re-hashes)
         if checksums and sha256_file(f) != rec["sha256"]:
             raise CheckpointError(f"corrupt checkpoint {path}: {rel} fails its sha256 check")
     saved = meta["run"]
