@@ -32,6 +32,8 @@ setup(
             "matplotlib",
         ],
         "mpi": ["mpi4py>=3.1"],
+        # merit_ds.megatron: the megatron-core factory; 0.16.x is the last line for Python 3.11
+        "megatron": ["megatron-core>=0.16.1,<0.17"],
         "wandb": ["wandb>=0.18"],
         "dev": [
             "pytest>=8",

@@ -32,10 +32,10 @@ esac
 gpu_constraints=.venv/constraints-$mode.txt
 if [ "$mode" = cuda ]; then
   torch_cmd=(-m pip install -q "torch==$torch_version" ${MERIT_DS_TORCH_INDEX:+--index-url "$MERIT_DS_TORCH_INDEX"})
-  rest_cmd=(-m pip install -q -c "$gpu_constraints" -e ".[hf,dev]")
+  rest_cmd=(-m pip install -q -c "$gpu_constraints" -e ".[hf,dev,megatron]")
 else
   torch_cmd=(-m pip install -q "torch==$torch_version")   # the CPU build (from local disk where it lies there)
-  rest_cmd=(-m pip install -q -c constraints.txt -e ".[hf,dev]")
+  rest_cmd=(-m pip install -q -c constraints.txt -e ".[hf,dev,megatron]")
 fi
 if [ "${MERIT_DS_SETUP_DRY_RUN:-0}" = 1 ]; then
   echo "setup.sh: torch build: $mode ($why)"

@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from . import tensor_parallel
 from .bf16 import hp_mapping_layout
+from .pieces import pieces_stepper
 from .errors import ShardingLayoutError
 from .step import ShardedGroupStep
 from .zero3 import zero3_layout
@@ -142,6 +143,9 @@ def _shape_preserving_copies(optimizer, group: dict) -> bool:
 def resolve_group(optimizer, group: dict) -> Optional[ShardedGroupStep]:
     """MERIT group resolver: a sharded stepper for flat partitions, else ``None``."""
     params = group["params"]
+    stepper = pieces_stepper(optimizer, group)  # pieces a wrapper attached (megatron-core)
+    if stepper is not None:
+        return stepper
     if not params or all(optimizer.is_original(p) for p in params):
         return tensor_parallel.whole_param_stepper(optimizer, group)  # None without tensor parallelism
     if _shape_preserving_copies(optimizer, group):

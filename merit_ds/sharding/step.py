@@ -202,10 +202,12 @@ def _exchange(buffer: Tensor, exchanges: list, op: str, process_group) -> None:
 
 def _state(s: ShardedGroupStep) -> dict:
     state = s.optimizer.state[s.key]
-    if len(state) == 0:
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(s.key, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(s.key, memory_format=torch.preserve_format)
+    if len(state) < 3:  # (megatron-core's init_state_fn may have made the moments, without "step")
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(s.key, memory_format=torch.preserve_format)
     return state
 
 

@@ -3,7 +3,8 @@ MERIT and LAMB exact over them (the placement arithmetic is :mod:`merit_ds.optim
 
 What is read, never guessed from shapes:
 
-- **the tensor-parallel group**: DeepSpeed's ``deepspeed.utils.groups``. A Megatron-style
+- **the tensor-parallel group**: DeepSpeed's ``deepspeed.utils.groups``, else megatron-core's
+  ``parallel_state`` when it is initialised. A Megatron-style
   ``mpu`` passed to ``deepspeed.initialize`` is stored there as ``groups.mpu`` (engine.py
   ``_configure_distributed_model``); its ``get_tensor_model_parallel_group/rank/world_size``
   are used. DeepSpeed AutoTP training (``"tensor_parallel": {"autotp_size": N}``) builds its
@@ -78,8 +79,31 @@ def current() -> Optional[TPGroup]:
 
     Raises :class:`ShardingLayoutError` for a layout that is not exact yet (pipeline or
     sequence parallelism in the ``mpu``)."""
-    if not (dist.is_available() and dist.is_initialized()) or "deepspeed" not in sys.modules:
-        return None  # (never imports DeepSpeed: this runs at every step of every optimizer)
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    # (never imports a framework: this runs at every step of every optimizer)
+    found = _deepspeed_tp() if "deepspeed" in sys.modules else None
+    if found is None and "megatron.core.parallel_state" in sys.modules:
+        found = _megatron_tp()
+    return found
+
+
+def _megatron_tp() -> Optional[TPGroup]:
+    """megatron-core's tensor-parallel group (its ``parallel_state``), when initialised."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        _refuse("pipeline parallelism (megatron-core's pipeline-model-parallel size > 1)",
+                "Run with pipeline-model-parallel size 1.")
+    size = ps.get_tensor_model_parallel_world_size()
+    if size <= 1:
+        return None
+    return TPGroup(ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_rank(), size, "megatron-core")
+
+
+def _deepspeed_tp() -> Optional[TPGroup]:
     from deepspeed.utils import groups
 
     mpu = getattr(groups, "mpu", None)
