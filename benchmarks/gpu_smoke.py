@@ -22,7 +22,15 @@ Sections, each recorded in the results file even when another fails:
    single-device on the GPU (MERIT bitwise, LAMB within 1e-6 relative).
 5. ``train``: ``python -m merit_ds.train`` under the deepspeed launcher on all GPUs, the tiny
    and gpt2-small presets, ZeRO-2 bf16, MERIT, a few steps on the built-in corpus: step time,
-   tokens/s, MFU and peak memory from the run's metrics, against ``merit-ds plan``.
+   tokens/s, MFU and peak memory from the run's metrics, against ``merit-ds plan`` for the card
+   found (:func:`plan_gpu`).
+6. ``train_stages``: GPT-2 Small for 50 steps at micro-batch 8 and 16 per GPU under ZeRO-1 and
+   ZeRO-2 (bf16, MERIT), and ZeRO-2 at micro-batch 16 eager (``--compile off``) against the
+   default (compiled on CUDA): tokens/s, MFU, peak memory against the plan's memory for that
+   stage and micro-batch (what decides the recipes' ZeRO stage and ``--compile`` default).
+7. ``megatron_factory``: merit_ds.megatron's factory on a small megatron-core GPT, distributed
+   optimizer off and on, against single-device MERIT per step (within 1e-6; skipped without
+   megatron-core; on CPU it builds the model and stops, saying so).
 
 Writes benchmarks/results/gpu_smoke.{json,md} (or --out). Without a CUDA GPU it says so and
 exits 0. Never part of CI.
@@ -321,15 +329,189 @@ def sharded(ngpu: int):
     return out
 
 
+def plan_gpu(name: str, mem_bytes: int):
+    """The ``merit-ds plan --gpu`` key of a CUDA device (``torch.cuda.get_device_name`` and its
+    total memory), or None for a card the planner does not list."""
+    from merit_ds.train.plan import GPUS
+
+    n, gib = name.upper(), mem_bytes / 1024**3
+    key = None
+    if "H200" in n:
+        key = "h200"
+    elif "H100" in n:
+        key = "h100-pcie" if "PCIE" in n else "h100"
+    elif "A100" in n:
+        key = "a100-40gb" if gib < 60 else "a100"
+    return key if key in GPUS else None
+
+
+def _this_gpu():
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    name = torch.cuda.get_device_name(0)
+    key = plan_gpu(name, torch.cuda.get_device_properties(0).total_memory)
+    return key, name
+
+
+def _plan_totals(model: str, batch: int, ngpu: int, micro: int, gpu: str) -> dict:
+    """``{stage: planned GiB per GPU}`` of ``merit-ds plan --json`` at this micro-batch."""
+    plan = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--model", model, "--batch", str(batch),
+                           "--nodes", "1", "--gpus-per-node", str(ngpu), "--gpu", gpu, "--precision", "bf16",
+                           "--micro-batch", str(micro), "--json"], cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)),
+                          capture_output=True, text=True, timeout=300)
+    if plan.returncode != 0:
+        return {"error": plan.stderr[-800:]}
+    return {int(s["stage"]): s["total_gib"] for s in json.loads(plan.stdout)["stages"] if not s.get("offload")}
+
+
+def _launcher():
+    ds = Path(sys.executable).with_name("deepspeed")
+    return [str(ds)] if ds.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+
+
+def _run_metrics(run: Path) -> dict:
+    """Medians over the logged steps after the first (which compiles and allocates)."""
+    out = {}
+    metrics = run / "metrics.jsonl"
+    if metrics.exists():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        train_rows = [r for r in rows if "loss" in r]
+        out["steps_logged"] = len(train_rows)
+        for key in ("step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "loss"):
+            vals = [r[key] for r in train_rows[1:] if key in r]
+            if vals:
+                out[key] = statistics.median(vals)
+                if key in ("tokens_per_s", "step_time_s"):
+                    out[key + "_range"] = [min(vals), max(vals)]
+    return out
+
+
+def train_stages(ngpu: int, steps: int = 50, *, model: str = "gpt2-small", micros=(8, 16), stages=(1, 2),
+                 precision: str = "bf16", data: Path = None, extra=()):
+    """GPT-2 Small at each (ZeRO stage, micro-batch) and, at the largest micro-batch under
+    ZeRO-2, eager against the default ``--compile``: measured tokens/s, MFU and peak memory
+    beside the plan's memory for the card found. (Tests dry-run it on CPU with the tiny preset.)"""
+    work = Path(tempfile.mkdtemp(prefix="merit_gpu_stages_"))
+    if data is None:
+        data = work / "data"
+        subprocess.run([sys.executable, "-m", "merit_ds.data", "prepare", "--input", "kjv", "--out", str(data)], check=True, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    gpu, card = _this_gpu()
+    out = {"card": card, "plan_gpu": gpu, "runs": []}
+    if gpu is None:
+        out["plan_note"] = f"{card}: not a card merit_ds.train.plan.GPUS lists; no plan comparison"
+    variants = [(stage, micro, "auto") for stage in stages for micro in micros] + [(2, max(micros), "off")]
+    for stage, micro, compile_ in variants:
+        run = work / f"z{stage}_m{micro}_compile_{compile_}"
+        batch = micro * ngpu
+        cmd = [*_launcher(), "--num_gpus", str(ngpu), "--module", "merit_ds.train", "--model", model, "--data",
+               str(data), "--out", str(run), "--steps", str(steps), "--global-batch", str(batch), "--micro-batch",
+               str(micro), "--zero-stage", str(stage), "--precision", precision, "--optimizer", "merit",
+               "--compile", compile_, "--eval-every", "0", "--ckpt-every", "0", "--diag-every", "0", "--no-progress",
+               *extra]
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True,
+                              text=True, timeout=1200)
+        entry = {"stage": stage, "micro_batch": micro, "compile": compile_, "rc": proc.returncode,
+                 "wall_s": round(time.perf_counter() - started, 1), **_run_metrics(run)}
+        if proc.returncode != 0:
+            entry["tail"] = proc.stdout[-1000:] + proc.stderr[-2000:]
+        if gpu is not None:
+            planned = _plan_totals(model, batch, ngpu, micro, gpu)
+            entry["plan_gib"] = planned.get(stage, planned.get("error"))
+            if isinstance(entry["plan_gib"], float) and "peak_memory_gib" in entry:
+                entry["measured_over_plan"] = entry["peak_memory_gib"] / entry["plan_gib"]
+        out["runs"].append(entry)
+    out["pass"] = all(r["rc"] == 0 for r in out["runs"])
+    return out
+
+
+def megatron_factory(device: str = "cuda", steps: int = 2):
+    """merit_ds.megatron's factory on a small megatron-core GPT (TP 1, DP 1), with
+    ``use_distributed_optimizer`` off (FP32Optimizer: whole parameters) and on (DistributedOptimizer:
+    fp32 pieces from its range map), each step against single-device MERIT (functional, own
+    moments) on the same weights and gradients (``main_grad``). megatron-core's forward and DDP
+    need CUDA: on CPU the section builds the model and stops there, saying so (the tests dry-run it)."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        from megatron.core import parallel_state as ps
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+        from megatron.core.transformer import TransformerConfig
+    except ImportError as e:
+        return {"skipped": f"megatron-core is not installed ({e}); pip install -e '.[megatron]'"}
+    from merit_ds.megatron import get_megatron_merit_optimizer
+    from merit_ds.optim import merit
+
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=0, world_size=1)
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(1)
+    out = {}
+    for dist_opt in (False, True):
+        torch.manual_seed(0)
+        cfg = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4, hidden_dropout=0.0,
+                                attention_dropout=0.0, use_cpu_initialization=True, bf16=False)
+        model = GPTModel(config=cfg, transformer_layer_spec=get_gpt_layer_local_spec(), vocab_size=128,
+                         max_sequence_length=32)
+        if device != "cuda":
+            return {"skipped": "megatron-core's forward and DDP allocate on CUDA; the model was built on the CPU "
+                               f"({sum(p.numel() for p in model.parameters())} parameters), nothing stepped"}
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(0)
+        model = model.cuda()
+        ddp = DistributedDataParallel(cfg, DistributedDataParallelConfig(use_distributed_optimizer=dist_opt,
+                                                                         grad_reduce_in_fp32=True), module=model)
+        ocfg = OptimizerConfig(optimizer="adam", lr=1e-2, weight_decay=0.1, adam_beta1=0.9, adam_beta2=0.95,
+                               adam_eps=1e-8, use_distributed_optimizer=dist_opt, clip_grad=0.0, bf16=False)
+        opt = get_megatron_merit_optimizer(ocfg, [ddp])
+        inner = opt.optimizer
+        groups = [(g, inner.original_params(g)) for g in inner.param_groups]
+        ref_state, diffs = {}, []
+        for step in range(steps):
+            ddp.zero_grad_buffer()
+            opt.zero_grad()
+            tokens = torch.randint(0, 128, (2, 32), device="cuda")
+            pos = torch.arange(32, device="cuda").expand(2, 32)
+            model(tokens, pos, attention_mask=None, labels=tokens).mean().backward()
+            ddp.finish_grad_sync()
+            expected = {}
+            for g, params in groups:
+                ws = [p.detach().float().clone() for p in params]
+                gs = [p.main_grad.detach().float().clone() for p in params]
+                for p in params:
+                    ref_state.setdefault(p, (torch.zeros(p.shape, device="cuda"), torch.zeros(p.shape, device="cuda"),
+                                             torch.tensor(0.0)))
+                merit(ws, gs, [ref_state[p][0] for p in params], [ref_state[p][1] for p in params],
+                      [ref_state[p][2] for p in params], lr=float(g["lr"]), beta1=g["betas"][0], beta2=g["betas"][1],
+                      eps=g["eps"], weight_decay=g["weight_decay"])
+                expected.update(zip(params, ws))
+            opt.step()
+            diffs.append(max((p.detach().float() - w).abs().max().item() for p, w in expected.items()))
+        out["distributed_optimizer" if dist_opt else "fp32_optimizer"] = {
+            "inner": type(inner).__name__, "wrapper": type(opt).__name__, "max_abs_diff_per_step": diffs}
+    out["pass"] = all(max(v["max_abs_diff_per_step"]) <= 1e-6 for v in out.values() if isinstance(v, dict))
+    return out
+
+
 def train(ngpu: int, steps: int):
     """The training loop on the GPU(s): reads the run's metrics.jsonl."""
     out = {}
     work = Path(tempfile.mkdtemp(prefix="merit_gpu_smoke_"))
     data = work / "data"
-    subprocess.run([sys.executable, "-m", "merit_ds.data", "prepare", "--out", str(data)], check=True, cwd=REPO,
+    subprocess.run([sys.executable, "-m", "merit_ds.data", "prepare", "--input", "kjv", "--out", str(data)], check=True, cwd=REPO,
                    env=dict(os.environ, PYTHONPATH=str(REPO)))
-    ds = Path(sys.executable).with_name("deepspeed")
-    launcher = [str(ds)] if ds.exists() else [sys.executable, "-m", "deepspeed.launcher.runner"]
+    launcher = _launcher()
+    gpu, card = _this_gpu()
     for model, batch in (("tiny", 32), ("gpt2-small", 8 * ngpu)):
         run = work / model
         cmd = [*launcher, "--num_gpus", str(ngpu), "--module", "merit_ds.train", "--model", model, "--data", str(data),
@@ -349,10 +531,14 @@ def train(ngpu: int, steps: int):
                 vals = [r[key] for r in train_rows[1:] if key in r]  # the first step compiles/allocates
                 if vals:
                     entry[key] = statistics.median(vals)
-        plan = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--model", model, "--batch", str(batch),
-                               "--nodes", "1", "--gpus-per-node", str(ngpu), "--gpu", "h200", "--precision", "bf16"], cwd=REPO,
-                              env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
-        entry["plan"] = plan.stdout[-1500:] if plan.returncode == 0 else f"plan failed: {plan.stderr[-800:]}"
+        if gpu is None:
+            entry["plan"] = f"{card}: not a card merit_ds.train.plan.GPUS lists; no plan comparison"
+        else:
+            plan = subprocess.run([sys.executable, "-m", "merit_ds", "plan", "--model", model, "--batch", str(batch),
+                                   "--nodes", "1", "--gpus-per-node", str(ngpu), "--gpu", gpu, "--precision", "bf16"],
+                                  cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
+                                  timeout=300)
+            entry["plan"] = plan.stdout[-1500:] if plan.returncode == 0 else f"plan failed: {plan.stderr[-800:]}"
         out[model] = entry
     out["pass"] = all(v["rc"] == 0 for v in out.values() if isinstance(v, dict))
     return out
@@ -378,6 +564,16 @@ def write(results: dict, out: Path) -> None:
                 if isinstance(v, dict):
                     lines.append(f"| {k} | {v['median_ms']:.2f} | {v['min_ms']:.2f}..{v['max_ms']:.2f} | "
                                  f"{v['vs_adamw_fused']:.2f}x |")
+        elif name == "train_stages":
+            lines += [f"card: {r.get('card')} (plan: --gpu {r.get('plan_gpu')})", "",
+                      "| ZeRO | micro-batch | compile | tokens/s (median, min..max) | MFU | peak GiB | plan GiB | measured / plan |",
+                      "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
+            for e in r.get("runs", []):
+                tps, rng = e.get("tokens_per_s"), e.get("tokens_per_s_range")
+                tps_s = f"{tps:,.0f} ({rng[0]:,.0f}..{rng[1]:,.0f})" if tps is not None and rng else ("FAILED" if e["rc"] else "-")
+                fmt = lambda k, f: f.format(e[k]) if isinstance(e.get(k), (int, float)) else "-"  # noqa: E731
+                lines.append(f"| {e['stage']} | {e['micro_batch']} | {e['compile']} | {tps_s} | {fmt('mfu', '{:.3f}')} | "
+                             f"{fmt('peak_memory_gib', '{:.1f}')} | {fmt('plan_gib', '{:.1f}')} | {fmt('measured_over_plan', '{:.2f}')} |")
         elif name == "segmented_step":
             lines += ["| step on one partition | median (ms) | min..max (ms) | vs Adam | effective GB/s |",
                       "| --- | ---: | ---: | ---: | ---: |"]
@@ -398,6 +594,7 @@ def main():
     ap.add_argument("--out", default=str(HERE / "results" / "gpu_smoke"))
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--stage-steps", type=int, default=50, help="steps of each train_stages run (default 50)")
     ap.add_argument("--only", nargs="*", help="sections to run (default: all)")
     args = ap.parse_args()
     import torch
@@ -407,11 +604,13 @@ def main():
         return 0
     ngpu = torch.cuda.device_count()
     results: dict = {}
-    wanted = set(args.only or ["env", "optimizer_equivalence", "optimizer_step", "segmented_step", "sharded", "train"])
+    wanted = set(args.only or ["env", "optimizer_equivalence", "optimizer_step", "segmented_step", "sharded", "train",
+                               "train_stages", "megatron_factory"])
     todo = [("env", env_info), ("optimizer_equivalence", optimizer_equivalence),
             ("optimizer_step", lambda: optimizer_step(args.rounds)),
             ("segmented_step", lambda: segmented_step(args.rounds)), ("sharded", lambda: sharded(ngpu)),
-            ("train", lambda: train(ngpu, args.steps))]
+            ("train", lambda: train(ngpu, args.steps)), ("train_stages", lambda: train_stages(ngpu, args.stage_steps)),
+            ("megatron_factory", megatron_factory)]
     for name, fn in todo:
         if name in wanted:
             section(results, name)(fn)

@@ -11,6 +11,7 @@ order), so a resumed or differently launched run that is correct reproduces ever
 from __future__ import annotations
 
 import hashlib
+import re
 import json
 import os
 import shutil
@@ -94,6 +95,9 @@ def reference(data_dir, tmp_path_factory) -> Path:
     assert stale_buffers(port) == []
     assert "batch: micro_batch 2 x grad_accum 2 x world 2 = global batch 8 sequences" in r.stdout
     assert "DeepSpeedZeroOptimizer -> MERIT verified stepping" in r.stdout
+    # the start banner says where the run computes (a CPU run on a GPU node is visible at a glance)
+    assert re.search(r"^device: cpu \(1 threads per rank\); backend gloo; fp32; world 2; ZeRO 2; "
+                     r"micro-batch 2 x accumulation 2$", r.stdout, re.M), r.stdout[:3000]
     return out
 
 
@@ -157,6 +161,8 @@ def test_sigkill_mid_run_then_resume_continues_the_same_losses(reference, data_d
     r = run(deepspeed_cmd(_args(data_dir, out), port=free_port(), launcher_args=["--num_gpus", "2"]))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert f"resumed from {out / 'checkpoints' / latest} at step {resumed_at}" in r.stdout
+    # the restart did not re-read the unchanged token shards (their sizes and mtimes were recorded)
+    assert re.search(r"^data: \d+ shards unchanged .* --verify full re-reads them$", r.stdout, re.M), r.stdout[:3000]
     got, want = losses(out), losses(reference)
     assert got["train"] == want["train"]  # bitwise, every step, including the ones redone after the kill
     assert got["val"] == want["val"]

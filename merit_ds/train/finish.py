@@ -28,7 +28,8 @@ def finish_run(trainer: Trainer, config: LoopConfig, meter: Throughput, log: Run
     summary = meter.summary()
     log({"step": plan.steps, **final, **summary, **({"compile_graphs": compiled_graphs()} if config.count_graphs else {})},
         plan.steps)
-    rank0_print(runner, f"final: val loss {final['val_loss']:.4f}, perplexity {final['val_ppl']:.2f}")
+    rank0_print(runner, f"final: val loss {final['val_loss']:.4f} +- {final['val_loss_se']:.4f} (standard error over "
+                        f"{final['val_blocks']} blocks), perplexity {final['val_ppl']:.2f}")
     if rank == 0:
         div = [r for r in log.read() if r.get("gdiv_bound") is not None]
         if div:  # the last measurement: the batch bound beside the batch used

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +18,8 @@ import torch.distributed as dist
 
 from merit_ds.integrations.deepspeed_shm import release_cpu_allreduce_buffer
 
-__all__ = ["Runner", "detect_launcher", "rank0_print", "visible_nvidia_gpus", "cpu_torch_on_gpu_node"]
+__all__ = ["Runner", "detect_launcher", "rank0_print", "visible_nvidia_gpus", "cpu_torch_on_gpu_node",
+           "use_collective_timeout", "fault_from_env", "TEST_FAULT_ENV"]
 
 
 def detect_launcher(choice: str) -> str:
@@ -67,17 +70,73 @@ def cpu_torch_on_gpu_node() -> Optional[str]:
             "build (README, 'On a GPU cluster'), or set MERIT_DS_ALLOW_CPU=1 to train on the CPU anyway")
 
 
-class Runner:
-    """What differs between the launchers: process group, engine construction, backward/step."""
+def use_collective_timeout(timeout: timedelta) -> None:
+    """Make ``timeout`` the timeout of every process group this process creates from now on.
 
-    def __init__(self, launcher: str):
+    ``init_process_group(timeout=...)`` sets it for the default group only: torch gives a group made
+    later by ``new_group`` without a timeout its backend's default (30 min for gloo, 10 for NCCL),
+    not the default group's. DeepSpeed runs ZeRO's gradient reductions on such a group (its clone
+    of the world group, ``deepspeed.utils.groups._clone_world_group``), and the preemption flag
+    travels on another (:mod:`.preemption`); so the defaults ``new_group`` reads are set here,
+    before any group exists (tests/test_fail_fast.py: a hung peer ends the job at this timeout)."""
+    import torch.distributed.distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
+
+
+#: Test-only fault injection: ``RANK:STEP:KIND`` makes that rank fail in that optimizer step (at its
+#: first backward): ``raise`` (RuntimeError), ``oom`` (torch.OutOfMemoryError, as a GPU's would be)
+#: or ``hang`` (sleeps forever). Read by :func:`fault_from_env`, used only in :meth:`Runner.backward_step`.
+TEST_FAULT_ENV = "MERIT_DS_TEST_FAIL_AT"
+_FAULT_KINDS = ("raise", "oom", "hang")
+
+
+def fault_from_env(environ=None) -> Optional[tuple[int, int, str]]:
+    """``(rank, step, kind)`` from ``$MERIT_DS_TEST_FAIL_AT``, or None when unset."""
+    from .run_config import UsageError
+
+    text = (os.environ if environ is None else environ).get(TEST_FAULT_ENV, "").strip()
+    if not text:
+        return None
+    parts = text.split(":")
+    if len(parts) != 3 or not parts[0].isdigit() or not parts[1].isdigit() or parts[2] not in _FAULT_KINDS:
+        raise UsageError(f"{TEST_FAULT_ENV}={text!r} (environment, a test hook): expected RANK:STEP:KIND with KIND "
+                         f"one of {', '.join(_FAULT_KINDS)}, e.g. 1:5:raise; unset it to train normally")
+    return int(parts[0]), int(parts[1]), parts[2]
+
+
+def _inject_fault(rank: int, step: int, kind: str) -> None:
+    # the moment goes to stdout (not the one-line error on stderr): tests time the other ranks from it
+    print(f"{TEST_FAULT_ENV}: rank {rank} {kind} at step {step}, unix time {time.time():.3f}", flush=True)
+    if kind == "hang":
+        while True:  # like a rank stuck in a kernel: no signal handler wakes it up to report
+            time.sleep(3600)
+    if kind == "oom":
+        raise torch.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected by {TEST_FAULT_ENV} "
+                                     f"at step {step})")
+    raise RuntimeError(f"injected failure ({TEST_FAULT_ENV} at step {step})")
+
+
+class Runner:
+    """What differs between the launchers: process group, engine construction, backward/step.
+
+    ``timeout``: how long a collective waits for the other ranks before it raises (``--collective-timeout``,
+    :func:`.run_config.collective_timeout`); None leaves the libraries' defaults."""
+
+    def __init__(self, launcher: str, timeout: Optional[timedelta] = None):
         self.launcher = launcher
         self.accelerator = None
+        self.timeout = timeout
+        self.fault = fault_from_env()
+        if timeout is not None:
+            use_collective_timeout(timeout)
         if launcher == "deepspeed":
             import deepspeed
 
             single_process_env()
-            deepspeed.init_distributed(auto_mpi_discovery=True)
+            deepspeed.init_distributed(auto_mpi_discovery=True, **({"timeout": timeout} if timeout else {}))
             # NCCL stages broadcast_object_list on the current device: pick this rank's GPU before
             # the first one (loop._agree); a no-op on DeepSpeed's CPU accelerator. (Accelerate's state
             # sets the device itself when it starts the process group.)
@@ -89,7 +148,9 @@ class Runner:
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
 
-        handlers = [InitProcessGroupKwargs(backend="gloo")] if self.cpu else []
+        timeout = {"timeout": self.timeout} if self.timeout is not None else {}
+        handlers = ([InitProcessGroupKwargs(backend="gloo", **timeout)] if self.cpu else
+                    [InitProcessGroupKwargs(**timeout)] if timeout else [])
         plugin = DeepSpeedPlugin(hf_ds_config=ds_cfg)
         self.accelerator = Accelerator(deepspeed_plugin=plugin, kwargs_handlers=handlers)
 
@@ -134,6 +195,8 @@ class Runner:
 
     def backward_step(self, loss) -> None:
         """One micro-batch's backward; DeepSpeed steps (clip, optimizer, zero_grad) at the boundary."""
+        if self.fault is not None and self.fault[:2] == (self.rank, self.engine.global_steps + 1):
+            _inject_fault(*self.fault)
         if self.accelerator is None:
             if self.micro is not None:
                 self.micro += 1

@@ -52,6 +52,9 @@ from merit_ds.integrations.param_groups import merit_param_groups
 
 from .batch import BatchConfigError
 from .data_source import DEFAULT_EVAL_SEQUENCES, DataError, check_token_data, make_train_loader, make_val_loader
+
+#: In the run directory: the token data's sizes and modification times at its last full check.
+VERIFIED_DATA = "verified_data.json"
 from .export import record_run
 from .finish import finish_run
 from .launcher import Runner, cpu_torch_on_gpu_node, detect_launcher, rank0_print
@@ -60,7 +63,8 @@ from .preemption import EXIT_CODE as PREEMPTED_EXIT_CODE
 from .preemption import Preempted, Preemption
 from .optimizers import build_client_optimizer, describe_stepping, verify_optimizer_is_stepping
 from .presets import gpt2_config, optimizer_names
-from .run_config import RunConfig, UsageError, resolve
+from .run_config import (COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_MIN, RunConfig, UsageError,
+                         collective_timeout, resolve)
 from .shared_fs import check_shared_out
 from .tracking import MetricsLog, make_trackers
 from .trainer import CheckpointSaveError, LoopConfig, Trainer
@@ -79,7 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GPT2Config override, e.g. n_layer=2 (tests)")
     g.add_argument("--seq-len", type=int, default=None, help="default: the preset's (tiny 128, GPT-2 1024)")
     g.add_argument("--activation-checkpointing", action="store_true")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (engine.compile)")
+    g.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                   help="torch.compile the model (engine.compile): auto (default) compiles on CUDA and not on the "
+                        "CPU; --compile alone is on")
     g.add_argument("--family", default=None,
                    help="a shape at a fixed non-embedding parameter count (with --params): wide (d/L 128), base (32), "
                         "deep (8) or L<layers>; replaces the preset's n_layer/n_embd/n_head (merit_ds/train/families.py)")
@@ -111,12 +117,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="peak lr (default: the DeepSpeed JSON's, else the optimizer's preset, sqrt-scaled with batch)")
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 2%% of the steps")
     g.add_argument("--min-lr-ratio", type=float, default=None, help="cosine floor (default 0.1)")
+    g.add_argument("--collective-timeout", default=None, metavar="MINUTES",
+                   help="how long a rank waits for the others in one collective (a peer out of memory, hung or gone) "
+                        "before it stops with one line; fractions allowed, e.g. 0.5 (default: "
+                        f"${COLLECTIVE_TIMEOUT_ENV}, else {DEFAULT_COLLECTIVE_TIMEOUT_MIN:g}; docs/recipes.md)")
     g = p.add_argument_group("data, output, cadence")
     g.add_argument("--data", required=True, help="prepared data directory (python -m merit_ds.data prepare)")
     g.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, tensorboard/, loss.png")
     g.add_argument("--eval-every", type=int, default=50)
+    g.add_argument("--verify", choices=("changed", "full"), default="changed",
+                   help="at start-up, re-hash the token shards and the checkpoint to resume only where their size or "
+                        "modification time changed since their last full check (changed, default), or everything (full)")
     g.add_argument("--eval-sequences", type=int, default=None, help=f"validation blocks: a fixed set, the same at every world size and micro-batch "
-                        f"(default {DEFAULT_EVAL_SEQUENCES}, capped at the val split)")
+                        f"(default: the model preset's, 2048 for the GPT-2 recipes (standard error <= 0.01 nats), "
+                        f"{DEFAULT_EVAL_SEQUENCES} for tiny; capped at the val split)")
     g.add_argument("--prefetch", type=int, default=2,
                    help="micro-batches a worker thread reads ahead while the device computes (pinned memory on "
                         "CUDA); 0: read in the loop. Resume is exact either way (default 2)")
@@ -190,10 +204,31 @@ def configure(args, runner: Runner, launcher: str) -> RunConfig:
     return rc
 
 
+def compile_wanted(choice: str, cpu: bool) -> bool:
+    """``--compile``: on, off, or auto: on CUDA (where dynamo's fused kernels pay for the compile
+    time; benchmarks/gpu_smoke.sh's training section measures eager against compiled), off on the
+    CPU (compile time there exceeds a short run's saving; docs/recipes.md)."""
+    return choice == "on" or (choice == "auto" and not cpu)
+
+
+def device_line(runner: Runner, rc: RunConfig) -> str:
+    """Where this run computes, in one line: device, collective backend, precision, world, ZeRO
+    stage, micro-batch x accumulation (a CPU run on a GPU node is visible at a glance)."""
+    if runner.cpu:
+        device = f"cpu ({torch.get_num_threads()} threads per rank)"
+    else:
+        index = torch.cuda.current_device()
+        device = f"cuda:{index} ({torch.cuda.get_device_name(index)}, torch {torch.__version__}, CUDA {torch.version.cuda})"
+    backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
+    return (f"device: {device}; backend {backend}; {rc.precision}; world {runner.world}; ZeRO {rc.zero_stage}; "
+            f"micro-batch {rc.plan.micro_batch} x accumulation {rc.plan.grad_accum}")
+
+
 def print_banner(runner: Runner, rc: RunConfig) -> None:
     p = rc.opt_params
     rank0_print(runner, f"merit_ds.train: launcher {rc.launcher}, {runner.world} ranks, ZeRO {rc.zero_stage}, "
                         f"{rc.precision}, model {rc.model} ({rc.preset.description}), optimizer {rc.label}")
+    rank0_print(runner, device_line(runner, rc))
     if rc.family is not None:
         rank0_print(runner, rc.family.describe())
     if rc.batch_table is None:
@@ -223,7 +258,7 @@ def describe_schedule(rc: RunConfig) -> str:
 
 
 def make_loaders(args, rc: RunConfig, rank: int, world: int):
-    eval_sequences = args.eval_sequences or DEFAULT_EVAL_SEQUENCES
+    eval_sequences = args.eval_sequences or rc.preset.eval_sequences
     try:
         train_loader = make_train_loader(args.data, seq_len=rc.seq_len, global_batch=rc.plan.global_batch,
                                          micro_batch=rc.plan.micro_batch, rank=rank, world=world, seed=args.seed)
@@ -234,7 +269,11 @@ def make_loaders(args, rc: RunConfig, rank: int, world: int):
         vocab = gpt2_config(rc.preset, **model_overrides(rc)).vocab_size
         if "vocab_size" not in model_overrides(rc):
             vocab = min(vocab, rc.preset.token_vocab)
-        check_token_data(args.data, vocab, rank=rank, world=world)
+        verified = check_token_data(args.data, vocab, rank=rank, world=world, full=args.verify == "full",
+                                    verified_record=Path(args.out) / VERIFIED_DATA)
+        if verified["skipped"] and rank == 0:
+            print(f"data: {verified['shards']} shards unchanged (sizes, modification times) since their last full "
+                  f"check ({Path(args.out) / VERIFIED_DATA}); --verify full re-reads them", flush=True)
     except DataError as exc:
         raise UsageError(f"data: {exc}") from None
     if args.prefetch < 0:
@@ -266,7 +305,7 @@ def describe_run(rc: RunConfig, world: int, train_loader) -> dict:
             train_loader.state_dict().get("data")}
 
 
-def locate_checkpoint(resume: str, ckpt_root: Path, run_info: dict, runner: Runner):
+def locate_checkpoint(resume: str, ckpt_root: Path, run_info: dict, runner: Runner, args_verify: str = "full"):
     """``(resume_from, load_from)``: the validated checkpoint to resume (or ``None``) and what to
     load (itself, or its universal copy at another world size). Rank 0 checks the files; every
     rank gets the verdict, so a bad checkpoint is the same clear error everywhere."""
@@ -286,7 +325,9 @@ def locate_checkpoint(resume: str, ckpt_root: Path, run_info: dict, runner: Runn
                 resume_from = Path(resume)
                 ckpt.refuse_going_back(resume_from, ckpt_root)
             if resume_from is not None:
-                saved_world = ckpt.validate(resume_from, run_info, allow_world_change=True)["run"]["world"]
+                checksums = True if args_verify == "full" else "changed"
+                saved_world = ckpt.validate(resume_from, run_info, allow_world_change=True,
+                                            checksums=checksums)["run"]["world"]
                 if saved_world != world and run_info["zero_stage"] > 0:
                     # ZeRO files are per rank: re-shard through DeepSpeed's universal format (the
                     # optimizers keep the state keys it needs), converted once into this run's directory.
@@ -326,7 +367,7 @@ def build_engine(args, rc: RunConfig, runner: Runner, ds_config: dict):
     basic = verify_optimizer_is_stepping(engine, rc.optimizer)
     rank0_print(runner, f"optimizer: {type(engine.optimizer).__name__} -> {describe_stepping(basic, rc.optimizer)} "
                         f"verified stepping; {n_params:,} parameters")
-    if args.compile:
+    if compile_wanted(args.compile, runner.cpu):
         engine.compile()
     return engine, basic
 
@@ -337,7 +378,7 @@ def run(args) -> int:
     refusal = cpu_torch_on_gpu_node()  # before DeepSpeed picks its CPU accelerator behind our back
     if refusal:
         raise UsageError(refusal)
-    runner = Runner(launcher)
+    runner = Runner(launcher, collective_timeout(args.collective_timeout))
     rc = configure(args, runner, launcher)
     rank, world, plan = runner.rank, runner.world, rc.plan
     print_banner(runner, rc)
@@ -350,7 +391,7 @@ def run(args) -> int:
     check_shared_out(out, rank, world)
     ckpt_root = out / "checkpoints"
     run_info = describe_run(rc, world, train_loader)
-    resume_from, load_from = locate_checkpoint(args.resume, ckpt_root, run_info, runner)
+    resume_from, load_from = locate_checkpoint(args.resume, ckpt_root, run_info, runner, args.verify)
     cfg = rc.ds_config
     if load_from is not None and load_from != resume_from:
         cfg = dict(cfg, checkpoint=dict(cfg.get("checkpoint", {}), load_universal=True))
@@ -385,7 +426,7 @@ def run(args) -> int:
     # --- train, then the end of the run ----------------------------------------------------------------
     loop_cfg = LoopConfig(ckpt_root=ckpt_root, run_info=run_info, seq_len=rc.seq_len, log_every=args.log_every,
                           diag_every=args.diag_every, eval_every=args.eval_every, ckpt_every=args.ckpt_every,
-                          keep_last=args.keep_last, progress=not args.no_progress, count_graphs=args.compile)
+                          keep_last=args.keep_last, progress=not args.no_progress, count_graphs=compile_wanted(args.compile, runner.cpu))
     meter = Throughput.for_run(rc, world, args.peak_tflops, engine.device)
     preemption = Preemption()  # SIGTERM / SIGUSR1: checkpoint after the current step, exit 143
     try:
@@ -406,16 +447,29 @@ def run(args) -> int:
     return 0
 
 
+#: Exit codes of a failed run: this rank raised (its own error: out of memory, a bug, a non-finite
+#: loss), or a collective failed under it because another rank stopped or hung (``--collective-timeout``).
+EXIT_FAILED, EXIT_PEER_GONE = 1, 3
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    rc = None
     try:
-        return _run_reporting_errors(args)
+        rc = _run_reporting_errors(args)
+        return rc
     finally:
         # DeepSpeed's CPU all-reduce segment of this rank (66 MiB in /dev/shm that DeepSpeed never
-        # unlinks), on every way out: done, refused, preempted, or a failure with its traceback
+        # unlinks), on every way out: done, refused, preempted, or failed
         from merit_ds.integrations.deepspeed_shm import release_cpu_allreduce_buffer
 
         release_cpu_allreduce_buffer(int(os.environ.get("RANK", "0")))
+        if rc in (EXIT_FAILED, EXIT_PEER_GONE) and dist.is_initialized() and dist.get_world_size() > 1:
+            # the process group is broken: leave now, not in a teardown that can wait for the peers
+            # (destroy_process_group, a communicator's destructor, MPI_Finalize, exit handlers)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
 
 
 def _run_reporting_errors(args) -> int:
@@ -431,23 +485,105 @@ def _run_reporting_errors(args) -> int:
         if dist.is_initialized():
             dist.destroy_process_group()
         return 2
-    except RuntimeError as exc:
-        if not _peer_failure(exc):
-            raise
-        # a collective failed because another rank is gone (killed, out of memory, its node lost): its
-        # own output says why; here one line instead of this rank's communication-library traceback
-        rank = int(os.environ.get("RANK", "0"))
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - any other failure: one line per rank, the traceback to a file
+        return _report_failure(args, exc)
+
+
+def _report_failure(args, exc: Exception) -> int:
+    """One line on stderr for a rank that failed, the traceback to its log file; returns the exit code.
+
+    A collective that failed because another rank stopped or hung (:func:`_peer_failure`): that
+    rank's output says why; this one says so (:data:`EXIT_PEER_GONE`). Anything else is this rank's
+    own failure (:data:`EXIT_FAILED`): its type and first line. Both name the last good checkpoint
+    and how to resume; :func:`main` then ends the process without waiting for the peers."""
+    rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+    _finish_pending_checkpoint(args)
+    last = _last_good_checkpoint(args)
+    log = _write_traceback(args, exc, rank)
+    where = f" Stack trace: {log}." if log else ""
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else "(no message)"
+    if last is None:
+        resume = "No checkpoint was saved before it: the same command starts again from step 0."
+    elif args.resume == "auto":
+        resume = "Run the same command again to resume from it (--resume auto)."
+    else:
+        resume = "Run the same command with --resume auto to resume from it."
+    if _peer_failure(exc):
+        # a collective failed because another rank is gone (killed, out of memory, its node lost) or
+        # hung past --collective-timeout: its own output says why
         sys.stderr.write(f"merit_ds.train: error (rank {rank}): another rank stopped while this one waited for it in a "
-                         f"collective ({first}); see that rank's output for why. Checkpoints already saved are intact: "
-                         "run the same command again to resume from the latest.\n")
+                         f"collective ({first}); see that rank's output for why. Checkpoints already saved are intact; "
+                         f"last good checkpoint: {last or 'none'}. {resume}{where}\n")
         sys.stderr.flush()
-        return 3
+        return EXIT_PEER_GONE
+    first = first.split("; last good checkpoint:")[0]  # a message that names one (a non-finite loss): ours is newer
+    hint = ""
+    if isinstance(exc, torch.OutOfMemoryError) or "out of memory" in first.lower():
+        hint = ("Out of memory: a smaller --micro-batch keeps the global batch (more gradient accumulation); "
+                "--activation-checkpointing saves more. ")
+    sys.stderr.write(f"merit_ds.train: error (rank {rank} of {world}): {type(exc).__name__}: {first}; last good "
+                     f"checkpoint: {last or 'none'}. {hint}{resume}{where}\n")
+    sys.stderr.flush()
+    if dist.is_initialized() and world == 1:
+        dist.destroy_process_group()  # no peer to wait for: an in-process caller may start again
+    return EXIT_FAILED
 
 
-#: What gloo and NCCL say when the other end of a collective has gone away.
+def _finish_pending_checkpoint(args) -> None:
+    """Rank 0 completes the checkpoint it is finalising in the background (hashing, metadata,
+    ``latest``: :class:`.trainer._Finaliser`, a thread of that name) before it reports: every rank
+    had written its files of that step, so it is good, and local work, bounded by the timeout."""
+    import threading
+
+    try:
+        limit = collective_timeout(args.collective_timeout).total_seconds()
+    except UsageError:
+        limit = DEFAULT_COLLECTIVE_TIMEOUT_MIN * 60
+    for thread in threading.enumerate():
+        if thread.name.startswith("merit_ds-finalise-") and thread is not threading.current_thread():
+            thread.join(limit)
+
+
+def _last_good_checkpoint(args):
+    """The newest complete checkpoint of the run (what ``--resume auto`` takes), else the one it
+    resumed from (``--resume PATH``), else None."""
+    try:
+        done = ckpt.complete_checkpoints(Path(args.out) / "checkpoints")
+    except OSError:
+        done = []
+    if done:
+        return done[0]
+    return Path(args.resume) if args.resume not in ("auto", "never") else None
+
+
+def _write_traceback(args, exc: BaseException, rank: int):
+    """Append ``exc``'s traceback to ``OUT/logs/error_rank<R>.log`` (or, before ``--out`` exists, a
+    file in the temporary directory); its path, or None if it cannot be written."""
+    import datetime
+    import socket
+    import tempfile
+    import traceback
+
+    out = Path(args.out)
+    path = (out / "logs" / f"error_rank{rank}.log" if out.is_dir() else
+            Path(tempfile.gettempdir()) / f"merit_ds_train_error_rank{rank}_{os.getpid()}.log")
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a") as f:
+            f.write(f"--- {datetime.datetime.now().isoformat(timespec='seconds')} rank {rank}, host "
+                    f"{socket.gethostname()}, pid {os.getpid()}\n")
+            f.write("".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    except OSError:
+        return None
+    return path
+
+
+#: What gloo and NCCL say when the other end of a collective has gone away, or did not answer within
+#: the collective timeout (gloo: "Timed out waiting 30000ms for recv operation"; NCCL's watchdog).
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "remote process exited",
-              "NCCL communicator was aborted", "Socket Timeout", "connection refused")
+              "NCCL communicator was aborted", "Socket Timeout", "connection refused", "Timed out waiting",
+              "collective operation timeout", "failed to recv, got 0 bytes")
 
 
 def _peer_failure(exc: BaseException) -> bool:

@@ -17,7 +17,7 @@ __all__ = ["TIMING_KEYS", "RunLog", "Throughput", "compiled_graphs", "peak_flops
 
 #: Wall-clock keys of metrics.jsonl (they differ between otherwise identical runs).
 TIMING_KEYS = frozenset({"step_time_s", "tokens_per_s", "mfu", "peak_memory_gib",
-                         "train_step_time_s", "train_tokens_per_s", "train_mfu"})
+                         "train_step_time_s", "train_tokens_per_s", "train_mfu", "eval_time_s"})
 
 
 class RunLog:

@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
-from typing import Optional
+from datetime import timedelta
+from typing import Mapping, Optional
 
 from merit_ds.integrations._common import ds_offloads_optimizer
 
@@ -47,12 +49,48 @@ from .ds_config import make_ds_config, set_batch
 from .presets import (TOKEN_BUDGET, optimizer_label, ModelPreset, OptimPreset, get_model_preset,
                       get_optim_preset, parse_batch, scaled_lr, warmup_steps)
 
-__all__ = ["UsageError", "RunConfig", "resolve", "json_optimizer", "DEFAULT_BATCH"]
+__all__ = ["UsageError", "RunConfig", "resolve", "json_optimizer", "DEFAULT_BATCH", "collective_timeout",
+           "DEFAULT_COLLECTIVE_TIMEOUT_MIN", "COLLECTIVE_TIMEOUT_ENV"]
 
 DEFAULT_BATCH = {"tiny": 16, "gpt2-small": 480, "gpt2-medium": 480}
 
 class UsageError(ValueError):
     """Bad input: reported as one clear line, exit code 2, nothing written."""
+
+
+#: ``--collective-timeout``'s default, in minutes: how long a rank waits for the others in one
+#: collective before the job stops. The longest legitimate wait in a run is minutes at most (rank 0
+#: hashing a checkpoint to validate it at start-up or finalising the last one, a cold first compile
+#: under ``--compile``, a universal re-shard): docs/recipes.md, "A rank fails or hangs".
+DEFAULT_COLLECTIVE_TIMEOUT_MIN = 10.0
+#: Replaces the default (the flag, when given, wins over it).
+COLLECTIVE_TIMEOUT_ENV = "MERIT_DS_COLLECTIVE_TIMEOUT_MIN"
+
+
+def collective_timeout(flag: Optional[str], environ: Optional[Mapping[str, str]] = None) -> timedelta:
+    """``--collective-timeout MINUTES`` (a string as given, or None), else ``$MERIT_DS_COLLECTIVE_TIMEOUT_MIN``,
+    else :data:`DEFAULT_COLLECTIVE_TIMEOUT_MIN`, as a timedelta; :class:`UsageError` unless a finite
+    number of minutes of at least one second (fractions allowed: 0.5 is 30 s)."""
+    environ = os.environ if environ is None else environ
+    if flag is not None:
+        text, where = str(flag), "--collective-timeout"
+        fix = (f"pass a number of minutes, e.g. --collective-timeout 10, or leave the flag out for the default "
+               f"({DEFAULT_COLLECTIVE_TIMEOUT_MIN:g})")
+    elif environ.get(COLLECTIVE_TIMEOUT_ENV, "").strip():
+        text, where = environ[COLLECTIVE_TIMEOUT_ENV], f"{COLLECTIVE_TIMEOUT_ENV} (environment)"
+        fix = (f"set it to a number of minutes, e.g. {COLLECTIVE_TIMEOUT_ENV}=10, or unset it for the default "
+               f"({DEFAULT_COLLECTIVE_TIMEOUT_MIN:g})")
+    else:
+        return timedelta(minutes=DEFAULT_COLLECTIVE_TIMEOUT_MIN)
+    try:
+        minutes = float(text)
+        if not math.isfinite(minutes) or minutes * 60 < 1:  # 0, negative, nan, inf, below the 1 s gloo can honour
+            raise ValueError
+        return timedelta(minutes=minutes)
+    except (ValueError, OverflowError):
+        raise UsageError(f"{where} must be a positive number of minutes (how long a rank waits for the others in one "
+                         f"collective before the job stops; at least 1 second, fractions allowed), got {text!r}; "
+                         f"{fix}. Nothing was written.") from None
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import math
 import random
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -289,12 +290,14 @@ class Trainer:
             if read:
                 record.update(meter.interval())
                 if evaluating:
+                    started = time.perf_counter()
                     record.update(self.evaluate())
+                    record["eval_time_s"] = time.perf_counter() - started  # its share of the run: docs/recipes.md
                 if config.count_graphs:  # graphs dynamo compiled so far: flat after warm-up, or something recompiles
                     record["compile_graphs"] = compiled_graphs()
                 log(record, step)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", **(
-                    {"val": f"{record['val_loss']:.3f}"} if "val_loss" in record else {}))
+                    {"val": f"{record['val_loss']:.3f}+-{record['val_loss_se']:.3f}"} if "val_loss" in record else {}))
                 if not math.isfinite(record["loss"]):
                     root = config.ckpt_root
                     raise FloatingPointError(f"training loss is {record['loss']} at step {step}; last good checkpoint: "
@@ -323,26 +326,38 @@ class Trainer:
         Token-weighted mean over every block of the set, each counted once: per-rank sums of
         token losses and token and block counts, summed over ranks in float64 (one all-reduce).
         Independent of the world size and micro-batch up to float rounding. ``val_blocks`` is the
-        number of blocks counted over all ranks (asserted equal to the set's size)."""
+        number of blocks counted over all ranks (asserted equal to the set's size).
+
+        ``val_loss_se``: the standard error of ``val_loss`` over blocks, ``sqrt(s^2 / n)`` with
+        ``s^2`` the sample variance of the blocks' mean losses (blocks have equal length, so
+        ``val_loss`` is their mean). Tokens within a block are correlated; blocks are the unit.
+        Two runs evaluated on the same set differ by less noise than both SEs together (paired)."""
         engine, val = self.engine, self.val_loader
         engine.eval()
-        acc = torch.zeros(3, dtype=torch.float64, device=engine.device)  # loss sum, tokens, blocks
+        # loss sum, tokens, blocks, sum of block means, sum of squared block means
+        acc = torch.zeros(5, dtype=torch.float64, device=engine.device)
         with torch.no_grad():
             for x, y in val.batches():
                 x, y = x.to(engine.device), y.to(engine.device)
                 logits = engine(input_ids=x).logits
                 losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                per_block = losses.double().view(x.shape[0], -1).mean(1)
                 acc[0] += losses.double().sum()
                 acc[1] += losses.numel()
                 acc[2] += x.shape[0]
+                acc[3] += per_block.sum()
+                acc[4] += per_block.square().sum()
         engine.train()
         if dist.is_initialized() and dist.get_world_size() > 1:
             collective.all_reduce(acc)
-        total, tokens, blocks = (float(v) for v in acc.cpu())
+        total, tokens, blocks, s1, s2 = (float(v) for v in acc.cpu())
         if int(blocks) != val.blocks:
             raise RuntimeError(f"validation counted {int(blocks)} blocks, the set holds {val.blocks}")
         loss = total / tokens
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_blocks": int(blocks)}
+        n = int(blocks)
+        var = max(0.0, (s2 - s1 * s1 / n) / (n - 1)) if n > 1 else float("nan")
+        return {"val_loss": loss, "val_loss_se": math.sqrt(var / n), "val_ppl": math.exp(min(loss, 50.0)),
+                "val_blocks": n}
 
     # --- checkpoints -----------------------------------------------------------------------------------
     def client_state(self) -> dict:
