@@ -1,4 +1,4 @@
-"""MERIT (and LAMB) for Megatron-LM: a megatron-core optimizer factory, exact under its
+"""MERIT for Megatron-LM: a megatron-core optimizer factory, exact under its
 DistributedOptimizer and tensor parallelism. Optional extra: ``pip install -e ".[megatron]"``
 (megatron-core 0.16.x, the last line for Python 3.11).
 
@@ -15,7 +15,8 @@ the grad buffers and its wrapper (``FP32Optimizer``, ``Float16OptimizerWithFloat
 ``DistributedOptimizer``); only the inner optimizer is MERIT instead of Adam, for every
 parameter (matrices get MERIT's element-wise ratios, vectors its tensor-level ratio: one rule,
 no second optimizer). ``config.adam_beta1/2``, ``adam_eps``, ``lr``, ``weight_decay`` are
-MERIT's. ``optimizer="lamb"`` builds merit_ds's LAMB the same way.
+MERIT's. ``optimizer=NAME`` builds any registered merit_ds optimizer with a sharded rule the same
+way (the baselines included: docs/optimizer.md, "Adding an optimizer").
 
 Exactness. Under ``use_distributed_optimizer`` the inner optimizer holds one fp32 piece per
 parameter, cut anywhere (:mod:`merit_ds.sharding.pieces`). :func:`attach_distributed_optimizer`
@@ -29,7 +30,7 @@ for DeepSpeed (:mod:`merit_ds.sharding.tensor_parallel`, megatron-core's groups)
 
 Refused with a clear error: pipeline parallelism, expert (MoE) parameters, the precision-aware
 optimizer (``use_precision_aware_optimizer``), Megatron FSDP, ``optimizer_cpu_offload``,
-``config.optimizer`` other than "adam"/"merit"/"lamb" (the factory decides the optimizer).
+``config.optimizer`` other than "adam" or a merit_ds optimizer's name (the factory decides).
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ __all__ = ["get_megatron_merit_optimizer", "attach_distributed_optimizer", "piec
 
 class MegatronNotSupported(ValueError):
     """A megatron-core option the MERIT factory does not support (yet): named in the message."""
+
+
+def _sharded_names() -> list[str]:
+    """Registered optimizers with a sharded rule (what the factory can build)."""
+    from merit_ds.optim import registry
+
+    return [s.name for s in registry.specs() if s.fragment_rule is not None]
 
 
 def _require_megatron():
@@ -66,9 +74,11 @@ def _check_config(config) -> None:
         if on:
             raise MegatronNotSupported(f"get_megatron_merit_optimizer: {name}=True is not supported ({why}); "
                                        f"turn it off.")
-    if getattr(config, "optimizer", "adam") not in ("adam", "merit", "lamb"):
-        raise MegatronNotSupported(f"get_megatron_merit_optimizer builds MERIT (or LAMB): config.optimizer="
-                                   f"{config.optimizer!r} is not one of them; leave it 'adam' (the default).")
+    ours = _sharded_names()
+    if getattr(config, "optimizer", "adam") not in ("adam", *ours):
+        raise MegatronNotSupported(f"get_megatron_merit_optimizer builds a merit_ds optimizer ({', '.join(ours)}): "
+                                   f"config.optimizer={config.optimizer!r} is not one of them; leave it 'adam' "
+                                   f"(the default).")
     try:
         from megatron.core import parallel_state as ps
 
@@ -80,7 +90,7 @@ def _check_config(config) -> None:
 
 
 class _InnerAsAdam:
-    """Stands where megatron-core builds its Adam: the same keyword arguments, MERIT (or LAMB) built."""
+    """Stands where megatron-core builds its Adam: the same keyword arguments, our optimizer built."""
 
     def __init__(self, cls):
         self.cls = cls
@@ -111,7 +121,7 @@ def _inner_optimizer(cls):
 def get_megatron_merit_optimizer(config, model_chunks, config_overrides=None, use_gloo_process_groups: bool = True,
                                  pg_collection=None, dump_param_to_param_group_map: Optional[str] = None,
                                  *, optimizer: str = "merit"):
-    """megatron-core's ``get_megatron_optimizer`` with MERIT (``optimizer="lamb"``: LAMB) inside.
+    """megatron-core's ``get_megatron_optimizer`` with MERIT (or the registered ``optimizer``) inside.
 
     Returns what megatron-core returns (a ``MegatronOptimizer``, chained when it makes several),
     with every ``DistributedOptimizer`` in it attached (:func:`attach_distributed_optimizer`).
@@ -123,7 +133,7 @@ def get_megatron_merit_optimizer(config, model_chunks, config_overrides=None, us
 
     spec = registry.get(optimizer)
     if spec.fragment_rule is None:
-        raise MegatronNotSupported(f"optimizer={optimizer!r} has no sharded rule; use merit or lamb")
+        raise MegatronNotSupported(f"optimizer={optimizer!r} has no sharded rule; use one of {', '.join(_sharded_names())}")
     _check_config(config)
     if any(getattr(getattr(m, "ddp_config", None), "use_megatron_fsdp", False) for m in model_chunks):
         raise MegatronNotSupported("get_megatron_merit_optimizer: Megatron FSDP (use_megatron_fsdp) is not "
@@ -207,7 +217,7 @@ def statistics_groups(dp_group, tp_group=None):
 
 
 def attach_distributed_optimizer(dist_opt, tp_group=None) -> None:
-    """Tell the MERIT (LAMB) inside megatron-core's ``DistributedOptimizer`` where each of its fp32
+    """Tell the merit_ds optimizer inside megatron-core's ``DistributedOptimizer`` where each of its fp32
     pieces lies in its parameter (the wrapper's own range map) and how that parameter is split
     across tensor-parallel ranks. Called by :func:`get_megatron_merit_optimizer`."""
     from merit_ds.sharding.pieces import attach_pieces

@@ -19,9 +19,9 @@ from merit_ds.study.__main__ import _shard, build_parser, grid_from_args
 from merit_ds.study.analysis import (best_per_batch, check_one_budget, fit_exponent, load_results,
                                      steps_to_target, summarize)
 from merit_ds.study.cell import CellSpec
-from merit_ds.study.grid import Grid, GridError, parse_list, parse_lrs
+from merit_ds.study.grid import Grid, GridError, cell_steps, parse_list, parse_lrs, short_cells
 from merit_ds.study.report import PLOTS, report_from_csv
-from merit_ds.study.runner import COLUMNS, collect_results, run_grid, write_results
+from merit_ds.study.runner import COLUMNS, collect_results, run_grid, study_identity, write_results
 
 
 # --- grid parsing ----------------------------------------------------------------------------------
@@ -37,6 +37,39 @@ def test_parse_lrs_shared_and_per_optimizer():
         parse_list("1e-2,1e-2", float, "lr")
     with pytest.raises(GridError, match="positive"):
         parse_lrs("-1e-2", ["merit"])
+    # per optimizer and batch; the plain entry fills the batches without their own
+    assert parse_lrs("merit@8=6e-3,1.2e-2;merit@64=5e-2;adamw=2e-3", ["merit", "adamw"], [8, 64]) == {
+        "merit": {8: [6e-3, 1.2e-2], 64: [5e-2]}, "adamw": [2e-3]}
+    assert parse_lrs("merit@64=5e-2;merit=1e-2", ["merit"], [8, 64]) == {"merit": {8: [1e-2], 64: [5e-2]}}
+    with pytest.raises(GridError, match="no lr grid at batch 64"):
+        parse_lrs("merit@8=1e-2", ["merit"], [8, 64])
+    with pytest.raises(GridError, match="batch 32 is not in --batch-sizes"):
+        parse_lrs("merit@32=1e-2;merit=1e-2", ["merit"], [8, 64])
+    with pytest.raises(GridError, match="must be an integer"):
+        parse_lrs("merit@x=1e-2", ["merit"], [8])
+    # --add-lrs widens a grid: at one batch, or at every batch
+    from merit_ds.study.__main__ import add_lrs
+
+    base = {"merit": {8: [6e-3, 1.2e-2], 64: [2.5e-2]}, "adamw": [1e-3, 2e-3]}
+    assert add_lrs(base, "merit@8=3e-3;adamw=4e-3", ["merit", "adamw"], [8, 64]) == {
+        "merit": {8: [3e-3, 6e-3, 1.2e-2], 64: [2.5e-2]}, "adamw": [1e-3, 2e-3, 4e-3]}
+    assert add_lrs(base, "adamw@64=8e-3;merit=1.2e-2", ["merit", "adamw"], [8, 64]) == {
+        "merit": {8: [6e-3, 1.2e-2], 64: [1.2e-2, 2.5e-2]}, "adamw": {8: [1e-3, 2e-3], 64: [1e-3, 2e-3, 8e-3]}}
+    assert base["merit"][8] == [6e-3, 1.2e-2]  # not changed in place
+    with pytest.raises(GridError, match="batch 32 is not in the grid's batches"):
+        add_lrs(base, "merit@32=1e-2", ["merit", "adamw"], [8, 64])
+    d = grid_from_args(build_parser().parse_args(["--out", "x", "--add-lrs", "merit@8=3e-3"]), prepare_data=False)
+    assert d.lrs_for("merit", 8) == [3e-3, 6e-3, 1.2e-2, 2.5e-2, 5e-2] and len(d.cells()) == 75
+    # a batch the preset has no grid for: named, with the flag that gives one; given, it runs
+    with pytest.raises(GridError, match=r'no lr grid for merit at batch 16 .* --add-lrs "merit@16=lr,lr,..."'):
+        grid_from_args(build_parser().parse_args(["--out", "x", "--batch-sizes", "8,16,64"]), prepare_data=False)
+    d = grid_from_args(build_parser().parse_args(["--out", "x", "--batch-sizes", "8,16,64", "--add-lrs",
+                                                  "merit@16=1e-2,2e-2;lamb@16=1e-2;adamw@16=3e-3"]), prepare_data=False)
+    assert d.lrs_for("merit", 16) == [1e-2, 2e-2] and len(d.cells()) == 72 + (2 + 1 + 1) * 3
+    g = Grid(["merit"], [8, 64], {"merit": {8: [1e-2, 2e-2], 64: [5e-2]}}, [0, 1], 512_000, {"seq_len": 32})
+    g.check()
+    assert [(c.batch, c.lr, c.seed) for c in g.cells()] == [(8, 1e-2, 0), (8, 2e-2, 0), (64, 5e-2, 0),
+                                                            (8, 1e-2, 1), (8, 2e-2, 1), (64, 5e-2, 1)]
 
 
 def test_grid_from_flags_counts_cells(tmp_path):
@@ -49,15 +82,31 @@ def test_grid_from_flags_counts_cells(tmp_path):
     assert len({c.key for c in cells}) == 24
     assert grid.tokens == 65536 and grid.batches == [16, 128] and grid.seeds == [0, 1]
     assert cells[0] == CellSpec("merit", 16, 1e-2, 0)
-    # the default study: 3 optimizers x 3 batches spanning 16x x (5 + 5 + 6) lrs x 2 seeds
+    # the default study (issue #24): 3 optimizers x batches 8 and 64 (ratio 8) x 4 lrs per (optimizer, batch)
+    # x 3 seeds; 250 steps at batch 64, 2,000 at 8; none under MIN_STEPS
     d = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "d")]), prepare_data=False)
-    assert len(d.cells()) == 96 and max(d.batches) / min(d.batches) == 16
-    assert {o: len(v) for o, v in d.lrs.items()} == {"merit": 5, "lamb": 5, "adamw": 6}
+    assert len(d.cells()) == 72 and max(d.batches) / min(d.batches) == 8 and d.seeds == [0, 1, 2]
+    assert d.optimizers == ["merit", "lamb", "adamw"]
+    assert {(o, b): len(d.lrs_for(o, b)) for o in d.optimizers for b in d.batches} == {
+        (o, b): 4 for o in ("merit", "lamb", "adamw") for b in (8, 64)}
+    assert d.lrs_for("merit", 8) == [6e-3, 1.2e-2, 2.5e-2, 5e-2] and d.lrs_for("adamw", 64) == [2e-3, 4e-3, 8e-3, 1.6e-2]
+    assert {cell_steps(c, d.tokens, d.settings["seq_len"]) for c in d.cells()} == {2000, 250}
+    assert short_cells(d) == [] and d.tokens == 512_000 and d.settings["seq_len"] == 32
+    assert (d.settings["eval_sequences"], d.settings["curve_eval_sequences"], d.settings["val_fraction"]) == (5120, 256, 0.15)
+    assert d.settings["data"].endswith("data/vocab2048-val0.15/prepared")
+    # the old default, kept as --preset cpu-quick: 96 cells, 32 steps at batch 128
+    q = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "q"), "--preset", "cpu-quick"]),
+                       prepare_data=False)
+    assert len(q.cells()) == 96 and max(q.batches) / min(q.batches) == 16
+    assert {o: len(v) for o, v in q.lrs.items()} == {"merit": 5, "lamb": 5, "adamw": 6}
+    assert q.settings["data"].endswith("data/vocab2048/prepared") and "val_fraction" not in study_identity(q)
+    assert short_cells(q)[0][1] == 32 and len(short_cells(q)) == 32  # batch 128: 16 lrs x 2 seeds
     # the GPU version: the paper's batch sizes, 48e9 / divisor tokens, GPT-2 Small's shape
     g = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "g"), "--preset", "gpt2-small"]),
                        prepare_data=False)
-    assert g.batches == [480, 1024, 2048, 4096, 6144] and g.tokens == 480_000_000 and len(g.cells()) == 75
+    assert g.batches == [480, 1024, 2048, 4096, 6144] and g.tokens == 1_000_000_000 and len(g.cells()) == 75
     assert g.settings["seq_len"] == 1024 and g.settings["zero_stage"] == 2 and g.settings["model"] == "gpt2-small"
+    assert short_cells(g) == [] and cell_steps(CellSpec("merit", 6144, 1e-3, 0), g.tokens, 1024) == 159
     with pytest.raises(GridError, match="unknown optimizer"):
         Grid(["sgd"], [8], {"sgd": [1.0]}, [0], 1000, {}).check()
     assert _shard("1/4") == (1, 4)
@@ -214,7 +263,7 @@ def test_report_and_plots_from_synthetic_csv(tmp_path):
     assert "YES: largest lr of the grid" in text and "YES: smallest lr of the grid" in text
     assert "| MERIT | 8-64 | +0.2000 |" in text and "| AdamW | 8-64 | +1.0000 |" in text
     assert "MERIT paper: GPT-2 Medium trained at batch 6k matches batch 480" in text
-    assert "Ranking by penalty (smallest first): MERIT, AdamW." in text
+    assert "Ranking by penalty (smallest first): MERIT, AdamW" in text
     # the target is the worst best loss (AdamW at 64: 5.6) + 0.01: steps interpolated on each best-lr curve
     assert summary["target"] == pytest.approx(5.61)
     assert summary["steps_to_target"]["adamw"][64] == pytest.approx(5 + 5 * 0.89 / 0.9)
@@ -230,7 +279,7 @@ def test_real_micro_study_resumes(tmp_path):
     out = tmp_path / "study"
     base = [sys.executable, "-m", "merit_ds.study", "--out", str(out), "--optimizers", "merit", "--batch-sizes", "8",
             "--seeds", "0", "--tokens", "2048", "--seq-len", "32", "--vocab", "512", "--eval-sequences", "16",
-            "--no-progress"]
+            "--allow-short-cells", "--no-progress"]
     r = subprocess.run(base + ["--lrs", "1e-2"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     first = out / "cells/merit_b8_lr0.01_s0/row.json"
@@ -278,7 +327,8 @@ def test_study_exits_nonzero_when_a_cell_failed(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(launcher_mod, "Runner", lambda launcher: None)
     out = tmp_path / "study"
     code = main(["--out", str(out), "--optimizers", "merit", "--batch-sizes", "8", "--seeds", "0", "--tokens", "2048",
-                 "--seq-len", "32", "--vocab", "512", "--lrs", "1e-2,3e-2", "--no-progress", "--threads", "0"])
+                 "--seq-len", "32", "--vocab", "512", "--lrs", "1e-2,3e-2", "--no-progress", "--threads", "0",
+                 "--allow-short-cells"])
     err = capsys.readouterr().err
     assert code == 1
     assert "error: 1 cell(s) failed (their cell.log says why); the report covers the 1 finished" in err

@@ -13,10 +13,12 @@ from statistics import mean, median, stdev
 from .grid import GridError
 
 __all__ = ["load_results", "check_one_budget", "best_per_batch", "best_per_schedule", "fit_exponent",
-           "steps_to_target", "critical_batch", "summarize"]
+           "steps_to_target", "critical_batch", "summarize", "quality_checks", "MAX_SE"]
 
-_INT = ("batch", "seed", "tokens", "tokens_trained", "steps", "seq_len", "warmup", "diverged", "n_layer", "n_embd")
-_FLOAT = ("lr", "final_val_loss", "max_attn_logit", "gns_b_noise", "wall_s", "gdiv_delta", "gdiv_bound", "gdiv_bound_data")
+_INT = ("batch", "seed", "tokens", "tokens_trained", "steps", "seq_len", "warmup", "diverged", "n_layer", "n_embd",
+        "val_blocks", "curve_blocks", "n_params")
+_FLOAT = ("lr", "final_val_loss", "max_attn_logit", "gns_b_noise", "wall_s", "gdiv_delta", "gdiv_bound", "gdiv_bound_data",
+          "final_val_se", "step1_loss")
 
 
 def load_results(path) -> list[dict]:
@@ -72,7 +74,7 @@ def best_per_batch(rows: list[dict]) -> dict:
             edge = "high"
         out[opt][batch] = {"lr": best, "loss": means[best], "std": stdev(losses) if len(losses) > 1 else 0.0,
                            "range": max(losses) - min(losses), "seeds": len(losses), "edge": edge, "grid": grid,
-                           "means": means, "rows": by_lr[best]}
+                           "means": means, "rows": by_lr[best], "all_rows": dict(by_lr)}
     return dict(out)
 
 
@@ -115,12 +117,16 @@ TARGET_MARGIN = 0.01
 
 
 def critical_batch(best: dict, target: float | None = None) -> tuple[float, dict]:
-    """Steps to ``target`` (default: the worst best-loss over every optimizer and batch + :data:`TARGET_MARGIN`,
-    so that every curve can reach it) at each (optimizer, batch)'s best lr, mean over seeds (inf if a seed
-    never reaches it): ``(target, {opt: {batch: steps}})``."""
-    finite = [v["loss"] for per in best.values() for v in per.values() if math.isfinite(v["loss"])]
+    """Steps to ``target`` at each (optimizer, batch)'s best lr, mean over seeds (inf if a seed never
+    reaches it): ``(target, {opt: {batch: steps}})``. Default target: the highest end of any best-lr
+    validation curve (over every optimizer, batch and seed) + :data:`TARGET_MARGIN`, so that every
+    best-lr curve of every seed reaches it; on the curves' own validation set (which may be a subset
+    of the final loss's: ``curve_blocks``)."""
     if target is None:
-        target = max(finite) + TARGET_MARGIN if finite else math.nan
+        ends = [parse_curve(r.get("val_curve"))[-1][1] for per in best.values() for v in per.values()
+                if math.isfinite(v["loss"]) for r in v["rows"] if parse_curve(r.get("val_curve"))]
+        ends = [e for e in ends if math.isfinite(e)]
+        target = max(ends) + TARGET_MARGIN if ends else math.nan
     out = {}
     for opt, per in best.items():
         out[opt] = {}
@@ -154,16 +160,18 @@ def best_per_schedule(rows: list[dict]) -> dict:
     return dict(out)
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(rows: list[dict], *, intervals: bool = False) -> dict:
     """Everything the report and the plots say, per optimizer. The batch-size analyses (best lr per
     batch, penalty, exponent, critical batch) read the constant-batch cells only; schedule cells are
-    compared with them in ``schedules`` (:func:`best_per_schedule`)."""
+    compared with them in ``schedules`` (:func:`best_per_schedule`). ``intervals``: also the 95%
+    bootstrap intervals of :mod:`.intervals` (``summary["intervals"]``)."""
     budget = check_one_budget(rows)
+    checks = quality_checks(rows)
     schedules = best_per_schedule(rows) if any(_schedule(r) != "const" for r in rows) else {}
     rows = [r for r in rows if _schedule(r) == "const"]
     if not rows:
         return {"budget": budget, "best": {}, "target": math.nan, "steps_to_target": {}, "per_optimizer": {},
-                "schedules": schedules}
+                "schedules": schedules, "checks": checks}
     best = best_per_batch(rows)
     target, crit = critical_batch(best)
     per_opt = {}
@@ -183,5 +191,44 @@ def summarize(rows: list[dict]) -> dict:
             "b_noise": median(noise) if noise else math.nan,
             "max_attn_logit_largest": max((float(r["max_attn_logit"]) for r in per[hi]["rows"]), default=math.nan),
         }
-    return {"budget": budget, "best": best, "target": target, "steps_to_target": crit, "per_optimizer": per_opt,
-            "schedules": schedules}
+    out = {"budget": budget, "best": best, "target": target, "steps_to_target": crit, "per_optimizer": per_opt,
+           "schedules": schedules, "checks": checks}
+    if intervals:
+        from .intervals import bootstrap, fit_critical_batch
+
+        out["intervals"] = bootstrap(rows, target=target if math.isfinite(target) else None)
+        for opt, p in per_opt.items():
+            bs = sorted(crit[opt])
+            p["b_crit"] = fit_critical_batch(bs, [crit[opt][b] for b in bs])
+            s0, s1 = crit[opt][bs[0]], crit[opt][bs[-1]]
+            p["efficiency"] = (math.nan if len(bs) < 2 or not math.isfinite(s0) else
+                               s0 * bs[0] / (s1 * bs[-1]) if math.isfinite(s1) else 0.0)
+    return out
+
+
+#: A cell's final validation loss should be measured to this standard error (nats) or better.
+MAX_SE = 0.01
+
+
+def quality_checks(rows: list[dict], min_steps: int | None = None) -> dict:
+    """What the report must warn about: cells under ``min_steps`` (default :data:`.grid.MIN_STEPS`)
+    optimizer steps, cells whose final loss has a standard error above :data:`MAX_SE`, and the code
+    versions the rows come from (``{label: count}``; "unrecorded" for rows without one)."""
+    from .grid import MIN_STEPS
+
+    min_steps = MIN_STEPS if min_steps is None else min_steps
+    def key(r):
+        where = f"b{int(r['batch'])}" if (r.get("schedule") or "const") == "const" else r["schedule"]
+        return f"{r['optimizer']}_{where}_lr{float(r['lr']):.3g}_s{int(r['seed'])}"
+
+    short = sorted(((key(r), int(r["steps"]), int(r["batch"])) for r in rows
+                    if r.get("steps") not in (None, "") and int(r["steps"]) < min_steps), key=lambda t: (t[1], t[0]))
+    ses = [(key(r), float(r["final_val_se"])) for r in rows if r.get("final_val_se") not in (None, "")
+           and math.isfinite(float(r["final_val_se"]))]
+    versions = defaultdict(int)
+    for r in rows:
+        v = r.get("code_version") or ""
+        versions[f"{r.get('code_commit') or 'unknown'} {v}" if v else "unrecorded"] += 1
+    return {"min_steps": min_steps, "short": short, "se": ses, "se_missing": len(rows) - len(ses),
+            "se_over": sorted([(k, v) for k, v in ses if v > MAX_SE], key=lambda kv: -kv[1]),
+            "versions": dict(versions)}

@@ -4,10 +4,22 @@ parts (:func:`merit_ds.train.loop.configure`, ``make_loaders``, ``build_engine``
 launcher start-up per cell. The process group is started once (:class:`merit_ds.train.launcher.Runner`)
 and reused by every cell; each cell builds its own model, optimizer and DeepSpeed engine.
 
-What a cell records comes from the loop's own metrics: the final validation loss
-(``Trainer.evaluate``), the validation curve (every ``eval_every`` steps, at the same token counts
-for every batch size), the max attention logit and the gradient noise scale (the diagnostics
-steps of ``Trainer.train_step``).
+What a cell records comes from the loop's own metrics: the final validation loss and its standard
+error over blocks (``Trainer.evaluate``), the validation curve (every ``eval_every`` steps, at the
+same token counts for every batch size), the max attention logit and the gradient noise scale (the
+diagnostics steps of ``Trainer.train_step``), and the training loss of step 1 (the same for every
+optimizer and lr of a seed and batch: the pairing, tested).
+
+Two validation sets when ``settings["curve_eval_sequences"]`` is set (the default study): the curve
+is measured on the first ``curve_eval_sequences`` blocks of the val split (cheap, 21 times per cell)
+and the final loss once on all ``eval_sequences`` blocks (sized for a standard error <= 0.01 nats);
+otherwise the final loss is the curve's last point, on the one set.
+
+Pairing: a cell's seed is the loop's ``--seed``, which fixes the initial weights
+(``torch.manual_seed`` right before the model is built) and the global order of training blocks
+(``numpy.random.default_rng([seed, epoch])``); neither depends on the optimizer, lr or batch, so the
+cells of one seed start from the same weights and read the same sequences in the same order (a
+larger batch groups more of them per step).
 """
 
 from __future__ import annotations
@@ -116,15 +128,25 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
     metrics = out / "metrics.jsonl"
     curve, max_logit, noise, diverged = [], -math.inf, [], False
     diversity = []  # (step, delta, n * delta, extrapolated bound)
+    full_val, curve_n = val_loader, int(s.get("curve_eval_sequences") or 0)
+    if curve_n and curve_n < full_val.blocks:  # the curve on the first curve_n blocks, the final loss on all
+        from merit_ds.train.data_source import make_val_loader
+
+        trainer.val_loader = make_val_loader(args.data, seq_len=rc.seq_len, eval_sequences=curve_n,
+                                             micro_batch=rc.plan.micro_batch, rank=runner.rank, world=runner.world)
+    step1_loss, last_eval = math.nan, {}
     first = trainer.evaluate()
     curve.append((0, first["val_loss"]))
     engine.train()
     with open(metrics, "w") as mf:
         for step in range(1, steps + 1):
             record = trainer.train_step(diagnostics=step % diag_every == 0 or step == 1)
+            if step == 1:
+                step1_loss = record["loss"]
             if step % eval_every == 0 or step == steps:
                 if math.isfinite(record["loss"]):
-                    record.update(trainer.evaluate())
+                    last_eval = trainer.evaluate()
+                    record.update(last_eval)
                     curve.append((step, record["val_loss"]))
             mf.write(json.dumps(record) + "\n")
             mf.flush()
@@ -141,7 +163,16 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
             if step % eval_every == 0 or step == steps:
                 print(f"step {step}/{steps} loss {record['loss']:.4f} val {record.get('val_loss', math.nan):.4f} "
                       f"lr {record['lr']:.3g} max_attn_logit {max_logit:.1f}", file=log, flush=True)
-    final = curve[-1][1] if not diverged else math.inf
+        final, final_se, val_blocks = math.inf, math.nan, full_val.blocks
+        if not diverged and trainer.val_loader is not full_val:
+            trainer.val_loader = full_val
+            last = trainer.evaluate()
+            final, final_se = last["val_loss"], last.get("val_loss_se", math.nan)
+            mf.write(json.dumps({"step": steps, "final_val_loss": final, "final_val_loss_se": final_se,
+                                 "val_blocks": last["val_blocks"]}) + "\n")
+        elif not diverged:
+            final, final_se = curve[-1][1], last_eval.get("val_loss_se", math.nan)
+    curve_blocks = curve_n if curve_n and curve_n < full_val.blocks else full_val.blocks
     # the noise scale: the EMA's value over the second half of training (early steps are transients)
     late = [b for st, b in noise if st > steps // 2] or [b for _, b in noise]
     late_div = [d for d in diversity if d[0] > steps // 2] or diversity
@@ -151,7 +182,9 @@ def run_cell(cell: CellSpec, s: dict, out: Path, runner, log) -> dict:
         return float(values[len(values) // 2]) if values else math.nan
     row = {"optimizer": cell.optimizer, "batch": cell.batch, "schedule": cell.schedule, "lr": cell.lr, "seed": cell.seed,
            "tokens": int(s["tokens"]), "tokens_trained": rc.total_tokens, "steps": steps,
-           "seq_len": rc.seq_len, "warmup": rc.warmup, "final_val_loss": final,
+           "seq_len": rc.seq_len, "warmup": rc.warmup, "final_val_loss": final, "final_val_se": final_se,
+           "val_blocks": val_blocks, "curve_blocks": curve_blocks, "step1_loss": step1_loss,
+           "n_params": sum(p.numel() for p in engine.module.parameters()),
            "max_attn_logit": max_logit if math.isfinite(max_logit) else math.nan,
            "gns_b_noise": float(sorted(late)[len(late) // 2]) if late else math.nan,
            "diverged": int(diverged), "wall_s": round(time.perf_counter() - t0, 2),

@@ -5,7 +5,15 @@
                      table never mixes cells of different budgets
 ``OUT/cells/KEY/``   ``cell.log``, ``metrics.jsonl`` (the loop's records) and, once finished,
                      ``row.json``; a directory without ``row.json`` is an interrupted cell: redone
-``OUT/results.csv``  one row per finished cell (:data:`COLUMNS`)
+``OUT/results.csv``  one row per finished cell (:data:`COLUMNS`), each with the code version that
+                     produced it (``code_version``: :func:`merit_ds.study.version.code_version`'s
+                     key; ``code_commit``: the git commit, ``+dirty`` when the package differed from it)
+
+Reproducibility: a resumed study **refuses** finished cells that another code version produced
+(one message: how many, an example with both versions, the fix), and with ``rerun_stale``
+(``--rerun-stale``) redoes them from scratch instead; cells from before versions were recorded
+count as another version. So every row of one study's ``results.csv`` comes from one code version,
+unless a report-only run collects rows someone copied in (the report then warns).
 
 ``shard=(i, n)``: this process runs cells ``i, i+n, ...`` (a SLURM array task, or one worker per
 GPU); finished cells are skipped whoever ran them, and any worker can rewrite ``results.csv``.
@@ -25,12 +33,14 @@ from pathlib import Path
 
 from .cell import CellSpec, run_cell
 from .grid import Grid, GridError
+from .version import code_version
 
-__all__ = ["COLUMNS", "run_grid", "collect_results", "write_results", "study_identity"]
+__all__ = ["COLUMNS", "run_grid", "collect_results", "write_results", "study_identity", "stale_cells"]
 
 COLUMNS = ["optimizer", "batch", "schedule", "lr", "seed", "tokens", "tokens_trained", "steps", "seq_len", "warmup",
            "final_val_loss", "max_attn_logit", "gns_b_noise", "diverged", "wall_s", "val_curve",
-           "family", "n_layer", "n_embd", "gdiv_delta", "gdiv_bound", "gdiv_bound_data"]
+           "family", "n_layer", "n_embd", "gdiv_delta", "gdiv_bound", "gdiv_bound_data",
+           "final_val_se", "val_blocks", "curve_blocks", "step1_loss", "n_params", "code_version", "code_commit"]
 
 
 def study_identity(grid: Grid) -> dict:
@@ -39,7 +49,8 @@ def study_identity(grid: Grid) -> dict:
             "seq_len": s.get("seq_len"), "data": str(s.get("data")), "warmup_fraction": s.get("warmup_fraction"),
             "eval_sequences": s.get("eval_sequences"), "micro_batch": s.get("micro_batch"),
             "zero_stage": s.get("zero_stage"), "precision": s.get("precision"),
-            **{k: s[k] for k in ("params", "head_dim", "diversity_probe", "lr_ref_batch") if s.get(k)}}
+            **{k: s[k] for k in ("params", "head_dim", "diversity_probe", "lr_ref_batch", "curve_eval_sequences",
+                                 "val_fraction") if s.get(k)}}
 
 
 def _check_identity(out: Path, grid: Grid) -> None:
@@ -90,6 +101,36 @@ def write_results(out: Path, rows: list[dict]) -> Path:
     return path
 
 
+def _version_fields(version: dict) -> dict:
+    commit = version.get("commit")
+    return {"code_version": version["key"],
+            "code_commit": (commit[:12] if commit else "no-git") + ("+dirty" if version.get("dirty") else "")}
+
+
+def stale_cells(out: Path, cells: list[CellSpec], version: dict) -> list[tuple[CellSpec, dict]]:
+    """Finished cells of ``cells`` in ``out`` whose row was produced by another code version than
+    ``version`` (rows without one included): ``[(cell, row)]``."""
+    stale = []
+    for c in cells:
+        f = Path(out) / "cells" / c.key / "row.json"
+        if f.exists():
+            row = json.loads(f.read_text())
+            if row.get("code_version") != version["key"]:
+                stale.append((c, row))
+    return stale
+
+
+def _stale_message(out: Path, stale: list, version: dict) -> str:
+    cell, row = stale[0]
+    theirs = (f"code {row['code_version']} (commit {row.get('code_commit') or 'unknown'})" if row.get("code_version")
+              else "no code version recorded (a study from before versions were recorded)")
+    mine = _version_fields(version)
+    return (f"{out}: {len(stale)} finished cell(s) of this grid were produced by another code version than this one "
+            f"(e.g. {cell.key}: {theirs}; this code: {mine['code_version']} (commit {mine['code_commit']})), so this "
+            f"code may not reproduce their numbers. Fix: add --rerun-stale to rerun them from scratch, or continue "
+            f"the study in a new --out")
+
+
 def _progress(total: int, done: int, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -97,19 +138,29 @@ def _progress(total: int, done: int, enabled: bool):
 
 
 def run_grid(grid: Grid, out: Path, *, shard: tuple[int, int] = (0, 1), time_limit: float | None = None,
-             progress: bool = True, cell_fn=None, runner=None) -> dict:
+             progress: bool = True, cell_fn=None, runner=None, rerun_stale: bool = False,
+             version: dict | None = None) -> dict:
     """Run this shard's unfinished cells. ``cell_fn(cell, settings, cell_dir, runner, log) -> row``
-    (default :func:`.cell.run_cell`; tests pass a stand-in). Returns counts."""
+    (default :func:`.cell.run_cell`; tests pass a stand-in). Each row gets the code version
+    (``version``, default :func:`.version.code_version`). Finished cells of another version:
+    :class:`GridError` (nothing run), or with ``rerun_stale`` redone. Returns counts."""
     out = Path(out)
     grid.check()
-    _check_identity(out, grid)
+    version = version or code_version()
     cells = grid.cells()
+    stale = stale_cells(out, cells, version) if (out / "cells").is_dir() else []
+    if stale and not rerun_stale:
+        raise GridError(_stale_message(out, stale, version))
+    _check_identity(out, grid)
     index, count = shard
     mine = [c for i, c in enumerate(cells) if i % count == index]
-    done = {c.key for c in cells if (out / "cells" / c.key / "row.json").exists()}
+    stale_keys = {c.key for c, _ in stale}
+    done = {c.key for c in cells if (out / "cells" / c.key / "row.json").exists()} - stale_keys
     todo = [c for c in mine if c.key not in done]
     counts = {"cells": len(cells), "shard": len(mine), "skipped": len(mine) - len(todo), "run": 0, "redone": 0,
               "failed": 0, "stopped": 0}
+    if stale_keys:
+        counts["stale"] = sum(c.key in stale_keys for c in mine)
     if todo and cell_fn is None:
         cell_fn = run_cell
         if runner is None:
@@ -125,13 +176,14 @@ def run_grid(grid: Grid, out: Path, *, shard: tuple[int, int] = (0, 1), time_lim
             print(f"merit_ds.study: time limit: {counts['stopped']} cells left for a re-run", file=sys.stderr)
             break
         cdir = out / "cells" / cell.key
-        if cdir.exists():  # no row.json: an interrupted cell, redone from scratch
+        if cdir.exists():  # no row.json: an interrupted cell (or a stale one: --rerun-stale), redone from scratch
             shutil.rmtree(cdir)
             counts["redone"] += 1
         cdir.mkdir(parents=True)
         bar.set_description(cell.key)
         with open(cdir / "cell.log", "w") as log:
             print(f"cell {cell.key}: {json.dumps(study_identity(grid))}", file=log, flush=True)
+            print(f"code version: {json.dumps(version)}", file=log, flush=True)
             try:
                 row = cell_fn(cell, dict(grid.settings, tokens=int(grid.tokens)), cdir, runner, log)
             except Exception:  # noqa: BLE001 - one broken cell must not end the study; it stays unfinished
@@ -141,6 +193,7 @@ def run_grid(grid: Grid, out: Path, *, shard: tuple[int, int] = (0, 1), time_lim
                       file=sys.stderr)
                 bar.update(1)
                 continue
+            row.update(_version_fields(version))
             print(f"finished: {json.dumps(row)}", file=log, flush=True)
         tmp = cdir / "row.json.tmp"
         tmp.write_text(json.dumps(row))
