@@ -5,7 +5,7 @@
 #   MACHINE_RANK=k MAIN_IP=node0 bash launch/accelerate_multi_node.sh
 #   = accelerate launch --config_file launch/accelerate_multi_node.yaml --machine_rank k --main_process_ip node0 \
 #         -m merit_ds.train --model gpt2-medium --data data/owt --out runs/gpt2-medium-b2048
-# batch: micro_batch 32 x grad_accum 4 x world 16 = 2048 sequences x 1024 = 2,097,152 tokens/step; 48e9 tokens -> 22,889 steps
+# batch: micro_batch 64 x grad_accum 2 x world 16 = 2048 sequences x 1024 = 2,097,152 tokens/step; 48e9 tokens -> 22,889 steps
 # merit_ds.train reads the DeepSpeed JSON named in the YAML (batch, lr, ZeRO stage) and steps its
 # own warmup-cosine schedule once per optimizer step (not Accelerate's per-process stepping).
 set -euo pipefail

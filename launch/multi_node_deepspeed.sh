@@ -9,7 +9,7 @@
 # Command, no-ssh mode (no ssh between nodes; run on EVERY node, k = 0..3):
 #   NODE_RANK=k MASTER_ADDR=node0 bash launch/multi_node_deepspeed.sh no-ssh
 #   = deepspeed --hostfile launch/hostfile --no_ssh --node_rank k --master_addr node0 --master_port 29500 ...same...
-# batch: micro_batch 64 x grad_accum 3 x world 32 = 6144 sequences x 1024 = 6,291,456 tokens/step; 48e9 tokens -> 7,630 steps
+# batch: micro_batch 192 x grad_accum 1 x world 32 = 6144 sequences x 1024 = 6,291,456 tokens/step; 48e9 tokens -> 7,630 steps
 # The hostfile (launch/hostfile.example) lists every node with its GPU count; --data and --out must be
 # on a filesystem all nodes share (checkpoints are renamed into place by global rank 0).
 set -euo pipefail

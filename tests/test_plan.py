@@ -125,8 +125,14 @@ def test_plan_activation_agrees_with_a_direct_measurement(name, precision):
     planned = activation_model(preset, precision).bytes(preset.n_layer, b * s)
     assert planned == pytest.approx(direct, rel=0.10)
     assert planned == pytest.approx(direct, rel=1e-3)
-    e = 4 if precision == "fp32" else 2
-    assert activation_bytes(preset, b, s, precision=precision) == pytest.approx(planned + (4 + e) * b * s * 50304)
+    # plain loss: + nll_loss's and log_softmax's fp32 gradients
+    assert activation_bytes(preset, b, s, precision=precision, loss="plain") == pytest.approx(
+        planned + 8 * b * s * 50304)
+    # lean loss (the default): - the fp32 log-softmax + one fp32 lse per token, + one chunk (512 tokens
+    # here, fewer than 1,334) of fp32 logits and their low-precision copy, + W's fp32 gradient and a chunk's
+    e_copy = 0 if precision == "fp32" else 2
+    assert activation_bytes(preset, b, s, precision=precision) == pytest.approx(
+        planned - (4 * 50304 - 4) * b * s + (4 + e_copy) * 512 * 50304 + (4 + e_copy) * 50304 * preset.n_embd)
 
 
 def test_optimizer_scratch_in_the_plan():
@@ -147,8 +153,80 @@ def test_optimizer_scratch_in_the_plan():
     assert optimizer_scratch_bytes(psi, 8, 0) == 3_889_920
     assert optimizer_scratch_bytes(1000, 8, 2) == 128  # a small partition is one tile
     # ZeRO-2 total: params 248,951,808 + grads 62,237,952 + optimizer 186,713,856 + scratch
-    # 486,272 + activations 1 = 498,389,889 bytes
-    assert memory_per_gpu(psi, 8, 2, activations=1.0).total == 498_389_889
+    # 486,272 + activations 1 = 498,389,889 bytes; + DeepSpeed's two bf16 reduce buckets
+    # (overlap_comm), 2 x 500,000,000 x 2 = 2,000,000,000 -> 2,498,389,889
+    assert memory_per_gpu(psi, 8, 2, activations=1.0, comm_buckets=False).total == 498_389_889
+    assert memory_per_gpu(psi, 8, 2, activations=1.0).total == 2_498_389_889
+
+
+def test_lean_loss_and_comm_buckets_in_the_plan():
+    """The lean loss's term and DeepSpeed's reduce buckets, worked by hand for GPT-2 Medium
+    (V = 50,304, h = 1,024) at micro-batch 48 x 1,024 = 49,152 tokens, bf16."""
+    from merit_ds.train.plan import comm_bucket_bytes, deepspeed_bucket_defaults, loss_work_bytes
+
+    med = presets.get_model_preset("gpt2-medium")
+    assert (med.vocab_size, med.n_embd) == (50304, 1024)
+    # plain: nll_loss's and log_softmax's fp32 gradients, 8 bytes x 49,152 x 50,304;
+    # 49,152 x 50,304 = 2,457,600,000 + 14,942,208 = 2,472,542,208 -> x 8 = 19,780,337,664
+    assert loss_work_bytes(med, 49_152, loss="plain") == 19_780_337_664
+    assert loss_work_bytes(med, 49_152, precision="fp32", loss="plain") == 19_780_337_664
+    # lean: chunk C = 67,108,864 // 50,304 = 1,334 (1,334 x 50,304 = 67,105,536, 3,328 short of 2^26);
+    # fp32 logits + their bf16 copy: 6 x 67,105,536 = 402,633,216; W's fp32 gradient + a chunk's
+    # bf16 product: 6 x 50,304 x 1,024 = 6 x 51,511,296 = 309,067,776; sum 711,700,992
+    assert loss_work_bytes(med, 49_152) == 711_700_992
+    # fp32: no copies, 4 x 67,105,536 + 4 x 51,511,296 = 268,422,144 + 206,045,184 = 474,467,328
+    assert loss_work_bytes(med, 49_152, precision="fp32") == 474_467_328
+    # fewer tokens than a chunk: the chunk is the micro-batch (1 x 1,024 tokens)
+    assert loss_work_bytes(med, 1024) == 6 * 1024 * 50304 + 309_067_776
+    # saved: the log-softmax's 4 x 50,304 bytes per token less, one fp32 lse more: 201,212 x 49,152
+    # = 9,859,388,000 + 30,584,224 = 9,889,972,224. Plain minus lean (the measured rest cancels):
+    # 19,780,337,664 + 9,889,972,224 - 711,700,992 = 28,958,608,896 bytes (26.97 GiB)
+    assert activation_bytes(med, 48, 1024, loss="plain") - activation_bytes(med, 48, 1024) == 28_958_608_896
+    # DeepSpeed's own defaults, read from deepspeed.runtime.zero.config (0.19.8: 5e8 elements each):
+    # from the file's syntax tree (deepspeed not imported: `plan --json` stays clean) and from the
+    # imported pydantic model agree
+    deepspeed_bucket_defaults.cache_clear()
+    from_source = deepspeed_bucket_defaults()
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    deepspeed_bucket_defaults.cache_clear()
+    fields = DeepSpeedZeroConfig.model_fields
+    assert from_source == deepspeed_bucket_defaults() == {k: int(fields[k].default) for k in from_source}
+    assert from_source == {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
+    # bytes: ZeRO-2 two buckets (overlap_comm) of 500,000,000 bf16 = 2,000,000,000, fp32 4,000,000,000;
+    # ZeRO-1 fp32 one of fp32 (no overlap) = 2,000,000,000, bf16 none (BF16_Optimizer); ZeRO-3 one
+    # bucket of the communication dtype: 1,000,000,000 (bf16), 2,000,000,000 (fp32); no ZeRO none
+    assert [comm_bucket_bytes(st, "bf16") for st in (0, 1, 2, 3)] == [0, 0, 2_000_000_000, 1_000_000_000]
+    assert [comm_bucket_bytes(st, "fp32") for st in (0, 1, 2, 3)] == [0, 2_000_000_000, 4_000_000_000, 2_000_000_000]
+    assert comm_bucket_bytes(2, "bf16", overlap_comm=False) == 1_000_000_000
+    with pytest.raises(BatchConfigError, match="--loss must be one of lean, plain"):
+        make_plan("gpt2-medium", loss="fused")
+
+
+def test_gpt2_medium_6k_plan_before_and_after_the_lean_loss():
+    """4 x 8 H100, batch 6k: 192 sequences per GPU. ZeRO-2 total at micro 64 (lean), by hand:
+    params 2 Psi = 2 x 354,871,296 = 709,742,592; grads 4 Psi / 32 = 44,358,912; optimizer
+    12 Psi / 32 = 133,076,736; MERIT's tile table: partition ceil(354,871,296 / 32) = 11,089,728 =
+    2,707 x 4,096 + 1,856 -> 2,708 tiles x 128 = 346,624; reduce buckets 2,000,000,000; sum
+    2,887,524,864 + the activations (measured, scaled)."""
+    med = presets.get_model_preset("gpt2-medium")
+    lean = make_plan("gpt2-medium", "6k", 48e9, 4, 8, "h100")
+    plain = make_plan("gpt2-medium", "6k", 48e9, 4, 8, "h100", loss="plain")
+    z2 = {p["loss"]: next(r for r in p["stages"] if r["stage"] == 2 and not r["offload"]) for p in (lean, plain)}
+    assert (z2["plain"]["micro_batch"], z2["plain"]["grad_accum"]) == (48, 4)  # as before the lean loss
+    assert (z2["lean"]["micro_batch"], z2["lean"]["grad_accum"]) == (64, 3)
+    act = activation_bytes(med, 64, 1024)
+    assert z2["lean"]["total_gib"] * GiB == pytest.approx(2_887_524_864 + act, abs=1)
+    assert z2["lean"]["comm_gib"] * GiB == 2_000_000_000
+    # the next divisors do not fit 90% of 80 GiB = 77,309,411,328 bytes: lean at 96, plain at 64
+    budget = 0.9 * 80 * GiB
+    assert memory_per_gpu(med.n_params, 32, 2, activations=activation_bytes(med, 96, 1024)).total > budget
+    assert memory_per_gpu(med.n_params, 32, 2, activations=activation_bytes(med, 64, 1024, loss="plain")).total > budget
+    # ZeRO-3 keeps the plain loss (the lm_head weight is partitioned): 48 either way
+    for p in (lean, plain):
+        assert [r["micro_batch"] for r in p["stages"] if r["stage"] == 3] == [48, 48]
+    text = format_plan(lean)
+    assert "loss: lean (chunked over 1,334 tokens; ZeRO-3 rows: plain" in text and "comm" in text
 
 
 def test_wall_time_and_plan():
@@ -171,12 +249,19 @@ def test_wall_time_and_plan():
         assert row["micro_batch"] * row["grad_accum"] * 32 == 6144
         assert row["total_gib"] <= 80 * 0.9
         assert row["total_gib"] * GiB == pytest.approx(
-            (row["params_gib"] + row["grads_gib"] + row["optimizer_gib"] + row["scratch_gib"] + row["activations_gib"]) * GiB)
-    # the next larger divisor of 192 (96) must not fit at stage 0, or the planner is not maximal
+            (row["params_gib"] + row["grads_gib"] + row["optimizer_gib"] + row["scratch_gib"] + row["comm_gib"]
+             + row["activations_gib"]) * GiB)
+    # the lean loss fits all 192 sequences per GPU at ZeRO 0-2; ZeRO-3 keeps the plain loss (64)
+    assert [(r["stage"], r["micro_batch"], r["loss"]) for r in p["stages"]] == [
+        (0, 192, "lean"), (1, 192, "lean"), (2, 192, "lean"), (3, 64, "plain"), (2, 192, "lean"), (3, 64, "plain")]
+    # the next larger divisor of 192 must not fit where there is one, or the planner is not maximal
     small = presets.get_model_preset("gpt2-small")
-    stage0 = p["stages"][0]
-    bigger = [d for d in range(stage0["micro_batch"] + 1, 193) if 192 % d == 0][0]
-    assert memory_per_gpu(small.n_params, 32, 0, activations=activation_bytes(small, bigger, 1024)).total > 80 * GiB * 0.9
+    for row in p["stages"]:
+        bigger = [d for d in range(row["micro_batch"] + 1, 193) if 192 % d == 0]
+        if bigger:
+            act = activation_bytes(small, bigger[0], 1024, loss=row["loss"])
+            assert memory_per_gpu(small.n_params, 32, row["stage"], offload=row["offload"],
+                                  activations=act).total > 80 * GiB * 0.9
 
 
 @pytest.mark.slow  # two `python -m merit_ds plan` processes
@@ -280,3 +365,22 @@ def test_plan_flags_are_checked_and_a_fixed_micro_batch_is_named(capsys):
         err = capsys.readouterr().err
         assert err == f"merit-ds plan: error: {message}" + (" (leave it out for the model's 1024)" if "seq-len" in message
                                                             else "") + "\n"
+
+
+def test_communication_per_step_per_stage_hand_worked():
+    """GPT-2 Medium (354,871,296 parameters), batch 6k on 32 H100, bf16: each GPU sends
+    (31/32) x 354,871,296 x 2 bytes = 0.6876 GB per reduce-scatter or all-gather:
+    ZeRO 0/1 2x = 1.375 GB, ZeRO-2 at 3 micro-batches (3 + 1)x = 2.750 GB, ZeRO-3 at 4 micro-batches
+    (3 x 4)x = 8.251 GB; the lowest stage that fits is 0."""
+    from merit_ds.train.plan import comm_bytes_per_step, format_plan, make_plan
+
+    one = 31 / 32 * 354_871_296 * 2
+    assert comm_bytes_per_step(354_871_296, 32, 0, 3) == pytest.approx(2 * one)
+    assert comm_bytes_per_step(354_871_296, 32, 1, 3) == pytest.approx(2 * one)
+    assert comm_bytes_per_step(354_871_296, 32, 2, 3) == pytest.approx(4 * one)
+    assert comm_bytes_per_step(354_871_296, 32, 3, 4) == pytest.approx(12 * one)
+    assert comm_bytes_per_step(354_871_296, 1, 2, 3) == 0.0  # one GPU sends nothing
+    p = make_plan("gpt2-medium", "6k", nodes=4, gpus_per_node=8, gpu="h100")
+    sent = {(r["stage"], r["offload"]): round(r["comm_gb_per_step"], 3) for r in p["stages"]}
+    assert sent[(0, False)] == sent[(1, False)] == 1.375 and sent[(2, False)] == 2.75 and sent[(3, False)] == 8.251
+    assert "lowest ZeRO stage that fits: 0 (micro-batch 64 x 3, 1.38 GB sent per GPU per step" in format_plan(p)

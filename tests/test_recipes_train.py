@@ -97,7 +97,7 @@ def reference(data_dir, tmp_path_factory) -> Path:
     assert "DeepSpeedZeroOptimizer -> MERIT verified stepping" in r.stdout
     # the start banner says where the run computes (a CPU run on a GPU node is visible at a glance)
     assert re.search(r"^device: cpu \(1 threads per rank\); backend gloo; fp32; world 2; ZeRO 2; "
-                     r"micro-batch 2 x accumulation 2$", r.stdout, re.M), r.stdout[:3000]
+                     r"micro-batch 2 x accumulation 2; loss plain$", r.stdout, re.M), r.stdout[:3000]
     return out
 
 
@@ -688,3 +688,21 @@ def test_baseline_offload_and_zero3(data_dir, tmp_path, optimizer, extra, steppi
     recs = [x for x in losses(out)["records"] if "max_attn_logit" in x]
     assert [x["step"] for x in recs] == [1, 2] and all(np.isfinite(x["loss"]) for x in recs)
     assert all(("trust_ratio_max" in x) == (optimizer == "lamb") for x in recs)
+
+
+@pytest.mark.slow
+def test_lean_loss_trains_like_the_plain_loss(data_dir, tmp_path):
+    """--loss lean (the CUDA default: output projection + cross-entropy chunked over tokens, inside
+    the engine's forward) against --loss plain (the CPU default), one process, 4 steps, ZeRO-2 fp32:
+    every logged train and validation loss within 1e-5 relative (fp32 sums in another order)."""
+    got = {}
+    for loss in ("plain", "lean"):
+        out = tmp_path / loss
+        r = single(_args(data_dir, out, "--steps", "4", "--eval-every", "2", "--loss", loss))
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert re.search(rf"^device: cpu .*; loss {loss}$", r.stdout, re.M), r.stdout[:2000]
+        got[loss] = losses(out)
+    for kind in ("train", "val"):
+        assert got["lean"][kind].keys() == got["plain"][kind].keys() and got["plain"][kind]
+        for step, want in got["plain"][kind].items():
+            assert got["lean"][kind][step] == pytest.approx(want, rel=1e-5), (kind, step)

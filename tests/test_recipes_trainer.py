@@ -360,7 +360,7 @@ def test_background_finalisation_returns_before_hashing_and_a_crash_keeps_the_pr
     trainer.finish_save()
     assert ckpt.latest_checkpoint(root) == second and not (root / ".tmp-step_00000004").exists()
     meta = ckpt.validate(second, info)
-    assert meta["files"] == {rel: {"bytes": (second / rel).stat().st_size,
+    assert meta["files"] == {rel: {"bytes": (second / rel).stat().st_size, "mtime_ns": (second / rel).stat().st_mtime_ns,
                                    "sha256": hashlib.sha256((second / rel).read_bytes()).hexdigest()}
                              for rel in ["state.pt"]}
     assert got == want

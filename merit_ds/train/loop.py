@@ -64,7 +64,7 @@ from .preemption import Preempted, Preemption
 from .optimizers import build_client_optimizer, describe_stepping, verify_optimizer_is_stepping
 from .presets import gpt2_config, optimizer_names
 from .run_config import (COLLECTIVE_TIMEOUT_ENV, DEFAULT_COLLECTIVE_TIMEOUT_MIN, RunConfig, UsageError,
-                         collective_timeout, resolve)
+                         collective_timeout, lean_loss_wanted, resolve)
 from .shared_fs import check_shared_out
 from .tracking import MetricsLog, make_trackers
 from .trainer import CheckpointSaveError, LoopConfig, Trainer
@@ -83,6 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="GPT2Config override, e.g. n_layer=2 (tests)")
     g.add_argument("--seq-len", type=int, default=None, help="default: the preset's (tiny 128, GPT-2 1024)")
     g.add_argument("--activation-checkpointing", action="store_true")
+    g.add_argument("--loss", default="auto", choices=("auto", "lean", "plain"),
+                   help="the LM loss: lean (output projection and cross-entropy chunked over tokens: no "
+                        "full-vocabulary fp32 logits), plain, or auto (default: lean on CUDA, plain on the CPU)")
     g.add_argument("--compile", nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                    help="torch.compile the model (engine.compile): auto (default) compiles on CUDA and not on the "
                         "CPU; --compile alone is on")
@@ -196,7 +199,8 @@ def configure(args, runner: Runner, launcher: str) -> RunConfig:
     # Accelerate needs the DeepSpeed config (with batch sizes) before it starts the process group;
     # the world size it will have is in the launcher's environment.
     world = int(os.environ.get("WORLD_SIZE", "1")) if launcher == "accelerate" else runner.world
-    rc = resolve(args, launcher=launcher, world=world, cpu=runner.cpu, base_cfg=base_cfg)
+    gpu_mem = None if runner.cpu else torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    rc = resolve(args, launcher=launcher, world=world, cpu=runner.cpu, base_cfg=base_cfg, gpu_mem_bytes=gpu_mem)
     if launcher == "accelerate":
         runner.init_accelerator(rc.ds_config)
         if runner.world != rc.plan.world:
@@ -221,7 +225,7 @@ def device_line(runner: Runner, rc: RunConfig) -> str:
         device = f"cuda:{index} ({torch.cuda.get_device_name(index)}, torch {torch.__version__}, CUDA {torch.version.cuda})"
     backend = dist.get_backend() if dist.is_available() and dist.is_initialized() else "none"
     return (f"device: {device}; backend {backend}; {rc.precision}; world {runner.world}; ZeRO {rc.zero_stage}; "
-            f"micro-batch {rc.plan.micro_batch} x accumulation {rc.plan.grad_accum}")
+            f"micro-batch {rc.plan.micro_batch} x accumulation {rc.plan.grad_accum}; loss {rc.loss}")
 
 
 def print_banner(runner: Runner, rc: RunConfig) -> None:
@@ -355,7 +359,12 @@ def build_engine(args, rc: RunConfig, runner: Runner, ds_config: dict):
     torch.manual_seed(args.seed)
     from transformers import GPT2LMHeadModel
 
-    model = GPT2LMHeadModel(gpt2_config(rc.preset, **model_overrides(rc)))
+    if lean_loss_wanted(args.loss, runner.cpu) == "lean":  # the loss inside the engine's forward
+        from .lean_loss import lean_loss_model_class
+
+        model = lean_loss_model_class(GPT2LMHeadModel)(gpt2_config(rc.preset, **model_overrides(rc)))
+    else:
+        model = GPT2LMHeadModel(gpt2_config(rc.preset, **model_overrides(rc)))
     n_params = sum(p.numel() for p in model.parameters())
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -399,7 +408,8 @@ def run(args) -> int:
     engine, basic = build_engine(args, rc, runner, cfg)
     trainer = Trainer(engine, runner, basic, rc.optimizer, train_loader, val_loader, steps=plan.steps,
                       warmup=rc.warmup, floor=rc.floor, tokens_per_step=plan.tokens_per_step, zero_stage=rc.zero_stage,
-                      diversity_probe=args.diversity_probe, batch_table=rc.batch_table, lr_rule=rc.lr_rule)
+                      diversity_probe=args.diversity_probe, batch_table=rc.batch_table, lr_rule=rc.lr_rule,
+                      lean_loss=rc.loss == "lean")
     start_step = 0
     if resume_from is not None:
         start_step = trainer.resume(load_from, resume_from)

@@ -19,10 +19,38 @@ autograd saves for backward in the actual model (1- and 2-layer builds of the pr
 64-token sequence, so one layer's share and the rest separate), scaled to the micro-batch's
 tokens (nothing grows with ``s^2`` under SDPA). GPT-2 with the presets' ``gelu_pytorch_tanh`` and
 no KV cache saves 64.08 s b h bytes per layer in fp32 and 32.07 in bf16 (``gelu_new`` 112: the
-34 s b h of Korthikanti et al. undercounts HF GPT-2 by 2x), plus ~4.1 s b V for the loss's fp32
-log-softmax. The loss's backward then holds the logits' gradient, fp32 and in the compute dtype,
-``(4 + e) s b V`` bytes, counted on top. With full activation checkpointing each layer keeps only
-its input (``e s b h`` bytes) and one layer is live again during backward.
+34 s b h of Korthikanti et al. undercounts HF GPT-2 by 2x); the rest (~4.1 s b V bytes) is
+mostly the plain loss's fp32 log-softmax, 4 V bytes per token. With full activation
+checkpointing each layer keeps only its input (``e s b h`` bytes) and one layer is live again
+during backward.
+
+The loss (``loss="lean"``, the default; :mod:`.lean_loss`): the output projection and the
+cross-entropy chunked over C = 2^26 // V tokens (1,334 for V = 50,304). It saves one fp32
+log-sum-exp per token instead of the fp32 log-softmax, ``(4 V - 4)`` bytes per token fewer than
+the measurement (which runs the plain loss; the difference is measured in
+``tests/test_lean_loss.py``), and its backward holds one chunk's fp32 logits and their gradient,
+``(4 + e') C V`` bytes, and an fp32 accumulator for the output weight's gradient plus one chunk's
+product, ``(4 + e') V h`` (``e' = e`` in bf16, 0 in fp32, where the copies are no-ops). ZeRO-3
+rows keep the plain loss: the lm_head weight is a partitioned shard outside its module's forward
+and :func:`.lean_loss.lean_lm_loss` falls back to ``model.lm_head(h)``. ``loss="plain"`` (today's
+``lm_loss(engine(input_ids=x).logits, y)``): the measured rest plus what the loss's backward
+holds next to the saved log-softmax, ``8 s b V`` bytes in fp32 and bf16 alike: nll_loss's
+gradient and log_softmax's, both fp32 and full-vocabulary (counted by a TorchDispatchMode in
+``benchmarks/bench_loss_memory.py``: the plain loss peaks at 12 s b V with the saved 4; the
+former ``(4 + e) s b V`` counted the bf16 cast instead and undercounted bf16 by 2 s b V).
+
+DeepSpeed's communication buffers (``comm``), per GPU, sized from DeepSpeed's own defaults
+(:func:`deepspeed_bucket_defaults`: ``reduce_bucket_size`` and ``allgather_bucket_size`` of
+``deepspeed.runtime.zero.config.DeepSpeedZeroConfig``, 5e8 elements each in DeepSpeed 0.19.8)
+and the overlap_comm that merit_ds's configs set (:mod:`.ds_config`: on at stages 2 and 3, off at
+1), as DeepSpeed 0.19.8 allocates them: ZeRO-1/2 (``stage_1_and_2.setup_buckets``, during backward,
+next to the activations) ``reduce_bucket_size`` elements of the gradient dtype, twice with
+overlap_comm (double buffering); ZeRO-1 in bf16 runs BF16_Optimizer instead, which has no such
+bucket; ZeRO-3 one ``reduce_bucket_size`` buffer of the communication dtype, from initialisation.
+``allgather_bucket_size`` allocates nothing: ZeRO-1/2 gather the updated partitions in place into
+the flat parameter buffer (``all_gather_into_tensor``; the fallback narrows views of it), so it is
+shown in :func:`comm_bucket_bytes`'s reasoning but counts 0. Stage 0 reduces after backward, when
+the activations are gone (not counted).
 
 Optimizer scratch: on a GPU partition MERIT's sharded step runs its Triton kernels
 (merit_ds.optim.segmented_triton): the only thing they keep is a tile table of 128 bytes per
@@ -30,8 +58,8 @@ Optimizer scratch: on a GPU partition MERIT's sharded step runs its Triton kerne
 (merit_ds.optim.segmented) runs instead and its chunk temporaries peak near 2.5 bytes/param / Nd,
 not counted. LAMB's sharded step keeps three partition-sized fp32 work buffers (12 bytes/param /
 Nd; ZeRO-0: the whole model); none under CPU offload (MERIT: the fused CPU kernel); DeepSpeed's
-AdamW (FusedAdam) none. Not modelled: allocator overhead, DeepSpeed's communication buckets, the
-CUDA context; hence the planner fills at most ``HEADROOM`` of the GPU.
+AdamW (FusedAdam) none. Not modelled: allocator overhead, ZeRO-3's prefetch and live-parameter
+buffers, the CUDA context; hence the planner fills at most ``HEADROOM`` of the GPU.
 
 Wall time: :func:`flops_per_token` x D tokens (``6 N + 12 L h s`` per token: forward +
 backward, attention included, PaLM's MFU convention; the training loop's MFU uses the same count)
@@ -41,6 +69,7 @@ assumption you state (default 0.40; GPT-2-sized models with SDPA typically reach
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Optional
@@ -49,15 +78,21 @@ from .batch import BatchConfigError, divisors, plan_batch
 from .batch_schedule import BatchScheduleError, build_step_table, parse_batch_schedule, warmup_steps_by_tokens
 from merit_ds.optim import registry
 
+from .lean_loss import default_chunk_tokens
 from .presets import (TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset, optimizer_label, optimizer_names,
                       parse_batch, scaled_lr, warmup_steps)
 
-__all__ = ["GPUS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "optimizer_scratch_bytes", "flops_per_token",
+__all__ = ["GPUS", "LOSSES", "DEFAULT_LOSS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "loss_work_bytes",
+           "comm_bucket_bytes", "deepspeed_bucket_defaults", "optimizer_scratch_bytes", "flops_per_token",
            "wall_time_seconds", "make_plan", "format_plan"]
 
 GiB = 1024 ** 3
 HEADROOM = 0.90
 DEFAULT_MFU = 0.40
+#: The loss the memory model can assume: "lean" (:mod:`.lean_loss`, chunked) or "plain" (full logits).
+LOSSES = ("lean", "plain")
+#: ``make_plan``'s and ``merit-ds plan``'s default (ds_configs/generate.py sizes the recipes with it).
+DEFAULT_LOSS = "lean"
 
 #: Peak dense bf16 tensor-core FLOP/s (no sparsity) and nominal memory, from NVIDIA datasheets.
 GPUS: dict[str, dict] = {
@@ -79,10 +114,11 @@ class MemoryEstimate:
     optimizer_cpu: float   # per GPU, in host memory (offload only)
     activations: float
     scratch: float = 0.0   # the optimizer's work buffers on the GPU
+    comm: float = 0.0      # DeepSpeed's gradient-reduction buckets
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.scratch + self.activations
+        return self.params + self.grads + self.optimizer + self.scratch + self.comm + self.activations
 
 
 def _bytes_per_param(precision: str) -> tuple[int, int, int]:
@@ -93,12 +129,31 @@ def _bytes_per_param(precision: str) -> tuple[int, int, int]:
     raise ValueError(f"precision must be 'bf16' or 'fp32', got {precision!r}")
 
 
+def loss_work_bytes(model: ModelPreset, tokens: int, *, precision: str = "bf16", loss: str = "lean") -> float:
+    """What the loss holds beyond the saved activations (module docstring): plain, nll_loss's and
+    log_softmax's fp32 gradients, ``8 N V`` (measured peak: these two next to the saved fp32
+    log-softmax, in fp32 and bf16 alike); lean, one chunk of fp32 logits and
+    their gradient's cast, ``(4 + e') C V``, and the output weight's fp32 gradient accumulator with
+    one chunk's product, ``(4 + e') V h`` (``e' = e`` in bf16, 0 in fp32)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    e = 2 if precision == "bf16" else 4
+    v = model.vocab_size
+    if loss == "plain":
+        return float(8 * tokens * v)
+    e_copy = e if e != 4 else 0
+    chunk = min(default_chunk_tokens(v), tokens)
+    return float((4 + e_copy) * chunk * v + (4 + e_copy) * v * model.n_embd)
+
+
 def activation_bytes(model: ModelPreset, micro_batch: int, seq_len: int, *, precision: str = "bf16",
-                     activation_checkpointing: bool = False) -> float:
+                     activation_checkpointing: bool = False, loss: str = "lean") -> float:
     """Activation memory of one micro-batch: measured saved bytes, scaled (module docstring),
-    plus the logits' gradient in the loss's backward."""
+    with the loss's share as ``loss`` ("lean" | "plain") holds it."""
     from .activations import activation_model
 
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
     e = 2 if precision == "bf16" else 4
     act = activation_model(model, precision)
     tokens = seq_len * micro_batch
@@ -107,8 +162,68 @@ def activation_bytes(model: ModelPreset, micro_batch: int, seq_len: int, *, prec
         layers = model.n_layer * e * tokens * model.n_embd + per_layer
     else:
         layers = model.n_layer * per_layer
-    logits_grad = (4 + e) * tokens * model.vocab_size
-    return layers + act.rest_per_token * tokens + logits_grad
+    rest = act.rest_per_token * tokens
+    if loss == "lean":
+        rest -= (4 * model.vocab_size - 4) * tokens  # the fp32 log-softmax, replaced by one fp32 lse per token
+    return layers + rest + loss_work_bytes(model, tokens, precision=precision, loss=loss)
+
+
+_BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size")
+
+
+@functools.lru_cache(maxsize=1)
+def deepspeed_bucket_defaults() -> dict[str, int]:
+    """``reduce_bucket_size`` and ``allgather_bucket_size`` (elements) as the installed DeepSpeed
+    defines their defaults: the fields of ``DeepSpeedZeroConfig`` in
+    ``deepspeed/runtime/zero/config.py`` (5e8 each in DeepSpeed 0.19.8). Read from the model when
+    deepspeed is already imported, else from that file's syntax tree: importing deepspeed prints
+    its accelerator choice on stdout, which would corrupt ``merit-ds plan --json``."""
+    import sys
+
+    if "deepspeed.runtime.zero.config" in sys.modules:
+        fields = sys.modules["deepspeed.runtime.zero.config"].DeepSpeedZeroConfig.model_fields
+        return {k: int(fields[k].default) for k in _BUCKET_KEYS}
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("deepspeed")  # a top-level package: found, not imported
+    if spec is None or spec.origin is None:
+        raise RuntimeError("deepspeed is not installed: the planner reads its ZeRO bucket defaults from it")
+    source = Path(spec.origin).parent / "runtime" / "zero" / "config.py"
+    tree = ast.parse(source.read_text(encoding="utf-8"))
+    out: dict[str, int] = {}
+    for cls in tree.body:
+        if isinstance(cls, ast.ClassDef) and cls.name == "DeepSpeedZeroConfig":
+            for node in cls.body:
+                if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                        and node.target.id in _BUCKET_KEYS and isinstance(node.value, ast.Call) and node.value.args):
+                    arg = node.value.args[0]                     # Field(pp_int(5e8), ...)
+                    if isinstance(arg, ast.Call) and arg.args:   # pp_int(5e8)
+                        arg = arg.args[0]
+                    out[node.target.id] = int(ast.literal_eval(arg))
+    if set(out) != set(_BUCKET_KEYS):
+        raise RuntimeError(f"could not read {_BUCKET_KEYS} defaults from {source} (found {out})")
+    return out
+
+
+def comm_bucket_bytes(stage: int, precision: str = "bf16", *, overlap_comm: Optional[bool] = None) -> float:
+    """GPU bytes of DeepSpeed's gradient-reduction bucket(s) during backward (module docstring).
+
+    ``overlap_comm`` defaults to what merit_ds's configs set (:func:`.ds_config.make_ds_config`: on
+    at stages 2 and 3). ZeRO-1/2: ``reduce_bucket_size`` elements of the gradient dtype (fp32
+    with fp32 training; bf16 at ZeRO-2 in bf16, whose fp32 accumulation lives in the partition),
+    two of them with overlap_comm; ZeRO-1 in bf16 (BF16_Optimizer) none; ZeRO-3 one of the
+    communication dtype. ``allgather_bucket_size`` counts 0: the updated partitions are gathered
+    in place into the flat parameter buffer, no bucket is allocated for it."""
+    if stage == 0 or (stage == 1 and precision == "bf16"):
+        return 0.0
+    e = 2 if precision == "bf16" else 4
+    reduce = deepspeed_bucket_defaults()["reduce_bucket_size"]
+    if stage == 3:
+        return float(reduce * e)
+    overlap = (stage == 2) if overlap_comm is None else overlap_comm
+    return float(reduce * e * (2 if overlap else 1))
 
 
 def optimizer_scratch_bytes(n_params: int, world: int, stage: int, *, offload: bool = False,
@@ -124,7 +239,8 @@ def optimizer_scratch_bytes(n_params: int, world: int, stage: int, *, offload: b
 
 
 def memory_per_gpu(n_params: int, world: int, stage: int, *, precision: str = "bf16",
-                   offload: bool = False, activations: float = 0.0, optimizer: str = "merit") -> MemoryEstimate:
+                   offload: bool = False, activations: float = 0.0, optimizer: str = "merit",
+                   comm_buckets: bool = True) -> MemoryEstimate:
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}")
     if offload and stage == 0:
@@ -140,8 +256,9 @@ def memory_per_gpu(n_params: int, world: int, stage: int, *, precision: str = "b
         grads = 6 * psi if stage == 1 else 4 * psi / world
     opt = k * psi / (world if stage >= 1 else 1)
     scratch = optimizer_scratch_bytes(n_params, world, stage, offload=offload, optimizer=optimizer)
+    comm = comm_bucket_bytes(stage, precision) if comm_buckets else 0.0
     return MemoryEstimate(stage, offload, params, grads, 0.0 if offload else opt, opt if offload else 0.0, activations,
-                          scratch)
+                          scratch, comm)
 
 
 def flops_per_token(model: ModelPreset, seq_len: int) -> float:
@@ -160,6 +277,46 @@ def wall_time_seconds(flops_per_tok: float, tokens: float, gpus: int, peak_flops
     return flops_per_tok * tokens / (gpus * peak_flops * mfu)
 
 
+def comm_bytes_per_step(n_params: int, world: int, stage: int, grad_accum: int, *, precision: str = "bf16") -> float:
+    """Bytes each GPU sends per optimizer step in ZeRO's gradient and parameter collectives (ring
+    algorithms: a reduce-scatter or an all-gather of S bytes sends ``(N-1)/N * S`` per rank, an
+    all-reduce twice that), gradients and parameters in the compute dtype (bf16: 2 bytes, fp32: 4):
+
+    - ZeRO 0 (DDP): one all-reduce of the gradients per step (DeepSpeed reduces at the
+      accumulation boundary only): ``2 f Psi b``;
+    - ZeRO 1: one reduce-scatter of the gradients, one all-gather of the updated parameters:
+      ``2 f Psi b``, the same as DDP;
+    - ZeRO 2: the gradient partition is reduced at *every* micro-batch (DeepSpeed
+      ``stage_1_and_2.py``: the reduction hooks fire per backward), plus the parameter all-gather:
+      ``(grad_accum + 1) f Psi b``;
+    - ZeRO 3: per micro-batch the parameters are gathered for forward and again for backward and
+      the gradients reduce-scattered: ``3 grad_accum f Psi b``.
+
+    MERIT's statistics all-reduce (0.3% of the parameters) and the loss reductions are left out."""
+    f = (world - 1) / world if world > 1 else 0.0
+    b = 2 if precision == "bf16" else 4
+    per = {0: 2.0, 1: 2.0, 2: grad_accum + 1.0, 3: 3.0 * grad_accum}[stage]
+    return per * f * n_params * b
+
+
+def fitting_micro_batch(model: ModelPreset, per_rank: int, seq_len: int, *, mem_bytes: float, world: int, stage: int,
+                        precision: str = "bf16", offload: bool = False, activation_checkpointing: bool = False,
+                        optimizer: str = "merit", loss: str = DEFAULT_LOSS) -> tuple[Optional[int], float]:
+    """The largest micro-batch dividing ``per_rank`` whose planned memory fits ``HEADROOM`` of a
+    GPU of ``mem_bytes``, and that plan's bytes (what the training entry uses when no micro-batch
+    is given on CUDA). ``(None, bytes at micro-batch 1)`` when even 1 does not fit."""
+    row_loss = "plain" if stage == 3 else loss
+
+    def total(m):
+        act = activation_bytes(model, m, seq_len, precision=precision, activation_checkpointing=activation_checkpointing,
+                               loss=row_loss)
+        return memory_per_gpu(model.n_params, world, stage, precision=precision, offload=offload, activations=act,
+                              optimizer=optimizer).total
+
+    m = _pick_micro_batch(per_rank, lambda mm: total(mm) <= mem_bytes * HEADROOM)
+    return m, total(m if m is not None else 1)
+
+
 def _pick_micro_batch(per_rank: int, fits) -> Optional[int]:
     for m in sorted(divisors(per_rank), reverse=True):
         if fits(m):
@@ -171,7 +328,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
               gpus_per_node: int = 8, gpu: str = "h100", *, precision: str = "bf16",
               micro_batch: Optional[int] = None, activation_checkpointing: bool = False,
               mfu: float = DEFAULT_MFU, seq_len: Optional[int] = None, optimizer: str = "merit",
-              batch_schedule: Optional[str] = None) -> dict:
+              batch_schedule: Optional[str] = None, loss: str = DEFAULT_LOSS) -> dict:
     """``optimizer`` (merit | lamb | adamw) sets the peak lr shown and the scratch buffers (MERIT
     the Triton step's tile table, ~0.03 bytes per partition element; LAMB: three partition-sized
     fp32 buffers on the GPU; AdamW none); the state is the same
@@ -182,7 +339,10 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
     :func:`~.batch_schedule.build_step_table`), the warmup is the same share of the tokens as
     the loop's, and the micro-batch is one that every phase's batch splits into over the
     ranks (the loop keeps the micro-batch and changes only the accumulation), so the memory
-    table holds for the whole run; ``phases`` lists each phase's steps and accumulation."""
+    table holds for the whole run; ``phases`` lists each phase's steps and accumulation.
+
+    ``loss``: "lean" (:mod:`.lean_loss`, chunked; ZeRO-3 rows keep the plain loss, which the lean
+    path falls back to there) or "plain" (the full logits, ``lm_loss(engine(input_ids=x).logits, y)``)."""
     preset = get_model_preset(model)
     if gpu not in GPUS:
         raise ValueError(f"unknown GPU {gpu!r}; known: {sorted(GPUS)}")
@@ -196,6 +356,8 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
         raise BatchConfigError(f"--micro-batch must be a positive number of sequences, got {micro_batch}")
     if not 0 < mfu <= 1:
         raise BatchConfigError(f"--mfu is a fraction of the GPU's peak, in (0, 1], got {mfu}")
+    if loss not in LOSSES:
+        raise BatchConfigError(f"--loss must be one of {', '.join(LOSSES)}, got {loss!r}")
     seq_len = seq_len or preset.seq_len
     tokens = int(tokens)
     table = None
@@ -225,9 +387,11 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
     trained = table.total_tokens if table is not None else steps * base.tokens_per_step
     rows = []
     for stage, offload in ((0, False), (1, False), (2, False), (3, False), (2, True), (3, True)):
+        row_loss = "plain" if stage == 3 else loss  # ZeRO-3: lean_lm_loss falls back to the plain loss
+
         def est(m):
             act = activation_bytes(preset, m, seq_len, precision=precision,
-                                   activation_checkpointing=activation_checkpointing)
+                                   activation_checkpointing=activation_checkpointing, loss=row_loss)
             return memory_per_gpu(n, world, stage, precision=precision, offload=offload, activations=act,
                                   optimizer=optimizer)
         if micro_batch is not None:
@@ -245,8 +409,10 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
             "grad_accum": per_rank // m if m else None, "fits": bool(m) and e.total <= budget,
             "params_gib": e.params / GiB, "grads_gib": e.grads / GiB, "optimizer_gib": e.optimizer / GiB,
             "optimizer_cpu_gib": e.optimizer_cpu / GiB, "scratch_gib": e.scratch / GiB,
-            "activations_gib": e.activations / GiB,
+            "comm_gib": e.comm / GiB, "activations_gib": e.activations / GiB, "loss": row_loss,
             "total_gib": e.total / GiB,
+            "comm_gb_per_step": (comm_bytes_per_step(n, world, stage, per_rank // m, precision=precision) / 1e9
+                                 if m else None),
         })
     fpt = flops_per_token(preset.with_overrides(seq_len=seq_len), seq_len)
     seconds = wall_time_seconds(fpt, trained, world, GPUS[gpu]["peak_flops"], mfu)
@@ -270,7 +436,9 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
         "flops_per_token": fpt, "flops": fpt * trained, "wall_time_s": seconds,
         "optimizer": optimizer, "lr": lr, "lr_source": optim.lr_source, "warmup_steps": warmup,
         "batch_schedule": table.schedule.spec if table is not None else None, "phases": phases,
-        "per_gpu_unit": per_rank_unit, "zero2_micro_batch": z2["micro_batch"],
+        "per_gpu_unit": per_rank_unit, "zero2_micro_batch": z2["micro_batch"], "loss": loss,
+        "loss_chunk_tokens": min(default_chunk_tokens(preset.vocab_size), seq_len * (z2["micro_batch"] or 1)),
+        "comm_bucket_defaults": deepspeed_bucket_defaults(),
         "stages": rows,
     }
 
@@ -304,7 +472,7 @@ def format_plan(p: dict) -> str:
         f"memory per GPU ({p['precision']}, activation checkpointing {'on' if p['activation_checkpointing'] else 'off'}; GiB; "
         f"micro-batch = largest divisor of {unit} fitting {int(HEADROOM * 100)}% of the GPU"
         + ("; accum: the first phase's" if p.get("phases") else "") + "):",
-        f"  {'ZeRO':<11}{'params':>8}{'grads':>8}{'optim':>8}{'optim@CPU':>10}{'scratch':>8}{'activ.':>8}{'total':>8}{'micro':>7}{'accum':>7}",
+        f"  {'ZeRO':<11}{'params':>8}{'grads':>8}{'optim':>8}{'optim@CPU':>10}{'scratch':>8}{'comm':>7}{'activ.':>8}{'total':>8}{'micro':>7}{'accum':>7}{'sent GB/step':>14}",
     ]
     for r in p["stages"]:
         name = f"{r['stage']}{' +offload' if r['offload'] else ''}"
@@ -313,7 +481,22 @@ def format_plan(p: dict) -> str:
         note = "" if r["fits"] else (f"  does not fit at micro-batch {r['micro_batch']}" if p.get("micro_batch_fixed")
                                      else "  does not fit even at micro-batch 1")
         out.append(f"  {name:<11}{r['params_gib']:>8.2f}{r['grads_gib']:>8.2f}{r['optimizer_gib']:>8.2f}"
-                   f"{r['optimizer_cpu_gib']:>10.2f}{r.get('scratch_gib', 0.0):>8.2f}{r['activations_gib']:>8.2f}{r['total_gib']:>8.2f}{micro!s:>7}{accum!s:>7}{note}")
+                   f"{r['optimizer_cpu_gib']:>10.2f}{r.get('scratch_gib', 0.0):>8.2f}{r.get('comm_gib', 0.0):>7.2f}"
+                   f"{r['activations_gib']:>8.2f}{r['total_gib']:>8.2f}{micro!s:>7}{accum!s:>7}"
+                   f"{(format(r['comm_gb_per_step'], '.2f') if r.get('comm_gb_per_step') is not None else '-'):>14}{note}")
+    if p.get("loss"):
+        lean = p["loss"] == "lean"
+        out.append(f"  loss: {p['loss']}" + (f" (chunked over {p['loss_chunk_tokens']:,} tokens; ZeRO-3 rows: plain, "
+                                               "the lm_head weight is partitioned there)" if lean else
+                                               " (full-vocabulary logits)")
+                   + "; comm: DeepSpeed's reduce buckets (reduce_bucket_size "
+                   f"{p['comm_bucket_defaults']['reduce_bucket_size']:,} elements)")
+    fitting = [r for r in p["stages"] if r["fits"] and not r["offload"]]
+    if fitting:
+        low = fitting[0]
+        out.append(f"  lowest ZeRO stage that fits: {low['stage']} (micro-batch {low['micro_batch']} x {low['grad_accum']}, "
+                   f"{low['comm_gb_per_step']:.2f} GB sent per GPU per step; sent: ZeRO's gradient/parameter collectives, "
+                   f"ring; ZeRO-2 reduces at every micro-batch, ZeRO-3 gathers parameters twice per micro-batch)")
     h = p["wall_time_s"] / 3600
     out.append(f"compute: {p['flops_per_token']:.4g} FLOPs/token (6 N + 12 L h s, attention included) x "
                f"{p.get('tokens_trained', p['steps'] * p['tokens_per_step']):,} tokens = {p['flops']:.3e} FLOPs")
@@ -354,6 +537,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", default="bf16", choices=["bf16", "fp32"])
     parser.add_argument("--micro-batch", type=int, default=None, help="fix the micro-batch instead of fitting it")
     parser.add_argument("--activation-checkpointing", action="store_true")
+    parser.add_argument("--loss", default=DEFAULT_LOSS, choices=list(LOSSES),
+                        help="the loss's memory model: lean (chunked, merit_ds.train.lean_loss) or plain (full logits)")
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU, help="assumed model FLOPs utilisation")
     parser.add_argument("--seq-len", type=int, default=None)
     parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
@@ -368,6 +553,6 @@ def run(args) -> int:
     p = make_plan(args.model, args.batch, args.tokens, args.nodes, args.gpus_per_node, args.gpu,
                   precision=args.precision, micro_batch=args.micro_batch,
                   activation_checkpointing=args.activation_checkpointing, mfu=args.mfu, seq_len=args.seq_len,
-                  optimizer=args.optimizer, batch_schedule=args.batch_schedule)
+                  optimizer=args.optimizer, batch_schedule=args.batch_schedule, loss=args.loss)
     print(json.dumps(p, indent=2) if args.json else format_plan(p))
     return 0

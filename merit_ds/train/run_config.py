@@ -118,6 +118,7 @@ class RunConfig:
     family: Optional[object] = None  # .families.FamilyShape when --family chose the shape
     batch_table: Optional[StepTable] = None  # --batch-schedule: every step's global batch
     lr_rule: str = "tokens"   # how the lr follows a batch schedule (batch_schedule.LR_RULES)
+    loss: str = "plain"       # lean | plain (--loss, lean_loss_wanted)
 
     def batch_at(self, step: int) -> int:
         """Global batch of optimizer step ``step`` (1-based)."""
@@ -177,10 +178,13 @@ def cpu_supports_fp16() -> bool:
     return bool(get_accelerator().is_fp16_supported())
 
 
-def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[dict] = None) -> RunConfig:
+def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[dict] = None,
+            gpu_mem_bytes: Optional[float] = None) -> RunConfig:
     """One run configuration from the parsed arguments and the ``--ds-config`` JSON (a dict).
 
-    ``world``: the data-parallel world size the run will have; ``cpu``: no CUDA device.
+    ``world``: the data-parallel world size the run will have; ``cpu``: no CUDA device;
+    ``gpu_mem_bytes``: the GPU's memory, with which the micro-batch, when neither ``--micro-batch``
+    nor the JSON gives one, is the largest the memory plan (:func:`.plan.fitting_micro_batch`) fits.
     Raises :class:`UsageError` (or :class:`~merit_ds.train.batch.BatchConfigError`) on bad input.
 
     One step per concern, in this order (so the first bad input found is the one reported): the
@@ -195,7 +199,16 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
     zero_stage, precision, offload = _engine_settings(args, base_cfg, cpu)
     section = _json_optimizer_section(base_cfg, optimizer, where)
     schedule, lr_rule = _batch_schedule(args, base_cfg, where)
-    plan, table, micro_note = _batch_plan(args, base_cfg, world, seq_len, schedule)
+    fit = None
+    if gpu_mem_bytes:
+        def fit(per_rank):  # the planner's largest micro-batch for this GPU, this stage, this loss
+            from .plan import fitting_micro_batch
+
+            return fitting_micro_batch(preset, per_rank, seq_len, mem_bytes=gpu_mem_bytes, world=world,
+                                       stage=zero_stage, precision=precision, offload=offload,
+                                       activation_checkpointing=bool(getattr(args, "activation_checkpointing", False)),
+                                       optimizer=optimizer, loss=lean_loss_wanted(getattr(args, "loss", "auto"), cpu))
+    plan, table, micro_note = _batch_plan(args, base_cfg, world, seq_len, schedule, fit)
     json_params = dict((section or {}).get("params", {}))
     lr, lr_origin = _peak_lr(args, json_params, optim, plan, table, optimizer, where)
     opt_params = _optimizer_params(optim, json_params, lr)
@@ -207,7 +220,7 @@ def resolve(args, *, launcher: str, world: int, cpu: bool, base_cfg: Optional[di
                      precision=precision, zero_stage=zero_stage, offload=offload, plan=plan, optimizer=optimizer,
                      optim=optim, lr=lr, lr_origin=lr_origin, opt_params=opt_params, ds_config=cfg, client=client,
                      warmup=warmup, floor=floor, ds_config_path=args.ds_config, micro_note=micro_note, family=family,
-                     batch_table=table, lr_rule=lr_rule)
+                     batch_table=table, lr_rule=lr_rule, loss=lean_loss_wanted(getattr(args, "loss", "auto"), cpu))
 
 
 def _model(args, optimizer: str):
@@ -291,11 +304,11 @@ def _batch_schedule(args, base_cfg: Optional[dict], where: str):
     return schedule, lr_rule
 
 
-def _batch_plan(args, base_cfg: Optional[dict], world: int, seq_len: int, schedule):
+def _batch_plan(args, base_cfg: Optional[dict], world: int, seq_len: int, schedule, fit=None):
     """The batch arithmetic: global batch, micro-batch and budget -> the :class:`BatchPlan`, and
     under a batch schedule its step table. Returns ``(plan, table or None, micro_note)``."""
     global_batch = _global_batch(args, base_cfg, schedule)
-    micro, micro_note = _micro_batch(args, base_cfg, world, global_batch, schedule)
+    micro, micro_note = _micro_batch(args, base_cfg, world, global_batch, schedule, fit)
     tokens, steps = _budget(args)
     table = None
     if schedule is not None:
@@ -326,7 +339,7 @@ def _global_batch(args, base_cfg: Optional[dict], schedule) -> int:
     return global_batch or DEFAULT_BATCH[args.model]
 
 
-def _micro_batch(args, base_cfg: Optional[dict], world: int, global_batch: int, schedule):
+def _micro_batch(args, base_cfg: Optional[dict], world: int, global_batch: int, schedule, fit=None):
     """The micro-batch (None: the plan's largest that divides) and a note when it differs from
     the JSON's. Returns ``(micro, micro_note)``."""
     # The JSON's micro-batch (and grad-accum) were planned for one cluster shape: they are a hint,
@@ -354,7 +367,24 @@ def _micro_batch(args, base_cfg: Optional[dict], world: int, global_batch: int, 
             micro = max(d for d in range(1, min(json_micro, per_rank) + 1) if per_rank % d == 0)
             micro_note = (f"micro-batch re-planned for {world} ranks: the config's {json_micro} does not divide "
                           f"{per_rank} sequences per rank; using {micro} x grad_accum {per_rank // micro}")
+    if micro is None and fit is not None and per_rank is not None:
+        micro, planned = fit(per_rank)
+        if micro is None:
+            raise UsageError(f"no micro-batch of the {per_rank} sequences per GPU fits this GPU by the memory plan "
+                             f"(micro-batch 1 needs {planned / 2**30:.1f} GiB; merit-ds plan shows the terms): use a "
+                             f"higher ZeRO stage, --activation-checkpointing, or more GPUs")
+        micro_note = (f"micro-batch {micro} x grad_accum {per_rank // micro}: the largest the memory plan fits on this "
+                      f"GPU ({planned / 2**30:.1f} GiB planned; --micro-batch overrides)")
     return micro, micro_note
+
+
+def lean_loss_wanted(choice: str, cpu: bool) -> str:
+    """``--loss``: ``lean`` (chunked output projection + cross-entropy, :mod:`.lean_loss`), ``plain``,
+    or ``auto``: lean on CUDA, where the full-vocabulary fp32 logits cost gigabytes; plain on the
+    CPU, whose runs (the demo, the studies, the tests' references) keep their exact numbers."""
+    if choice not in ("auto", "lean", "plain"):
+        raise UsageError(f"--loss must be auto, lean or plain, got {choice!r}")
+    return choice if choice != "auto" else ("plain" if cpu else "lean")
 
 
 def _budget(args):

@@ -122,8 +122,10 @@ class Trainer:
 
     def __init__(self, engine, runner, basic, optimizer: str, train_loader, val_loader, *, steps: int,
                  warmup: int, floor: float, tokens_per_step: int, zero_stage: int, diversity_probe: int = 0,
-                 batch_table=None, lr_rule: str = "tokens"):
+                 batch_table=None, lr_rule: str = "tokens", lean_loss: bool = False):
         self.engine, self.runner, self.basic = engine, runner, basic
+        # the loss inside the engine's forward, chunked over tokens (.lean_loss; the model class was built for it)
+        self.lean_loss = lean_loss
         self.train_loader, self.val_loader = train_loader, val_loader
         self.steps, self.tokens_per_step, self.zero_stage = steps, tokens_per_step, zero_stage
         # --batch-schedule (:mod:`.batch_schedule`): every step's global batch, and the lr by tokens
@@ -189,7 +191,7 @@ class Trainer:
             # The probed forward runs eager under --compile: its hooks read values on the host
             # and guard on `armed`, which would recompile the model for diagnostics steps.
             with self.runner.micro_context(), _eager(probing and self.compiled):
-                loss = lm_loss(engine(input_ids=x).logits, y)
+                loss = engine(input_ids=x, targets=y) if self.lean_loss else lm_loss(engine(input_ids=x).logits, y)
                 if probing:
                     max_logit = self.probe.collect()
                 self.runner.backward_step(loss)
@@ -339,8 +341,11 @@ class Trainer:
         with torch.no_grad():
             for x, y in val.batches():
                 x, y = x.to(engine.device), y.to(engine.device)
-                logits = engine(input_ids=x).logits
-                losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                if getattr(self, "lean_loss", False):
+                    losses = engine(input_ids=x, targets=y, loss_reduction="none").reshape(-1)
+                else:
+                    logits = engine(input_ids=x).logits
+                    losses = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), reduction="none")
                 per_block = losses.double().view(x.shape[0], -1).mean(1)
                 acc[0] += losses.double().sum()
                 acc[1] += losses.numel()
