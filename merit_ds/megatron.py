@@ -48,6 +48,13 @@ class MegatronNotSupported(ValueError):
     """A megatron-core option the MERIT factory does not support (yet): named in the message."""
 
 
+def _optimizer_name(config, keyword: str) -> str:
+    """Which optimizer to build: ``config.optimizer`` when it names a merit_ds optimizer (Megatron's
+    ``--optimizer lamb``), else the factory's keyword (default MERIT; ``adam`` is Megatron's default)."""
+    name = getattr(config, "optimizer", "adam")
+    return keyword if name in ("adam", keyword) else name
+
+
 def _sharded_names() -> list[str]:
     """Registered optimizers with a sharded rule (what the factory can build)."""
     from merit_ds.optim import registry
@@ -131,7 +138,7 @@ def get_megatron_merit_optimizer(config, model_chunks, config_overrides=None, us
 
     from merit_ds.optim import registry
 
-    spec = registry.get(optimizer)
+    spec = registry.get(_optimizer_name(config, optimizer))
     if spec.fragment_rule is None:
         raise MegatronNotSupported(f"optimizer={optimizer!r} has no sharded rule; use one of {', '.join(_sharded_names())}")
     _check_config(config)
@@ -154,8 +161,18 @@ def get_megatron_merit_optimizer(config, model_chunks, config_overrides=None, us
     finally:
         config.optimizer = saved
     for wrapper in getattr(result, "chained_optimizers", [result]):
+        tp_group = getattr(wrapper, "tp_group", None)  # megatron-core's (pg_collection.tp, else parallel_state's)
         if type(wrapper).__name__ == "DistributedOptimizer":
-            attach_distributed_optimizer(wrapper)
+            attach_distributed_optimizer(wrapper, tp_group)
+        elif tp_group is not None and _tp(tp_group)[2] > 1:
+            from merit_ds.sharding.tensor_parallel import current
+
+            found = current()
+            if found is None or found.group is not tp_group:
+                raise MegatronNotSupported(
+                    "get_megatron_merit_optimizer: tensor parallelism given through pg_collection, not megatron-core's "
+                    "parallel_state, without the distributed optimizer: MERIT would not see the TP group. Use "
+                    "use_distributed_optimizer=True, or initialise parallel_state.")
     return result
 
 

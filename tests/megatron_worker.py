@@ -61,6 +61,8 @@ def main():
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--naive", action="store_true")
     ap.add_argument("--optimizer", default="merit")
+    ap.add_argument("--small-group", action="store_true",
+                    help="ln_w in a group of its own (lr 0.03): wholly on one data-parallel rank, empty on the others")
     a = ap.parse_args()
     dist.init_process_group("gloo")
     from megatron.core import parallel_state as ps
@@ -94,20 +96,26 @@ def main():
     owned = [p for p in params if p in param_map]
     mains = [p.detach().view(-1)[param_map[p]["param"].start:param_map[p]["param"].end].clone() for p in owned]
     main_of = {id(p): m for p, m in zip(owned, mains)}
+    names_all = [n for n, _, _ in PARAMS]
     cut_mid_row = any(p.dim() == 2 and (param_map[p]["param"].start % p.shape[1] or param_map[p]["param"].end % p.shape[1])
                       for p in owned)
 
-    opt = cls([{"params": params}], **HP)
-    opt.param_groups[0]["params"] = list(mains)  # what DistributedOptimizer does to the inner optimizer
+    groups = [[p for n, p in zip(names_all, params) if not (a.small_group and n == "ln_w")]]
+    if a.small_group:
+        groups.append([local["ln_w"]])
+    opt = cls([{"params": g} if i == 0 else {"params": g, "lr": 0.03} for i, g in enumerate(groups)], **HP)
+    for group, members in zip(opt.param_groups, groups):  # what DistributedOptimizer does to the inner optimizer
+        group["params"] = [main_of[id(p)] for p in members if id(p) in main_of]
+    res_groups = [len(g["params"]) for g in opt.param_groups]
     if not a.naive:
         pg, tp = statistics_groups(dp_group, tp_group if a.tp > 1 else None)
         attach_pieces(opt, pieces_of_distributed_optimizer(owned, mains, lambda p: param_map[p]["param"], dp_group,
                                                            tp_group if a.tp > 1 else None), process_group=pg, tp=tp)
     else:
-        naive = cls([{"params": list(mains)}], **HP)  # each piece a plain vector
+        naive = cls([{"params": list(mains)}], **HP)  # each piece a plain vector (one group)
     ref_w = {n: whole[n].clone() for n, _, _ in PARAMS}
     ref_state = {n: (torch.zeros_like(whole[n]), torch.zeros_like(whole[n]), torch.tensor(0.0)) for n, _, _ in PARAMS}
-    res = {"diff": [], "diff_matrices": [], "all_reduces": [], "cut_mid_row": cut_mid_row, "pieces": len(mains),
+    res = {"group_sizes": res_groups, "diff": [], "diff_matrices": [], "all_reduces": [], "cut_mid_row": cut_mid_row, "pieces": len(mains),
            "params": len(params)}
     for step in range(STEPS):
         gg = torch.Generator().manual_seed(100 + step)
@@ -125,9 +133,11 @@ def main():
         kw = dict(lr=HP["lr"], beta1=HP["betas"][0], beta2=HP["betas"][1], eps=HP["eps"], weight_decay=HP["weight_decay"])
         if cls is LAMB:
             kw.update(max_trust_ratio=10.0, bias_correction=True)
-        names = [n for n, _, _ in PARAMS]
-        fn([ref_w[n] for n in names], [grads[n] for n in names], [ref_state[n][0] for n in names],
-           [ref_state[n][1] for n in names], [ref_state[n][2] for n in names], **kw)
+        for gi, members in enumerate(groups):
+            names = [n for n, p in local.items() if any(p is m for m in members)]
+            gkw = dict(kw, lr=0.03) if gi == 1 else kw
+            fn([ref_w[n] for n in names], [grads[n] for n in names], [ref_state[n][0] for n in names],
+               [ref_state[n][1] for n in names], [ref_state[n][2] for n in names], **gkw)
         # reassemble: pieces into this TP rank's slices (sum over DP), slices into wholes (gather over TP)
         diff = diff_m = 0.0
         for n, s, dim in PARAMS:
@@ -156,6 +166,9 @@ def main():
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     res["cut_mid_row"] = bool(flag.item())
     res["world"], res["tp"] = dist.get_world_size(), a.tp
+    smallest = torch.tensor([float(min(res_groups))])
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
+    res["some_rank_has_an_empty_group"] = smallest.item() == 0
     if dist.get_rank() == 0:
         with open(os.environ["MERIT_TEST_RESULT"], "w") as f:
             json.dump(res, f)

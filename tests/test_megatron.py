@@ -106,6 +106,15 @@ def test_distributed_optimizer_pieces_are_exact(world, tp, extra):
 
 
 @pytest.mark.slow
+def test_a_group_empty_on_one_rank_still_meets_the_others():
+    """A param group wholly inside one rank's range is empty on the other: that rank must still
+    reserve the group's statistics (else the buffers differ in size: a hang, or gloo's error)."""
+    r = launch(TESTS_DIR / "megatron_worker.py", nprocs=2, args=["--tp", "1", "--small-group"], timeout=300)
+    assert r["some_rank_has_an_empty_group"], r
+    assert r["diff"] == [0.0, 0.0, 0.0] and r["all_reduces"] == [1, 1, 1], r
+
+
+@pytest.mark.slow
 def test_naive_pieces_are_not_exact():
     r = launch(TESTS_DIR / "megatron_worker.py", nprocs=2, args=["--tp", "1", "--naive"], timeout=300)
     assert max(r["diff_matrices"]) > 1e-4, r
@@ -127,3 +136,11 @@ def test_gpu_smoke_megatron_section_dry_runs_on_cpu():
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert "the model was built on the CPU" in out["skipped"] and "nothing stepped" in out["skipped"]
+
+
+def test_config_optimizer_names_which_merit_ds_optimizer():
+    from types import SimpleNamespace
+
+    assert mm._optimizer_name(SimpleNamespace(optimizer="adam"), "merit") == "merit"  # Megatron's default
+    assert mm._optimizer_name(SimpleNamespace(optimizer="lamb"), "merit") == "lamb"   # --optimizer lamb
+    assert mm._optimizer_name(SimpleNamespace(optimizer="merit"), "merit") == "merit"

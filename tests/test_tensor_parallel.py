@@ -240,7 +240,8 @@ def test_zero3_under_tensor_parallelism_is_refused(monkeypatch):
     from merit_ds.optim import MERIT
 
     monkeypatch.setattr(tp_adapter, "current", lambda: GROUP)
-    p = torch.nn.Parameter(torch.zeros(4, 4))
+    p = torch.nn.Parameter(torch.zeros(0))  # what ZeRO-3 leaves of a partitioned parameter
+    p.ds_shape, p.tensor_model_parallel, p.partition_dim = (4, 4), True, 0
     with pytest.raises(ShardingLayoutError, match="ZeRO stage 3 with tensor parallelism"):
         tp_adapter.sharded_tp(MERIT([p]), [p], layout_from_offsets([(4, 4)], [0], 0, 8), None, "zero3")
 

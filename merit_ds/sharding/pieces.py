@@ -85,10 +85,12 @@ def pieces_stepper(optimizer, group: dict) -> Optional[PiecesStep]:
     whether this rank holds a piece of it or not (an empty one then: zeros in the statistics,
     nothing to update), so that the statistics buffer has the same layout on every rank."""
     table = optimizer.__dict__.get("_merit_pieces")
-    if not table or not group["params"]:
-        return None
+    if optimizer.__dict__.get("_merit_pieces_context") is None:
+        return None  # nothing attached: not a pieces optimizer
+    # Every group of an attached optimizer is stepped here, an empty one too (this rank owns no
+    # element of any of its parameters): the other ranks reserve its statistics, and so must this one.
     found = [table.get(id(p)) for p in group["params"]]
-    if all(f is None for f in found):
+    if found and all(f is None for f in found):
         return None
     if any(f is None or f[0] is not p for f, p in zip(found, group["params"])):
         raise ShardingLayoutError("a param group mixes attached pieces with other tensors; attach every piece")

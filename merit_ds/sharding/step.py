@@ -173,6 +173,10 @@ def _run_same_group(steps: list[ShardedGroupStep]) -> None:
                 f"their group, shapes {shapes}) on some rank; nothing was modified on any rank. "
                 f"Use nonfinite_grads='skip' to skip them."
             )
+    if rule.skip_unit == "group":  # one param group may run as several steps (TP or megatron pieces)
+        bad_groups = {id(s.group) for s, bad in zip(steps, flagged) if bad}
+        flagged = [set(range(len(s.layout.shapes))) if id(s.group) in bad_groups else bad
+                   for s, bad in zip(steps, flagged)]
     for s, bad in zip(steps, flagged):
         if bad and rule.skip_unit == "group":
             bad = set(range(len(s.layout.shapes)))

@@ -178,9 +178,9 @@ def sharded_tp(optimizer, params: Sequence, layout: PartitionLayout, dp_group, k
     tp = current()
     if tp is None:
         return None
-    splits = [split_of(p, tp) for p in params]
-    if kind == "zero3":
+    if kind == "zero3":  # (before reading splits: ZeRO-3 parameters are empty (0,) tensors here)
         _refuse("ZeRO stage 3 with tensor parallelism", 'Use "stage": 1 or 2 with tensor parallelism.')
+    splits = [split_of(p, tp) for p in params]
     whole = globalize_rows(layout, splits)
     local = stats_layout(whole.shapes, optimizer.fragment_rule.stats_size)
     exchange = exchange_plan(local, splits, optimizer.fragment_rule, tp_rank=tp.rank)
