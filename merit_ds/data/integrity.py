@@ -153,7 +153,7 @@ def data_fingerprint(data: str | os.PathLike) -> dict:
 
 def check_token_data(data: str | os.PathLike, vocab_size: int, *, rank: int = 0, world: int = 1,
                      threads: Optional[int] = None, verified_record: Optional[os.PathLike] = None,
-                     full: bool = True) -> dict:
+                     full: bool = True, write_record: bool = True) -> dict:
     """Verify every shard of ``data`` (checksums when there is a manifest) and its ids < ``vocab_size``.
 
     Call on every rank (collective when a process group is running): raises the same
@@ -163,7 +163,9 @@ def check_token_data(data: str | os.PathLike, vocab_size: int, *, rank: int = 0,
     ``verified_record`` (a JSON file, e.g. in the run directory) remembers the last full
     verification: with ``full=False`` a rank whose shards all still have the recorded sizes and
     modification times, for the same ``vocab_size``, skips re-reading them (``skipped``); after a
-    verification that read anything, rank 0 rewrites the record. ``full=True`` reads everything.
+    verification that read anything, rank 0 rewrites the record (``write_record=False``: the
+    caller does, later, with :func:`write_verified_record` and the returned ``max_id``).
+    ``full=True`` reads everything.
     """
     data = Path(data)
     error, manifest, shards, mine, max_id = None, None, [], [], -1
@@ -193,15 +195,21 @@ def check_token_data(data: str | os.PathLike, vocab_size: int, *, rank: int = 0,
     error, max_id = _exchange(error, max_id, rank, world)
     if error:
         raise CorruptDataError(error[len("corrupt: "):]) if error.startswith("corrupt: ") else DataError(error)
-    if verified_record is not None and rank == 0 and not skipped:
-        from merit_ds.fileio import atomic_write_text
-
-        Path(verified_record).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(verified_record), json.dumps(
-            {"data": str(data.resolve()), "vocab_size": vocab_size, "max_id": max_id, "files": data_fingerprint(data)},
-            indent=1, sort_keys=True))
+    if verified_record is not None and rank == 0 and not skipped and write_record:
+        write_verified_record(verified_record, data, vocab_size, max_id)
     return {"shards": len(shards), "checked_here": len(mine), "max_id": max_id, "checksums": manifest is not None,
             "skipped": skipped}
+
+
+def write_verified_record(path: os.PathLike, data: str | os.PathLike, vocab_size: int, max_id: int) -> None:
+    """Record that ``data`` passed a full check for ``vocab_size`` (its largest id ``max_id``)."""
+    from merit_ds.fileio import atomic_write_text
+
+    data = Path(data)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(
+        {"data": str(data.resolve()), "vocab_size": vocab_size, "max_id": max_id, "files": data_fingerprint(data)},
+        indent=1, sort_keys=True))
 
 
 def _read_record(path: os.PathLike) -> Optional[dict]:

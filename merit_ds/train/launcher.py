@@ -125,6 +125,9 @@ class Runner:
     ``timeout``: how long a collective waits for the other ranks before it raises (``--collective-timeout``,
     :func:`.run_config.collective_timeout`); None leaves the libraries' defaults."""
 
+    fault: Optional[tuple] = None  # (rank, step, kind) of $MERIT_DS_TEST_FAIL_AT (tests build Runners without __init__)
+    timeout: Optional[timedelta] = None
+
     def __init__(self, launcher: str, timeout: Optional[timedelta] = None):
         self.launcher = launcher
         self.accelerator = None

@@ -274,7 +274,9 @@ def make_loaders(args, rc: RunConfig, rank: int, world: int):
         if "vocab_size" not in model_overrides(rc):
             vocab = min(vocab, rc.preset.token_vocab)
         verified = check_token_data(args.data, vocab, rank=rank, world=world, full=args.verify == "full",
-                                    verified_record=Path(args.out) / VERIFIED_DATA)
+                                    verified_record=Path(args.out) / VERIFIED_DATA, write_record=False)
+        # written once --out is known to be the run directory (check_shared_out): nothing in --out before
+        args.verified_data = None if verified["skipped"] else (vocab, verified["max_id"])
         if verified["skipped"] and rank == 0:
             print(f"data: {verified['shards']} shards unchanged (sizes, modification times) since their last full "
                   f"check ({Path(args.out) / VERIFIED_DATA}); --verify full re-reads them", flush=True)
@@ -398,6 +400,10 @@ def run(args) -> int:
     out = Path(args.out)
     # a node-local --out would fail only at the first resume: refuse it now, on every rank
     check_shared_out(out, rank, world)
+    if rank == 0 and getattr(args, "verified_data", None) is not None:
+        from merit_ds.data.integrity import write_verified_record
+
+        write_verified_record(out / VERIFIED_DATA, args.data, *args.verified_data)
     ckpt_root = out / "checkpoints"
     run_info = describe_run(rc, world, train_loader)
     resume_from, load_from = locate_checkpoint(args.resume, ckpt_root, run_info, runner, args.verify)
