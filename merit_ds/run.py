@@ -74,6 +74,17 @@ def _cpu_ranks_for_accelerate() -> None:
         os.environ["ACCELERATE_USE_CPU"] = "true"
 
 
+def _close_process_group() -> None:
+    """After a script that finished normally, close the process group it left open (the HF
+    Trainer does not): gloo's threads torn down at interpreter exit instead abort the process
+    now and then ("terminate called without an active exception", exit -6), failing a run
+    that had finished."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     launcher_args = []
@@ -107,6 +118,7 @@ def main(argv=None) -> int:
         else:
             sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
             runpy.run_path(target, run_name="__main__")
+        _close_process_group()
     finally:
         # DeepSpeed's CPU all-reduce segment of this rank (66 MiB in /dev/shm, never unlinked by
         # DeepSpeed), whether the script finished, failed or exited: peers keep their mappings
