@@ -522,15 +522,7 @@ def train(ngpu: int, steps: int):
         entry = {"rc": proc.returncode, "cmd": " ".join(cmd[len(launcher):])}
         if proc.returncode != 0:
             entry["tail"] = (proc.stdout[-1500:] + proc.stderr[-2500:])
-        metrics = run / "metrics.jsonl"
-        if metrics.exists():
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-            train_rows = [r for r in rows if "loss" in r]
-            entry["steps_logged"] = len(train_rows)
-            for key in ("step_time_s", "tokens_per_s", "mfu", "peak_memory_gib", "loss"):
-                vals = [r[key] for r in train_rows[1:] if key in r]  # the first step compiles/allocates
-                if vals:
-                    entry[key] = statistics.median(vals)
+        entry.update(_run_metrics(run))
         if gpu is None:
             entry["plan"] = f"{card}: not a card merit_ds.train.plan.GPUS lists; no plan comparison"
         else:
