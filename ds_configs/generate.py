@@ -7,14 +7,17 @@ Files:
   zero{1,2,3}_{bf16,fp32}.json, zero{2,3}_offload_{bf16,fp32}.json
       generic: MERIT with the GPT-2 lineage hyperparameters; no batch keys (merit_ds.train fills
       train_batch_size / micro / grad-accum from its command line).
-  gpt2-{small,medium}_b{480,1024,2048,4096,6144}_zero2_bf16.json
-      the recipes: global batch and sqrt-scaled lr set; micro-batch = what `merit-ds plan` fits on
-      32 x 80 GiB GPUs at ZeRO-2 bf16, which also divides the per-GPU batch on 8 and 16 GPUs
+  gpt2-{small,medium}_b{480,1024,2048,4096,6144}_zero{S}_bf16.json
+      the recipes: global batch and sqrt-scaled lr set; ZeRO stage S = the planner's choice for a
+      file that serves 8 to 32 GPUs (merit_ds.train.plan.recipe_zero_stage: fits everywhere,
+      never accumulates in bf16, sends the fewest bytes per step on 8 GPUs; ZeRO-1 for every
+      recipe today); micro-batch = what `merit-ds plan` fits on 32 x 80 GiB GPUs at that stage,
+      which also divides the per-GPU batch on 8 and 16 GPUs
       (DeepSpeed derives grad-accum = train_batch_size / (micro x world)). Other cluster shapes:
       the same file works on any world size dividing the batch; merit_ds.train re-plans the
       micro-batch (largest divisor of the per-rank batch not above the file's) and prints it;
       --micro-batch overrides it.
-  gpt2-{small,medium}_{lamb,adamw}_b{480,1024,2048,4096,6144}_zero2_bf16.json
+  gpt2-{small,medium}_{lamb,adamw}_b{480,1024,2048,4096,6144}_zero{S}_bf16.json
       the baselines at the same points (the reference batch 480 and the large batches), same
       batch keys, each with its own preset lr (merit_ds.train.presets): "ShardedLAMB"
       (merit_ds.LAMB) and DeepSpeed's "AdamW". Train with `--optimizer lamb|adamw`.
@@ -33,23 +36,16 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from merit_ds.train.ds_config import make_ds_config  # noqa: E402
-from merit_ds.train.plan import make_plan  # noqa: E402
+from merit_ds.train.plan import recipe_micro_batch, recipe_zero_stage  # noqa: E402
 from merit_ds.optim import registry  # noqa: E402
 from merit_ds.train.presets import BATCH_PRESETS, get_optim_preset, scaled_lr  # noqa: E402
 
-#: Recipe file name for a model, optimizer and batch (MERIT's names carry no optimizer).
-def recipe_name(model: str, batch: int, optimizer: str = "merit") -> str:
+def recipe_name(model: str, batch: int, optimizer: str = "merit", stage: int | None = None) -> str:
+    """Recipe file name for a model, optimizer and batch (MERIT's names carry no optimizer); the
+    stage is the recipe's (:func:`recipe_zero_stage`) unless given."""
     tag = "" if optimizer == "merit" else f"_{optimizer}"
-    return f"{model}{tag}_b{batch}_zero2_bf16.json"
-
-REFERENCE_NODES, REFERENCE_GPUS = 4, 8   # 32 GPUs; see docstring
-
-
-
-def recipe_micro_batch(model: str, batch: int) -> int:
-    plan = make_plan(model, batch, nodes=REFERENCE_NODES, gpus_per_node=REFERENCE_GPUS, gpu="h100")
-    row = next(r for r in plan["stages"] if r["stage"] == 2 and not r["offload"])
-    return row["micro_batch"]
+    stage = recipe_zero_stage(model, batch) if stage is None else stage
+    return f"{model}{tag}_b{batch}_zero{stage}_bf16.json"
 
 
 def build_all() -> dict[str, dict]:
@@ -67,9 +63,10 @@ def build_all() -> dict[str, dict]:
                 continue
             optim = spec.recipe_defaults[model]
             for batch in BATCH_PRESETS.values():
-                files[recipe_name(model, batch, optimizer)] = make_ds_config(
-                    2, "bf16", optim=optim, lr=float(f"{scaled_lr(optim, batch):.6g}"), global_batch=batch,
-                    micro_batch=recipe_micro_batch(model, batch), optimizer=optimizer)
+                stage = recipe_zero_stage(model, batch)
+                files[recipe_name(model, batch, optimizer, stage)] = make_ds_config(
+                    stage, "bf16", optim=optim, lr=float(f"{scaled_lr(optim, batch):.6g}"), global_batch=batch,
+                    micro_batch=recipe_micro_batch(model, batch, stage), optimizer=optimizer)
     tiny = get_optim_preset("tiny", "merit")
     files["tiny_b16_zero2_fp32.json"] = make_ds_config(2, "fp32", optim=tiny, lr=scaled_lr(tiny, 16),
                                                        global_batch=16, micro_batch=4)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPT-2 Medium, global batch 2048 (2k), 2 nodes x 8 GPUs, MERIT under ZeRO-2, bf16, accelerate launch.
+# GPT-2 Medium, global batch 2048 (2k), 2 nodes x 8 GPUs, MERIT under ZeRO-1, bf16, accelerate launch.
 #
 # Command (run on every node; k = 0 on node0, 1 on node1):
 #   MACHINE_RANK=k MAIN_IP=node0 bash launch/accelerate_multi_node.sh

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# GPT-2 Small, global batch 6144 (6k), 4 nodes x 8 GPUs, MERIT under ZeRO-2, bf16, deepspeed launcher.
+# GPT-2 Small, global batch 6144 (6k), 4 nodes x 8 GPUs, MERIT under ZeRO-1, bf16, deepspeed launcher.
 #
 # Command, pdsh mode (passwordless ssh; run once, on node 0):
 #   bash launch/multi_node_deepspeed.sh pdsh
 #   = deepspeed --hostfile launch/hostfile --launcher pdsh --master_addr node0 --master_port 29500 \
-#         --module merit_ds.train --model gpt2-small --ds-config ds_configs/gpt2-small_b6144_zero2_bf16.json \
+#         --module merit_ds.train --model gpt2-small --ds-config ds_configs/gpt2-small_b6144_zero1_bf16.json \
 #         --data data/owt --out runs/gpt2-small-b6144
 # Command, no-ssh mode (no ssh between nodes; run on EVERY node, k = 0..3):
 #   NODE_RANK=k MASTER_ADDR=node0 bash launch/multi_node_deepspeed.sh no-ssh
@@ -24,7 +24,7 @@ MASTER_PORT=${MASTER_PORT:-29500}
 DATA=${DATA:-data/owt}
 OUT=${OUT:-runs/${MODEL}-b${BATCH}}
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
-train=(--module merit_ds.train --model "$MODEL" --ds-config "ds_configs/${MODEL}_b${BATCH}_zero2_bf16.json"
+train=(--module merit_ds.train --model "$MODEL" --ds-config "ds_configs/${MODEL}_b${BATCH}_zero1_bf16.json"
        --data "$DATA" --out "$OUT" --eval-every 200 --ckpt-every 500 --keep-last 3 --diag-every 100 "$@")
 case "$MODE" in
   pdsh)   exec deepspeed --hostfile "$HOSTFILE" --launcher pdsh --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" "${train[@]}" ;;

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from pathlib import Path
 import torch
 
 from merit_ds.train import presets
@@ -185,14 +186,26 @@ def test_lean_loss_and_comm_buckets_in_the_plan():
     # DeepSpeed's own defaults, read from deepspeed.runtime.zero.config (0.19.8: 5e8 elements each):
     # from the file's syntax tree (deepspeed not imported: `plan --json` stays clean) and from the
     # imported pydantic model agree
-    deepspeed_bucket_defaults.cache_clear()
-    from_source = deepspeed_bucket_defaults()
+    import sys
+
+    from merit_ds.train.plan import deepspeed_zero_defaults
+
+    imported = sys.modules.pop("deepspeed.runtime.zero.config", None)  # force the syntax-tree path
+    try:
+        deepspeed_zero_defaults.cache_clear()
+        from_source = deepspeed_zero_defaults()
+    finally:
+        if imported is not None:
+            sys.modules["deepspeed.runtime.zero.config"] = imported
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    deepspeed_bucket_defaults.cache_clear()
+    deepspeed_zero_defaults.cache_clear()
     fields = DeepSpeedZeroConfig.model_fields
-    assert from_source == deepspeed_bucket_defaults() == {k: int(fields[k].default) for k in from_source}
-    assert from_source == {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
+    assert from_source == deepspeed_zero_defaults() == {k: int(fields[k].default) for k in from_source}
+    assert from_source == {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000,
+                           "use_multi_rank_bucket_allreduce": 1, "max_live_parameters": 1_000_000_000,
+                           "max_reuse_distance": 1_000_000_000}
+    assert deepspeed_bucket_defaults() == {"reduce_bucket_size": 500_000_000, "allgather_bucket_size": 500_000_000}
     # bytes: ZeRO-2 two buckets (overlap_comm) of 500,000,000 bf16 = 2,000,000,000, fp32 4,000,000,000;
     # ZeRO-1 fp32 one of fp32 (no overlap) = 2,000,000,000, bf16 none (BF16_Optimizer); ZeRO-3 one
     # bucket of the communication dtype: 1,000,000,000 (bf16), 2,000,000,000 (fp32); no ZeRO none
@@ -369,18 +382,68 @@ def test_plan_flags_are_checked_and_a_fixed_micro_batch_is_named(capsys):
 
 def test_communication_per_step_per_stage_hand_worked():
     """GPT-2 Medium (354,871,296 parameters), batch 6k on 32 H100, bf16: each GPU sends
-    (31/32) x 354,871,296 x 2 bytes = 0.6876 GB per reduce-scatter or all-gather:
-    ZeRO 0/1 2x = 1.375 GB, ZeRO-2 at 3 micro-batches (3 + 1)x = 2.750 GB, ZeRO-3 at 4 micro-batches
-    (3 x 4)x = 8.251 GB; the lowest stage that fits is 0."""
+    (31/32) x 354,871,296 x 2 bytes = 0.6876 GB per reduce-scatter or all-gather (an all-reduce
+    twice that): ZeRO-0 one all-reduce, 2x = 1.375 GB; ZeRO-1 an all-reduce and an all-gather,
+    3x = 2.063 GB; ZeRO-2 at 3 micro-batches an all-reduce per micro-batch and the all-gather,
+    (2 x 3 + 1)x = 4.813 GB; ZeRO-3 at 4 micro-batches a gather and a reduce-scatter per
+    micro-batch (355M parameters < 1e9 live: gathered once), (2 x 4)x = 5.501 GB. The planner
+    recommends ZeRO-1: ZeRO-0 sends less but would accumulate 3 micro-batches in bf16. (That
+    DeepSpeed sends exactly these: tests/test_comm_volume.py.)"""
     from merit_ds.train.plan import comm_bytes_per_step, format_plan, make_plan
 
     one = 31 / 32 * 354_871_296 * 2
     assert comm_bytes_per_step(354_871_296, 32, 0, 3) == pytest.approx(2 * one)
-    assert comm_bytes_per_step(354_871_296, 32, 1, 3) == pytest.approx(2 * one)
-    assert comm_bytes_per_step(354_871_296, 32, 2, 3) == pytest.approx(4 * one)
-    assert comm_bytes_per_step(354_871_296, 32, 3, 4) == pytest.approx(12 * one)
+    assert comm_bytes_per_step(354_871_296, 32, 1, 3) == pytest.approx(3 * one)
+    assert comm_bytes_per_step(354_871_296, 32, 2, 3) == pytest.approx(7 * one)
+    assert comm_bytes_per_step(354_871_296, 32, 3, 4) == pytest.approx(8 * one)
+    assert comm_bytes_per_step(2_000_000_000, 32, 3, 4) == pytest.approx(12 * one * 2e9 / 354_871_296)  # > 1e9 live
+    assert comm_bytes_per_step(354_871_296, 32, 2, 3, precision="fp32") == pytest.approx(14 * one)
     assert comm_bytes_per_step(354_871_296, 1, 2, 3) == 0.0  # one GPU sends nothing
     p = make_plan("gpt2-medium", "6k", nodes=4, gpus_per_node=8, gpu="h100")
     sent = {(r["stage"], r["offload"]): round(r["comm_gb_per_step"], 3) for r in p["stages"]}
-    assert sent[(0, False)] == sent[(1, False)] == 1.375 and sent[(2, False)] == 2.75 and sent[(3, False)] == 8.251
-    assert "lowest ZeRO stage that fits: 0 (micro-batch 64 x 3, 1.38 GB sent per GPU per step" in format_plan(p)
+    assert (sent[(0, False)], sent[(1, False)], sent[(2, False)], sent[(3, False)]) == (1.375, 2.063, 4.813, 5.501)
+    assert p["recommended_stage"] == 1
+    assert ("recommended: ZeRO-1 (micro-batch 64 x 3, 2.06 GB sent per GPU per step: fits, sends the fewest bytes); "
+            "not ZeRO-0: it would accumulate the gradients of the micro-batches in bf16") in format_plan(p)
+    # one micro-batch per step: nothing accumulates, and ZeRO-0's single all-reduce is the least
+    p = make_plan("gpt2-small", "480", nodes=4, gpus_per_node=8, gpu="h100")
+    assert [r["grad_accum"] for r in p["stages"]][:4] == [1, 1, 1, 1] and p["recommended_stage"] == 0
+    assert "recommended: ZeRO-0 (micro-batch 15 x 1, 0.48 GB sent per GPU per step: fits, sends the fewest bytes, " \
+           "the least memory of those)" in format_plan(p)
+    # fp32 accumulates in fp32 at every stage: ZeRO-0 stays a candidate
+    p = make_plan("gpt2-small", "6k", nodes=1, gpus_per_node=8, gpu="h100", precision="fp32")
+    assert p["stages"][0]["grad_accum"] > 1 and p["recommended_stage"] == 0
+
+
+def test_recipe_stage_is_the_planners_choice_for_8_to_32_gpus():
+    """Every recipe file serves 8, 16 and 32 GPUs with one stage and micro-batch. ZeRO-0 (bf16
+    accumulation) is out wherever 8 GPUs take several micro-batches per step; of ZeRO-1/2/3 at 8
+    GPUs, ZeRO-1's 3 (N-1)/N Psi b beats ZeRO-2's (2k + 1) and ZeRO-3's 2k at k >= 2. The
+    committed files carry that stage in their name and their JSON (generate.py --check holds
+    them equal to the generator: tests/test_recipes_configs.py)."""
+    import json
+
+    from merit_ds.train.plan import make_plan, recipe_micro_batch, recipe_zero_stage
+    from merit_ds.train.presets import BATCH_PRESETS
+
+    root = Path(__file__).resolve().parent.parent
+    for model in ("gpt2-small", "gpt2-medium"):
+        for batch in BATCH_PRESETS.values():
+            assert recipe_zero_stage(model, batch) == 1, (model, batch)
+            micro = recipe_micro_batch(model, batch, 1)
+            p8 = make_plan(model, batch, nodes=1, gpus_per_node=8, gpu="h100", micro_batch=micro)
+            rows = {r["stage"]: r for r in p8["stages"] if not r["offload"]}
+            assert rows[0]["grad_accum"] > 1  # ZeRO-0 would accumulate in bf16 on 8 GPUs
+            assert rows[1]["comm_gb_per_step"] < rows[2]["comm_gb_per_step"]
+            for tag in ("", "_lamb", "_adamw"):
+                cfg = json.loads((root / "ds_configs" / f"{model}{tag}_b{batch}_zero1_bf16.json").read_text())
+                assert cfg["zero_optimization"]["stage"] == 1 and cfg["train_micro_batch_size_per_gpu"] == micro
+                assert cfg["data_types"] == {"grad_accum_dtype": "fp32"} and cfg["bf16"] == {"enabled": True}
+
+
+def test_recipe_table_in_the_docs_is_the_planners():
+    """docs/recipes.md's recipe table is `merit-ds plan --recipes --nodes 4`'s output, verbatim."""
+    from merit_ds.train.plan import recipes_table
+
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "recipes.md").read_text()
+    assert recipes_table(4, 8, "h100") in docs

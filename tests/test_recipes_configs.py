@@ -55,11 +55,11 @@ def test_every_config_names_its_optimizer_and_passes_the_check(path):
 @pytest.mark.parametrize("batch", [480, 1024, 2048, 4096, 6144])
 def test_recipe_configs(model, batch, optimizer):
     tag = "" if optimizer == "merit" else f"_{optimizer}"
-    cfg = json.loads((ROOT / "ds_configs" / f"{model}{tag}_b{batch}_zero2_bf16.json").read_text())
+    cfg = json.loads((ROOT / "ds_configs" / f"{model}{tag}_b{batch}_zero1_bf16.json").read_text())
     assert cfg["train_batch_size"] == batch
     micro = cfg["train_micro_batch_size_per_gpu"]
     # the baselines run at exactly the MERIT recipe's batch arithmetic
-    merit = json.loads((ROOT / "ds_configs" / f"{model}_b{batch}_zero2_bf16.json").read_text())
+    merit = json.loads((ROOT / "ds_configs" / f"{model}_b{batch}_zero1_bf16.json").read_text())
     assert micro == merit["train_micro_batch_size_per_gpu"]
     for world in (8, 16, 32):  # the documented cluster shapes all divide evenly
         plan = plan_batch(batch, world, 1024, micro_batch=micro, token_budget=48_000_000_000)

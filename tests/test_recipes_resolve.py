@@ -92,12 +92,12 @@ def test_lr_origin_flag_and_json():
 
 @pytest.mark.parametrize("optimizer", ["lamb", "adamw"])
 def test_baseline_recipe_configs_resolve_with_their_optimizer(optimizer):
-    name = f"gpt2-small_{optimizer}_b480_zero2_bf16.json"
+    name = f"gpt2-small_{optimizer}_b480_zero1_bf16.json"
     cfg = _recipe(name)
     args = parse_args(["--model", "gpt2-small", "--optimizer", optimizer, "--ds-config", name, "--data", "d", "--out", "o"])
     rc = resolve(args, launcher="deepspeed", world=32, cpu=False, base_cfg=cfg)
     assert (rc.plan.global_batch, rc.plan.micro_batch, rc.plan.grad_accum, rc.plan.steps) == (480, 15, 1, 97_657)
-    assert rc.lr == 6e-4 and rc.lr_origin == f"from {name}" and rc.precision == "bf16" and rc.zero_stage == 2
+    assert rc.lr == 6e-4 and rc.lr_origin == f"from {name}" and rc.precision == "bf16" and rc.zero_stage == 1
     assert rc.client == (optimizer == "lamb") and ("optimizer" in rc.ds_config) == (optimizer == "adamw")
 
 
@@ -196,7 +196,7 @@ def test_6k_recipe_runs_on_any_world_size_dividing_the_batch(model, world):
     """One recipe JSON, every world size that divides 6144: the micro-batch is the JSON's when it
     divides the per-rank batch, else the largest divisor below it, accumulation re-derived; the
     DeepSpeed config gets the re-planned keys (no refusal at the micro-batch check)."""
-    name = f"{model}_b6144_zero2_bf16.json"
+    name = f"{model}_b6144_zero1_bf16.json"
     cfg = _recipe(name)
     json_micro = cfg["train_micro_batch_size_per_gpu"]
     args = parse_args(["--model", model, "--ds-config", name, "--data", "d", "--out", "o"])

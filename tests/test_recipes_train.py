@@ -706,3 +706,91 @@ def test_lean_loss_trains_like_the_plain_loss(data_dir, tmp_path):
         assert got["lean"][kind].keys() == got["plain"][kind].keys() and got["plain"][kind]
         for step, want in got["plain"][kind].items():
             assert got["lean"][kind][step] == pytest.approx(want, rel=1e-5), (kind, step)
+
+
+def test_recipe_stage_zero1_bf16_resumes_bitwise_exports_and_changes_world(data_dir, tmp_path):
+    """The recipes' engine (ds_configs/gpt2-*_zero1_bf16.json: ZeRO-1, bf16, gradients accumulated
+    in fp32), which DeepSpeed runs as its BF16_Optimizer, in the loop on 2 ranks: the start banner
+    and the stepping check name it; a resume from step 2 is bitwise the uninterrupted 4 steps
+    (losses, validation, diagnostics, every tensor of the final checkpoint); the export holds the
+    fp32 master weights, bitwise those of DeepSpeed's universal conversion of the same checkpoint
+    (the negative control: DeepSpeed's zero_to_fp32 refuses BF16_Optimizer checkpoints); one
+    process resumes the 2-rank checkpoint through the universal copy."""
+    import torch
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from safetensors.torch import load_file
+
+    from merit_ds.train.checkpoint import universal_copy
+    from merit_ds.train.ds_config import make_ds_config
+
+    recipe = json.loads((REPO_ROOT / "ds_configs" / "gpt2-small_b480_zero1_bf16.json").read_text())
+    cfg = make_ds_config(1, "bf16")
+    assert cfg["zero_optimization"] == recipe["zero_optimization"] and cfg["data_types"] == recipe["data_types"]
+    (tmp_path / "ds.json").write_text(json.dumps(cfg))
+    i, j = TINY.index("--zero-stage"), TINY.index("--precision")
+    args = [a for n, a in enumerate(TINY) if n not in (i, i + 1, j, j + 1)]  # the JSON sets stage and precision
+    extra = (*BASELINE, "--ds-config", str(tmp_path / "ds.json"))
+
+    def train(out, *more, ranks=2):
+        cmd = [*args, "--data", str(data_dir), "--out", str(out), *extra, *more]
+        if ranks == 1:
+            return single(cmd)
+        return run(deepspeed_cmd(cmd, port=free_port(), launcher_args=["--num_gpus", str(ranks)]))
+
+    full = tmp_path / "full"
+    r = train(full)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "optimizer: BF16_Optimizer -> MERIT verified stepping" in r.stdout
+    assert re.search(r"^device: cpu .*; bf16; world 2; ZeRO 1; micro-batch 2 x accumulation 2", r.stdout, re.M)
+    step4 = full / "checkpoints" / "step_00000004"
+    assert sorted(p.name for p in step4.glob("*optim_states.pt")) == [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    diag = [x for x in losses(full)["records"] if "trust_ratio_max" in x]
+    assert [x["step"] for x in diag] == [1, 2, 4]  # the first step, then every --diag-every
+
+    # export: fp32 master weights, bitwise DeepSpeed's universal conversion of the same checkpoint
+    with pytest.raises(ValueError, match="is not a zero checkpoint"):
+        get_fp32_state_dict_from_zero_checkpoint(str(step4.parent), tag=step4.name)
+    exported = load_file(str(full / "hf_model" / "model.safetensors"))
+    uni = universal_copy(step4, tmp_path / "universal")
+    matrices_split = 0
+    for name, t in exported.items():
+        want = torch.load(uni / "zero" / name / "fp32.pt", weights_only=False)
+        want = want["param"] if isinstance(want, dict) else want
+        assert t.dtype == torch.float32 and torch.equal(t, want.view(t.shape)), name
+        matrices_split += t.dim() == 2
+    assert matrices_split >= 4
+    bf16_module = _load(step4 / "mp_rank_00_model_states.pt")["module"]
+    # some matrix really is cut between the two ranks' partitions
+    maps = [_load(step4 / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")["optimizer_state_dict"]["param_slice_mappings"]
+            for r in (0, 1)]
+    both = {n for g in maps[0] for n in g} & {n for g in maps[1] for n in g}
+    assert any(bf16_module[n].dim() == 2 for n in both), both
+
+    # resume from step 2: bitwise the uninterrupted run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full, resumed, ignore=shutil.ignore_patterns("hf_model"))
+    ck = resumed / "checkpoints"
+    (ck / "latest").write_text("step_00000002")
+    shutil.rmtree(ck / "step_00000004")
+    r = train(resumed)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {ck / 'step_00000002'} at step 2" in r.stdout
+    got, want = losses(resumed), losses(full)
+    strip = lambda recs: [{k: v for k, v in x.items() if k not in TIMING_KEYS} for x in recs]  # noqa: E731
+    assert sorted(got["train"]) == [1, 2, 3, 4] and strip(got["records"]) == strip(want["records"])
+    for f in sorted(p.name for p in step4.glob("*.pt")):
+        a, b = _tensors(_load(step4 / f)), _tensors(_load(ck / "step_00000004" / f))
+        assert sorted(a) == sorted(b) and a, f
+        for k in a:
+            assert torch.equal(a[k], b[k]), (f, k)
+
+    # one process resumes the 2-rank checkpoint through DeepSpeed's universal format
+    one = tmp_path / "one"
+    shutil.copytree(full, one, ignore=shutil.ignore_patterns("hf_model"))
+    (one / "checkpoints" / "latest").write_text("step_00000002")
+    shutil.rmtree(one / "checkpoints" / "step_00000004")
+    r = train(one, ranks=1)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "world size 2 -> 1: resuming through the universal checkpoint" in r.stdout
+    assert losses(one)["train"][3] == pytest.approx(want["train"][3], rel=1e-2)  # bf16: not bitwise

@@ -38,7 +38,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -150,13 +152,60 @@ def _model_config(run: Path, meta: dict):
     return gpt2_config(get_model_preset(info["model"]), **info["model_config"])
 
 
+#: DeepSpeed's BF16_Optimizer (ZeRO-1 in bf16 with fp32 gradient accumulation: the recipes)
+#: saves one of these per data-parallel rank.
+_BF16_OPTIM_FILE = re.compile(r"^bf16_zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+
+def bf16_optimizer_state_dict(path: Path) -> Optional[dict]:
+    """fp32 weights of a BF16_Optimizer checkpoint (None if ``path`` holds none), which
+    DeepSpeed 0.19.8's ``zero_to_fp32`` refuses ("is not a zero checkpoint": its state has no
+    ``zero_stage``). Read from DeepSpeed's own records, nothing recomputed: each rank's flat fp32
+    partition per group (``single_partition_of_fp32_groups``) and where each parameter's piece
+    lies in it (``param_slice_mappings``: name -> (numel, start)); a parameter's pieces, in rank
+    order, are the parameter (the partitions are consecutive slices of the flat group), shaped by
+    the model file's ``param_shapes``. Tied parameters come back under their first name."""
+    import torch
+
+    files = {}
+    for f in path.iterdir():
+        m = _BF16_OPTIM_FILE.match(f.name)
+        if m:
+            files[int(m.group(1))] = f
+    if not files:
+        return None
+    if sorted(files) != list(range(len(files))):
+        raise ExportError(f"{path}: BF16_Optimizer files for ranks {sorted(files)}, expected 0..{len(files) - 1}")
+    model_states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    shapes = {name: shape for group in model_states["param_shapes"] for name, shape in group.items()}
+    pieces: dict[str, list] = {}
+    for rank in range(len(files)):
+        sd = torch.load(files[rank], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+        for flat, mapping in zip(sd["single_partition_of_fp32_groups"], sd["param_slice_mappings"]):
+            for name, address in mapping.items():
+                pieces.setdefault(name, []).append(flat.narrow(0, address.start, address.numel))
+    out = {}
+    for name, shape in shapes.items():
+        if name not in pieces:
+            raise ExportError(f"{path}: no rank holds a piece of {name}")
+        whole = torch.cat(pieces[name])
+        if whole.numel() != math.prod(shape):
+            raise ExportError(f"{path}: the pieces of {name} hold {whole.numel()} values, its shape {tuple(shape)}")
+        out[name] = whole.view(shape).clone()
+    return out
+
+
 def consolidated_state_dict(path: Path, zero_stage: int) -> dict:
-    """fp32 weights of a checkpoint directory, by DeepSpeed's own consolidation."""
+    """fp32 weights of a checkpoint directory, by DeepSpeed's own consolidation (BF16_Optimizer's
+    checkpoints, which it cannot consolidate, from its records: :func:`bf16_optimizer_state_dict`)."""
     import torch
 
     if zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+        bf16 = bf16_optimizer_state_dict(path)
+        if bf16 is not None:
+            return bf16
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
     states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}

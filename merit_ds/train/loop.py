@@ -2,7 +2,7 @@ r"""One training loop for GPT-2 with MERIT (or the LAMB / AdamW baselines: ``--o
 the deepspeed launcher or ``accelerate launch``.
 
     deepspeed [--num_gpus N | --hostfile H] --module merit_ds.train --model gpt2-small --global-batch 6k \
-        --data DIR --out RUN --ds-config ds_configs/gpt2-small_b6144_zero2_bf16.json
+        --data DIR --out RUN --ds-config ds_configs/gpt2-small_b6144_zero1_bf16.json
     accelerate launch --config_file launch/accelerate_multi_node.yaml -m merit_ds.train ...same arguments...
 
 Both launchers meet in :class:`.launcher.Runner`: the model is wrapped by a DeepSpeed engine either

@@ -83,7 +83,8 @@ from .presets import (TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_pre
                       parse_batch, scaled_lr, warmup_steps)
 
 __all__ = ["GPUS", "LOSSES", "DEFAULT_LOSS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "loss_work_bytes",
-           "comm_bucket_bytes", "deepspeed_bucket_defaults", "optimizer_scratch_bytes", "flops_per_token",
+           "comm_bucket_bytes", "comm_bytes_per_step", "deepspeed_bucket_defaults", "deepspeed_zero_defaults",
+           "recommended_stage", "recipe_zero_stage", "recipe_micro_batch", "optimizer_scratch_bytes", "flops_per_token",
            "wall_time_seconds", "make_plan", "format_plan"]
 
 GiB = 1024 ** 3
@@ -169,42 +170,56 @@ def activation_bytes(model: ModelPreset, micro_batch: int, seq_len: int, *, prec
 
 
 _BUCKET_KEYS = ("reduce_bucket_size", "allgather_bucket_size")
+#: the other DeepSpeedZeroConfig defaults the communication model reads (see comm_bytes_per_step)
+_COMM_KEYS = ("use_multi_rank_bucket_allreduce", "max_live_parameters", "max_reuse_distance")
 
 
 @functools.lru_cache(maxsize=1)
-def deepspeed_bucket_defaults() -> dict[str, int]:
-    """``reduce_bucket_size`` and ``allgather_bucket_size`` (elements) as the installed DeepSpeed
-    defines their defaults: the fields of ``DeepSpeedZeroConfig`` in
-    ``deepspeed/runtime/zero/config.py`` (5e8 each in DeepSpeed 0.19.8). Read from the model when
-    deepspeed is already imported, else from that file's syntax tree: importing deepspeed prints
-    its accelerator choice on stdout, which would corrupt ``merit-ds plan --json``."""
+def deepspeed_zero_defaults() -> dict[str, int]:
+    """Defaults of the ``DeepSpeedZeroConfig`` fields the planner models, as the installed
+    DeepSpeed defines them in ``deepspeed/runtime/zero/config.py`` (0.19.8: ``reduce_bucket_size``
+    and ``allgather_bucket_size`` 5e8 elements, ``use_multi_rank_bucket_allreduce`` true,
+    ``max_live_parameters`` (``stage3_max_live_parameters``) and ``max_reuse_distance`` 1e9).
+    Read from the model when deepspeed is already imported, else from that file's syntax tree:
+    importing deepspeed prints its accelerator choice on stdout, which would corrupt
+    ``merit-ds plan --json``."""
     import sys
 
+    keys = _BUCKET_KEYS + _COMM_KEYS
     if "deepspeed.runtime.zero.config" in sys.modules:
         fields = sys.modules["deepspeed.runtime.zero.config"].DeepSpeedZeroConfig.model_fields
-        return {k: int(fields[k].default) for k in _BUCKET_KEYS}
+        return {k: int(fields[k].default) for k in keys}
     import ast
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.find_spec("deepspeed")  # a top-level package: found, not imported
     if spec is None or spec.origin is None:
-        raise RuntimeError("deepspeed is not installed: the planner reads its ZeRO bucket defaults from it")
+        raise RuntimeError("deepspeed is not installed: the planner reads its ZeRO defaults from it")
     source = Path(spec.origin).parent / "runtime" / "zero" / "config.py"
     tree = ast.parse(source.read_text(encoding="utf-8"))
     out: dict[str, int] = {}
     for cls in tree.body:
         if isinstance(cls, ast.ClassDef) and cls.name == "DeepSpeedZeroConfig":
             for node in cls.body:
-                if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                        and node.target.id in _BUCKET_KEYS and isinstance(node.value, ast.Call) and node.value.args):
-                    arg = node.value.args[0]                     # Field(pp_int(5e8), ...)
-                    if isinstance(arg, ast.Call) and arg.args:   # pp_int(5e8)
+                if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                        and node.target.id in keys and node.value is not None):
+                    continue
+                arg = node.value                                   # True, or Field(pp_int(5e8), ...)
+                if isinstance(arg, ast.Call) and arg.args:
+                    arg = arg.args[0]
+                    if isinstance(arg, ast.Call) and arg.args:     # pp_int(5e8)
                         arg = arg.args[0]
-                    out[node.target.id] = int(ast.literal_eval(arg))
-    if set(out) != set(_BUCKET_KEYS):
-        raise RuntimeError(f"could not read {_BUCKET_KEYS} defaults from {source} (found {out})")
+                out[node.target.id] = int(ast.literal_eval(arg))
+    if set(out) != set(keys):
+        raise RuntimeError(f"could not read {keys} defaults from {source} (found {out})")
     return out
+
+
+def deepspeed_bucket_defaults() -> dict[str, int]:
+    """``reduce_bucket_size`` and ``allgather_bucket_size`` (elements), DeepSpeed's defaults."""
+    d = deepspeed_zero_defaults()
+    return {k: d[k] for k in _BUCKET_KEYS}
 
 
 def comm_bucket_bytes(stage: int, precision: str = "bf16", *, overlap_comm: Optional[bool] = None) -> float:
@@ -278,25 +293,55 @@ def wall_time_seconds(flops_per_tok: float, tokens: float, gpus: int, peak_flops
 
 
 def comm_bytes_per_step(n_params: int, world: int, stage: int, grad_accum: int, *, precision: str = "bf16") -> float:
-    """Bytes each GPU sends per optimizer step in ZeRO's gradient and parameter collectives (ring
-    algorithms: a reduce-scatter or an all-gather of S bytes sends ``(N-1)/N * S`` per rank, an
-    all-reduce twice that), gradients and parameters in the compute dtype (bf16: 2 bytes, fp32: 4):
+    """Bytes each GPU sends per optimizer step in ZeRO's gradient and parameter collectives, as
+    DeepSpeed 0.19.8 issues them under merit_ds's configs (:func:`.ds_config.make_ds_config`),
+    with ring counts (an all-reduce of S bytes sends ``2 (N-1)/N S`` per rank, a reduce-scatter
+    or an all-gather ``(N-1)/N S``); ``f = (N-1)/N``, ``Psi`` parameters, ``b`` bytes of the
+    compute dtype (bf16: 2, fp32: 4; the gradients travel in it even where they accumulate in
+    fp32), ``k`` micro-batches per step:
 
-    - ZeRO 0 (DDP): one all-reduce of the gradients per step (DeepSpeed reduces at the
-      accumulation boundary only): ``2 f Psi b``;
-    - ZeRO 1: one reduce-scatter of the gradients, one all-gather of the updated parameters:
-      ``2 f Psi b``, the same as DDP;
-    - ZeRO 2: the gradient partition is reduced at *every* micro-batch (DeepSpeed
-      ``stage_1_and_2.py``: the reduction hooks fire per backward), plus the parameter all-gather:
-      ``(grad_accum + 1) f Psi b``;
-    - ZeRO 3: per micro-batch the parameters are gathered for forward and again for backward and
-      the gradients reduce-scattered: ``3 grad_accum f Psi b``.
+    - ZeRO 0: one all-reduce of the gradients at the accumulation boundary: ``2 f Psi b``;
+    - ZeRO 1 (DeepSpeedZeroOptimizer, and BF16_Optimizer in bf16 with fp32 accumulation): one
+      all-reduce of the gradients at the boundary, then an all-gather of the updated parameters:
+      ``3 f Psi b``;
+    - ZeRO 2: the gradients are reduced at *every* micro-batch, and by an all-reduce of the whole
+      bucket (DeepSpeed's ``use_multi_rank_bucket_allreduce``, default true; false reduces each
+      slice to its owner, ``k + 1``), plus the all-gather: ``(2 k + 1) f Psi b``;
+    - ZeRO 3: per micro-batch the parameters are gathered once and the gradients
+      reduce-scattered, ``2 k f Psi b``, while the model is within ``stage3_max_live_parameters``
+      and ``stage3_max_reuse_distance`` (1e9 each): forward's gathered parameters then stay for
+      backward; beyond, gathered again for backward: ``3 k f Psi b``.
 
-    MERIT's statistics all-reduce (0.3% of the parameters) and the loss reductions are left out."""
+    Every count is measured: ``tests/test_comm_volume.py`` records the collectives DeepSpeed
+    issues in one step at each stage, precision and accumulation and compares with this
+    function. MERIT's statistics all-reduce (0.3% of GPT-2's parameters) and the loss reductions
+    are not counted."""
     f = (world - 1) / world if world > 1 else 0.0
     b = 2 if precision == "bf16" else 4
-    per = {0: 2.0, 1: 2.0, 2: grad_accum + 1.0, 3: 3.0 * grad_accum}[stage]
+    d = deepspeed_zero_defaults()
+    k = float(grad_accum)
+    if stage == 0:
+        per = 2.0
+    elif stage == 1:
+        per = 3.0
+    elif stage == 2:
+        per = (2.0 * k if d["use_multi_rank_bucket_allreduce"] else k) + 1.0
+    else:
+        live = n_params <= min(d["max_live_parameters"], d["max_reuse_distance"])
+        per = (2.0 if live else 3.0) * k
     return per * f * n_params * b
+
+
+def recommended_stage(rows: list[dict], precision: str) -> Optional[dict]:
+    """The planner's ZeRO stage among ``make_plan``'s rows: the one that fits (no offload) and
+    sends the fewest bytes per step, ties going to the smaller memory; ZeRO-0 in bf16 only
+    without accumulation (DeepSpeed accumulates its gradients in bf16: it refuses fp32
+    accumulation without ZeRO, and the configs accumulate in fp32 from ZeRO-1 on)."""
+    ok = [r for r in rows if r["fits"] and not r["offload"] and r.get("comm_gb_per_step") is not None
+          and not (r["stage"] == 0 and precision == "bf16" and r.get("max_grad_accum", r["grad_accum"]) > 1)]
+    if not ok:
+        return None
+    return min(ok, key=lambda r: (round(r["comm_gb_per_step"], 6), r["total_gib"]))
 
 
 def fitting_micro_batch(model: ModelPreset, per_rank: int, seq_len: int, *, mem_bytes: float, world: int, stage: int,
@@ -422,6 +467,9 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
     z2 = next(r for r in rows if r["stage"] == 2 and not r["offload"])
     phases = None
     if table is not None:
+        for r in rows:  # the deepest accumulation of any phase (ZeRO-0 in bf16 would accumulate in bf16 there)
+            if r["micro_batch"]:
+                r["max_grad_accum"] = max(b // world // r["micro_batch"] for ph in table.phases() for b, _ in ph["levels"])
         phases = [{**ph, "levels": [{"batch": b, "steps": k, "per_gpu": b // world,
                                      "grad_accum": b // world // z2["micro_batch"] if z2["micro_batch"] else None}
                                     for b, k in ph["levels"]]}
@@ -440,6 +488,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
         "loss_chunk_tokens": min(default_chunk_tokens(preset.vocab_size), seq_len * (z2["micro_batch"] or 1)),
         "comm_bucket_defaults": deepspeed_bucket_defaults(),
         "stages": rows,
+        "recommended_stage": (lambda r: r["stage"] if r else None)(recommended_stage(rows, precision)),
     }
 
 
@@ -491,12 +540,21 @@ def format_plan(p: dict) -> str:
                                                " (full-vocabulary logits)")
                    + "; comm: DeepSpeed's reduce buckets (reduce_bucket_size "
                    f"{p['comm_bucket_defaults']['reduce_bucket_size']:,} elements)")
-    fitting = [r for r in p["stages"] if r["fits"] and not r["offload"]]
-    if fitting:
-        low = fitting[0]
-        out.append(f"  lowest ZeRO stage that fits: {low['stage']} (micro-batch {low['micro_batch']} x {low['grad_accum']}, "
-                   f"{low['comm_gb_per_step']:.2f} GB sent per GPU per step; sent: ZeRO's gradient/parameter collectives, "
-                   f"ring; ZeRO-2 reduces at every micro-batch, ZeRO-3 gathers parameters twice per micro-batch)")
+    rec = recommended_stage(p["stages"], p["precision"])
+    out.append("  sent: ZeRO's gradient and parameter collectives per GPU per step, as DeepSpeed issues them (ring counts; "
+               "ZeRO-1 all-reduces then gathers, ZeRO-2 all-reduces at every micro-batch, ZeRO-3 gathers and "
+               "reduce-scatters at every micro-batch)")
+    if rec is not None:
+        why = ("fits, sends the fewest bytes" + (", the least memory of those" if sum(
+            1 for r in p["stages"] if r["fits"] and not r["offload"] and r.get("comm_gb_per_step") is not None
+            and abs(r["comm_gb_per_step"] - rec["comm_gb_per_step"]) < 1e-6) > 1 else ""))
+        bf16_z0 = next((r for r in p["stages"] if r["stage"] == 0 and p["precision"] == "bf16" and r["fits"]
+                        and r.get("max_grad_accum", r["grad_accum"]) > 1), None)
+        out.append(f"  recommended: ZeRO-{rec['stage']} (micro-batch {rec['micro_batch']} x {rec['grad_accum']}, "
+                   f"{rec['comm_gb_per_step']:.2f} GB sent per GPU per step: {why})"
+                   + ("; not ZeRO-0: it would accumulate the gradients of the micro-batches in bf16" if bf16_z0 else ""))
+    else:
+        out.append("  recommended: none fits without offload (see the +offload rows, or more GPUs)")
     h = p["wall_time_s"] / 3600
     out.append(f"compute: {p['flops_per_token']:.4g} FLOPs/token (6 N + 12 L h s, attention included) x "
                f"{p.get('tokens_trained', p['steps'] * p['tokens_per_step']):,} tokens = {p['flops']:.3e} FLOPs")
@@ -505,19 +563,60 @@ def format_plan(p: dict) -> str:
     return "\n".join(out)
 
 
+#: The cluster shapes one recipe file serves (ds_configs/generate.py): 8, 16 and 32 H100s; its
+#: micro-batch is fitted on the largest and divides the per-GPU batch on all three.
+RECIPE_CLUSTERS = ((1, 8), (2, 8), (4, 8))
+RECIPE_GPU = "h100"
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_micro_batch(model: str, batch: int, stage: int) -> Optional[int]:
+    """The micro-batch of a recipe file at ``stage``: what the planner fits on 32 H100s."""
+    nodes, gpn = RECIPE_CLUSTERS[-1]
+    p = make_plan(model, batch, TOKEN_BUDGET, nodes, gpn, RECIPE_GPU)
+    return next(r for r in p["stages"] if r["stage"] == stage and not r["offload"])["micro_batch"]
+
+
+@functools.lru_cache(maxsize=None)
+def recipe_zero_stage(model: str, batch: int) -> int:
+    """The ZeRO stage of a recipe file, which serves 8 to 32 GPUs with one stage and one
+    micro-batch: among the stages that fit at that micro-batch on every cluster of
+    ``RECIPE_CLUSTERS`` (and, in bf16, never accumulate in bf16: ZeRO-0 only where every cluster
+    runs one micro-batch per step), the planner's choice (:func:`recommended_stage`) on 8 GPUs,
+    where the most micro-batches per step make ZeRO-2's per-micro-batch reductions cost most.
+    ``merit-ds plan`` at your cluster says whether another stage sends less there."""
+    candidates = []
+    for stage in (0, 1, 2, 3):
+        micro = recipe_micro_batch(model, batch, stage)
+        if not micro:
+            continue
+        rows = []
+        for nodes, gpn in RECIPE_CLUSTERS:
+            p = make_plan(model, batch, TOKEN_BUDGET, nodes, gpn, RECIPE_GPU, micro_batch=micro)
+            rows.append(next(r for r in p["stages"] if r["stage"] == stage and not r["offload"]))
+        if all(recommended_stage([r], "bf16") is r for r in rows):  # fits; ZeRO-0: no bf16 accumulation
+            candidates.append(rows[0])                             # judged on the first (8 GPUs)
+    best = recommended_stage(candidates, "bf16")
+    if best is None:
+        raise ValueError(f"no ZeRO stage fits {model} at batch {batch} on {RECIPE_CLUSTERS} x {RECIPE_GPU}")
+    return best["stage"]
+
+
 def recipes_table(nodes: int = 4, gpus_per_node: int = 8, gpu: str = "h100") -> str:
-    """Markdown table of every model x batch preset on one cluster shape (micro-batch from the
-    committed recipe config when it divides evenly, else the planner's ZeRO-2 choice)."""
+    """Markdown table of every model x batch preset on one cluster shape: each recipe file's ZeRO
+    stage (:func:`recipe_zero_stage`) and micro-batch (:func:`recipe_micro_batch`)."""
     from .presets import BATCH_PRESETS
 
     world = nodes * gpus_per_node
-    rows = ["| model | batch (seq) | tokens/step | micro x accum x world | steps (48B) | peak lr | warmup | wall time |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| model | batch (seq) | tokens/step | ZeRO | micro x accum x world | steps (48B) | peak lr | warmup | wall time |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for model in ("gpt2-small", "gpt2-medium"):
         for batch in BATCH_PRESETS.values():
-            p = make_plan(model, batch, TOKEN_BUDGET, nodes, gpus_per_node, gpu)
-            z2 = next(r for r in p["stages"] if r["stage"] == 2 and not r["offload"])
-            rows.append(f"| {model} | {batch:,} | {p['tokens_per_step']:,} | {z2['micro_batch']} x {z2['grad_accum']} x {world} "
+            stage = recipe_zero_stage(model, batch)
+            p = make_plan(model, batch, TOKEN_BUDGET, nodes, gpus_per_node, gpu,
+                          micro_batch=recipe_micro_batch(model, batch, stage))
+            r = next(r for r in p["stages"] if r["stage"] == stage and not r["offload"])
+            rows.append(f"| {model} | {batch:,} | {p['tokens_per_step']:,} | {stage} | {r['micro_batch']} x {r['grad_accum']} x {world} "
                         f"| {p['steps']:,} | {p['lr']:.3g} | {p['warmup_steps']:,} | {p['wall_time_s'] / 3600:.1f} h |")
     return "\n".join(rows)
 
