@@ -218,7 +218,7 @@ def test_width_depth_grid(tmp_path):
     g = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "w"), "--preset", "width-depth"]),
                        prepare_data=False)
     cells = g.cells()
-    assert len(cells) == 24 and g.families == ["wide", "base", "deep"] and g.tokens == 131_072
+    assert len(cells) == 24 and g.families == ["wide", "base", "deep"] and g.tokens == 409_600
     merit = {c.batch: c.lr for c in cells if c.family == "deep" and c.optimizer == "merit"}
     assert merit == {8: 0.012, 16: 0.017, 32: 0.024, 64: 0.0339}  # 1.2e-2 x sqrt(b / 8), 3 digits
     assert {c.batch: c.lr for c in cells if c.family == "wide" and c.optimizer == "adamw"}[32] == 0.004

@@ -183,8 +183,8 @@ def test_presets_and_the_min_steps_rule(tmp_path):
 
     assert short_cells(grid()) == []  # the default: 250 steps at batch 64
     assert min(n for _, n in short_cells(grid("--preset", "cpu-quick"))) == 32
-    assert min(n for _, n in short_cells(grid("--preset", "width-depth"))) == 32  # 131,072 / (64 x 64)
-    assert short_cells(grid("--preset", "width-depth", "--tokens", "409600")) == []  # the rerun's budget
+    assert short_cells(grid("--preset", "width-depth")) == []  # 409,600 / (64 x 64) = 100 steps
+    assert min(n for _, n in short_cells(grid("--preset", "width-depth", "--tokens", "131072"))) == 32  # the first run's
     assert short_cells(grid("--preset", "gpt2-small")) == []  # default divisor 48: 159 steps at 6144
     with pytest.raises(GridError, match=r"--budget-divisor 76 or less"):
         check_min_steps(grid("--preset", "gpt2-small", "--budget-divisor", "100"), gpu=True)

@@ -12,7 +12,7 @@ step-starved, so it needs --allow-short-cells). ``--preset gpt2-small|gpt2-mediu
 --rerun-stale). ``--report-only`` redraws the table, plots and report.
 ``--preset width-depth``: model families (wide 1x128, base 4x64, deep 7x48 at 200k non-embedding
 parameters) x MERIT/AdamW x batches 8-64, steps to target and gradient diversity per family (24 cells,
-~20 min on 2 shared cores; 32 steps at batch 64: --allow-short-cells, or --tokens 409600 for 100);
+409,600 tokens: 100 steps at batch 64; ~20 min on 2 shared cores);
 ``--families``/``--params`` make families an axis of any grid.
 A grid of two or more batch sizes with any cell under 100 optimizer steps is refused (one message
 naming it and the fix) unless ``--allow-short-cells``; every report warns about such cells.

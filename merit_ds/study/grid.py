@@ -344,10 +344,10 @@ DEFAULT_STUDY = {
 #: parameters (wide 1 x 128, base 4 x 64, deep 7 x 48; head dim 16), MERIT and AdamW, batches 8-64, one lr
 #: per optimizer square-root scaled from the cpu-quick study's measured best at batch 8 (MERIT 1.2e-2, AdamW
 #: 2e-3: docs/study), gradient diversity on 8 sequences per diagnostics step (n = 8 at every batch).
-#: 24 cells at 131,072 tokens: sized for a shared 2-core machine (docs/study.md, 'Width vs depth
-#: at large batch (Chen et al. 2018)').
+#: 24 cells at 409,600 tokens (100 optimizer steps at batch 64; ~20 min on 2 cores: docs/study.md,
+#: 'Width vs depth at large batch (Chen et al. 2018)').
 WIDTH_DEPTH_STUDY = dict(CPU_QUICK_STUDY, optimizers=["merit", "adamw"], batches=[8, 16, 32, 64],
-                         lrs={"merit": [1.2e-2], "adamw": [2e-3]}, seeds=[0], tokens=131_072,
+                         lrs={"merit": [1.2e-2], "adamw": [2e-3]}, seeds=[0], tokens=409_600,
                          model_overrides=[], families=["wide", "base", "deep"], params=200_000, head_dim=16,
                          lr_ref_batch=8, diversity_probe=8)
 
