@@ -515,8 +515,8 @@ def train(ngpu: int, steps: int):
     for model, batch in (("tiny", 32), ("gpt2-small", 8 * ngpu)):
         run = work / model
         cmd = [*launcher, "--num_gpus", str(ngpu), "--module", "merit_ds.train", "--model", model, "--data", str(data),
-               "--out", str(run), "--steps", str(steps), "--global-batch", str(batch), "--zero-stage", "2",
-               "--precision", "bf16", "--optimizer", "merit"]
+               "--out", str(run), "--steps", str(steps), "--global-batch", str(batch), "--zero-stage", "1",
+               "--precision", "bf16", "--optimizer", "merit"]  # the recipes' engine (BF16_Optimizer)
         proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, PYTHONPATH=str(REPO)), capture_output=True, text=True,
                               timeout=900)
         entry = {"rc": proc.returncode, "cmd": " ".join(cmd[len(launcher):])}

@@ -409,7 +409,15 @@ def test_communication_per_step_per_stage_hand_worked():
     p = make_plan("gpt2-small", "480", nodes=4, gpus_per_node=8, gpu="h100")
     assert [r["grad_accum"] for r in p["stages"]][:4] == [1, 1, 1, 1] and p["recommended_stage"] == 0
     assert "recommended: ZeRO-0 (micro-batch 15 x 1, 0.48 GB sent per GPU per step: fits, sends the fewest bytes, " \
-           "the least memory of those)" in format_plan(p)
+           "the lowest stage of those)" in format_plan(p)
+    # a batch schedule: the bytes averaged over its steps (one micro-batch at 256, 24 at 6144 on 8 GPUs),
+    # ZeRO-0 out (bf16 accumulation in the later phase); ZeRO-3 no longer ties ZeRO-0 on the first phase
+    p = make_plan("gpt2-medium", 256, nodes=1, gpus_per_node=8, gpu="h100", batch_schedule="256@0,6144@1e9")
+    rows = {r["stage"]: r for r in p["stages"] if not r["offload"]}
+    assert rows[0]["max_grad_accum"] == 24 and p["recommended_stage"] == 1
+    assert rows[3]["comm_gb_per_step"] > 10 * rows[1]["comm_gb_per_step"]
+    # one GPU: nothing is sent at any stage; the lowest stage that fits without bf16 accumulation
+    assert make_plan("gpt2-small", 480, nodes=1, gpus_per_node=1, gpu="h100")["recommended_stage"] == 1
     # fp32 accumulates in fp32 at every stage: ZeRO-0 stays a candidate
     p = make_plan("gpt2-small", "6k", nodes=1, gpus_per_node=8, gpu="h100", precision="fp32")
     assert p["stages"][0]["grad_accum"] > 1 and p["recommended_stage"] == 0

@@ -179,3 +179,22 @@ def test_a_reduced_vocabulary_run_is_not_exported_with_gpt2s_tokenizer():
         export._tokenizer({"tokenizer": {"name": "gpt2"}}, 2048)
     tok, name, tok_dir = export._tokenizer({}, 50304)  # nanoGPT .bin data: GPT-2 assumed
     assert (len(tok), name) == (50257, "gpt2") and (tok_dir / "vocab.json").exists()
+
+
+@pytest.mark.slow
+def test_bf16_checkpoints_of_every_stage_consolidate_to_deepspeeds_fp32_weights(tmp_path):
+    """bf16 ZeRO 1/2/3 checkpoints from 2 ranks (all named bf16_zero_pp_rank_* by DeepSpeed): the
+    export's weights are bitwise DeepSpeed's own full fp32 parameters; ZeRO-1 (BF16_Optimizer,
+    which zero_to_fp32 refuses) read from its partitions, ZeRO-2/3 still by zero_to_fp32."""
+    from _dist import TESTS_DIR, launch
+
+    r = launch(TESTS_DIR / "bf16_export_worker.py", 2, [str(tmp_path)], timeout=300)
+    assert r["1"]["wrapper"] == "BF16_Optimizer" and r["2"]["wrapper"] == "DeepSpeedZeroOptimizer"
+    assert r["3"]["wrapper"] == "DeepSpeedZeroOptimizer_Stage3"
+    assert r["1"]["consolidation"].startswith("BF16_Optimizer partitions")
+    assert r["2"]["consolidation"] == r["3"]["consolidation"] == "deepspeed.utils.zero_to_fp32"
+    for stage in ("1", "2", "3"):
+        assert any(f.startswith("bf16_zero_pp_rank_1_") for f in r[stage]["files"]), r[stage]["files"]
+        # the tied head comes back as the embedding (the model ties them again on load)
+        assert set(r[stage]["missing"]) <= {"lm_head.weight"}, r[stage]["missing"]
+        assert r[stage]["bitwise"] and r[stage]["max_diff"] == 0.0, (stage, r[stage])

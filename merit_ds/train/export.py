@@ -6,8 +6,10 @@
 What goes in ``DIR``::
 
     model.safetensors        fp32 weights, consolidated by DeepSpeed from the ZeRO checkpoint
-                             (deepspeed.utils.zero_to_fp32: ZeRO 1/2/3, any world size); ZeRO 0
-                             checkpoints hold the whole module already
+                             (deepspeed.utils.zero_to_fp32: ZeRO 1/2/3, any world size; ZeRO-1 in
+                             bf16 with fp32 accumulation, DeepSpeed's BF16_Optimizer, which
+                             zero_to_fp32 refuses: from DeepSpeed's records of its partitions,
+                             bf16_optimizer_state_dict); ZeRO 0 checkpoints hold the whole module
     config.json              the GPT2Config the run trained (RUN/model_config.json)
     generation_config.json   EOS/pad 50256, max_length = the context length
     tokenizer.json, vocab.json, merges.txt, tokenizer_config.json
@@ -158,7 +160,9 @@ _BF16_OPTIM_FILE = re.compile(r"^bf16_zero_pp_rank_(\d+)_mp_rank_00_optim_states
 
 
 def bf16_optimizer_state_dict(path: Path) -> Optional[dict]:
-    """fp32 weights of a BF16_Optimizer checkpoint (None if ``path`` holds none), which
+    """fp32 weights of a BF16_Optimizer checkpoint (None if ``path`` holds none: DeepSpeed names
+    every bf16 ZeRO checkpoint ``bf16_zero_pp_rank_*``, and ZeRO 1/2/3 ones record their
+    ``zero_stage``, which BF16_Optimizer's state lacks), which
     DeepSpeed 0.19.8's ``zero_to_fp32`` refuses ("is not a zero checkpoint": its state has no
     ``zero_stage``). Read from DeepSpeed's own records, nothing recomputed: each rank's flat fp32
     partition per group (``single_partition_of_fp32_groups``) and where each parameter's piece
@@ -174,6 +178,10 @@ def bf16_optimizer_state_dict(path: Path) -> Optional[dict]:
             files[int(m.group(1))] = f
     if not files:
         return None
+    first = torch.load(files[min(files)], map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    if "zero_stage" in first:  # DeepSpeedZeroOptimizer / Stage3 in bf16: zero_to_fp32 reads those
+        return None
+    del first
     if sorted(files) != list(range(len(files))):
         raise ExportError(f"{path}: BF16_Optimizer files for ranks {sorted(files)}, expected 0..{len(files) - 1}")
     model_states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
@@ -195,6 +203,19 @@ def bf16_optimizer_state_dict(path: Path) -> Optional[dict]:
     return out
 
 
+def _consolidation(path: Path, zero_stage: int) -> str:
+    """How :func:`consolidated_state_dict` reads ``path`` (recorded in the export's metadata)."""
+    if zero_stage == 0:
+        return "module states"
+    if zero_stage == 1 and any(_BF16_OPTIM_FILE.match(f.name) for f in path.iterdir()):
+        import torch
+
+        f = next(f for f in sorted(path.iterdir()) if _BF16_OPTIM_FILE.match(f.name))
+        if "zero_stage" not in torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]:
+            return "BF16_Optimizer partitions (merit_ds.train.export.bf16_optimizer_state_dict)"
+    return "deepspeed.utils.zero_to_fp32"
+
+
 def consolidated_state_dict(path: Path, zero_stage: int) -> dict:
     """fp32 weights of a checkpoint directory, by DeepSpeed's own consolidation (BF16_Optimizer's
     checkpoints, which it cannot consolidate, from its records: :func:`bf16_optimizer_state_dict`)."""
@@ -203,7 +224,7 @@ def consolidated_state_dict(path: Path, zero_stage: int) -> dict:
     if zero_stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        bf16 = bf16_optimizer_state_dict(path)
+        bf16 = bf16_optimizer_state_dict(path) if zero_stage == 1 else None
         if bf16 is not None:
             return bf16
         return get_fp32_state_dict_from_zero_checkpoint(str(path.parent), tag=path.name)
@@ -377,7 +398,7 @@ def export_checkpoint(run: str | os.PathLike, out: str | os.PathLike, step: Opti
                  "export_logits_sha256": _sha(got), "max_abs_diff": float((got - want.float()).abs().max())}
     export_meta = {"run": str(run.resolve()), "checkpoint": str(path.resolve()), "step": step,
                    "tokens": _tokens_at(run_json, info, step),
-                   "consolidation": "deepspeed.utils.zero_to_fp32" if info.get("zero_stage", 0) else "module states",
+                   "consolidation": _consolidation(path, int(info.get("zero_stage", 0))),
                    "probe": probe}
     card = _card(run, meta, run_json, data_info, tok_name, step, probe)
     return _write(Path(out), model, tok, tok_dir, config, card, export_meta)

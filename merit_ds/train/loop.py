@@ -113,7 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(FusedAdam on GPU, DeepSpeedCPUAdam with offload, torch.optim.AdamW on CPU)")
     g.add_argument("--ds-config", "--deepspeed_config", dest="ds_config", default=None,
                    help="DeepSpeed JSON (ds_configs/); default: built from --zero-stage/--precision/--offload")
-    g.add_argument("--zero-stage", type=int, default=2, choices=[0, 1, 2, 3])
+    g.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2, 3],
+                   help="without --ds-config (default 1, the recipes' stage: the fewest bytes sent per step once "
+                        "there are micro-batches to accumulate; `merit-ds plan` recommends one for your cluster)")
     g.add_argument("--offload", action="store_true", help="ZeRO-Offload the optimizer states to CPU")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     g.add_argument("--lr", type=float, default=None,

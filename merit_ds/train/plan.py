@@ -308,9 +308,13 @@ def comm_bytes_per_step(n_params: int, world: int, stage: int, grad_accum: int, 
       bucket (DeepSpeed's ``use_multi_rank_bucket_allreduce``, default true; false reduces each
       slice to its owner, ``k + 1``), plus the all-gather: ``(2 k + 1) f Psi b``;
     - ZeRO 3: per micro-batch the parameters are gathered once and the gradients
-      reduce-scattered, ``2 k f Psi b``, while the model is within ``stage3_max_live_parameters``
-      and ``stage3_max_reuse_distance`` (1e9 each): forward's gathered parameters then stay for
-      backward; beyond, gathered again for backward: ``3 k f Psi b``.
+      reduce-scattered, ``2 k f Psi b``, where forward's gathered parameters stay for backward:
+      DeepSpeed releases one whose next use lies more than ``stage3_max_reuse_distance`` (1e9)
+      parameters ahead in its module trace, and the longest distance, from a layer's forward to
+      its backward, is under ``2 Psi`` (every parameter traversed at most twice in between), so
+      ``2 Psi <= 1e9`` keeps them all (GPT-2 Medium: 0.71e9); beyond it some are gathered again,
+      up to ``3 k f Psi b`` (counted so: an upper bound). Unmeasured: whether the trace settles
+      under ``--compile``.
 
     Every count is measured: ``tests/test_comm_volume.py`` records the collectives DeepSpeed
     issues in one step at each stage, precision and accumulation and compares with this
@@ -327,21 +331,22 @@ def comm_bytes_per_step(n_params: int, world: int, stage: int, grad_accum: int, 
     elif stage == 2:
         per = (2.0 * k if d["use_multi_rank_bucket_allreduce"] else k) + 1.0
     else:
-        live = n_params <= min(d["max_live_parameters"], d["max_reuse_distance"])
+        live = 2 * n_params <= d["max_reuse_distance"]
         per = (2.0 if live else 3.0) * k
     return per * f * n_params * b
 
 
 def recommended_stage(rows: list[dict], precision: str) -> Optional[dict]:
     """The planner's ZeRO stage among ``make_plan``'s rows: the one that fits (no offload) and
-    sends the fewest bytes per step, ties going to the smaller memory; ZeRO-0 in bf16 only
-    without accumulation (DeepSpeed accumulates its gradients in bf16: it refuses fp32
-    accumulation without ZeRO, and the configs accumulate in fp32 from ZeRO-1 on)."""
+    sends the fewest bytes per step (under a batch schedule: per step on average over the run),
+    ties going to the lower stage; ZeRO-0 in bf16 only without accumulation (DeepSpeed
+    accumulates its gradients in bf16: it refuses fp32 accumulation without ZeRO, and the
+    configs accumulate in fp32 from ZeRO-1 on)."""
     ok = [r for r in rows if r["fits"] and not r["offload"] and r.get("comm_gb_per_step") is not None
           and not (r["stage"] == 0 and precision == "bf16" and r.get("max_grad_accum", r["grad_accum"]) > 1)]
     if not ok:
         return None
-    return min(ok, key=lambda r: (round(r["comm_gb_per_step"], 6), r["total_gib"]))
+    return min(ok, key=lambda r: (round(r["comm_gb_per_step"], 6), r["stage"]))
 
 
 def fitting_micro_batch(model: ModelPreset, per_rank: int, seq_len: int, *, mem_bytes: float, world: int, stage: int,
@@ -467,9 +472,15 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
     z2 = next(r for r in rows if r["stage"] == 2 and not r["offload"])
     phases = None
     if table is not None:
-        for r in rows:  # the deepest accumulation of any phase (ZeRO-0 in bf16 would accumulate in bf16 there)
+        levels = [(b, k) for ph in table.phases() for b, k in ph["levels"]]
+        for r in rows:
             if r["micro_batch"]:
-                r["max_grad_accum"] = max(b // world // r["micro_batch"] for ph in table.phases() for b, _ in ph["levels"])
+                # the deepest accumulation of any phase (ZeRO-0 in bf16 would accumulate in bf16 there),
+                # and the bytes sent per step averaged over the run's steps (phases differ in accumulation)
+                r["max_grad_accum"] = max(b // world // r["micro_batch"] for b, _ in levels)
+                r["comm_gb_per_step"] = sum(k * comm_bytes_per_step(n, world, r["stage"], b // world // r["micro_batch"],
+                                                                    precision=precision) for b, k in levels) / (
+                    sum(k for _, k in levels) * 1e9)
         phases = [{**ph, "levels": [{"batch": b, "steps": k, "per_gpu": b // world,
                                      "grad_accum": b // world // z2["micro_batch"] if z2["micro_batch"] else None}
                                     for b, k in ph["levels"]]}
@@ -541,11 +552,12 @@ def format_plan(p: dict) -> str:
                    + "; comm: DeepSpeed's reduce buckets (reduce_bucket_size "
                    f"{p['comm_bucket_defaults']['reduce_bucket_size']:,} elements)")
     rec = recommended_stage(p["stages"], p["precision"])
-    out.append("  sent: ZeRO's gradient and parameter collectives per GPU per step, as DeepSpeed issues them (ring counts; "
+    out.append("  sent: ZeRO's gradient and parameter collectives per GPU per step"
+               + (" (the mean over the schedule's steps)" if p.get("phases") else "") + ", as DeepSpeed issues them (ring counts; "
                "ZeRO-1 all-reduces then gathers, ZeRO-2 all-reduces at every micro-batch, ZeRO-3 gathers and "
                "reduce-scatters at every micro-batch)")
     if rec is not None:
-        why = ("fits, sends the fewest bytes" + (", the least memory of those" if sum(
+        why = ("fits, sends the fewest bytes" + (", the lowest stage of those" if sum(
             1 for r in p["stages"] if r["fits"] and not r["offload"] and r.get("comm_gb_per_step") is not None
             and abs(r["comm_gb_per_step"] - rec["comm_gb_per_step"]) < 1e-6) > 1 else ""))
         bf16_z0 = next((r for r in p["stages"] if r["stage"] == 0 and p["precision"] == "bf16" and r["fits"]
