@@ -61,8 +61,16 @@ def test_batch_errors_are_clear():
 def test_lr_scaling_rule_and_warmup():
     small = presets.get_optim_preset("gpt2-small", "merit")
     assert presets.scaled_lr(small, 480) == small.lr_ref
-    # 6144 / 480 = 12.8; sqrt(12.8) = 3.5777088 (3.5777^2 = 12.7999); 6e-4 x 3.5777088 = 2.1466253e-3
-    assert presets.scaled_lr(small, 6144) == pytest.approx(2.1466253e-3, rel=1e-7)
+    # 6144 / 480 = 12.8; MERIT's measured exponent 0.69: 12.8^0.69 = exp(0.69 x ln 12.8) = exp(0.69 x
+    # 2.5494452) = exp(1.7591172) = 5.8073083; 6e-4 x 5.8073083 = 3.4843850e-3
+    assert presets.scaled_lr(small, 6144) == pytest.approx(3.4843850e-3, rel=1e-7)
+    # an optimizer registered without an exponent gets the square-root rule: sqrt(12.8) = 3.5777088
+    import dataclasses
+
+    sqrt_rule = dataclasses.replace(small, lr_batch_exponent=0.5)
+    assert presets.scaled_lr(sqrt_rule, 6144) == pytest.approx(2.1466253e-3, rel=1e-7)
+    assert presets.get_optim_preset("gpt2-small", "adamw").lr_batch_exponent == 0.0
+    assert presets.scaled_lr(presets.get_optim_preset("gpt2-small", "adamw"), 6144) == 6e-4
     assert presets.warmup_steps(97_657) == math.ceil(0.02 * 97_657) == 1954  # ~the lineage's 2000
     assert presets.warmup_steps(7630) == 153
     assert (small.betas, small.weight_decay, small.grad_clip, small.min_lr_ratio) == ((0.9, 0.95), 0.1, 1.0, 0.1)
@@ -291,14 +299,15 @@ def test_plan_cli(tmp_path):
 def test_plan_shows_the_chosen_optimizers_lr():
     merit = make_plan("gpt2-medium", "6k", 48e9, 4, 8, "h100")
     adamw = make_plan("gpt2-medium", "6k", 48e9, 4, 8, "h100", optimizer="adamw")
-    assert adamw["lr"] == pytest.approx(1.0733126e-3, rel=1e-7)  # 3e-4 x sqrt(12.8) = 3e-4 x 3.5777088
+    assert adamw["lr"] == 3e-4  # AdamW's measured exponent is 0: its batch-480 lr at every batch
+    assert merit["lr"] == pytest.approx(1.7421925e-3, rel=1e-7)  # 3e-4 x 12.8^0.69 = 3e-4 x 5.8073083
     # the memory differs only by MERIT's scratch buffers (AdamW: none), where the micro-batch is equal
     for a, m in zip(adamw["stages"], merit["stages"]):
         assert a["scratch_gib"] == 0.0 and (a["params_gib"], a["grads_gib"]) == (m["params_gib"], m["grads_gib"])
         if a["micro_batch"] == m["micro_batch"]:
             assert a["total_gib"] == pytest.approx(m["total_gib"] - m["scratch_gib"])
-    assert "schedule: AdamW peak lr 0.00107 (sqrt-scaled; paper value: GPT-3 table 2.1" in format_plan(adamw)
-    assert "schedule: MERIT peak lr 0.00107 (sqrt-scaled; ESTIMATE" in format_plan(merit)
+    assert "schedule: AdamW peak lr 0.0003 (not scaled with batch; paper value: GPT-3 table 2.1" in format_plan(adamw)
+    assert "schedule: MERIT peak lr 0.00174 (scaled as batch^0.69; ESTIMATE" in format_plan(merit)
 
 
 def test_plan_with_a_batch_schedule():

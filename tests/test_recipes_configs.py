@@ -64,22 +64,27 @@ def test_recipe_configs(model, batch, optimizer):
     for world in (8, 16, 32):  # the documented cluster shapes all divide evenly
         plan = plan_batch(batch, world, 1024, micro_batch=micro, token_budget=48_000_000_000)
         assert plan.micro_batch * plan.grad_accum * world == batch
-    # peak lr at 480: MERIT and LAMB estimates, AdamW the GPT-3 / nanoGPT / Sophia value; sqrt-scaled
+    # peak lr at 480: MERIT and LAMB estimates, AdamW the GPT-3 / nanoGPT / Sophia value; scaled by
+    # each optimizer's measured exponent (the CPU study: MERIT 0.69, LAMB 0.85, AdamW 0)
     lr_480 = {"gpt2-small": 6e-4, "gpt2-medium": 3e-4}[model]
     assert presets.get_optim_preset(model, optimizer).lr_ref == lr_480
-    assert cfg["optimizer"]["params"]["lr"] == pytest.approx(RECIPE_LR[model][batch], rel=1e-5)
+    assert presets.get_optim_preset(model, optimizer).lr_batch_exponent == {"merit": 0.69, "lamb": 0.85, "adamw": 0.0}[optimizer]
+    assert cfg["optimizer"]["params"]["lr"] == pytest.approx(RECIPE_LR[optimizer][model][batch], rel=1e-5)
 
 
-# The recipes' peak lr, worked by hand: lr_480 x sqrt(B / 480), GPT-2 Small lr_480 = 6e-4, Medium 3e-4
-#   B = 480:  sqrt(1)        = 1          -> 6.0e-4,        3.0e-4
-#   B = 1024: sqrt(2.133333) = 1.4605935  -> 8.763561e-4,   4.381780e-4
-#   B = 2048: sqrt(4.266667) = 2.0655911  -> 1.2393547e-3,  6.196773e-4
-#   B = 4096: sqrt(8.533333) = 2.9211870  -> 1.7527122e-3,  8.763561e-4
-#   B = 6144: sqrt(12.8)     = 3.5777088  -> 2.1466253e-3,  1.0733126e-3
-RECIPE_LR = {
-    "gpt2-small": {480: 6.0e-4, 1024: 8.763561e-4, 2048: 1.2393547e-3, 4096: 1.7527122e-3, 6144: 2.1466253e-3},
-    "gpt2-medium": {480: 3.0e-4, 1024: 4.381780e-4, 2048: 6.196773e-4, 4096: 8.763561e-4, 6144: 1.0733126e-3},
-}
+# The recipes' peak lr, worked by hand: lr_480 x (B / 480)^alpha, GPT-2 Small lr_480 = 6e-4, Medium 3e-4;
+# alpha as the CPU study measured it (docs/study.md, "The recipes' lr rule"): MERIT 0.69, LAMB 0.85, AdamW 0
+#   B / 480:          2.1333333  4.2666667  8.5333333  12.8
+#   MERIT ^0.69:      1.6867492  2.7212047  4.3900747  5.8073083
+#   LAMB  ^0.85:      1.9041445  3.4322223  6.1865839  8.7322965
+#   AdamW ^0:         1          1          1          1
+_FACTOR = {"merit": (1, 1.6867492, 2.7212047, 4.3900747, 5.8073083),
+           "lamb": (1, 1.9041445, 3.4322223, 6.1865839, 8.7322965),
+           "adamw": (1, 1, 1, 1, 1)}
+RECIPE_LR = {opt: {model: dict(zip((480, 1024, 2048, 4096, 6144), (lr * f for f in factors)))
+                   for model, lr in (("gpt2-small", 6e-4), ("gpt2-medium", 3e-4))}
+             for opt, factors in _FACTOR.items()}
+assert RECIPE_LR["merit"]["gpt2-small"][6144] == pytest.approx(3.4843850e-3)  # 6e-4 x 5.8073083
 
 
 LAUNCH_FILES = sorted(p for p in (ROOT / "launch").iterdir() if p.suffix in (".sh", ".sbatch", ".yaml"))

@@ -36,11 +36,12 @@ def _recipe(name: str) -> dict:
 def test_default_is_merit_named_in_the_json_with_its_preset_lr():
     rc = _resolve()
     assert rc.optimizer == "merit" and not rc.client
-    assert rc.lr == pytest.approx(7.0710678e-3, rel=1e-8)  # 1e-2 x sqrt(8 / 16) = 1e-2 x 0.70710678
+    assert rc.lr == pytest.approx(6.1985385e-3, rel=1e-7)  # MERIT: 1e-2 x 0.5^0.69 = 1e-2 x exp(-0.69 ln 2) = 1e-2 x 0.61985385
     assert rc.ds_config["optimizer"] == {"type": "MERIT", "params": {
         "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "lr": rc.lr}}
     assert rc.lr_origin.startswith("preset tiny/merit: 0.01 at batch 16, measured: CPU sweep")
-    assert rc.lr_origin.endswith("sqrt-scaled from batch 16 to 8")
+    assert rc.lr_origin.endswith("scaled as batch^0.69 from batch 16 to 8 (exponent 0.69: measured: CPU study, batch 8 -> 64, "
+                                 "alpha 0.69 [0.69, 1.02]; extrapolated beyond)")
     assert rc.ds_config["zero_allow_untested_optimizer"] is True
     assert (rc.plan.micro_batch, rc.plan.grad_accum, rc.plan.world) == (2, 2, 2)
 
@@ -49,14 +50,14 @@ def test_lamb_is_a_client_optimizer_with_its_own_preset():
     rc = _resolve("--optimizer", "lamb")
     assert rc.client and "optimizer" not in rc.ds_config
     assert rc.ds_config["zero_allow_untested_optimizer"] is True
-    assert rc.lr == pytest.approx(7.0710678e-3, rel=1e-8)  # 1e-2 x sqrt(8 / 16) = 1e-2 x 0.70710678
+    assert rc.lr == pytest.approx(5.5478474e-3, rel=1e-7)  # LAMB: 1e-2 x 0.5^0.85 = 1e-2 x exp(-0.85 ln 2) = 1e-2 x 0.55478474
     assert rc.opt_params == {"betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "lr": rc.lr}
     assert "ESTIMATE" in rc.lr_origin and rc.label == "LAMB"
 
 
 def test_adamw_is_deepspeeds_own_torch_adamw_on_cpu_without_offload():
     rc = _resolve("--optimizer", "adamw")
-    assert not rc.client and rc.lr == pytest.approx(2.12132034e-3, rel=1e-8)  # 3e-3 x 0.707106781
+    assert not rc.client and rc.lr == 3e-3  # AdamW: its measured exponent is 0, the batch-16 lr at batch 8
     assert rc.ds_config["optimizer"] == {"type": "AdamW", "params": {
         "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1, "lr": rc.lr, "torch_adam": True}}
     assert "zero_allow_untested_optimizer" not in rc.ds_config
@@ -249,8 +250,8 @@ def test_fp16_config_on_cpu_points_to_bf16(monkeypatch):
 def test_json_lr_that_is_not_a_number_is_a_usage_error(lr):
     cfg = {"optimizer": {"type": "MERIT", "params": {"lr": lr}}, "zero_optimization": {"stage": 2},
            "zero_allow_untested_optimizer": True}
-    if lr is None:  # no lr in the JSON: the preset's, 1e-2 at batch 16 sqrt-scaled to 8
-        assert _resolve(cfg=cfg).lr == pytest.approx(0.0070710678)
+    if lr is None:  # no lr in the JSON: the preset's, 1e-2 at batch 16 scaled to 8 by MERIT's 0.69
+        assert _resolve(cfg=cfg).lr == pytest.approx(0.0061985385)  # 1e-2 x 0.5^0.69
         return
     with pytest.raises(UsageError, match=r'cfg.json: "optimizer": \{"params": \{"lr": .*\}\} is not a number'):
         _resolve(cfg=cfg)

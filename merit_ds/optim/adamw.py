@@ -37,16 +37,28 @@ def is_adamw(optimizer: Any) -> bool:
 _PAPER = ("paper value: GPT-3 table 2.1 / nanoGPT train_gpt2 / Sophia's AdamW baseline, "
           "lr {lr} at batch 480 x 1024")
 
+#: The recipes' lr-vs-batch exponent: lr(B) = lr_ref (B / batch_ref) ** exponent. Measured by the CPU
+#: study (docs/study/results.csv: best lr at batch 8 and 64 on a sqrt(2)-spaced grid, 3 seeds, a
+#: 233k-parameter GPT-2 over 512,000 tokens): 0.0 with 95% interval [-0.17, 0.17]; extrapolated from there to
+#: GPT-2 Small/Medium at 480-6k (docs/study.md, 'The recipes' lr rule').
+_BATCH_EXPONENT = 0.0
+_EXPONENT_SOURCE = "measured: CPU study, batch 8 -> 64, alpha 0.0 [-0.17, 0.17]; extrapolated beyond"
+
+
+def _recipe(**kw) -> RecipeDefaults:
+    return RecipeDefaults(lr_batch_exponent=_BATCH_EXPONENT, lr_exponent_source=_EXPONENT_SOURCE, **kw)
+
+
 SPEC = OptimizerSpec(
     name="adamw",
     label="AdamW",
     cls=torch.optim.AdamW,
     json_name="AdamW",
     recipe_defaults={
-        "tiny": RecipeDefaults(lr_ref=3e-3, batch_ref=16, eps=1e-8,
-                               lr_source="measured: CPU sweep, GPT-2 4x128 on KJV, batch 16 (docs/design/field_notes.md)"),
-        "gpt2-small": RecipeDefaults(lr_ref=6e-4, batch_ref=480, eps=1e-8, lr_source=_PAPER.format(lr="6e-4")),
-        "gpt2-medium": RecipeDefaults(lr_ref=3e-4, batch_ref=480, eps=1e-8, lr_source=_PAPER.format(lr="3e-4")),
+        "tiny": _recipe(lr_ref=3e-3, batch_ref=16, eps=1e-8,
+                        lr_source="measured: CPU sweep, GPT-2 4x128 on KJV, batch 16 (docs/design/field_notes.md)"),
+        "gpt2-small": _recipe(lr_ref=6e-4, batch_ref=480, eps=1e-8, lr_source=_PAPER.format(lr="6e-4")),
+        "gpt2-medium": _recipe(lr_ref=3e-4, batch_ref=480, eps=1e-8, lr_source=_PAPER.format(lr="3e-4")),
     },
     ds_route="deepspeed",
     # on CPU without offload DeepSpeed's FusedAdam would be a JIT build; torch's AdamW is exact

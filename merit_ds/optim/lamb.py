@@ -278,6 +278,18 @@ def _multi_tensor_lamb(
 _SQRT_RULE = ("ESTIMATE: LAMB paper's sqrt rule (6.25e-4 at batch 512) ~ lineage AdamW lr at batch 480; "
               "sweep before use")
 
+#: The recipes' lr-vs-batch exponent: lr(B) = lr_ref (B / batch_ref) ** exponent. Measured by the CPU
+#: study (docs/study/results.csv: best lr at batch 8 and 64 on a sqrt(2)-spaced grid, 3 seeds, a
+#: 233k-parameter GPT-2 over 512,000 tokens): 0.85 with 95% interval [0.69, 0.85]; extrapolated from there to
+#: GPT-2 Small/Medium at 480-6k (docs/study.md, 'The recipes' lr rule').
+_BATCH_EXPONENT = 0.85
+_EXPONENT_SOURCE = "measured: CPU study, batch 8 -> 64, alpha 0.85 [0.69, 0.85]; extrapolated beyond"
+
+
+def _recipe(**kw) -> RecipeDefaults:
+    return RecipeDefaults(lr_batch_exponent=_BATCH_EXPONENT, lr_exponent_source=_EXPONENT_SOURCE, **kw)
+
+
 SPEC = OptimizerSpec(
     name="lamb",
     label="LAMB",
@@ -288,10 +300,10 @@ SPEC = OptimizerSpec(
     hf_optim="sharded_lamb",
     hf_optim_args={"max_trust_ratio": parse_optional_float, "bias_correction": parse_bool},
     recipe_defaults={
-        "tiny": RecipeDefaults(lr_ref=1e-2, batch_ref=16,
-                               lr_source="ESTIMATE: MERIT's measured CPU lr at batch 16 (not swept for LAMB)"),
-        "gpt2-small": RecipeDefaults(lr_ref=6e-4, batch_ref=480, lr_source=_SQRT_RULE),
-        "gpt2-medium": RecipeDefaults(lr_ref=3e-4, batch_ref=480, lr_source=_SQRT_RULE.replace("6.25e-4", "6.25e-4 / 2")),
+        "tiny": _recipe(lr_ref=1e-2, batch_ref=16,
+                        lr_source="ESTIMATE: MERIT's measured CPU lr at batch 16 (not swept for LAMB)"),
+        "gpt2-small": _recipe(lr_ref=6e-4, batch_ref=480, lr_source=_SQRT_RULE),
+        "gpt2-medium": _recipe(lr_ref=3e-4, batch_ref=480, lr_source=_SQRT_RULE.replace("6.25e-4", "6.25e-4 / 2")),
     },
     client_kwargs=("lr", "betas", "eps", "weight_decay", "max_trust_ratio", "bias_correction", "nonfinite_grads",
                    "implementation"),

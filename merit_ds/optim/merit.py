@@ -406,6 +406,18 @@ def _gpu_scratch_bytes(partition_numel: int) -> float:
 
 _LINEAGE_ESTIMATE = "ESTIMATE: lineage AdamW lr at batch 480; sweep before use"
 
+#: The recipes' lr-vs-batch exponent: lr(B) = lr_ref (B / batch_ref) ** exponent. Measured by the CPU
+#: study (docs/study/results.csv: best lr at batch 8 and 64 on a sqrt(2)-spaced grid, 3 seeds, a
+#: 233k-parameter GPT-2 over 512,000 tokens): 0.69 with 95% interval [0.69, 1.02]; extrapolated from there to
+#: GPT-2 Small/Medium at 480-6k (docs/study.md, 'The recipes' lr rule').
+_BATCH_EXPONENT = 0.69
+_EXPONENT_SOURCE = "measured: CPU study, batch 8 -> 64, alpha 0.69 [0.69, 1.02]; extrapolated beyond"
+
+
+def _recipe(**kw) -> RecipeDefaults:
+    return RecipeDefaults(lr_batch_exponent=_BATCH_EXPONENT, lr_exponent_source=_EXPONENT_SOURCE, **kw)
+
+
 SPEC = OptimizerSpec(
     name="merit",
     label="MERIT",
@@ -413,10 +425,10 @@ SPEC = OptimizerSpec(
     json_name="MERIT",
     hf_optim="merit",
     recipe_defaults={
-        "tiny": RecipeDefaults(lr_ref=1e-2, batch_ref=16,
-                               lr_source="measured: CPU sweep, GPT-2 4x128 on KJV, batch 16 (docs/design/field_notes.md)"),
-        "gpt2-small": RecipeDefaults(lr_ref=6e-4, batch_ref=480, lr_source=_LINEAGE_ESTIMATE),
-        "gpt2-medium": RecipeDefaults(lr_ref=3e-4, batch_ref=480, lr_source=_LINEAGE_ESTIMATE),
+        "tiny": _recipe(lr_ref=1e-2, batch_ref=16,
+                        lr_source="measured: CPU sweep, GPT-2 4x128 on KJV, batch 16 (docs/design/field_notes.md)"),
+        "gpt2-small": _recipe(lr_ref=6e-4, batch_ref=480, lr_source=_LINEAGE_ESTIMATE),
+        "gpt2-medium": _recipe(lr_ref=3e-4, batch_ref=480, lr_source=_LINEAGE_ESTIMATE),
     },
     ds_route="json",
     trust_stats=True,

@@ -38,11 +38,15 @@ class RecipeDefaults:
     """An optimizer's hyperparameters for one model preset, at a reference global batch
     (sequences). ``lr_source`` says where ``lr_ref`` comes from (paper value, measurement or
     estimate); the training loop prints it in its banner. The recipes scale ``lr_ref`` to other
-    batches by the square-root rule (:func:`merit_ds.train.presets.scaled_lr`)."""
+    batches as ``(B / batch_ref) ** lr_batch_exponent`` (:func:`merit_ds.train.presets.scaled_lr`):
+    0.5 is the square-root rule; the built-in optimizers carry the exponent the CPU study measured
+    (``lr_exponent_source`` says where it comes from)."""
 
     lr_ref: float
     batch_ref: int
     lr_source: str
+    lr_batch_exponent: float = 0.5
+    lr_exponent_source: str = "the square-root rule for Adam-type methods (Malladi et al. 2022)"
     betas: tuple = (0.9, 0.95)
     eps: float = 1e-6
     weight_decay: float = 0.1

@@ -79,8 +79,8 @@ from .batch_schedule import BatchScheduleError, build_step_table, parse_batch_sc
 from merit_ds.optim import registry
 
 from .lean_loss import default_chunk_tokens
-from .presets import (TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset, optimizer_label, optimizer_names,
-                      parse_batch, scaled_lr, warmup_steps)
+from .presets import (TOKEN_BUDGET, ModelPreset, get_model_preset, get_optim_preset, lr_rule_note, optimizer_label,
+                      optimizer_names, parse_batch, scaled_lr, warmup_steps)
 
 __all__ = ["GPUS", "LOSSES", "DEFAULT_LOSS", "MemoryEstimate", "memory_per_gpu", "activation_bytes", "loss_work_bytes",
            "comm_bucket_bytes", "comm_bytes_per_step", "deepspeed_bucket_defaults", "deepspeed_zero_defaults",
@@ -519,14 +519,14 @@ def format_plan(p: dict) -> str:
             levels = ", ".join(f"{lv['batch']:,} seq x {lv['steps']:,} steps ({lv['per_gpu']}/GPU = "
                                f"{micro} x {lv['grad_accum'] or '-'})" for lv in ph["levels"])
             out.append(f"  {ph['phase']}: steps {ph['first_step']:,}..{last:,}: {levels}")
-        lr_note = "sqrt-scaled to the first phase's batch"
+        lr_note = f"{lr_rule_note(get_optim_preset(p['model'], p.get('optimizer', 'merit')))} to the first phase's batch"
     else:
         out += [
             f"batch: {p['global_batch']:,} sequences = {p['tokens_per_step']:,} tokens/step; "
             f"{p['per_gpu_batch']} sequences per GPU per step",
             f"steps: ceil({p['token_budget']:,} / {p['tokens_per_step']:,}) = {p['steps']:,}",
         ]
-        lr_note = "sqrt-scaled"
+        lr_note = lr_rule_note(get_optim_preset(p["model"], p.get("optimizer", "merit")))
     out += [
         f"schedule: {optimizer_label(p.get('optimizer', 'merit'))} peak lr {p['lr']:.3g} ({lr_note}; {p['lr_source']}), warmup {p['warmup_steps']:,} steps, cosine to 0.1x",
         f"memory per GPU ({p['precision']}, activation checkpointing {'on' if p['activation_checkpointing'] else 'off'}; GiB; "

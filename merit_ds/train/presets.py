@@ -44,9 +44,11 @@ Sources, and what is an estimate
     value; Medium takes the lineage's halving. eps 1e-6 (the LAMB paper's), no trust-ratio clamp
     (Algorithm 2 as published). Tiny: 1e-2 at batch 16, an ESTIMATE (MERIT's measured value:
     both scale each update to the size of the weights; not swept for LAMB).
-* Scaling rule with batch size B (sequences): ``lr(B) = lr_ref * sqrt(B / B_ref)`` (square-root
-  scaling for Adam-type methods, Malladi et al. 2022, "On the SDEs and Scaling Rules for
-  Adaptive Gradient Algorithms"; the CPU sweep above moved 3x for 8x batch, sqrt(8)=2.8), and
+* Scaling rule with batch size B (sequences): ``lr(B) = lr_ref * (B / B_ref) ** alpha``, alpha per
+  optimizer as the CPU study measured it between batch 8 and 64 (docs/study.md, 'The recipes' lr
+  rule'): MERIT 0.69 [0.69, 1.02], LAMB 0.85 [0.69, 0.85], AdamW 0.0 [-0.17, 0.17] (95%
+  intervals), each excluding the square-root rule's 0.5 (Malladi et al. 2022, the default for an
+  optimizer registered without one); extrapolated from a 233k-parameter model to GPT-2, and
   warmup is a fixed share of the token budget (2%: 960M tokens of 48B, i.e. ~1950 steps at
   480 -- the lineage's 2000 -- and ~153 steps at 6144), so it stays the same number of tokens
   whatever the batch.
@@ -63,7 +65,7 @@ from merit_ds.optim.spec import RecipeDefaults
 
 __all__ = [
     "ModelPreset", "OptimPreset", "MODEL_PRESETS", "BATCH_PRESETS", "optimizer_names", "optimizer_label",
-    "TOKEN_BUDGET", "WARMUP_FRACTION", "MIN_LR_RATIO", "scaled_lr", "warmup_steps",
+    "TOKEN_BUDGET", "WARMUP_FRACTION", "MIN_LR_RATIO", "scaled_lr", "lr_rule_note", "warmup_steps",
     "get_model_preset", "get_optim_preset", "gpt2_config", "count_parameters",
 ]
 
@@ -184,8 +186,15 @@ def parse_batch(batch) -> int:
 
 
 def scaled_lr(optim: OptimPreset, global_batch: int) -> float:
-    """Square-root scaling from the preset's reference batch: lr_ref * sqrt(B / B_ref)."""
-    return optim.lr_ref * math.sqrt(global_batch / optim.batch_ref)
+    """The preset's lr at another batch: ``lr_ref * (B / B_ref) ** lr_batch_exponent`` (0.5: the
+    square-root rule; the built-ins carry the CPU study's measured exponents)."""
+    return optim.lr_ref * (global_batch / optim.batch_ref) ** optim.lr_batch_exponent
+
+
+def lr_rule_note(optim: OptimPreset) -> str:
+    """How :func:`scaled_lr` scales, in words (banner, ``merit-ds plan``)."""
+    e = optim.lr_batch_exponent
+    return "sqrt-scaled" if e == 0.5 else ("not scaled with batch" if e == 0 else f"scaled as batch^{e:g}")
 
 
 def warmup_steps(total_steps: int, fraction: float = WARMUP_FRACTION) -> int:

@@ -46,7 +46,7 @@ from .batch_schedule import (LR_RULES, BatchScheduleError, StepTable, build_step
 from merit_ds.optim import registry
 
 from .ds_config import make_ds_config, set_batch
-from .presets import (TOKEN_BUDGET, optimizer_label, ModelPreset, OptimPreset, get_model_preset,
+from .presets import (TOKEN_BUDGET, lr_rule_note, optimizer_label, ModelPreset, OptimPreset, get_model_preset,
                       get_optim_preset, parse_batch, scaled_lr, warmup_steps)
 
 __all__ = ["UsageError", "RunConfig", "resolve", "json_optimizer", "DEFAULT_BATCH", "collective_timeout",
@@ -413,7 +413,8 @@ def _peak_lr(args, json_params: dict, optim: OptimPreset, plan: BatchPlan, table
     else:
         lr = scaled_lr(optim, plan.global_batch)
         scaled = ("" if plan.global_batch == optim.batch_ref else
-                  f"; sqrt-scaled from batch {optim.batch_ref} to {plan.global_batch}")
+                  f"; {lr_rule_note(optim)} from batch {optim.batch_ref} to {plan.global_batch} "
+                  f"(exponent {optim.lr_batch_exponent:g}: {optim.lr_exponent_source})")
         if table is not None:
             scaled += " (the schedule's first batch)"
         lr_origin = f"preset {args.model}/{optimizer}: {optim.lr_ref:g} at batch {optim.batch_ref}, {optim.lr_source}{scaled}"
