@@ -8,7 +8,7 @@ Files:
       generic: MERIT with the GPT-2 lineage hyperparameters; no batch keys (merit_ds.train fills
       train_batch_size / micro / grad-accum from its command line).
   gpt2-{small,medium}_b{480,1024,2048,4096,6144}_zero{S}_bf16.json
-      the recipes: global batch and sqrt-scaled lr set; ZeRO stage S = the planner's choice for a
+      the recipes: global batch and lr set (scaled by each optimizer's exponent); ZeRO stage S = the planner's choice for a
       file that serves 8 to 32 GPUs (merit_ds.train.plan.recipe_zero_stage: fits everywhere,
       never accumulates in bf16, sends the fewest bytes per step on 8 GPUs; ZeRO-1 for every
       recipe today); micro-batch = what `merit-ds plan` fits on 32 x 80 GiB GPUs at that stage,

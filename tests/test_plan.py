@@ -306,7 +306,7 @@ def test_plan_shows_the_chosen_optimizers_lr():
         assert a["scratch_gib"] == 0.0 and (a["params_gib"], a["grads_gib"]) == (m["params_gib"], m["grads_gib"])
         if a["micro_batch"] == m["micro_batch"]:
             assert a["total_gib"] == pytest.approx(m["total_gib"] - m["scratch_gib"])
-    assert "schedule: AdamW peak lr 0.0003 (not scaled with batch; paper value: GPT-3 table 2.1" in format_plan(adamw)
+    assert "schedule: AdamW peak lr 0.0003 (the same at every batch; paper value: GPT-3 table 2.1" in format_plan(adamw)
     assert "schedule: MERIT peak lr 0.00174 (scaled as batch^0.69; ESTIMATE" in format_plan(merit)
 
 

@@ -40,7 +40,7 @@ def test_default_is_merit_named_in_the_json_with_its_preset_lr():
     assert rc.ds_config["optimizer"] == {"type": "MERIT", "params": {
         "betas": [0.9, 0.95], "eps": 1e-6, "weight_decay": 0.1, "lr": rc.lr}}
     assert rc.lr_origin.startswith("preset tiny/merit: 0.01 at batch 16, measured: CPU sweep")
-    assert rc.lr_origin.endswith("scaled as batch^0.69 from batch 16 to 8 (exponent 0.69: measured: CPU study, batch 8 -> 64, "
+    assert rc.lr_origin.endswith("at batch 8: scaled as batch^0.69 (measured: CPU study, batch 8 -> 64, "
                                  "alpha 0.69 [0.69, 1.02]; extrapolated beyond)")
     assert rc.ds_config["zero_allow_untested_optimizer"] is True
     assert (rc.plan.micro_batch, rc.plan.grad_accum, rc.plan.world) == (2, 2, 2)

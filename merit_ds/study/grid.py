@@ -165,7 +165,8 @@ class Grid:
 
     def lr_at(self, lr: float, batch: int) -> float:
         """With ``settings["lr_ref_batch"]`` the grid's lrs are given at that batch and square-root
-        scaled to each batch (one lr per batch, the recipes' rule); otherwise used as they are.
+        scaled to each batch (one lr per batch; the width-depth study's rule, not the recipes' measured
+        exponents); otherwise used as they are.
         A schedule cell's peak lr is quoted at its first phase's batch (``--batch-schedule``)."""
         ref = self.settings.get("lr_ref_batch")
         return float(f"{lr * (batch / ref) ** 0.5:.3g}") if ref else lr
@@ -278,7 +279,8 @@ def study_grid(preset: str) -> tuple[list[str], dict[str, list[float]]]:
     cells at batch 128, seed 0: MERIT best near 6e-2 and 1.5e-1 far worse; AdamW 1e-2 ~ 2.5e-2; the
     CPU sweep of docs/design/field_notes.md for the small batches); AdamW's 5e-4 and 1e-3 were added
     after the first full run found its best lr at the grid's lower edge (2e-3) at batches 8 and 32
-    (docs/study/report.md). The GPU grids bracket the recipes' values."""
+    (docs/study/report.md). The GPU grids hold the recipes' values under both the measured exponents
+    and the square-root rule, but for LAMB's GPT-2 Small lr at 6k (docs/study.md, 'The recipes' lr rule')."""
     specs = [s for s in registry.specs() if preset in s.study_lrs]
     return [s.name for s in specs], {s.name: list(s.study_lrs[preset]) for s in specs}
 
@@ -352,7 +354,7 @@ WIDTH_DEPTH_STUDY = dict(CPU_QUICK_STUDY, optimizers=["merit", "adamw"], batches
                          lr_ref_batch=8, diversity_probe=8)
 
 #: The GPU-cluster version (``--preset gpt2-small|gpt2-medium``): the paper's batch sizes and a
-#: token budget of 48e9 / ``--budget-divisor``; lrs bracket the presets' values.
+#: token budget of 48e9 / ``--budget-divisor``; lrs hold the presets' values (see study_grid).
 GPU_STUDY = {
     "optimizers": _GPU_OPTIMIZERS,
     "batches": [480, 1024, 2048, 4096, 6144],

@@ -281,8 +281,8 @@ def write_report(summary: dict, out: Path, *, scale: str = "", command: str = ""
     lines += _cell_table(summary)
     lines += ["", "## Large-batch penalty and lr scaling", "",
               "Penalty = best loss at the largest batch minus best loss at the smallest (same tokens). "
-              "Exponent alpha: least-squares fit of log(best lr) = c + alpha log(batch) (0.5 = the sqrt rule the "
-              "recipes use, 1 = linear).", "",
+              "Exponent alpha: least-squares fit of log(best lr) = c + alpha log(batch) (0.5 = the square-root rule, "
+              "1 = linear).", "",
               "| optimizer | batches | penalty | penalty 95% interval | verdict | penalty +- (seed std) | alpha (all batches) | "
               "alpha 95% interval | alpha (bracketed optima only) | edges | noise scale B_noise | max attn logit at largest batch (best lr) |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]

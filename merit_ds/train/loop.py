@@ -119,7 +119,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--offload", action="store_true", help="ZeRO-Offload the optimizer states to CPU")
     g.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     g.add_argument("--lr", type=float, default=None,
-                   help="peak lr (default: the DeepSpeed JSON's, else the optimizer's preset, sqrt-scaled with batch)")
+                   help="peak lr (default: the DeepSpeed JSON's, else the optimizer's preset, scaled with the batch by "
+                        "the optimizer's measured exponent; the banner says how)")
     g.add_argument("--warmup-steps", type=int, default=None, help="default: 2%% of the steps")
     g.add_argument("--min-lr-ratio", type=float, default=None, help="cosine floor (default 0.1)")
     g.add_argument("--collective-timeout", default=None, metavar="MINUTES",

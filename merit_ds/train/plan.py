@@ -481,8 +481,10 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
                 r["comm_gb_per_step"] = sum(k * comm_bytes_per_step(n, world, r["stage"], b // world // r["micro_batch"],
                                                                     precision=precision) for b, k in levels) / (
                     sum(k for _, k in levels) * 1e9)
+    chosen = recommended_stage(rows, precision) or z2  # the stage the phases are shown at
+    if table is not None:
         phases = [{**ph, "levels": [{"batch": b, "steps": k, "per_gpu": b // world,
-                                     "grad_accum": b // world // z2["micro_batch"] if z2["micro_batch"] else None}
+                                     "grad_accum": b // world // chosen["micro_batch"] if chosen["micro_batch"] else None}
                                     for b, k in ph["levels"]]}
                   for ph in table.phases()]
     return {
@@ -496,6 +498,7 @@ def make_plan(model: str = "gpt2-small", batch="480", tokens: float = TOKEN_BUDG
         "optimizer": optimizer, "lr": lr, "lr_source": optim.lr_source, "warmup_steps": warmup,
         "batch_schedule": table.schedule.spec if table is not None else None, "phases": phases,
         "per_gpu_unit": per_rank_unit, "zero2_micro_batch": z2["micro_batch"], "loss": loss,
+        "phase_stage": chosen["stage"], "phase_micro_batch": chosen["micro_batch"],
         "loss_chunk_tokens": min(default_chunk_tokens(preset.vocab_size), seq_len * (z2["micro_batch"] or 1)),
         "comm_bucket_defaults": deepspeed_bucket_defaults(),
         "stages": rows,
@@ -510,9 +513,9 @@ def format_plan(p: dict) -> str:
     ]
     unit = p.get("per_gpu_unit", p["per_gpu_batch"])  # what make_plan fitted the micro-batch to
     if p.get("phases"):
-        micro = p["zero2_micro_batch"] or "-"
+        micro = p.get("phase_micro_batch", p["zero2_micro_batch"]) or "-"
         out.append(f"batch schedule {p['batch_schedule']}: {p['steps']:,} steps, {p['tokens_trained']:,} tokens "
-                   f"(budget {p['token_budget']:,}); micro-batch {micro} at ZeRO-2, the same in "
+                   f"(budget {p['token_budget']:,}); micro-batch {micro} at ZeRO-{p.get('phase_stage', 2)}, the same in "
                    "every phase, accumulation per phase:")
         for ph in p["phases"]:
             last = ph["first_step"] + ph["steps"] - 1

@@ -194,7 +194,7 @@ def scaled_lr(optim: OptimPreset, global_batch: int) -> float:
 def lr_rule_note(optim: OptimPreset) -> str:
     """How :func:`scaled_lr` scales, in words (banner, ``merit-ds plan``)."""
     e = optim.lr_batch_exponent
-    return "sqrt-scaled" if e == 0.5 else ("not scaled with batch" if e == 0 else f"scaled as batch^{e:g}")
+    return "sqrt-scaled" if e == 0.5 else ("the same at every batch" if e == 0 else f"scaled as batch^{e:g}")
 
 
 def warmup_steps(total_steps: int, fraction: float = WARMUP_FRACTION) -> int:

@@ -16,7 +16,8 @@ Precedence, per value:
   name the same one (its registered ``json_name``: ``MERIT``, ``ShardedLAMB``, ``AdamW``, ...),
   else :class:`UsageError`.
 * peak lr: ``--lr``, else the JSON's ``optimizer.params.lr``, else the optimizer's preset for the
-  model, square-root scaled from its reference batch; :attr:`RunConfig.lr_origin` says which.
+  model, scaled from its reference batch by the optimizer's exponent (:func:`.presets.scaled_lr`);
+  :attr:`RunConfig.lr_origin` says which.
 * other optimizer hyperparameters: the JSON's, the preset's for keys it leaves out.
 
 How the optimizer reaches DeepSpeed (:attr:`RunConfig.client`), by its spec's ``ds_route``:
@@ -398,7 +399,7 @@ def _budget(args):
 
 def _peak_lr(args, json_params: dict, optim: OptimPreset, plan: BatchPlan, table, optimizer: str, where: str):
     """The peak lr and where it came from: ``--lr``, else the JSON's, else the optimizer's preset
-    square-root scaled to the (first) batch."""
+    scaled to the (first) batch by its exponent (:func:`.presets.scaled_lr`)."""
     if args.lr is not None:
         lr, lr_origin = float(args.lr), "--lr"
     elif json_params.get("lr") is not None:
@@ -413,8 +414,7 @@ def _peak_lr(args, json_params: dict, optim: OptimPreset, plan: BatchPlan, table
     else:
         lr = scaled_lr(optim, plan.global_batch)
         scaled = ("" if plan.global_batch == optim.batch_ref else
-                  f"; {lr_rule_note(optim)} from batch {optim.batch_ref} to {plan.global_batch} "
-                  f"(exponent {optim.lr_batch_exponent:g}: {optim.lr_exponent_source})")
+                  f"; at batch {plan.global_batch}: {lr_rule_note(optim)} ({optim.lr_exponent_source})")
         if table is not None:
             scaled += " (the schedule's first batch)"
         lr_origin = f"preset {args.model}/{optimizer}: {optim.lr_ref:g} at batch {optim.batch_ref}, {optim.lr_source}{scaled}"
