@@ -152,15 +152,13 @@ def run_config(name: str, grad_accum: int, world: int) -> dict:
     sent_other = sum(_ring_factor(c["op"], world) * c["bytes"] for c in calls) - sent_zero - sent_optimizer
     ops: dict[str, dict] = {}
     for c in zero_calls:
-        if True:
-            key = f"{c['op']}[{c['dtype']}]"
-            o = ops.setdefault(key, {"calls": 0, "bytes": 0})
-            o["calls"] += 1
-            o["bytes"] += c["bytes"]
+        o = ops.setdefault(f"{c['op']}[{c['dtype']}]", {"calls": 0, "bytes": 0})
+        o["calls"] += 1
+        o["bytes"] += c["bytes"]
     out = {"stage": stage, "precision": precision, "optimizer_wrapper": type(engine.optimizer).__name__,
            "n_params": n_params, "world": world, "grad_accum": grad_accum, "sent_zero_bytes": sent_zero,
            "sent_optimizer_bytes": sent_optimizer, "sent_other_bytes": sent_other, "elem_bytes": elem, "ops": ops, "n_calls": len(calls)}
-    engine.destroy() if hasattr(engine, "destroy") else None
+    engine.destroy()
     return out
 
 

@@ -159,29 +159,34 @@ def _model_config(run: Path, meta: dict):
 _BF16_OPTIM_FILE = re.compile(r"^bf16_zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
 
 
+def _bf16_optimizer_files(path: Path) -> Optional[dict]:
+    """``{rank: file}`` when ``path`` is a BF16_Optimizer checkpoint, else None. DeepSpeed names
+    every bf16 ZeRO checkpoint ``bf16_zero_pp_rank_*``; ZeRO 1/2/3 ones record their
+    ``zero_stage`` in the optimizer state, BF16_Optimizer's does not (the first file is opened
+    memory-mapped: only its keys are read)."""
+    import torch
+
+    files = {int(m.group(1)): f for f in path.iterdir() if (m := _BF16_OPTIM_FILE.match(f.name))}
+    if not files:
+        return None
+    first = torch.load(files[min(files)], map_location="cpu", weights_only=False, mmap=True)
+    return None if "zero_stage" in first["optimizer_state_dict"] else files
+
+
 def bf16_optimizer_state_dict(path: Path) -> Optional[dict]:
-    """fp32 weights of a BF16_Optimizer checkpoint (None if ``path`` holds none: DeepSpeed names
-    every bf16 ZeRO checkpoint ``bf16_zero_pp_rank_*``, and ZeRO 1/2/3 ones record their
-    ``zero_stage``, which BF16_Optimizer's state lacks), which
-    DeepSpeed 0.19.8's ``zero_to_fp32`` refuses ("is not a zero checkpoint": its state has no
-    ``zero_stage``). Read from DeepSpeed's own records, nothing recomputed: each rank's flat fp32
+    """fp32 weights of a BF16_Optimizer checkpoint (None if ``path`` holds none:
+    :func:`_bf16_optimizer_files`), which DeepSpeed 0.19.8's ``zero_to_fp32`` refuses ("is not a
+    zero checkpoint": its state has no ``zero_stage``). Read from DeepSpeed's own records, nothing
+    recomputed: each rank's flat fp32
     partition per group (``single_partition_of_fp32_groups``) and where each parameter's piece
     lies in it (``param_slice_mappings``: name -> (numel, start)); a parameter's pieces, in rank
     order, are the parameter (the partitions are consecutive slices of the flat group), shaped by
     the model file's ``param_shapes``. Tied parameters come back under their first name."""
     import torch
 
-    files = {}
-    for f in path.iterdir():
-        m = _BF16_OPTIM_FILE.match(f.name)
-        if m:
-            files[int(m.group(1))] = f
-    if not files:
+    files = _bf16_optimizer_files(path)
+    if files is None:
         return None
-    first = torch.load(files[min(files)], map_location="cpu", weights_only=False)["optimizer_state_dict"]
-    if "zero_stage" in first:  # DeepSpeedZeroOptimizer / Stage3 in bf16: zero_to_fp32 reads those
-        return None
-    del first
     if sorted(files) != list(range(len(files))):
         raise ExportError(f"{path}: BF16_Optimizer files for ranks {sorted(files)}, expected 0..{len(files) - 1}")
     model_states = torch.load(path / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
@@ -207,12 +212,8 @@ def _consolidation(path: Path, zero_stage: int) -> str:
     """How :func:`consolidated_state_dict` reads ``path`` (recorded in the export's metadata)."""
     if zero_stage == 0:
         return "module states"
-    if zero_stage == 1 and any(_BF16_OPTIM_FILE.match(f.name) for f in path.iterdir()):
-        import torch
-
-        f = next(f for f in sorted(path.iterdir()) if _BF16_OPTIM_FILE.match(f.name))
-        if "zero_stage" not in torch.load(f, map_location="cpu", weights_only=False)["optimizer_state_dict"]:
-            return "BF16_Optimizer partitions (merit_ds.train.export.bf16_optimizer_state_dict)"
+    if zero_stage == 1 and _bf16_optimizer_files(path) is not None:
+        return "BF16_Optimizer partitions (merit_ds.train.export.bf16_optimizer_state_dict)"
     return "deepspeed.utils.zero_to_fp32"
 
 
