@@ -42,6 +42,10 @@ REPLACE_ENV = "MERIT_DS_REPLACE_CLIENT_OPTIMIZER"  # merit_ds.integrations.clien
 def prepare() -> None:
     """Everything a script needs from merit_ds, without editing it."""
     import merit_ds  # noqa: F401  (JSON names, the sharded step, the Trainer/Accelerate guards)
+    from merit_ds.build_locks import warn_stale_build_locks
+
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per node, before a DeepSpeed op build would hang
+        warn_stale_build_locks()
 
     _cpu_ranks_for_accelerate()
 
@@ -75,14 +79,29 @@ def _cpu_ranks_for_accelerate() -> None:
 
 
 def _close_process_group() -> None:
-    """After a script that finished normally, close the process group it left open (the HF
-    Trainer does not): gloo's threads torn down at interpreter exit instead abort the process
-    now and then ("terminate called without an active exception", exit -6), failing a run
-    that had finished."""
+    """After a script that finished normally on every rank, close the process group it left open
+    (the HF Trainer does not). Left to interpreter exit, gloo's C++ state is torn down while the
+    interpreter is finalizing and aborts the process now and then ("terminate called without an
+    active exception", exit -6, no Python frame), failing a run that had finished: measured for
+    ``accelerate launch -m merit_ds.run`` of tests/_runner_hf_script.py on 2 CPU ranks, 2 of 11
+    runs aborted (the rank that does not write results, so reaches exit first, each time; CI
+    saw the same) with ``destroy_process_group`` alone; none of 40 with the barrier and the
+    collection below (docs/design/field_notes.md, 'DeepSpeed on CPU').
+
+    - the barrier: no rank tears its connections down while a peer still finishes its last
+      collective or writes its results (the pattern of tests/_hf_common.py's workers);
+    - ``gc.collect()``: objects in reference cycles (the Trainer's) that still hold tensors or
+      communication state are freed now, while the interpreter is alive, not during its teardown.
+    """
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
+    gc.collect()
 
 
 def main(argv=None) -> int:

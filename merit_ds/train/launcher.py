@@ -6,6 +6,7 @@ its DeepSpeed plugin); only backward/step goes through ``accelerator.backward`` 
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import time
@@ -226,5 +227,7 @@ class Runner:
             # every rank is past its last collective: DeepSpeed's CPU shm buffer can go (it
             # never unlinks it itself; integrations/deepspeed_shm.py)
             release_cpu_allreduce_buffer(dist.get_rank())
-            # avoids rare aborts at interpreter exit (docs/design/field_notes.md, 'DeepSpeed on CPU')
+            # avoids rare aborts at interpreter exit (docs/design/field_notes.md, 'DeepSpeed on CPU'),
+            # as does freeing cyclic garbage that holds communication state while the interpreter lives
             dist.destroy_process_group()
+            gc.collect()

@@ -1,0 +1,100 @@
+"""Stale torch-extension build locks are named at start-up (merit_ds/build_locks.py), never removed.
+
+A lock left by a killed build makes torch wait forever, silently, in every later run that needs
+that extension (seen in this project's own test runs: DeepSpeed's ``cpu_adam``). The checks
+here build fake build roots in both of torch's layouts, age their locks with ``os.utime`` and
+assert what is named, that a young lock (a build in progress) is not, and that no file is
+touched (md5 before and after). The end-to-end check runs ``python -m merit_ds.run`` on a
+one-line script with ``TORCH_EXTENSIONS_DIR`` pointing at such a root.
+"""
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from _dist import REPO_ROOT
+
+from merit_ds.build_locks import STALE_AFTER_S, stale_build_locks, warn_stale_build_locks
+
+
+def _lock(path, age_s):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return path
+
+
+def _md5s(root):
+    return {p: hashlib.md5(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_names_old_locks_in_both_layouts_oldest_first_and_skips_young_ones(tmp_path):
+    old_default = _lock(tmp_path / "py311_cpu" / "cpu_adam" / "lock", 3600)  # <root>/<py_acc>/<ext>/lock
+    old_env = _lock(tmp_path / "deepspeed_shm_comm" / "lock", 1200)  # TORCH_EXTENSIONS_DIR=<root>: <root>/<ext>/lock
+    _lock(tmp_path / "py311_cpu" / "merit_ds_cpu_kernel_abc" / "lock", 30)  # a build in progress
+    (tmp_path / "py311_cpu" / "cpu_adam" / "cpu_adam.so").write_bytes(b"\x7fELF")
+    found = stale_build_locks(root=tmp_path)
+    assert [p for p, _ in found] == [old_default, old_env]
+    assert 3590 < found[0][1] < 3700 and 1190 < found[1][1] < 1300
+    assert [p for p, _ in stale_build_locks(min_age_s=2000, root=tmp_path)] == [old_default]
+    assert STALE_AFTER_S == 600.0  # 10 minutes: longer than any of these builds on 2 cores (1-3 min)
+
+
+def test_warning_names_the_lock_the_extension_and_the_fix_and_removes_nothing(tmp_path, monkeypatch):
+    lock = _lock(tmp_path / "cpu_adam" / "lock", 1800)
+    (tmp_path / "cpu_adam" / "build.ninja").write_text("rule cxx\n")
+    before = _md5s(tmp_path)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    out = io.StringIO()
+    assert warn_stale_build_locks(stream=out) == [lock]
+    text = out.getvalue()
+    assert text.count("\n") == 1
+    assert f"30 min old: {lock}" in text and "'cpu_adam' extension" in text and f"rm {lock}" in text
+    assert _md5s(tmp_path) == before  # the lock and the build files are all still there, unchanged
+
+
+def test_nothing_to_say_without_a_root_or_a_stale_lock(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "absent"))
+    out = io.StringIO()
+    assert warn_stale_build_locks(stream=out) == [] and out.getvalue() == ""
+    _lock(tmp_path / "young" / "x" / "lock", 5)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "young"))
+    assert warn_stale_build_locks(stream=out) == [] and out.getvalue() == ""
+
+
+@pytest.mark.slow  # two interpreters that import DeepSpeed and transformers
+def test_merit_ds_run_names_a_stale_lock_before_the_script_runs(tmp_path):
+    lock = _lock(tmp_path / "ext" / "cpu_adam" / "lock", 7200)
+    script = tmp_path / "script.py"
+    script.write_text("print('script ran')\n")
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), HF_HUB_OFFLINE="1")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "merit_ds.run", str(script)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"120 min old: {lock}" in proc.stderr and proc.stdout.strip() == "script ran"
+    assert lock.exists()
+    # a non-first rank of a node leaves the message to its first rank
+    env["LOCAL_RANK"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "merit_ds.run", str(script)], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "build lock" not in proc.stderr, proc.stderr[-2000:]
+
+
+@pytest.mark.slow  # an interpreter that imports DeepSpeed
+def test_merit_ds_train_names_a_stale_lock_at_start_up(tmp_path):
+    lock = _lock(tmp_path / "ext" / "py311_cpu" / "deepspeed_shm_comm" / "lock", 900)
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path / "ext"), HF_HUB_OFFLINE="1")
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run([sys.executable, "-m", "merit_ds.train", "--data", str(tmp_path / "no_data"),
+                           "--out", str(tmp_path / "out")], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    # the run itself is refused for its missing data, after the warning; nothing written, the lock kept
+    assert proc.returncode == 2 and "token data not found" in proc.stderr, proc.stderr[-2000:]
+    assert f"15 min old: {lock}" in proc.stderr and "'deepspeed_shm_comm' extension" in proc.stderr
+    assert lock.exists() and not (tmp_path / "out").exists()
