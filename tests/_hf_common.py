@@ -13,6 +13,7 @@ last-bit differences cannot compound; moments are the reference's own.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 
@@ -86,6 +87,7 @@ def run_scenarios(names: str, scenario) -> None:
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
+    gc.collect()  # the Trainers' cyclic garbage freed now, not in interpreter teardown (merit_ds/run.py)
 
 
 def save_json(path, obj):
