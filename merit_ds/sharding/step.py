@@ -208,7 +208,9 @@ def _state(s: ShardedGroupStep) -> dict:
     state = s.optimizer.state[s.key]
     if len(state) < 3:  # (megatron-core's init_state_fn may have made the moments, without "step")
         if "step" not in state:
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            # a resumed megatron-core checkpoint (TE/Apex installs) restores the moments per piece and
+            # the step count in the param group; DeepSpeed's elastic checkpoints do the same
+            state["step"] = torch.tensor(float(s.group.get("step", 0)), dtype=torch.float32)
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
                 state[key] = torch.zeros_like(s.key, memory_format=torch.preserve_format)
@@ -401,7 +403,13 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
         s.optimizer.nonfinite_skips += len(bad)
         warn_skipped(rule.name, len(bad), where=f" ({s.source}, on all ranks)")
     if len(bad) < len(slots) or not slots:
-        state["step"] += 1
+        # a new tensor, not an in-place add: megatron-core's checkpoint load (without TE/Apex) gives
+        # every piece's state ONE shared step tensor, which in-place adds would advance once per piece
+        state["step"] = state["step"] + 1
+        if s.optimizer.__dict__.get("_merit_pieces_context") is not None:
+            # megatron-core's checkpoint with TE/Apex installed saves the step count from the param
+            # groups only (as TE's FusedAdam keeps it); _state reads it back (merit_ds/megatron.py)
+            group["step"] = int(state["step"].item())
     if s._segmented is not None:  # w, m, v of every element whose parameter is not flagged
         form, plan = s._segmented
         recorded = form.apply(plan, flat, s._grad, m_state, v_state, group, s._stats, lr,
