@@ -29,8 +29,9 @@ Sections, each recorded in the results file even when another fails:
    default (compiled on CUDA): tokens/s, MFU, peak memory against the plan's memory for that
    stage and micro-batch (what decides the recipes' ZeRO stage and ``--compile`` default).
 7. ``megatron_factory``: merit_ds.megatron's factory on a small megatron-core GPT, distributed
-   optimizer off and on, against single-device MERIT per step (within 1e-6; skipped without
-   megatron-core; on CPU it builds the model and stops, saying so).
+   optimizer off and on, against single-device MERIT per step (within 1e-6), and the distributed
+   optimizer saved and restored by megatron-core's checkpoint methods, the next step taken twice
+   (skipped without megatron-core; on CPU it builds the model and stops, saying so).
 
 Writes benchmarks/results/gpu_smoke.{json,md} (or --out). Without a CUDA GPU it says so and
 exits 0. Never part of CI.
@@ -499,8 +500,54 @@ def megatron_factory(device: str = "cuda", steps: int = 2):
             diffs.append(max((p.detach().float() - w).abs().max().item() for p, w in expected.items()))
         out["distributed_optimizer" if dist_opt else "fp32_optimizer"] = {
             "inner": type(inner).__name__, "wrapper": type(opt).__name__, "max_abs_diff_per_step": diffs}
-    out["pass"] = all(max(v["max_abs_diff_per_step"]) <= 1e-6 for v in out.values() if isinstance(v, dict))
+        if dist_opt:
+            out["distributed_optimizer"]["resume"] = _megatron_resume(opt, ddp, model, steps)
+    out["pass"] = (all(max(v["max_abs_diff_per_step"]) <= 1e-6 for v in out.values() if isinstance(v, dict))
+                   and out["distributed_optimizer"]["resume"]["pass"])
     return out
+
+
+def _megatron_resume(opt, ddp, model, steps_done: int) -> dict:
+    """The real DistributedOptimizer saved (``state_dict`` + ``get_parameter_state_dp_reshardable``,
+    serialized), one step taken, restored (``load_state_dict`` + ``load_parameter_state_from_dp_reshardable``)
+    and the same step (same tokens) taken again: the weights must match (CUDA's embedding backward may
+    reorder a sum: tolerance 1e-5) and every piece and param group count ``steps_done + 1`` steps
+    (tests/test_megatron.py runs the same round trip bitwise on CPU, on a stand-in object)."""
+    import io
+
+    import torch
+
+    dopt = getattr(opt, "chained_optimizers", [opt])[0]
+    tokens = torch.randint(0, 128, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(7))
+    pos = torch.arange(32, device="cuda").expand(2, 32)
+
+    def one_step():
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        model(tokens, pos, attention_mask=None, labels=tokens).mean().backward()
+        ddp.finish_grad_sync()
+        opt.step()
+
+    buf = io.BytesIO()
+    torch.save({"optimizer": dopt.state_dict(), "param_state": dopt.get_parameter_state_dp_reshardable()}, buf)
+    one_step()
+    after = [p.detach().clone() for p in model.parameters()]
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    for key, per_dtype in ckpt["param_state"].items():
+        if isinstance(key, int):  # a grad buffer: {dtype: [bucket: [element]]}
+            for buckets in per_dtype.values():
+                for bucket in buckets:
+                    for elem in bucket:
+                        elem.setdefault("padding", False)  # what sharded_state_dict marks
+    dopt.load_state_dict(ckpt["optimizer"])
+    dopt.load_parameter_state_from_dp_reshardable(ckpt["param_state"])
+    one_step()
+    diff = max((p.detach() - a).abs().max().item() for p, a in zip(model.parameters(), after))
+    piece_steps = sorted({float(st["step"]) for st in dopt.optimizer.state.values()})
+    group_steps = sorted({g.get("step") for g in dopt.optimizer.param_groups if g["params"]})
+    return {"max_abs_diff_after_resume": diff, "piece_steps": piece_steps, "group_steps": group_steps,
+            "pass": diff <= 1e-5 and piece_steps == [float(steps_done + 1)] and group_steps == [steps_done + 1]}
 
 
 def train(ngpu: int, steps: int):
