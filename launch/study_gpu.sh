@@ -8,7 +8,7 @@
 # largest cell (6k, one GPU, budget 48e9/48 = 1e9 tokens):
 # batch: micro_batch 8 x grad_accum 768 x world 1 = 6144 sequences x 1024 = 6,291,456 tokens/step; 159 steps -> 1,000,341,504 tokens
 # Budget: 48e9 / BUDGET_DIVISOR tokens per cell (48 -> 1e9: 2,035 steps at 480, 159 at 6k; the study refuses cells under 100 steps); a cell is
-# one process-group-of-one run of merit_ds.train's parts (ZeRO-2, bf16, micro-batch 8, grad-accum
+# one process-group-of-one run of merit_ds.train's parts (ZeRO-1, bf16, micro-batch 8, grad-accum
 # batch/8). 75 cells; resumable: re-run the same command and finished cells are skipped.
 # Variables: MODEL=gpt2-medium GPUS=8 BUDGET_DIVISOR=48 DATA=data/owt OUT=runs/study-$MODEL
 # and any extra flags (e.g. --lrs "merit=...;lamb=...;adamw=..." --seeds 0,1) after the script name.

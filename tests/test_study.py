@@ -105,7 +105,7 @@ def test_grid_from_flags_counts_cells(tmp_path):
     g = grid_from_args(build_parser().parse_args(["--out", str(tmp_path / "g"), "--preset", "gpt2-small"]),
                        prepare_data=False)
     assert g.batches == [480, 1024, 2048, 4096, 6144] and g.tokens == 1_000_000_000 and len(g.cells()) == 75
-    assert g.settings["seq_len"] == 1024 and g.settings["zero_stage"] == 2 and g.settings["model"] == "gpt2-small"
+    assert g.settings["seq_len"] == 1024 and g.settings["zero_stage"] == 1 and g.settings["model"] == "gpt2-small"
     assert short_cells(g) == [] and cell_steps(CellSpec("merit", 6144, 1e-3, 0), g.tokens, 1024) == 159
     with pytest.raises(GridError, match="unknown optimizer"):
         Grid(["sgd"], [8], {"sgd": [1.0]}, [0], 1000, {}).check()
