@@ -509,15 +509,21 @@ def megatron_factory(device: str = "cuda", steps: int = 2):
 
 def _megatron_resume(opt, ddp, model, steps_done: int) -> dict:
     """The real DistributedOptimizer saved (``state_dict`` + ``get_parameter_state_dp_reshardable``,
-    serialized), one step taken, restored (``load_state_dict`` + ``load_parameter_state_from_dp_reshardable``)
-    and the same step (same tokens) taken again: the weights must match (CUDA's embedding backward may
-    reorder a sum: tolerance 1e-5) and every piece and param group count ``steps_done + 1`` steps
-    (tests/test_megatron.py runs the same round trip bitwise on CPU, on a stand-in object)."""
+    serialized), one step taken, its optimizer state dropped as in a fresh process, restored
+    (``load_state_dict`` + ``load_parameter_state_from_dp_reshardable``, the ``dp_reshardable``
+    format) and the same step (same tokens) taken again: the weights must match (CUDA's embedding
+    backward may reorder a sum: tolerance 1e-5) and every piece and param group count
+    ``steps_done + 1`` steps. The weights come back with the state only because this run is
+    data-parallel 1 and fp32 (megatron-core's fp32 pieces are views of the model's parameters);
+    a Megatron-LM resume loads the model's weights from its own checkpoint. tests/test_megatron.py
+    runs the same round trip bitwise on CPU, on a stand-in object, into a new optimizer."""
     import io
 
     import torch
 
-    dopt = getattr(opt, "chained_optimizers", [opt])[0]
+    chained = getattr(opt, "chained_optimizers", [opt])
+    assert len(chained) == 1, f"one DistributedOptimizer expected, got {len(chained)}"
+    dopt = chained[0]
     tokens = torch.randint(0, 128, (2, 32), device="cuda", generator=torch.Generator("cuda").manual_seed(7))
     pos = torch.arange(32, device="cuda").expand(2, 32)
 
@@ -540,6 +546,7 @@ def _megatron_resume(opt, ddp, model, steps_done: int) -> dict:
                 for bucket in buckets:
                     for elem in bucket:
                         elem.setdefault("padding", False)  # what sharded_state_dict marks
+    dopt.optimizer.state.clear()  # a fresh process: no moments, no step counts until the load
     dopt.load_state_dict(ckpt["optimizer"])
     dopt.load_parameter_state_from_dp_reshardable(ckpt["param_state"])
     one_step()

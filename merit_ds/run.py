@@ -42,9 +42,9 @@ REPLACE_ENV = "MERIT_DS_REPLACE_CLIENT_OPTIMIZER"  # merit_ds.integrations.clien
 def prepare() -> None:
     """Everything a script needs from merit_ds, without editing it."""
     import merit_ds  # noqa: F401  (JSON names, the sharded step, the Trainer/Accelerate guards)
-    from merit_ds.build_locks import warn_stale_build_locks
+    from merit_ds.build_locks import first_rank_of_node, warn_stale_build_locks
 
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per node, before a DeepSpeed op build would hang
+    if first_rank_of_node():  # once per node, before a DeepSpeed op build would hang
         warn_stale_build_locks()
 
     _cpu_ranks_for_accelerate()
@@ -82,14 +82,15 @@ def _close_process_group() -> None:
     """After a script that finished normally on every rank, close the process group it left open
     (the HF Trainer does not). Left to interpreter exit, gloo's C++ state is torn down while the
     interpreter is finalizing and aborts the process now and then ("terminate called without an
-    active exception", exit -6, no Python frame), failing a run that had finished: measured for
-    ``accelerate launch -m merit_ds.run`` of tests/_runner_hf_script.py on 2 CPU ranks, 2 of 11
-    runs aborted (the rank that does not write results, so reaches exit first, each time; CI
-    saw the same) with ``destroy_process_group`` alone; none of 40 with the barrier and the
-    collection below (docs/design/field_notes.md, 'DeepSpeed on CPU').
+    active exception", exit -6, no Python frame), failing a run that had finished. Measured on
+    this path (``accelerate launch -m merit_ds.run`` of tests/_runner_hf_script.py, 2 CPU ranks):
+    with ``destroy_process_group`` alone 2 of 11 runs aborted (the rank that does not write
+    results, so reaches exit first, each time; CI saw the same); with the barrier and the
+    collection below together, none of 40 (docs/design/field_notes.md, 'DeepSpeed on CPU').
 
-    - the barrier: no rank tears its connections down while a peer still finishes its last
-      collective or writes its results (the pattern of tests/_hf_common.py's workers);
+    - the barrier (gloo only, where the abort was seen): no rank tears its connections down
+      while a peer still finishes its last collective or writes its results. Not on NCCL: rank 0
+      alone may still be uploading (``push_to_hub``) for longer than NCCL's watchdog waits;
     - ``gc.collect()``: objects in reference cycles (the Trainer's) that still hold tensors or
       communication state are freed now, while the interpreter is alive, not during its teardown.
     """
@@ -98,7 +99,7 @@ def _close_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        if dist.get_world_size() > 1:
+        if dist.get_world_size() > 1 and dist.get_backend() == "gloo":
             dist.barrier()
         dist.destroy_process_group()
     gc.collect()
@@ -132,11 +133,16 @@ def main(argv=None) -> int:
     prepare()
     sys.argv = [target, *launcher_args, *rest]
     try:
-        if module is not None:
-            runpy.run_module(module, run_name="__main__", alter_sys=True)
-        else:
-            sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
-            runpy.run_path(target, run_name="__main__")
+        try:
+            if module is not None:
+                runpy.run_module(module, run_name="__main__", alter_sys=True)
+            else:
+                sys.path.insert(0, os.path.dirname(os.path.abspath(target)))
+                runpy.run_path(target, run_name="__main__")
+        except SystemExit as done:
+            if done.code in (None, 0):  # the usual ending, sys.exit(main()): a normal finish too
+                _close_process_group()
+            raise
         _close_process_group()
     finally:
         # DeepSpeed's CPU all-reduce segment of this rank (66 MiB in /dev/shm, never unlinked by

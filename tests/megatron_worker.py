@@ -193,7 +193,7 @@ def main():
     res["cut_mid_row"] = bool(flag.item())
     res["world"], res["tp"] = dist.get_world_size(), a.tp
     res["piece_steps"] = sorted({float(st["step"]) for st in opt.state.values()})  # every piece's count
-    res["group_steps"] = [g.get("step") for g in opt.param_groups]
+    res["group_steps"] = [g.get("step") for g in opt.param_groups if g["params"]]  # groups with a piece here
     smallest = torch.tensor([float(min(res_groups))])
     dist.all_reduce(smallest, op=dist.ReduceOp.MIN)
     res["some_rank_has_an_empty_group"] = smallest.item() == 0

@@ -18,7 +18,7 @@ import time
 import pytest
 from _dist import REPO_ROOT
 
-from merit_ds.build_locks import STALE_AFTER_S, stale_build_locks, warn_stale_build_locks
+from merit_ds.build_locks import STALE_AFTER_S, first_rank_of_node, stale_build_locks, warn_stale_build_locks
 
 
 def _lock(path, age_s):
@@ -42,7 +42,6 @@ def test_names_old_locks_in_both_layouts_oldest_first_and_skips_young_ones(tmp_p
     assert [p for p, _ in found] == [old_default, old_env]
     assert 3590 < found[0][1] < 3700 and 1190 < found[1][1] < 1300
     assert [p for p, _ in stale_build_locks(min_age_s=2000, root=tmp_path)] == [old_default]
-    assert STALE_AFTER_S == 600.0  # 10 minutes: longer than any of these builds on 2 cores (1-3 min)
 
 
 def test_warning_names_the_lock_the_extension_and_the_fix_and_removes_nothing(tmp_path, monkeypatch):
@@ -58,13 +57,28 @@ def test_warning_names_the_lock_the_extension_and_the_fix_and_removes_nothing(tm
     assert _md5s(tmp_path) == before  # the lock and the build files are all still there, unchanged
 
 
-def test_nothing_to_say_without_a_root_or_a_stale_lock(tmp_path, monkeypatch):
+def test_nothing_to_say_without_a_lock_and_a_note_for_a_young_one(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "absent"))
     out = io.StringIO()
     assert warn_stale_build_locks(stream=out) == [] and out.getvalue() == ""
-    _lock(tmp_path / "young" / "x" / "lock", 5)
+    young = _lock(tmp_path / "young" / "cpu_adam" / "lock", 5)  # a build in progress, or one just killed
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "young"))
-    assert warn_stale_build_locks(stream=out) == [] and out.getvalue() == ""
+    assert warn_stale_build_locks(stream=out) == []  # not stale: no warning, a note
+    note = out.getvalue()
+    assert note.startswith("merit_ds: note: ") and f"rm {young}" in note and "'cpu_adam'" in note, note
+    assert young.exists() and STALE_AFTER_S > 5
+
+
+@pytest.mark.parametrize("env, first", [({}, True), ({"LOCAL_RANK": "0"}, True), ({"LOCAL_RANK": "3"}, False),
+                                        ({"OMPI_COMM_WORLD_LOCAL_RANK": "1"}, False),
+                                        ({"MPI_LOCALRANKID": "0"}, True), ({"SLURM_LOCALID": "2"}, False),
+                                        ({"LOCAL_RANK": "0", "SLURM_LOCALID": "2"}, True)])
+def test_first_rank_of_node_reads_each_launchers_variable(monkeypatch, env, first):
+    for var in ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID"):
+        monkeypatch.delenv(var, raising=False)
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    assert first_rank_of_node() is first
 
 
 @pytest.mark.slow  # two interpreters that import DeepSpeed and transformers

@@ -62,3 +62,29 @@ def test_runner_runs_the_script_as_python_would(tmp_path, monkeypatch):
     seen = json.loads(record.read_text())
     assert seen == {"name": "__main__", "argv": [str(script), "--local_rank=1", "--lr", "1e-3"],
                     "path0": str(script.parent)}
+
+
+@pytest.mark.parametrize("ending, closes", [("", True), ("import sys; sys.exit(0)", True), ("import sys; sys.exit()", True),
+                                            ("import sys; sys.exit(3)", False), ("raise ValueError('x')", False)])
+def test_runner_closes_the_process_group_after_a_normal_finish_only(tmp_path, monkeypatch, ending, closes):
+    """A script that ends, or ends with ``sys.exit(0)`` (the usual ``sys.exit(main())``), has its
+    process group closed by the runner (merit_ds/run.py: an abort at interpreter exit otherwise);
+    a failing one does not (its peers may still wait in a collective)."""
+    from merit_ds import run
+
+    calls = []
+    monkeypatch.setattr(run, "_close_process_group", lambda: calls.append(1))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    script = tmp_path / "script.py"
+    script.write_text(ending + "\n")
+    if ending.startswith("raise"):
+        with pytest.raises(ValueError):
+            run.main([str(script)])
+    elif "exit" in ending:
+        with pytest.raises(SystemExit) as exc:
+            run.main([str(script)])
+        assert exc.value.code in (None, 0, 3)
+    else:
+        assert run.main([str(script)]) == 0
+    assert calls == ([1] if closes else [])

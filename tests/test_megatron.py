@@ -147,21 +147,25 @@ def test_config_optimizer_names_which_merit_ds_optimizer():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world, tp, optimizer, path", [(2, 1, "lamb", "torch"), (4, 2, "lamb", "te"),
-                                                        (3, 1, "merit", "te"), (2, 1, "merit", "torch")])
-def test_megatron_checkpoint_round_trip_resumes_bitwise(world, tp, optimizer, path):
+@pytest.mark.parametrize("world, tp, optimizer, path, extra", [(2, 1, "lamb", "torch", []), (4, 2, "lamb", "te", []),
+                                                               (3, 1, "merit", "te", []), (2, 1, "merit", "torch", []),
+                                                               (2, 1, "lamb", "te", ["--small-group"])])
+def test_megatron_checkpoint_round_trip_resumes_bitwise(world, tp, optimizer, path, extra):
     """Saved after 2 steps by megatron-core's own DistributedOptimizer checkpoint code, restored into
     a fresh optimizer on wiped pieces, 2 more steps: bitwise the uninterrupted single-device run,
     every step, and every piece counts 4 steps. ``torch``: megatron-core without TE/Apex gives every
     piece's state one shared step tensor (an in-place += advanced it once per piece: 12 after 4 steps
     with 5 pieces, and LAMB off by 1.9e-3 at step 4); ``te``: with TE/Apex it keeps the count only in
-    the param groups (without merit_ds's group step, a resumed LAMB restarted its bias correction)."""
+    the param groups (without merit_ds's group step, a resumed LAMB restarted its bias correction).
+    ``--small-group``: a group with no piece on one rank goes through the save and load too."""
     r = launch(TESTS_DIR / "megatron_worker.py", nprocs=world, timeout=300,
-               args=["--tp", str(tp), "--optimizer", optimizer, "--resume-after", "2", "--megatron-path", path])
+               args=["--tp", str(tp), "--optimizer", optimizer, "--resume-after", "2", "--megatron-path", path, *extra])
     assert r["cut_mid_row"] and r["pieces"] < r["params"], r  # the pieces really are cut
     assert r["shared_step_tensors_after_load"] == (1 if path == "torch" else 0), r  # megatron-core's two paths
     assert r["diff"] == [0.0, 0.0, 0.0, 0.0] and r["all_reduces"] == [1, 1, 1, 1], r
     assert r["piece_steps"] == [4.0] and set(r["group_steps"]) == {4}, r
+    if extra:
+        assert r["some_rank_has_an_empty_group"], r
 
 
 @pytest.mark.slow

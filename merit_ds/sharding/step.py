@@ -209,7 +209,7 @@ def _state(s: ShardedGroupStep) -> dict:
     if len(state) < 3:  # (megatron-core's init_state_fn may have made the moments, without "step")
         if "step" not in state:
             # a resumed megatron-core checkpoint (TE/Apex installs) restores the moments per piece and
-            # the step count in the param group; DeepSpeed's elastic checkpoints do the same
+            # the step count only in the param group
             state["step"] = torch.tensor(float(s.group.get("step", 0)), dtype=torch.float32)
         for key in ("exp_avg", "exp_avg_sq"):
             if key not in state:
@@ -408,8 +408,9 @@ def _apply(s: ShardedGroupStep, bad: set[int]) -> None:
         state["step"] = state["step"] + 1
         if s.optimizer.__dict__.get("_merit_pieces_context") is not None:
             # megatron-core's checkpoint with TE/Apex installed saves the step count from the param
-            # groups only (as TE's FusedAdam keeps it); _state reads it back (merit_ds/megatron.py)
-            group["step"] = int(state["step"].item())
+            # groups only (as TE's FusedAdam keeps it); _state reads it back (merit_ds/megatron.py).
+            # The most steps any piece of the group took: the same whatever order the pieces run in
+            group["step"] = max(int(group.get("step", 0)), int(state["step"].item()))
     if s._segmented is not None:  # w, m, v of every element whose parameter is not flagged
         form, plan = s._segmented
         recorded = form.apply(plan, flat, s._grad, m_state, v_state, group, s._stats, lr,

@@ -227,7 +227,7 @@ class Runner:
             # every rank is past its last collective: DeepSpeed's CPU shm buffer can go (it
             # never unlinks it itself; integrations/deepspeed_shm.py)
             release_cpu_allreduce_buffer(dist.get_rank())
-            # avoids rare aborts at interpreter exit (docs/design/field_notes.md, 'DeepSpeed on CPU'),
-            # as does freeing cyclic garbage that holds communication state while the interpreter lives
+            # avoids rare aborts at interpreter exit (docs/design/field_notes.md, 'DeepSpeed on CPU');
+            # the collection as merit_ds/run.py does (measured there, with the barrier, not here alone)
             dist.destroy_process_group()
             gc.collect()

@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from merit_ds.build_locks import warn_stale_build_locks
+from merit_ds.build_locks import first_rank_of_node, warn_stale_build_locks
 from merit_ds.data.prefetch import PrefetchLoader
 from merit_ds.integrations.param_groups import merit_param_groups
 
@@ -388,7 +388,7 @@ def build_engine(args, rc: RunConfig, runner: Runner, ds_config: dict):
 
 
 def run(args) -> int:
-    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per node: a stale build lock would hang DeepSpeed's set-up
+    if first_rank_of_node():  # once per node: a stale build lock would hang DeepSpeed's set-up
         warn_stale_build_locks()
     launcher = detect_launcher(args.launcher)
     _check_trackers(args.tracker)
