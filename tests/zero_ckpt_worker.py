@@ -10,7 +10,10 @@ moments at the save point and the uninterrupted weights after step SAVE_AT + 1 i
 
 ``--mode universal --dir D --stages 2``: at any world size, load the universal checkpoint
 ``D/z{stage}_universal`` (made by ``ds_to_universal``), compare weights and moments with the
-saved ones, take one step and compare with the uninterrupted run.
+saved ones, take two steps and compare each with the uninterrupted run, and record every state's
+step count (ZeRO-3's universal load gives every sub-group's state ONE step tensor: a step
+advancing it in place would count once per sub-group, which LAMB's bias correction shows at
+the second step).
 
 Every rank sees the same global batch of GLOBAL samples per step, split evenly across ranks,
 so runs at different world sizes train on the same data.
@@ -44,7 +47,8 @@ def config(stage, world, universal=False):
         "train_batch_size": GLOBAL,
         "train_micro_batch_size_per_gpu": GLOBAL // world,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0},
+        # ZeRO-3: several sub-groups (small sub_group_size), so that a load can share state among them
+        "zero_optimization": {"stage": stage, "stage3_param_persistence_threshold": 0, "sub_group_size": 64},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
     }
@@ -117,7 +121,8 @@ def save_mode(args, res):
             moved=max_diff(uninterrupted, at_save),
         )
         if dist.get_rank() == 0:
-            torch.save(dict(at_save=at_save, moments=moments, one_after=one_after), os.path.join(args.dir, f"reference_z{stage}.pt"))
+            torch.save(dict(at_save=at_save, moments=moments, one_after=one_after, two_after=uninterrupted),
+                       os.path.join(args.dir, f"reference_z{stage}.pt"))
 
 
 def universal_mode(args, res):
@@ -128,10 +133,17 @@ def universal_mode(args, res):
         engine.load_checkpoint(args.dir, tag=f"z{stage}_universal")
         loaded, moments = full_weights(model), full_moments(model, engine)
         train(engine, 1, SAVE_AT)
+        step_diff = max_diff(full_weights(model), ref["one_after"])
+        train(engine, 1, SAVE_AT + 1)
+        assert SAVE_AT + 2 == TOTAL  # two_after is the uninterrupted run's end
+        state = engine.optimizer.optimizer.state  # the MERIT / LAMB instance under ZeRO's wrapper
         res[f"z{stage}"] = dict(
             load_diff=max_diff(loaded, ref["at_save"]),
             moments_diff=max(max_diff({k: v[i] for k, v in moments.items()}, {k: v[i] for k, v in ref["moments"].items()}) for i in (0, 1)),
-            step_diff=max_diff(full_weights(model), ref["one_after"]),
+            step_diff=step_diff,
+            step2_diff=max_diff(full_weights(model), ref["two_after"]),
+            step_counts=sorted({float(s["step"]) for s in state.values() if "step" in s}),
+            shared_step_tensors=len({id(s["step"]) for s in state.values() if "step" in s}) < len(state),
             moved=max_diff(ref["one_after"], ref["at_save"]),
         )
 
