@@ -1,11 +1,12 @@
 """Stale build locks of torch C++ extensions: found at start-up and named, before they hang a run.
 
 torch builds a C++ extension (DeepSpeed's ``cpu_adam`` and ``deepspeed_shm_comm``, MERIT's CPU
-kernel) on its first use, under a ``lock`` file in the extension's build folder; every other
-process that needs the extension waits for that file to go away, with no message and no time
-limit. A process killed while it builds (a timed-out job, a Ctrl-C during the first step) leaves
-the file behind, and every later run that needs the extension hangs silently right after
-start-up. Layout (``TORCH_EXTENSIONS_DIR`` replaces the first two levels when set)::
+kernel) on its first use, and checks the build is current on every later load, each time under a
+``lock`` file in the extension's build folder; every other process that needs the extension
+waits for that file to go away, with no message and no time limit. A process killed while it
+builds or loads (a timed-out job, a Ctrl-C during start-up: seen here when a test run was
+stopped while a job loaded ``deepspeed_shm_comm``) leaves the file behind, and every later run
+that needs the extension hangs silently right after start-up. Layout (``TORCH_EXTENSIONS_DIR`` replaces the first two levels when set)::
 
     ~/.cache/torch_extensions/            torch.utils.cpp_extension.get_default_build_root()
         py311_cpu/                        one folder per Python and accelerator
